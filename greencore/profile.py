@@ -229,6 +229,45 @@ def step_inputs(model: nn.Module, batch_size: int, seq_len: int, target_len: int
     return inputs
 
 
+def input_embedding_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module that looks token ids up in the model's input embedding matrix.
+
+    Encoder-decoders such as T5 call it through separate encoder and decoder modules sharing one weight.
+    """
+    try:
+        embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError):
+        return []
+    weight = getattr(embeddings, "weight", None)
+    if weight is None:
+        return [embeddings]
+    return [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is weight] or [embeddings]
+
+
+def measure_step_flops(model: nn.Module, batch: dict, trainable: Iterable[str] | None = None) -> int:
+    """FlopCounterMode's count of one real forward+backward of ``model`` on ``batch`` (eager attention).
+
+    ``trainable``: the parameter names that require grad during the step (default: as the model has them);
+    the model's flags are restored afterwards, and gradients are cleared. The batch must yield ``.loss``.
+    """
+    params = list(model.named_parameters())
+    saved = [p.requires_grad for _, p in params]
+    if trainable is not None:
+        keep = set(trainable)
+        for name, param in params:
+            param.requires_grad_(name in keep)
+    try:
+        with torch.enable_grad(), eager_attention(model), FlopCounterMode(display=False) as counter:
+            loss = model(**batch).loss
+            if loss.requires_grad:
+                loss.backward()
+        return int(counter.get_total_flops())
+    finally:
+        model.zero_grad(set_to_none=True)
+        for (_, param), requires_grad in zip(params, saved, strict=True):
+            param.requires_grad_(requires_grad)
+
+
 def _output_tensor(out: Any) -> torch.Tensor:
     for key in ("logits", "last_hidden_state"):
         value = out.get(key) if isinstance(out, dict) else getattr(out, key, None)
@@ -308,6 +347,33 @@ class TensorProfile:
         """One step in which only ``name`` trains: its weight gradient and the activation gradients to reach it."""
         return self.step_flops_bits(1 << self._index[name])
 
+    @classmethod
+    def combine(cls, parts: Iterable[tuple[TensorProfile, int]]) -> TensorProfile:
+        """The profile of a sequence of steps: ``count`` steps of each part's shape, summed.
+
+        Used to budget an epoch whose batches have different shapes: ``combine(...).step_flops(mask)`` is the
+        FLOPs of all those steps with that mask. The parts must profile the same model (same ``names``).
+        """
+        parts = [(p, n) for p, n in parts if n]
+        if not parts:
+            raise ValueError("combine needs at least one profile with a positive count")
+        names = parts[0][0].names
+        fwd = 0
+        act: dict[int, int] = {}
+        weight: dict[int, int] = {}
+        for profile, count in parts:
+            if profile.names != names:
+                raise ValueError("profiles of different models cannot be combined")
+            fwd += profile.fwd * count
+            for table, terms in ((act, profile.act_terms), (weight, profile.weight_terms)):
+                for bits, flops in terms:
+                    table[bits] = table.get(bits, 0) + flops * count
+        first = parts[0][0]
+        return cls(
+            names, fwd, act, weight, first.batch_size, first.seq_len, first.target_len,
+            all(p.exact for p, _ in parts),
+        )
+
     def __repr__(self) -> str:
         return (
             f"TensorProfile({len(self.names)} tensors, batch {self.batch_size} x {self.seq_len}, "
@@ -368,17 +434,13 @@ def profile_model(
         data_leaves.append(leaf)
         return output + leaf
 
-    embeddings = None
-    try:
-        embeddings = model.get_input_embeddings()  # type: ignore[operator]
-    except (AttributeError, NotImplementedError):
-        pass
+    embeddings = input_embedding_modules(model)
 
     # Fake tensors carry shapes, strides and autograd history but no data; Hugging Face models skip their
     # data-dependent checks (padding inspection and the like) on them, as they do under torch.export.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with _fake_parameters(model, fake_mode) as twins, eager_attention(model):
-        hook = embeddings.register_forward_hook(mark_data) if isinstance(embeddings, nn.Module) else None
+        hooks = [module.register_forward_hook(mark_data) for module in embeddings]
         try:
             model.train()
             with fake_mode:
@@ -393,7 +455,7 @@ def profile_model(
         except Exception as exc:  # noqa: BLE001 - any failure of a foreign forward is reported the same way
             raise ProfileError(f"tracing {type(model).__name__} with fake tensors failed: {exc}") from exc
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
             model.train(was_training)
 
