@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -280,6 +282,15 @@ def _output_tensor(out: Any) -> torch.Tensor:
     raise ProfileError(f"cannot find logits in the output of {type(out).__name__}")
 
 
+def _ratio_at_least(part: int, whole: int) -> float:
+    """``part / whole`` as the smallest float ``r`` with ``r * whole >= part``, so that a budget of
+    ``rho_min * full`` really pays for the cheapest step despite rounding."""
+    ratio = part / whole
+    while ratio * whole < part or Fraction(ratio) * whole < part:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 class TensorProfile:
     """The cost model of one training step of a model at one batch shape.
 
@@ -315,7 +326,7 @@ class TensorProfile:
         self._all = (1 << len(names)) - 1
         self.full = self.step_flops_bits(self._all)
         singles = [self.step_flops_bits(1 << i).total for i in range(len(names))]
-        self.rho_min = min(singles) / self.full.total if singles else 1.0
+        self.rho_min = _ratio_at_least(min(singles), self.full.total) if singles else 1.0
 
     def __len__(self) -> int:
         return len(self.names)

@@ -220,3 +220,10 @@ def test_profile_command(tmp_path: Path) -> None:
         [sys.executable, "-m", "api.cli", "profile", str(tmp_path / "missing")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "config.json" in bad.stderr
+
+
+def test_a_budget_of_rho_min_pays_for_the_cheapest_step() -> None:
+    for arch in ("gpt2", "t5", "bert"):
+        profile = profile_model(tiny_model(arch, device="meta"), 3, 17)
+        cheapest = min(profile.step_flops({n}).total for n in profile.names)
+        assert profile.rho_min * profile.full.total >= cheapest

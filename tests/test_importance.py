@@ -1,0 +1,188 @@
+"""tensor_importance: the paper's loss-reduction measure, with the model and the training optimizer left exactly
+as they were."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from greencore import importance_flops, profile_model, tensor_importance
+from greencore.profile import eager_attention
+from tests.tiny_models import batch_for, tiny_model
+
+BATCH, SEQ = 2, 16
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit pattern (equal floats such as 0.0 and -0.0 differ here)."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8).clone()
+
+
+def adamw(lr: float = 1e-2):
+    return lambda params: torch.optim.AdamW(params, lr=lr)
+
+
+def trained_llama() -> tuple[torch.nn.Module, torch.optim.Optimizer, list[dict]]:
+    """A tiny Llama after three real AdamW steps, with gradients of a fourth batch left in .grad."""
+    model = tiny_model("llama")
+    batches = [batch_for(model, BATCH, SEQ, seed=s) for s in range(4)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for batch in batches[:3]:
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    opt.zero_grad()
+    model(**batches[3]).loss.backward()
+    return model, opt, batches
+
+
+def test_model_and_training_optimizer_are_left_exactly_as_they_were() -> None:
+    model, opt, batches = trained_llama()
+    frozen = "model.layers.0.mlp.up_proj.weight"
+    params = dict(model.named_parameters())
+    params[frozen].requires_grad_(False)
+    model.train()
+    weights = {n: bits(p) for n, p in params.items()}
+    grads = {n: p.grad for n, p in params.items()}
+    grad_bits = {n: bits(g) for n, g in grads.items()}
+    state = copy.deepcopy(opt.state_dict())
+
+    scores = tensor_importance(model, batches[:2], adamw())
+
+    assert set(scores) == {n for n, p in params.items() if p.requires_grad}  # the frozen one is not a candidate
+    assert all(isinstance(v, float) for v in scores.values()) and any(v != 0.0 for v in scores.values())
+    assert model.training
+    for n, p in model.named_parameters():
+        assert torch.equal(bits(p), weights[n]), f"{n} changed"
+        assert p.grad is grads[n] and torch.equal(bits(p.grad), grad_bits[n]), f"{n}.grad changed"
+        assert p.requires_grad == (n != frozen)
+    after = opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    assert after["state"].keys() == state["state"].keys()
+    for key, entry in state["state"].items():
+        for field, value in entry.items():
+            assert torch.equal(bits(after["state"][key][field]), bits(value)), f"optimizer state {key}.{field}"
+
+
+def test_eval_mode_is_kept_and_none_gradients_stay_none() -> None:
+    model = tiny_model("gpt2")
+    model.eval()
+    batches = [batch_for(model, BATCH, SEQ)]
+    scores = tensor_importance(model, batches, adamw())
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    # A tied weight appears once, under the name named_parameters() gives it.
+    assert "lm_head.weight" not in scores and "transformer.wte.weight" in scores
+    assert len(scores) == len(list(model.parameters()))
+
+
+def test_only_candidates_are_trainable_stepped_and_copied() -> None:
+    model, _, batches = trained_llama()
+    names = ["model.layers.1.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
+    params = dict(model.named_parameters())
+    pointers = {p.data_ptr(): n for n, p in params.items()}
+    seen: dict[str, object] = {}
+
+    def factory(ps):
+        seen["params"] = list(ps)
+        seen["trainable"] = {n for n, p in params.items() if p.requires_grad}
+        return torch.optim.SGD(ps, lr=1e-2)
+
+    class CloneSpy(TorchFunctionMode):
+        """Notes which parameters are cloned (the saved copies of the weights)."""
+
+        cloned: list[tuple[str, torch.device]] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.Tensor.clone and args[0].data_ptr() in pointers:
+                self.cloned.append((pointers[args[0].data_ptr()], out.device))
+            return out
+
+    with CloneSpy() as spy:
+        scores = tensor_importance(model, batches[:1], factory, names=names)
+    assert set(scores) == set(names)
+    assert [id(p) for p in seen["params"]] == [id(params[n]) for n in names]
+    assert seen["trainable"] == set(names)
+    assert sorted(n for n, _ in spy.cloned) == sorted(names)
+    assert all(device == params[n].device for n, device in spy.cloned)
+
+
+def test_importance_agrees_with_the_loss_change_of_undoing_each_update() -> None:
+    # I_k is first order in the step: with a small SGD step in double precision, undoing tensor k's update
+    # alone must raise the loss by I_k, and undoing all of them by their sum.
+    model = tiny_model("llama").double()
+    model.eval()
+    batches = [batch_for(model, BATCH, SEQ, seed=s) for s in range(2)]
+    lr = 1e-3
+
+    def loss() -> float:
+        with torch.no_grad():
+            return sum(float(model(**b).loss) for b in batches) / len(batches)
+
+    scores = tensor_importance(model, batches, lambda ps: torch.optim.SGD(ps, lr=lr))
+    params = dict(model.named_parameters())
+    old = {n: p.detach().clone() for n, p in params.items()}
+    model.zero_grad()
+    for b in batches:
+        (model(**b).loss / len(batches)).backward()
+    with torch.no_grad():
+        for p in params.values():
+            p -= lr * p.grad
+    new_loss = loss()
+    top = sorted(scores, key=lambda n: -abs(scores[n]))[:4]
+    for name in top:
+        p = params[name]
+        stepped = p.detach().clone()
+        with torch.no_grad():
+            p.copy_(old[name])
+            undo = loss() - new_loss
+            p.copy_(stepped)
+        assert undo == pytest.approx(scores[name], rel=0.05), name
+        assert (undo > 0) == (scores[name] > 0)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(old[n])
+    assert loss() - new_loss == pytest.approx(sum(scores.values()), rel=0.05)
+
+
+def test_non_finite_importance_is_reported_as_zero_and_weights_restored() -> None:
+    model = tiny_model("llama")
+    weights = {n: bits(p) for n, p in model.named_parameters()}
+    batches = [batch_for(model, BATCH, SEQ)]
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        scores = tensor_importance(model, batches, lambda ps: torch.optim.SGD(ps, lr=float("inf")))
+    assert scores and all(v == 0.0 for v in scores.values())
+    for n, p in model.named_parameters():
+        assert torch.equal(bits(p), weights[n])
+
+
+def test_importance_flops_equal_what_the_passes_cost() -> None:
+    model = tiny_model("llama")
+    batches = [batch_for(model, BATCH, SEQ, seed=s) for s in range(3)]
+    profile = profile_model(model, BATCH, SEQ)
+    names = ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.gate_proj.weight"]
+    with eager_attention(model), FlopCounterMode(display=False) as counter:
+        tensor_importance(model, batches, adamw(), names=names)
+    predicted = importance_flops(profile, names, len(batches))
+    assert predicted == profile.step_flops(names).scaled(6)
+    assert predicted.total == counter.get_total_flops()
+    assert importance_flops(profile, [], 3).total == 0
+
+
+def test_bad_arguments() -> None:
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="at least one batch"):
+        tensor_importance(model, [], adamw())
+    with pytest.raises(KeyError, match="not parameters"):
+        tensor_importance(model, [batch_for(model, BATCH, SEQ)], adamw(), names=["no.such.weight"])
+    unlabeled = {k: v for k, v in batch_for(model, BATCH, SEQ).items() if k != "labels"}
+    weights = {n: bits(p) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="labels"):
+        tensor_importance(model, [unlabeled], adamw())
+    for n, p in model.named_parameters():
+        assert torch.equal(bits(p), weights[n]) and p.requires_grad and p.grad is None
