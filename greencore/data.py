@@ -1,0 +1,368 @@
+"""Training data as users bring it: JSONL files of chats, prompt/completion pairs or labelled texts.
+
+Three formats, one per file (every line the same):
+
+- ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``: a chat; the loss is on the
+  assistant messages only.
+- ``{"prompt": str, "completion": str}``: the loss is on the completion only.
+- ``{"text": str, "label": str | int}``: sequence classification; the head is sized by the labels found.
+
+:func:`validate_dataset` checks a file line by line and raises :class:`DatasetError` naming the line and the
+field; the service answers 4xx with it. :func:`encode_dataset` turns the records into token ids with loss
+labels, and :func:`collate` pads a batch to a multiple of 8 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MESSAGES, PROMPT_COMPLETION, TEXT_LABEL = "messages", "prompt_completion", "text_label"
+FORMATS = (MESSAGES, PROMPT_COMPLETION, TEXT_LABEL)
+ROLES = ("system", "user", "assistant")
+IGNORE = -100  # label of a position that carries no loss (PyTorch's cross-entropy ignore_index)
+PAD_MULTIPLE = 8  # batches are padded to a multiple of this many tokens, so few distinct shapes are profiled
+
+# Without a chat template, a chat is rendered as "<|role|>\n{content}\n" per message, the assistant's content
+# followed by the end-of-sequence token.
+PLAIN_HEADER = "<|{role}|>\n"
+
+
+class DatasetError(ValueError):
+    """A dataset line that cannot be used: ``line`` is 1-based (None for the file as a whole), ``field`` the key."""
+
+    def __init__(self, line: int | None, field: str | None, message: str) -> None:
+        self.line = line
+        self.field = field
+        self.message = message
+        where = f"line {line}" if line is not None else "file"
+        super().__init__(f"{where}{f', field {field!r}' if field else ''}: {message}")
+
+
+@dataclass
+class DatasetSummary:
+    """What a valid dataset holds."""
+
+    examples: int
+    format: str  # one of FORMATS
+    labels: list[str] | None = None  # text_label: the label names found, in id order
+    tokens: int | None = None  # tokens of all examples, when a tokenizer was given
+    records: list[dict] = field(default_factory=list, repr=False)  # the parsed lines, for encode_dataset
+
+
+def _format_of(record: dict, line: int) -> str:
+    found = [f for f, keys in ((MESSAGES, ("messages",)), (PROMPT_COMPLETION, ("prompt", "completion")),
+                               (TEXT_LABEL, ("text", "label"))) if any(k in record for k in keys)]
+    if not found:
+        raise DatasetError(line, None, 'expected "messages", "prompt"/"completion" or "text"/"label" keys')
+    if len(found) > 1:
+        raise DatasetError(line, None, f"mixes the keys of several formats: {', '.join(found)}")
+    return found[0]
+
+
+def _string(record: dict, key: str, line: int, allow_empty: bool = False) -> str:
+    if key not in record:
+        raise DatasetError(line, key, "missing")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DatasetError(line, key, f"must be a string, not {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DatasetError(line, key, "is empty")
+    return value
+
+
+def _check_record(record: dict, fmt: str, line: int) -> None:
+    if fmt == PROMPT_COMPLETION:
+        _string(record, "prompt", line, allow_empty=True)
+        _string(record, "completion", line)
+    elif fmt == TEXT_LABEL:
+        _string(record, "text", line)
+        if "label" not in record:
+            raise DatasetError(line, "label", "missing")
+        label = record["label"]
+        if isinstance(label, bool) or not isinstance(label, str | int) or (isinstance(label, str) and not label):
+            raise DatasetError(line, "label", "must be a non-empty string or an integer")
+    else:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DatasetError(line, "messages", "must be a non-empty list of {role, content} objects")
+        for i, message in enumerate(messages):
+            where = f"messages[{i}]"
+            if not isinstance(message, dict):
+                raise DatasetError(line, where, "must be an object with role and content")
+            role = message.get("role")
+            if role not in ROLES:
+                raise DatasetError(line, f"{where}.role", f"must be one of {', '.join(ROLES)}, not {role!r}")
+            if not isinstance(message.get("content"), str):
+                raise DatasetError(line, f"{where}.content", "must be a string")
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise DatasetError(line, "messages", "has no non-empty assistant message to learn from")
+
+
+def label_names(labels: Sequence[str | int]) -> list[str]:
+    """Label names in id order: integers in numeric order when every label is an integer, else sorted names."""
+    unique = set(labels)
+    if all(isinstance(x, int) for x in unique):
+        return [str(x) for x in sorted(unique)]
+    return sorted(str(x) for x in unique)
+
+
+def validate_dataset(path: str | Path, tokenizer: Any = None, max_examples: int | None = None) -> DatasetSummary:
+    """Check a JSONL dataset line by line; blank lines are skipped.
+
+    Returns a :class:`DatasetSummary` (examples, format, label names, and tokens when ``tokenizer`` is given).
+    Raises :class:`DatasetError` at the first bad line, naming the line (1-based) and the field.
+    """
+    path = Path(path)
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise DatasetError(None, None, f"cannot open {path.name}: {exc.strerror}") from exc
+    records: list[dict] = []
+    fmt: str | None = None
+    first_line = 0
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(number, None, f"not UTF-8 text ({exc.reason})") from exc
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(number, None, f"not valid JSON: {exc.msg} at column {exc.colno}") from exc
+            if not isinstance(record, dict):
+                raise DatasetError(number, None, f"must be a JSON object, not {type(record).__name__}")
+            line_fmt = _format_of(record, number)
+            if fmt is None:
+                fmt, first_line = line_fmt, number
+            elif line_fmt != fmt:
+                raise DatasetError(number, None, f"is {line_fmt} but line {first_line} is {fmt}: one format per file")
+            _check_record(record, fmt, number)
+            record["_line"] = number
+            records.append(record)
+            if max_examples is not None and len(records) > max_examples:
+                raise DatasetError(number, None, f"more than {max_examples} examples")
+    if fmt is None:
+        raise DatasetError(None, None, "no examples: the file is empty")
+    labels = label_names([r["label"] for r in records]) if fmt == TEXT_LABEL else None
+    if labels is not None and len(labels) < 2:
+        raise DatasetError(None, "label", f"classification needs at least 2 distinct labels, found {labels}")
+    tokens = None
+    if tokenizer is not None:
+        tokens = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in _texts(records, fmt))
+    return DatasetSummary(len(records), fmt, labels, tokens, records)
+
+
+def _texts(records: list[dict], fmt: str) -> list[str]:
+    if fmt == MESSAGES:
+        return [m["content"] for r in records for m in r["messages"]]
+    if fmt == PROMPT_COMPLETION:
+        return [r["prompt"] + r["completion"] for r in records]
+    return [r["text"] for r in records]
+
+
+@dataclass
+class Encoded:
+    """A dataset as token ids, ready to batch."""
+
+    task: str  # "causal_lm", "seq2seq" or "classification"
+    input_ids: list[list[int]]
+    labels: list[list[int]] | list[int]  # per-token labels (IGNORE where no loss), or one class id per example
+    truncated: int  # examples cut at max_seq_len
+    dropped: int  # examples left with no loss token after truncation (not trained on)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _ids(tokenizer: Any, text: str, special: bool = False) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and _ids(tokenizer, "a", special=True)[:1] == [bos]
+
+
+def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and ids[-1:] != [eos] else ids
+
+
+def _chat_with_template(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a chat rendered by the tokenizer's chat template, and which of them carry loss.
+
+    An assistant message's span is the text between the chat rendered up to it (with the generation prompt)
+    and the chat rendered through it; tokens starting inside a span carry loss.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans: list[tuple[int, int]] = []
+    search_from = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        try:
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that refuses a partial chat: fall back to a text search
+            before = through = None
+        if before is not None and text.startswith(through) and through.startswith(before):
+            spans.append((len(before), len(through)))
+        else:
+            start = text.find(message["content"], search_from)
+            if start < 0:
+                continue
+            spans.append((start, start + len(message["content"])))
+        search_from = spans[-1][1]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    mask = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+    return ids, [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
+
+
+def _chat_plain(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a chat in the plain template (see PLAIN_HEADER), and their loss labels."""
+    ids = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    labels = [IGNORE] * len(ids)
+    newline = _ids(tokenizer, "\n")
+    for message in messages:
+        header = _ids(tokenizer, PLAIN_HEADER.format(role=message["role"]))
+        content = _ids(tokenizer, message["content"])
+        if message["role"] == "assistant":
+            content = _with_eos(tokenizer, content)
+            ids += header + content + newline
+            labels += [IGNORE] * len(header) + content + [IGNORE] * len(newline)
+        else:
+            ids += header + content + newline
+            labels += [IGNORE] * (len(header) + len(content) + len(newline))
+    return ids, labels
+
+
+def _plain_text(messages: list[dict]) -> str:
+    return "".join(PLAIN_HEADER.format(role=m["role"]) + m["content"] + "\n" for m in messages)
+
+
+def encode_dataset(
+    summary: DatasetSummary,
+    tokenizer: Any,
+    task: str,
+    max_seq_len: int,
+    label2id: dict[str, int] | None = None,
+) -> Encoded:
+    """Token ids and loss labels of every example of a validated dataset, cut at ``max_seq_len`` tokens.
+
+    ``task`` follows from the data and the model (see :func:`task_for`). Causal LM: one sequence, loss on the
+    completion / assistant tokens. Seq2seq: the prompt (or the chat before its last assistant message, in the
+    plain template) as input, the completion (or that message) as target, each cut at ``max_seq_len``.
+    Classification: the text, and the label's id in ``label2id``.
+    """
+    inputs: list[list[int]] = []
+    labels: list = []
+    truncated = dropped = 0
+    for record in summary.records:
+        line = record["_line"]
+        if task == "classification":
+            name = str(record["label"])
+            if label2id is None or name not in label2id:
+                raise DatasetError(line, "label", f"label {name!r} does not occur in the training file")
+            ids = _ids(tokenizer, record["text"], special=True)
+            if len(ids) > max_seq_len:
+                truncated += 1
+                ids = ids[:max_seq_len]
+            inputs.append(ids)
+            labels.append(label2id[name])
+            continue
+        if summary.format == TEXT_LABEL:
+            raise DatasetError(line, "text", "text/label data trains a classifier, not a generative model")
+        if task == "seq2seq":
+            if summary.format == PROMPT_COMPLETION:
+                source, target = record["prompt"], record["completion"]
+            else:
+                messages = record["messages"]
+                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                source, target = _plain_text(messages[:last]), messages[last]["content"]
+            src = _ids(tokenizer, source, special=True)
+            tgt = _with_eos(tokenizer, _ids(tokenizer, target, special=True))
+            if len(src) > max_seq_len or len(tgt) > max_seq_len:
+                truncated += 1
+                src, tgt = src[:max_seq_len], tgt[:max_seq_len]
+            inputs.append(src)
+            labels.append(tgt)
+            continue
+        if summary.format == PROMPT_COMPLETION:
+            prompt = ([tokenizer.bos_token_id] if _adds_bos(tokenizer) else []) + _ids(tokenizer, record["prompt"])
+            completion = _with_eos(tokenizer, _ids(tokenizer, record["completion"]))
+            ids, lab = prompt + completion, [IGNORE] * len(prompt) + completion
+        elif getattr(tokenizer, "chat_template", None):
+            ids, lab = _chat_with_template(tokenizer, record["messages"])
+        else:
+            ids, lab = _chat_plain(tokenizer, record["messages"])
+        if len(ids) > max_seq_len:
+            truncated += 1
+            ids, lab = ids[:max_seq_len], lab[:max_seq_len]
+        # A causal LM predicts token t from the tokens before it: the first token never carries loss.
+        if not any(x != IGNORE for x in lab[1:]):
+            dropped += 1
+            continue
+        inputs.append(ids)
+        labels.append(lab)
+    return Encoded(task, inputs, labels, truncated, dropped)
+
+
+def padded_len(n: int, max_seq_len: int) -> int:
+    """Length a batch whose longest example has ``n <= max_seq_len`` tokens is padded to: the next multiple of 8,
+    at most ``max_seq_len``."""
+    return min(-(-n // PAD_MULTIPLE) * PAD_MULTIPLE, max_seq_len)
+
+
+def batch_shape(data: Encoded, indices: Sequence[int], max_seq_len: int) -> tuple[int, ...]:
+    """Shape of the padded batch of these examples: (batch, seq) or, for seq2seq, (batch, seq, target)."""
+    seq = padded_len(max(len(data.input_ids[i]) for i in indices), max_seq_len)
+    if data.task == "seq2seq":
+        tgt = padded_len(max(len(data.labels[i]) for i in indices), max_seq_len)
+        return (len(indices), seq, tgt)
+    return (len(indices), seq)
+
+
+def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+    return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)
+
+
+def collate(data: Encoded, indices: Sequence[int], pad_id: int, max_seq_len: int) -> dict[str, torch.Tensor]:
+    """The batch of these examples: right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+    shape = batch_shape(data, indices, max_seq_len)
+    rows = [data.input_ids[i] for i in indices]
+    batch = {
+        "input_ids": _pad(rows, shape[1], pad_id),
+        "attention_mask": _pad([[1] * len(r) for r in rows], shape[1], 0),
+    }
+    if data.task == "classification":
+        batch["labels"] = torch.tensor([data.labels[i] for i in indices], dtype=torch.long)
+    else:
+        batch["labels"] = _pad([data.labels[i] for i in indices], shape[-1], IGNORE)
+    return batch
+
+
+def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: example indices shuffled by (seed, epoch), in batches of ``batch_size``.
+
+    A pure function of its arguments, so a resumed run replays the same order. The last batch may be smaller.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def task_for(fmt: str, config: Any) -> str:
+    """The task that data of format ``fmt`` trains on a model with this config."""
+    if fmt == TEXT_LABEL:
+        return "classification"
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal_lm"

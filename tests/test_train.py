@@ -1,0 +1,245 @@
+"""greencore.train on tiny models: every method and data format, the records, the budget, the checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from greencore.data import DatasetError
+from greencore.methods import transformer_layers
+from greencore.select import BudgetTooSmall
+from greencore.spec import EpochReport, Hyperparameters, SpecError, TrainSpec
+from greencore.train import train
+from tests.model_folders import dataset, model_folder, write_jsonl
+
+FLOP_KEYS = {"fwd", "bwd_act", "bwd_weight", "selection", "total", "full", "predicted_step", "measured_step"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: one thread avoids oversubscription (and is still deterministic).
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {kind: model_folder(kind, root / kind) for kind in ("llama", "gpt2", "bert", "t5")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    files = {}
+    for fmt in ("messages", "prompt_completion", "text_label"):
+        files[fmt] = write_jsonl(root / f"{fmt}.jsonl", dataset(fmt, 64, seed=0, long_every=16))
+        files[fmt + "_valid"] = write_jsonl(root / f"{fmt}_valid.jsonl", dataset(fmt, 12, seed=1))
+    return files
+
+
+def run(folders, data, tmp_path, kind, fmt, method, n_epochs=2, **hp):
+    spec = TrainSpec(
+        model_dir=str(folders[kind]),
+        train_file=str(data[fmt]),
+        valid_file=str(data[fmt + "_valid"]),
+        output_dir=str(tmp_path / "out"),
+        method=method,
+        hyperparameters=Hyperparameters(**{"n_epochs": n_epochs, "batch_size": 4, "learning_rate": 1e-3,
+                                           "max_seq_len": 96, **hp}),
+    )
+    seen: list[EpochReport] = []
+    steps: list[tuple[int, int, int]] = []
+    report = train(spec, on_epoch=seen.append, on_step=lambda *a: steps.append(a))
+    return spec, report, seen, steps
+
+
+def check_records(report, seen, steps, rho=None):
+    """What every method's records must satisfy."""
+    assert seen == report.epochs and [e.epoch for e in seen] == list(range(1, len(seen) + 1))
+    for e in report.epochs:
+        f = e.flops
+        assert set(f) == FLOP_KEYS
+        assert f["total"] == f["fwd"] + f["bwd_act"] + f["bwd_weight"] + f["selection"]
+        assert e.rho_achieved == pytest.approx(f["total"] / f["full"])
+        assert f["measured_step"] == pytest.approx(f["predicted_step"], rel=0.01) and f["measured_step"] > 0
+        if rho is not None:
+            assert f["total"] <= rho * f["full"]
+        assert e.selected_tensors and e.steps == steps[0][2] and e.tokens > 0
+        assert e.train_loss > 0 and e.valid_loss > 0 and e.wall_s > 0
+        assert e.energy_method in ("rapl", "estimate", "nvml") and e.energy_j > 0 and e.gco2e > 0
+        assert Path(e.checkpoint_dir).name == f"epoch-{e.epoch}"
+        json.dumps(e.as_dict())  # plain values, storable as JSON
+    n = steps[0][2]  # 64 examples in batches of 4, less those whose completion max_seq_len cut away
+    assert 12 <= n <= 16 and n == -(-(64 - report.epochs[0].dropped_examples) // 4)
+    assert steps == [(e, s, n) for e in range(1, len(seen) + 1) for s in range(1, n + 1)]
+
+
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_green_respects_budget_and_leaves_untrained_tensors_bit_identical(folders, data, tmp_path):
+    spec, report, seen, steps = run(folders, data, tmp_path, "llama", "messages", "green", n_epochs=3, rho=0.6)
+    check_records(report, seen, steps, rho=0.6)
+    assert (report.method, report.task, report.rho, report.stopped) == ("green", "causal_lm", 0.6, False)
+    for e in report.epochs:
+        assert e.flops["selection"] > 0 and e.selection["reselected"]
+        assert e.flops["full"] > e.flops["total"] > e.flops["fwd"]
+        assert e.valid_token_accuracy is not None and e.valid_accuracy is None
+    trained = {n for e in report.epochs for n in e.selected_tensors}
+    base, final = saved_tensors(folders["llama"]), saved_tensors(Path(report.final_checkpoint_dir))
+    assert set(final) == set(base)
+    untouched = set(base) - trained
+    assert untouched and trained - set(base) == set()
+    for name, tensor in base.items():
+        assert final[name].dtype == tensor.dtype
+        if name in untouched:
+            assert torch.equal(final[name], tensor), name
+    assert any(not torch.equal(final[n], base[n]) for n in trained)
+    # The final checkpoint is the last epoch's, with its tokenizer; every epoch has its own.
+    out = Path(spec.output_dir)
+    assert sorted(p.name for p in out.iterdir()) == ["epoch-1", "epoch-2", "epoch-3", "final"]
+    assert (out / "final" / "tokenizer.json").is_file()
+    assert (out / "final" / "model.safetensors").read_bytes() == (out / "epoch-3" / "model.safetensors").read_bytes()
+
+
+def test_green_reselect_every_reuses_the_selection(folders, data, tmp_path):
+    _, report, seen, steps = run(folders, data, tmp_path, "llama", "messages", "green", n_epochs=2,
+                                 rho=0.6, reselect_every=2)
+    check_records(report, seen, steps, rho=0.6)
+    first, second = report.epochs
+    assert first.selection["reselected"] and not second.selection["reselected"]
+    assert second.flops["selection"] == 0 and second.selected_tensors == first.selected_tensors
+
+
+def test_full_spends_full(folders, data, tmp_path):
+    _, report, seen, steps = run(folders, data, tmp_path, "gpt2", "prompt_completion", "full")
+    check_records(report, seen, steps)
+    for e in report.epochs:
+        assert e.flops["total"] == e.flops["full"] and e.rho_achieved == 1.0 and e.flops["selection"] == 0
+    assert report.rho is None
+
+
+def test_topk_trains_top_layers_and_head(folders, data, tmp_path):
+    _, report, seen, steps = run(folders, data, tmp_path, "t5", "prompt_completion", "topk", topk_layers=1)
+    check_records(report, seen, steps)
+    selected = set(report.epochs[0].selected_tensors)
+    from transformers import AutoModelForSeq2SeqLM
+
+    layers = transformer_layers(AutoModelForSeq2SeqLM.from_pretrained(folders["t5"]))
+    assert len(layers) == 4  # 2 encoder blocks, then 2 decoder blocks
+    assert set(layers[-1]) <= selected
+    assert not selected & set(layers[0] + layers[1] + layers[2])
+    assert "decoder.final_layer_norm.weight" in selected  # the head: what follows the last layer
+    assert report.epochs[0].selection["k"] == 1
+
+
+def test_topk_largest_k_within_rho(folders, data, tmp_path):
+    _, report, seen, steps = run(folders, data, tmp_path, "bert", "text_label", "topk", n_epochs=1, rho=0.7)
+    check_records(report, seen, steps, rho=0.7)
+    k = report.epochs[0].selection["k"]
+    assert 0 < k < 2 and report.epochs[0].rho_achieved <= 0.7
+
+
+def test_lora_trains_adapters_and_saves_adapter_and_merged_model(folders, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, report, seen, steps = run(folders, data, tmp_path, "gpt2", "messages", "lora", lora_r=4)
+    check_records(report, seen, steps)
+    selected = report.epochs[0].selected_tensors
+    assert selected and all("lora_" in n for n in selected)
+    assert all(".attn." in n for n in selected)  # the attention projections only, found from the model
+    final = Path(report.final_checkpoint_dir)
+    config = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 16)
+    # The merged model (plain transformers) and base + adapter (peft) compute the same thing.
+    merged = AutoModelForCausalLM.from_pretrained(final).eval()
+    base = AutoModelForCausalLM.from_pretrained(folders["gpt2"])
+    adapted = PeftModel.from_pretrained(base, final / "adapter").eval()
+    ids = torch.randint(3, 300, (2, 12))
+    untrained = AutoModelForCausalLM.from_pretrained(folders["gpt2"]).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, untrained(ids).logits, atol=1e-5)
+    base_tensors, saved = saved_tensors(folders["gpt2"]), saved_tensors(final)
+    assert set(saved) == set(base_tensors)
+    changed = {n for n in base_tensors if not torch.equal(saved[n], base_tensors[n])}
+    assert changed and all(".attn." in n for n in changed)
+
+
+def test_classification_on_bert_sizes_head_and_saves_labels(folders, data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    _, report, seen, steps = run(folders, data, tmp_path, "bert", "text_label", "green", rho=0.5)
+    check_records(report, seen, steps, rho=0.5)
+    assert report.task == "classification" and report.labels == ["long", "medium", "short"]
+    assert all(e.valid_accuracy is not None and e.valid_token_accuracy is None for e in report.epochs)
+    model = AutoModelForSequenceClassification.from_pretrained(report.final_checkpoint_dir)
+    assert model.config.id2label == {0: "long", 1: "medium", 2: "short"}
+    assert model.classifier.out_features == 3
+
+
+def test_lora_on_classification_trains_the_new_head(folders, data, tmp_path):
+    _, report, seen, steps = run(folders, data, tmp_path, "bert", "text_label", "lora", n_epochs=1)
+    check_records(report, seen, steps)
+    selected = report.epochs[0].selected_tensors
+    assert any("classifier" in n for n in selected) and any("lora_" in n for n in selected)
+
+
+@pytest.mark.parametrize(("kind", "fmt"), [("t5", "messages"), ("llama", "prompt_completion")])
+def test_other_formats_train(folders, data, tmp_path, kind, fmt):
+    _, report, seen, steps = run(folders, data, tmp_path, kind, fmt, "green", n_epochs=1, rho=0.7)
+    check_records(report, seen, steps, rho=0.7)
+    assert report.task == ("seq2seq" if kind == "t5" else "causal_lm")
+
+
+def test_truncation_is_counted(folders, data, tmp_path):
+    _, report, _, _ = run(folders, data, tmp_path, "gpt2", "prompt_completion", "full", n_epochs=1, max_seq_len=40)
+    e = report.epochs[0]
+    assert e.truncated_examples > 0
+    assert e.tokens <= 40 * 64
+
+
+def test_bad_input_is_refused_before_training(folders, data, tmp_path):
+    with pytest.raises(BudgetTooSmall) as err:
+        run(folders, data, tmp_path, "llama", "messages", "green", rho=0.3)
+    assert err.value.rho_min > 0.3 and "rho_min" in str(err.value)
+    with pytest.raises(SpecError, match="method"):
+        run(folders, data, tmp_path, "llama", "messages", "sparse")
+    with pytest.raises(SpecError, match="rho"):
+        run(folders, data, tmp_path, "llama", "messages", "green", rho=1.5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    spec = TrainSpec(str(folders["llama"]), str(bad), str(tmp_path / "o"))
+    with pytest.raises(DatasetError) as derr:
+        train(spec)
+    assert (derr.value.line, derr.value.field) == (2, "completion")
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_keeps_the_base_dtype(folders, data, tmp_path):
+    """A bf16 base trains in float32 and is saved in bf16; trained tensors keep float32 masters for resume."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(folders["llama"], dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(folders["llama"]).save_pretrained(base)
+    folders = {**folders, "bf16": base}
+    _, report, _, _ = run(folders, data, tmp_path, "bf16", "messages", "green", n_epochs=1, rho=0.6)
+    final = Path(report.final_checkpoint_dir)
+    before, after = saved_tensors(base), saved_tensors(final)
+    assert {n: t.dtype for n, t in after.items()} == {n: t.dtype for n, t in before.items()}
+    assert all(t.dtype == torch.bfloat16 for t in after.values())
+    trained = set(report.epochs[0].selected_tensors)
+    with safe_open(str(final / "master_weights.safetensors"), "pt") as f:
+        assert set(f.keys()) == trained
+    assert all(torch.equal(after[n], before[n]) for n in set(before) - trained)
