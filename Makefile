@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean vendor
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,11 +20,19 @@ run: $(STAMP)
 	$(BIN)/greentrainer serve
 
 test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)  # browser tests
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The dashboard's charting library, from npm at its locked version, into api/static/vendor/ (committed, so that
+# `make run` needs no npm); run after changing dashboard/package.json.
+vendor:
+	cd dashboard && npm ci --no-audit --no-fund
+	cp dashboard/node_modules/chart.js/dist/chart.umd.js api/static/vendor/chart.umd.js
+	cp dashboard/node_modules/chart.js/LICENSE.md api/static/vendor/chart.js.LICENSE.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

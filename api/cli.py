@@ -1,8 +1,10 @@
-"""The ``greentrainer`` command."""
+"""The ``greentrainer`` command: the service (serve, worker, migrate, keys), the client (files, models, estimate,
+jobs) and ``profile``. Imports stay inside the commands, so that ``--help`` and ``migrate`` start fast."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -38,9 +40,75 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from api.config import get_settings
+    from api.serve import serve
+
+    settings = get_settings()
+    return serve(settings, args.host or settings.host, args.port or settings.port, not args.no_worker, args.workers)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    # The worker runs as `python -m worker`: the API side never imports task code.
+    os.execv(sys.executable, [sys.executable, "-m", "worker", *args.celery_args])
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from api.config import get_settings
+    from api.migrate import downgrade, upgrade
+
+    settings = get_settings()
+    assert settings.database_url is not None
+    settings.ensure_dirs()
+    if args.downgrade:
+        downgrade(settings.database_url, args.revision or "base")
+    else:
+        upgrade(settings.database_url, args.revision or "head")
+    print(f"database migrated to {args.revision or ('base' if args.downgrade else 'head')}")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from api.config import get_settings
+    from api.db import make_session_factory
+    from api.keys import create_key
+
+    sessions = make_session_factory(get_settings())
+    with sessions() as session:
+        key = create_key(session, args.tenant, args.name)
+    print(f"created an API key for tenant {args.tenant} (shown once): {key}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from api.cli_client import add_client_commands
+
     parser = argparse.ArgumentParser(prog="greentrainer", description="GreenTrainer as a service")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="migrate, then serve the API with one embedded worker")
+    p.add_argument("--port", type=int, default=None, help="default GT_PORT, else 8000")
+    p.add_argument("--host", default=None, help="default GT_HOST, else 127.0.0.1")
+    p.add_argument("--no-worker", action="store_true", help="serve the API only")
+    p.add_argument("--workers", type=int, default=1, help="API processes (uvicorn workers)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run one Celery worker (one job at a time)")
+    p.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed on to `celery worker`")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("migrate", help="apply the database migrations (alembic upgrade head)")
+    p.add_argument("--revision", default=None, help="target revision (default head, or base with --downgrade)")
+    p.add_argument("--downgrade", action="store_true", help="migrate down instead")
+    p.set_defaults(func=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("create", help="create an API key for a tenant (printed as the last word)")
+    p.add_argument("--tenant", required=True, help="tenant name (created if new)")
+    p.add_argument("--name", default="", help="a label for the key")
+    p.set_defaults(func=cmd_keys_create)
+
+    add_client_commands(sub)
 
     p = sub.add_parser("profile", help="per-tensor FLOPs of one training step of a model folder")
     p.add_argument("model_dir", help="a Hugging Face model folder (config.json is enough)")
@@ -52,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from api.cli_client import run_client_command
+
     args = build_parser().parse_args(argv)
+    if args.command in ("files", "models", "estimate", "jobs"):
+        return run_client_command(args.func, args)
     return args.func(args)
 
 

@@ -101,8 +101,8 @@ def _check(profile: TensorProfile, rho: float, reserved_flops: int) -> int:
         raise BudgetTooSmall(rho, profile.rho_min, detail)
     if reserved_flops:
         cheapest = min((profile.step_flops_bits(1 << i).total for i in range(len(profile.names))), default=full)
-        rho_min = (cheapest + reserved_flops) / full
-        if rho < rho_min:
+        if cheapest + reserved_flops > _budget_flops(profile, rho):
+            rho_min = (cheapest + reserved_flops) / full
             detail += f"; {reserved_flops:.3e} FLOPs per step are reserved (importance evaluation)"
             raise BudgetTooSmall(rho, rho_min, detail)
     return _budget_flops(profile, rho) - reserved_flops

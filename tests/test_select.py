@@ -213,7 +213,7 @@ def test_reserved_flops_stay_out_of_the_budget(llama: TensorProfile) -> None:
 def test_a_reserve_that_leaves_no_tensor_room_is_budget_too_small(llama: TensorProfile) -> None:
     rho = 0.6
     full = llama.full.total
-    cheapest = llama.rho_min * full
+    cheapest = min(llama.step_flops({n}).total for n in llama.names)
     reserved = int(rho * full - cheapest) + 1
     with pytest.raises(BudgetTooSmall) as info:
         select_tensors(llama, dict.fromkeys(llama.names, 1.0), rho, reserved_flops=reserved)

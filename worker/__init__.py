@@ -1,0 +1,1 @@
+"""Celery workers: load a job by id, run greencore.train, persist epochs, events and checkpoints."""

@@ -1,0 +1,62 @@
+"""The FastAPI application: ``create_app(settings)`` wires sessions, the job queue and the model catalog."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from api import errors
+from api.catalog import ModelCatalog
+from api.config import Settings, get_settings
+from api.db import make_session_factory
+from api.queue import JobQueue
+from api.routes import estimates, files, health, jobs, models
+from api.timing import ServerTiming
+from api.warmup import warm_up
+
+STATIC_DIR = Path(__file__).parent / "static"  # the web dashboard (docs/dashboard.md)
+DESCRIPTION = (
+    "Fine-tune language models under a FLOPs budget (GreenTrainer). Every `/v1` route needs "
+    "`Authorization: Bearer <api key>`; objects belong to the key's tenant."
+)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for ``settings`` (default: the GT_* environment). The schema must be migrated already."""
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    session_factory = make_session_factory(settings)
+    queue = JobQueue(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        queue.close()
+        session_factory.kw["bind"].dispose()
+
+    app = FastAPI(title="GreenTrainer", version="1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.session_factory = session_factory
+    app.state.queue = queue
+    app.state.bootstrap_tenant = None  # resolved on first use of GT_BOOTSTRAP_API_KEY
+    assert settings.models_dir is not None
+    app.state.catalog = ModelCatalog(settings.models_dir)
+    errors.install(app)
+    app.add_middleware(ServerTiming)
+    for module in (health, files, models, estimates, jobs):
+        app.include_router(module.router)
+    # The dashboard: its page at `/`, its files under /static; neither shadows /v1, /docs or /health.
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_api_route("/", dashboard_page, include_in_schema=False)
+    warm_up()
+    return app
+
+
+def dashboard_page() -> FileResponse:
+    """The web dashboard's page (api/static/index.html)."""
+    return FileResponse(STATIC_DIR / "index.html")

@@ -1,0 +1,110 @@
+"""The service's settings: one object, read once from ``GT_*`` environment variables.
+
+Defaults are the embedded ones (SQLite and kombu's SQLAlchemy transport under ``GT_DATA_DIR``); production sets
+``GT_DATABASE_URL=postgresql+psycopg://...`` and ``GT_BROKER_URL=redis://...``. Nothing else in the project
+reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_KEY_CHARS = 24  # a bootstrap key shorter than this is refused at start: it would be guessable
+
+
+class Settings(BaseSettings):
+    """Every setting of the service and of the ``greentrainer`` command; env var = ``GT_`` + upper-case name."""
+
+    model_config = SettingsConfigDict(env_prefix="GT_", extra="ignore")
+
+    # Where things live.
+    data_dir: Path = Field(Path(".greentrainer"), description="root of the embedded default's files")
+    models_dir: Path | None = Field(None, description="base models, one Hugging Face folder each (default DATA_DIR/models)")
+    artifacts_dir: Path | None = Field(None, description="uploads and checkpoints (default DATA_DIR/artifacts)")
+    database_url: str | None = Field(None, description="SQLAlchemy URL (default sqlite:///DATA_DIR/greentrainer.db)")
+    broker_url: str | None = Field(None, description="Celery broker (default sqla+sqlite:///DATA_DIR/broker.db)")
+    broker_prefix: str = Field("", description="prefix of every Redis key, to share one Redis between deployments")
+
+    # The HTTP server.
+    host: str = Field("127.0.0.1", description="address `greentrainer serve` binds")
+    port: int = Field(8000, ge=1, le=65535, description="port `greentrainer serve` listens on")
+    bootstrap_api_key: SecretStr | None = Field(None, description="a key valid for tenant `default`")
+    demo_model: str = Field("demo-tiny", description="name of the demo model created when MODELS_DIR is empty")
+    max_upload_bytes: int = Field(1 << 30, gt=0, description="largest dataset upload, bytes")
+    db_pool_size: int = Field(10, ge=1, description="database connections kept per process")
+    access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
+
+    # The client commands (`greentrainer files|jobs ...`).
+    api_url: str | None = Field(None, description="base URL the client commands call (default http://HOST:PORT)")
+    api_key: SecretStr | None = Field(None, description="API key the client commands send")
+
+    # The worker.
+    train_device: str | None = Field(None, description="'cuda' or 'cpu' for training; unset: CUDA when present")
+    cancel_poll_s: float = Field(1.0, gt=0, description="how often a running job reads its state (cancel, heartbeat)")
+    heartbeat_stale_s: float = Field(600.0, gt=0, description="a running job silent this long may be taken over")
+    visibility_timeout_s: int = Field(
+        7 * 24 * 3600, gt=0, description="Redis redelivers an unacknowledged job after this long"
+    )
+    worker_pool: str = Field("prefork", description="Celery pool of `greentrainer worker` (prefork or solo)")
+
+    # The device profile behind estimates (and energy when no counter is readable).
+    device_name: str = Field("cpu", description="name of the device profile")
+    device_peak_flops: float = Field(1.0e12, gt=0, description="peak FLOP/s of the device")
+    device_utilization: float = Field(0.3, gt=0, le=1, description="share of peak reached in training")
+    device_watts: float = Field(65.0, gt=0, description="power drawn while training, W")
+    carbon_intensity_g_per_kwh: float = Field(475.0, ge=0, description="grid intensity, gCO2e/kWh")
+    pue: float = Field(1.0, ge=1, description="data-centre power usage effectiveness")
+
+    @field_validator("bootstrap_api_key", "api_key", "train_device", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # `GT_X=` in a compose file means "not set"
+
+    @field_validator("bootstrap_api_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_KEY_CHARS:
+            raise ValueError(f"GT_BOOTSTRAP_API_KEY must have at least {MIN_KEY_CHARS} characters")
+        return value
+
+    @field_validator("worker_pool")
+    @classmethod
+    def _known_pool(cls, value: str) -> str:
+        if value not in ("prefork", "solo"):
+            raise ValueError("GT_WORKER_POOL must be 'prefork' or 'solo'")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        self.models_dir = (self.models_dir or self.data_dir / "models").expanduser().resolve()
+        self.artifacts_dir = (self.artifacts_dir or self.data_dir / "artifacts").expanduser().resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'greentrainer.db'}"
+        if self.broker_url is None:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        if self.api_url is None:
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+            self.api_url = f"http://{host}:{self.port}"
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True on the embedded default (SQLite database)."""
+        return str(self.database_url).startswith("sqlite")
+
+    def ensure_dirs(self) -> None:
+        """Create the data, models and artifacts folders."""
+        for path in (self.data_dir, self.models_dir, self.artifacts_dir):
+            assert path is not None
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process, read once."""
+    return Settings()

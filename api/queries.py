@@ -1,0 +1,63 @@
+"""Reads scoped to a tenant, and cursor pagination. Another tenant's object is answered as not found."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, select, update
+from sqlalchemy.orm import Session
+
+from api.errors import InvalidRequest, NotFound
+from api.tables import Epoch, File, Job
+
+T = TypeVar("T")
+
+
+def owned_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    """The tenant's job ``job_id``; NotFound (404) otherwise."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def owned_file(session: Session, tenant_id: str, file_id: str, *, param: str | None = None) -> File:
+    """The tenant's file ``file_id``. From a path: NotFound (404); named in a body (``param`` set):
+    InvalidRequest (400) naming the parameter."""
+    row = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+    if row is None:
+        if param is not None:
+            raise InvalidRequest(f"{param} {file_id!r} not found: upload it with POST /v1/files", param=param)
+        raise NotFound(f"file {file_id!r} not found")
+    return row
+
+
+def page(session: Session, stmt: Select[Any], key: Any, limit: int, after: Any, descending: bool) -> tuple[list[Any], bool]:
+    """One page of ``stmt`` ordered by ``key`` (a unique column), starting after the cursor ``after``.
+
+    Returns (rows, has_more).
+    """
+    if after is not None:
+        stmt = stmt.where(key < after if descending else key > after)
+    stmt = stmt.order_by(key.desc() if descending else key.asc()).limit(limit + 1)
+    rows = list(session.scalars(stmt))
+    return rows[:limit], len(rows) > limit
+
+
+def refresh_totals(session: Session, job_id: str) -> None:
+    """Recompute a job's sums over its recorded epochs (FLOPs, energy, carbon, count); the caller commits."""
+    epochs_done, flops_total, flops_full, energy_j, gco2e = 0, 0, 0, 0.0, 0.0
+    for flops, energy, grams in session.execute(
+        select(Epoch.flops, Epoch.energy_j, Epoch.gco2e).where(Epoch.job_id == job_id)
+    ):
+        epochs_done += 1
+        flops_total += int(flops.get("total", 0) or 0)
+        flops_full += int(flops.get("full", 0) or 0)
+        energy_j += energy or 0.0
+        gco2e += grams or 0.0
+    session.execute(
+        update(Job).where(Job.id == job_id)
+        .values(epochs_done=epochs_done, flops_total=flops_total, flops_full=flops_full, energy_j=energy_j,
+                gco2e=gco2e)
+        .execution_options(synchronize_session=False)
+    )

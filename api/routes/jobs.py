@@ -1,0 +1,129 @@
+"""Jobs and what they leave behind: epochs, events, checkpoints and their content."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from api.archive import RESUME_ONLY, plan_tar
+from api.deps import CatalogDep, CurrentTenant, QueueDep, SessionDep, SettingsDep
+from api.errors import NotFound
+from api.jobs import cancel_job, create_job
+from api.queries import owned_job, page
+from api.schemas.common import ERROR_RESPONSES, MAX_PAGE
+from api.schemas.jobs import JobCreate, JobPublic, JobsPublic
+from api.schemas.records import (
+    CheckpointPublic,
+    CheckpointsPublic,
+    EpochPublic,
+    EpochsPublic,
+    EventPublic,
+    EventsPublic,
+)
+from api.states import JobState
+from api.tables import Checkpoint, Epoch, Event, Job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+
+
+@router.post("", response_model=JobPublic)
+def create(
+    body: JobCreate, session: SessionDep, settings: SettingsDep, catalog: CatalogDep, queue: QueueDep,
+    tenant: CurrentTenant,
+) -> JobPublic:
+    """Create a job. Unknown model or file ids, a bad dataset, or a budget below ``rho_min`` answer 400
+    and store nothing; otherwise the job is committed ``queued`` and sent to the workers."""
+    job = create_job(session, settings, catalog, queue, tenant, body)
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Limit = 20,
+    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+    status: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
+) -> JobsPublic:
+    """The tenant's jobs, newest first."""
+    stmt = select(Job).where(Job.tenant_id == tenant.id)
+    if status is not None:
+        stmt = stmt.where(Job.status == str(status))
+    rows, more = page(session, stmt, Job.id, limit, after, True)
+    return JobsPublic(data=[JobPublic.of(j) for j in rows], has_more=more)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+    """One job with its progress, FLOPs saved, energy and error."""
+    return JobPublic.of(owned_job(session, tenant.id, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+    """Cancel a job; a running one stops within one training step. 409 for a job that already ended."""
+    return JobPublic.of(cancel_job(session, owned_job(session, tenant.id, job_id)))
+
+
+@router.get("/{job_id}/epochs", response_model=EpochsPublic)
+def list_epochs(
+    job_id: str, session: SessionDep, tenant: CurrentTenant, limit: Limit = MAX_PAGE,
+    after: Annotated[int | None, Query(description="the last epoch of the previous page")] = None,
+) -> EpochsPublic:
+    """Per epoch: tensors trained, FLOPs against full fine-tuning, tokens, time, losses, energy, carbon."""
+    owned_job(session, tenant.id, job_id)
+    rows, more = page(session, select(Epoch).where(Epoch.job_id == job_id), Epoch.epoch, limit, after, False)
+    return EpochsPublic(data=[EpochPublic.of(r) for r in rows], has_more=more)
+
+
+@router.get("/{job_id}/events", response_model=EventsPublic)
+def list_events(
+    job_id: str, session: SessionDep, tenant: CurrentTenant, limit: Limit = MAX_PAGE,
+    after: Annotated[int | None, Query(description="the last event id of the previous page")] = None,
+) -> EventsPublic:
+    """Status changes, selections, epochs, checkpoints and errors, oldest first."""
+    owned_job(session, tenant.id, job_id)
+    rows, more = page(session, select(Event).where(Event.job_id == job_id), Event.id, limit, after, False)
+    return EventsPublic(data=[EventPublic.of(r) for r in rows], has_more=more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
+def list_checkpoints(
+    job_id: str, session: SessionDep, tenant: CurrentTenant, limit: Limit = MAX_PAGE,
+    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+) -> CheckpointsPublic:
+    """One checkpoint per epoch and the final one, oldest first."""
+    owned_job(session, tenant.id, job_id)
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    rows, more = page(session, stmt, Checkpoint.id, limit, after, False)
+    return CheckpointsPublic(data=[CheckpointPublic.of(r) for r in rows], has_more=more)
+
+
+@router.get(
+    "/{job_id}/checkpoints/{checkpoint_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}, "description": "a tar of the Hugging Face folder"}},
+)
+def checkpoint_content(
+    job_id: str, checkpoint_id: str, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
+) -> StreamingResponse:
+    """The checkpoint as a tar of its Hugging Face folder (config, safetensors, tokenizer) under one top folder
+    named ``<job id>-<checkpoint name>``; the resume-only training state is left out."""
+    owned_job(session, tenant.id, job_id)
+    row = session.scalar(select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job_id))
+    assert settings.artifacts_dir is not None
+    folder = settings.artifacts_dir / row.path if row is not None else None
+    if row is None or folder is None or not folder.is_dir():
+        raise NotFound(f"checkpoint {checkpoint_id!r} not found for job {job_id!r}")
+    root = f"{job_id}-{row.name}"
+    plan = plan_tar(folder, root, exclude=RESUME_ONLY)
+    headers = {
+        "Content-Length": str(plan.length),
+        "Content-Disposition": f'attachment; filename="{root}.tar"',
+    }
+    return StreamingResponse(plan.stream(), media_type="application/x-tar", headers=headers)

@@ -1,0 +1,1 @@
+"""Request and response schemas, one family per resource: ``XCreate`` in, ``XPublic`` and ``XsPublic`` out."""

@@ -1,0 +1,238 @@
+// New job: a model, an uploaded file, a method and rho on a slider. The estimate (POST /v1/estimates) follows
+// every change, debounced: FLOPs, time, energy and carbon against full fine-tuning, and rho_min, which
+// becomes the slider's minimum. A rho the API refuses shows the API's own message.
+
+import { api } from '../api.js';
+import { h, replace } from '../dom.js';
+import { duration, flops, grams, integer, joules, percent } from '../format.js';
+import { debounce } from '../live.js';
+
+const METHODS = [
+  ['green', 'GreenTrainer', 'trains the tensors that buy the most loss reduction per FLOP, within rho'],
+  ['full', 'Full fine-tuning', 'trains every tensor; the baseline the savings are measured against'],
+  ['lora', 'LoRA', 'low-rank adapters on the attention projections'],
+  ['topk', 'Top layers', 'trains the top layers that fit within rho'],
+];
+const BUDGETED = new Set(['green', 'topk']); // methods that take rho
+const DEFAULT_RHO = 0.7;
+const ESTIMATE_WAIT_MS = 250;
+
+function numberField(id, label, value, attrs, hint) {
+  return h('div', { class: 'field' },
+    h('label', { for: id }, label),
+    h('input', { id, name: id, type: 'number', value: String(value), required: true, ...attrs }),
+    hint ? h('span', { class: 'hint' }, hint) : null);
+}
+
+export function render(root, params) {
+  const model = h('select', { id: 'model', name: 'model', required: true }, h('option', { value: '' }, 'loading…'));
+  const trainingFile = h('select', { id: 'training-file', name: 'training_file', required: true }, h('option', { value: '' }, 'loading…'));
+  const validationFile = h('select', { id: 'validation-file', name: 'validation_file' }, h('option', { value: '' }, 'none'));
+  const rhoRange = h('input', {
+    id: 'rho', name: 'rho', type: 'range', min: '0.01', max: '1', step: '0.01', value: String(DEFAULT_RHO),
+    'aria-describedby': 'rho-help',
+  });
+  const rhoNumber = h('input', {
+    id: 'rho-value', type: 'number', min: '0.01', max: '1', step: '0.01', value: String(DEFAULT_RHO), 'aria-label': 'rho value',
+  });
+  const rhoHelp = h('span', { class: 'hint', id: 'rho-help' },
+    'rho: the share of full fine-tuning FLOPs this job may spend. The slider starts at rho_min, the least that trains anything.');
+  const rhoSummary = h('p', { class: 'rho-summary', id: 'rho-summary', 'aria-live': 'polite' });
+  const rhoField = h('fieldset', { id: 'rho-field' }, h('legend', {}, 'Budget'),
+    h('label', { for: 'rho' }, 'rho (share of full fine-tuning FLOPs)'),
+    h('div', { class: 'rho-row' }, rhoRange, rhoNumber), rhoSummary, rhoHelp);
+  const methodInputs = METHODS.map(([value, title, text]) => h('label', { class: 'method-option' },
+    h('input', { type: 'radio', name: 'method', value, checked: value === 'green' }),
+    h('span', {}, h('b', {}, `${title} (${value})`), h('span', { class: 'muted small' }, text))));
+  const hp = {
+    n_epochs: numberField('n_epochs', 'Epochs', 3, { min: '1', max: '1000', step: '1' }),
+    batch_size: numberField('batch_size', 'Batch size (sequences)', 8, { min: '1', max: '4096', step: '1' }),
+    learning_rate: numberField('learning_rate', 'Learning rate', 5e-5, { min: '0', max: '1', step: 'any' }),
+    max_seq_len: numberField('max_seq_len', 'Max sequence length (tokens)', 512, { min: '8', step: '1' },
+      'longer examples are cut'),
+  };
+  const seed = numberField('seed', 'Seed', 0, { min: '0', step: '1' });
+  const suffix = h('div', { class: 'field' }, h('label', { for: 'suffix' }, 'Suffix (optional)'),
+    h('input', { id: 'suffix', name: 'suffix', type: 'text', pattern: '[A-Za-z0-9_.\\-]+', maxlength: '64' }));
+  const submit = h('button', { type: 'submit', class: 'primary', id: 'create-job' }, 'Create job');
+  const submitError = h('div', { id: 'create-error' });
+  const form = h('form', { id: 'new-job-form', class: 'stack', novalidate: true },
+    h('div', { class: 'form-grid' },
+      h('div', { class: 'field' }, h('label', { for: 'model' }, 'Base model'), model),
+      h('div', { class: 'field' }, h('label', { for: 'training-file' }, 'Training file'), trainingFile,
+        h('span', { class: 'hint' }, h('a', { href: '#/files' }, 'Upload a dataset'))),
+      h('div', { class: 'field' }, h('label', { for: 'validation-file' }, 'Validation file (optional)'), validationFile)),
+    h('fieldset', {}, h('legend', {}, 'Method'), h('div', { class: 'methods' }, methodInputs)),
+    rhoField,
+    h('fieldset', {}, h('legend', {}, 'Training'), h('div', { class: 'form-grid' }, Object.values(hp), seed, suffix)),
+    submitError,
+    h('div', { class: 'row' }, submit));
+
+  const estimateBody = h('div', { id: 'estimate-body' }, h('p', { class: 'muted' }, 'Pick a model and a training file.'));
+  const estimateError = h('div', { id: 'estimate-error' });
+  const estimateCard = h('aside', { class: 'card sticky', id: 'estimate', 'aria-live': 'polite' },
+    h('h2', {}, 'Estimate'), estimateError, estimateBody);
+
+  replace(root, h('h1', {}, 'New job'), h('div', { class: 'new-job' }, h('section', { class: 'card' }, form), estimateCard));
+
+  const method = () => form.querySelector('input[name=method]:checked').value;
+  let sequence = 0; // answers that arrive after a newer request are dropped
+
+  function body() {
+    const hyperparameters = {
+      n_epochs: Number(hp.n_epochs.querySelector('input').value),
+      batch_size: Number(hp.batch_size.querySelector('input').value),
+      learning_rate: Number(hp.learning_rate.querySelector('input').value),
+      max_seq_len: Number(hp.max_seq_len.querySelector('input').value),
+    };
+    if (BUDGETED.has(method())) hyperparameters.rho = Number(rhoNumber.value);
+    const out = { model: model.value, training_file: trainingFile.value, method: method(), hyperparameters };
+    out.seed = Number(seed.querySelector('input').value) || 0;
+    return out;
+  }
+
+  function setRhoMin(rhoMin) {
+    // The slider cannot go below rho_min; the number box still takes any value, and the API says why it refuses.
+    const min = Math.min(1, Math.ceil(rhoMin * 100) / 100);
+    const typed = rhoNumber.value;
+    rhoRange.min = String(min);
+    rhoRange.value = typed; // the browser clamps it to [min, 1]
+    rhoHelp.textContent = `rho: the share of full fine-tuning FLOPs this job may spend. rho_min = ${rhoMin.toFixed(4)}: below it nothing can be trained.`;
+    rhoRange.dataset.rhoMin = String(rhoMin);
+  }
+
+  function drawEstimate(e) {
+    // Beside the slider too, for screens where the estimate card is further down.
+    rhoSummary.textContent = `${percent(e.flops_saved)} of the FLOPs saved: ${flops(e.flops.method)} instead of ${flops(e.flops.full)}, ${joules(e.energy_j.method)}`;
+    const row = (label, full, job, saved) => h('tr', {},
+      h('th', { scope: 'row' }, label), h('td', { class: 'num' }, job), h('td', { class: 'num' }, full),
+      h('td', { class: 'num' }, saved));
+    const savedOf = (pair) => (pair.full ? percent(1 - pair.method / pair.full) : '—');
+    replace(estimateBody,
+      h('div', { class: 'stats section' },
+        h('div', { class: 'stat' }, h('div', { class: 'label' }, 'FLOPs saved vs full'),
+          h('div', { class: 'value', id: 'estimate-saved' }, percent(e.flops_saved))),
+        h('div', { class: 'stat' }, h('div', { class: 'label' }, 'rho_min'),
+          h('div', { class: 'value', id: 'estimate-rho-min' }, e.rho_min.toFixed(4)))),
+      h('div', { class: 'table-scroll' }, h('table', { class: 'estimate-table', id: 'estimate-table' },
+        h('thead', {}, h('tr', {}, h('th', {}, ''), h('th', { class: 'num' }, `this job${e.rho === null ? '' : ` (rho ${e.rho.toFixed(2)})`}`),
+          h('th', { class: 'num' }, 'full fine-tuning'), h('th', { class: 'num' }, 'saved'))),
+        h('tbody', {},
+          row('FLOPs', flops(e.flops.full), h('span', { id: 'estimate-flops' }, flops(e.flops.method)), percent(e.flops_saved)),
+          row('Time (s)', duration(e.time_s.full), duration(e.time_s.method), savedOf(e.time_s)),
+          row('Energy (J)', joules(e.energy_j.full), joules(e.energy_j.method), savedOf(e.energy_j)),
+          row('Carbon (gCO2e)', grams(e.gco2e.full), grams(e.gco2e.method), savedOf(e.gco2e))))),
+      h('p', { class: 'muted small' },
+        `${integer(e.examples)} examples, ${integer(e.tokens)} tokens and ${integer(e.steps_per_epoch)} steps per epoch, ${e.n_epochs} epochs`,
+        e.truncated_examples ? `; ${integer(e.truncated_examples)} examples cut at max_seq_len` : '',
+        `. Time and energy on the device profile "${e.device.name}" (${flops(e.device.peak_flops)}/s peak, `,
+        `${percent(e.device.utilization, 0)} used, ${e.device.watts} W). `,
+        e.basis === 'budget' ? 'The method spends at most rho of full fine-tuning.'
+          : e.basis === 'profile' ? 'Exact FLOPs of the tensors this method trains.'
+            : 'Approximate: LoRA adapters are not in the base model\'s profile.'));
+  }
+
+  // What rho_min depends on: everything but rho. A change of it asks the API for rho_min first (at rho = 1,
+  // which is accepted whenever anything is), so that the slider never offers a budget the API would refuse.
+  let probedContext = null;
+
+  async function estimate() {
+    if (!model.value || !trainingFile.value) return;
+    const mine = ++sequence;
+    const request = body();
+    const { rho, ...others } = request.hyperparameters;
+    const context = JSON.stringify({ ...request, hyperparameters: others });
+    estimateCard.classList.add('updating');
+    estimateCard.dataset.state = 'pending';
+    let raised = null;
+    try {
+      let answer = null;
+      if (rho !== undefined && context !== probedContext) {
+        const probe = await api('/v1/estimates', { method: 'POST', json: { ...request, hyperparameters: { ...others, rho: 1 } } });
+        if (mine !== sequence) return;
+        probedContext = context;
+        setRhoMin(probe.rho_min);
+        const min = Number(rhoRange.min);
+        if (rho < min) {
+          raised = `rho raised from ${rho} to ${min}: rho_min is ${probe.rho_min.toFixed(4)} for this model, dataset and batch size.`;
+          rhoNumber.value = String(min);
+          rhoRange.value = String(min);
+          request.hyperparameters.rho = min;
+        }
+        if (request.hyperparameters.rho === 1) answer = probe;
+      }
+      answer = answer || await api('/v1/estimates', { method: 'POST', json: request });
+      if (mine !== sequence) return;
+      replace(estimateError, raised ? h('p', { class: 'notice small', id: 'rho-raised' }, raised) : null);
+      setRhoMin(answer.rho_min);
+      drawEstimate(answer);
+      estimateCard.dataset.state = 'ok';
+    } catch (e) {
+      if (mine !== sequence) return;
+      if (e.rhoMin !== null) setRhoMin(e.rhoMin);
+      replace(estimateError, h('p', { class: 'error', role: 'alert', id: 'estimate-refused', dataset: { code: e.code } }, e.message));
+      rhoSummary.textContent = 'refused: see the estimate';
+      estimateCard.dataset.state = 'error';
+    } finally {
+      if (mine === sequence) estimateCard.classList.remove('updating');
+    }
+  }
+  const estimateSoon = debounce(estimate, ESTIMATE_WAIT_MS);
+
+  function methodChanged() {
+    rhoField.hidden = !BUDGETED.has(method());
+    estimateSoon();
+  }
+
+  rhoRange.addEventListener('input', () => {
+    rhoNumber.value = rhoRange.value;
+    estimateSoon();
+  });
+  rhoNumber.addEventListener('input', () => {
+    if (rhoNumber.value !== '') rhoRange.value = rhoNumber.value;
+    estimateSoon();
+  });
+  for (const input of form.querySelectorAll('input[name=method]')) input.addEventListener('change', methodChanged);
+  for (const element of [model, trainingFile, ...Object.values(hp).map((f) => f.querySelector('input')), seed.querySelector('input')]) {
+    element.addEventListener('change', estimateSoon);
+  }
+
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    if (!form.reportValidity()) return;
+    const job = body();
+    if (validationFile.value) job.validation_file = validationFile.value;
+    const suffixValue = suffix.querySelector('input').value.trim();
+    if (suffixValue) job.suffix = suffixValue;
+    submit.disabled = true;
+    replace(submitError);
+    try {
+      const created = await api('/v1/jobs', { method: 'POST', json: job });
+      location.hash = `#/jobs/${created.id}`;
+    } catch (e) {
+      replace(submitError, h('p', { class: 'error', role: 'alert' }, `The job was not created: ${e.message}`));
+      submit.disabled = false;
+    }
+  });
+
+  async function loadChoices() {
+    try {
+      const [models, files] = await Promise.all([api('/v1/models'), api('/v1/files?limit=100')]);
+      replace(model, models.data.length ? null : h('option', { value: '' }, 'no model in GT_MODELS_DIR'),
+        models.data.map((m) => h('option', { value: m.id },
+          `${m.id} (${m.architecture}, ${integer(m.parameters)} parameters, ${m.tensors} tensors)`)));
+      const fileOption = (f) => h('option', { value: f.id },
+        `${f.filename}: ${integer(f.examples)} examples, ${f.format} (${f.id})`);
+      replace(trainingFile, files.data.length ? null : h('option', { value: '' }, 'no dataset yet: upload one'),
+        files.data.map(fileOption));
+      replace(validationFile, h('option', { value: '' }, 'none'), files.data.map(fileOption));
+      if (params.file && files.data.some((f) => f.id === params.file)) trainingFile.value = params.file;
+      form.dataset.ready = 'true';
+      estimateSoon();
+    } catch (e) {
+      replace(submitError, h('p', { class: 'error', role: 'alert' }, `Could not load models and files: ${e.message}`));
+    }
+  }
+  loadChoices();
+  return () => estimateSoon.cancel();
+}

@@ -1,0 +1,298 @@
+"""The HTTP API on both backends: auth, tenancy, files, models, estimates, jobs, errors, pagination."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from sqlalchemy import create_engine, inspect, text
+
+from api.config import Settings
+from api.task_names import JOBS_QUEUE
+from tests.service.conftest import (
+    DEMO,
+    REDIS_URL,
+    SMALL_EXAMPLES,
+    SMALL_HP,
+    SMALL_RHO,
+    dataset_lines,
+    new_key,
+    upload,
+)
+
+DESIGN_PATHS = {
+    "/health", "/v1/files", "/v1/files/{file_id}", "/v1/models", "/v1/estimates", "/v1/jobs", "/v1/jobs/{job_id}",
+    "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/epochs", "/v1/jobs/{job_id}/events",
+    "/v1/jobs/{job_id}/checkpoints", "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content",
+}
+
+
+def job_body(file_id: str, **hp: object) -> dict:
+    return {"model": DEMO, "training_file": file_id, "method": "green", "hyperparameters": {**SMALL_HP, **hp}}
+
+
+def test_health_needs_no_key_and_docs_list_every_route(app) -> None:
+    anonymous = TestClient(app)
+    health = anonymous.get("/health")
+    assert health.json() == {"status": "ok", "database": "ok"}
+    assert float(health.headers["server-timing"].split("dur=")[1]) >= 0
+    assert anonymous.get("/docs").status_code == 200
+    assert DESIGN_PATHS <= set(anonymous.get("/openapi.json").json()["paths"])
+
+
+@pytest.mark.parametrize("header", [None, "Bearer ", "Bearer gt-not-a-key-at-all-000000000000", "Basic abc"])
+def test_v1_routes_need_a_valid_key(app, header: str | None) -> None:
+    headers = {"Authorization": header} if header else {}
+    response = TestClient(app).get("/v1/jobs", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_bootstrap_key_is_valid_for_tenant_default(settings: Settings) -> None:
+    from api.app import create_app
+
+    bootstrap = "gt-bootstrap-" + secrets.token_hex(16)
+    app = create_app(settings.model_copy(update={"bootstrap_api_key": SecretStr(bootstrap)}))
+    ok = TestClient(app, headers={"Authorization": f"Bearer {bootstrap}"}).get("/v1/files")
+    assert ok.status_code == 200
+    other = TestClient(create_app(settings), headers={"Authorization": f"Bearer {bootstrap}"}).get("/v1/files")
+    assert other.status_code == 401  # without the setting the key means nothing
+    with pytest.raises(ValueError, match="at least"):
+        Settings(bootstrap_api_key="short")
+
+
+def test_keys_are_stored_hashed(settings: Settings, key: str) -> None:
+    engine = create_engine(str(settings.database_url))
+    with engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(text("SELECT prefix, key_sha256 FROM api_keys"))]
+    engine.dispose()
+    assert all(key not in row for row in rows)
+    assert any(key.startswith(prefix) for prefix, _ in rows)
+
+
+def test_upload_names_the_line_and_field_of_a_bad_dataset(client: TestClient) -> None:
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    cases = [
+        (good + "\n{not json\n", 2, None),
+        (good + "\n" + json.dumps({"prompt": "a"}) + "\n", 2, "completion"),
+        (json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n", 1, "messages[0].role"),
+        ("", None, None),
+    ]
+    for body, line, field in cases:
+        response = client.post("/v1/files", files={"file": ("bad.jsonl", body.encode())})
+        assert response.status_code == 400, body
+        error = response.json()["error"]
+        assert error["code"] == "invalid_dataset"
+        assert error["line"] == line and error["field"] == field
+        if line:
+            assert f"line {line}" in error["message"]
+    assert client.get("/v1/files").json()["data"] == []  # nothing stored
+
+
+def test_upload_inspect_and_paginate_files(client: TestClient) -> None:
+    ids = [upload(client, dataset_lines(3 + i), f"f{i}.jsonl")["id"] for i in range(3)]
+    one = client.get(f"/v1/files/{ids[0]}").json()
+    assert (one["examples"], one["format"], one["tokenizer"]) == (3, "prompt_completion", DEMO)
+    assert one["tokens"] > 3
+    first = client.get("/v1/files", params={"limit": 2}).json()
+    assert [f["id"] for f in first["data"]] == ids[::-1][:2] and first["has_more"]
+    rest = client.get("/v1/files", params={"limit": 2, "after": first["data"][-1]["id"]}).json()
+    assert [f["id"] for f in rest["data"]] == [ids[0]] and not rest["has_more"]
+    assert client.get("/v1/files/file-nope").status_code == 404
+
+
+def test_models_lists_the_demo_model(client: TestClient) -> None:
+    data = client.get("/v1/models").json()["data"]
+    demo = next(m for m in data if m["id"] == DEMO)
+    assert demo["architecture"] == "LlamaForCausalLM"
+    assert demo["parameters"] > 10_000 and demo["tensors"] > 10
+
+
+def test_estimate_flops_time_energy_and_budget_units(client: TestClient, settings: Settings) -> None:
+    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+    body = {"model": DEMO, "training_file": file_id, "method": "green", "hyperparameters": {**SMALL_HP, "rho": 0.8}}
+    est = client.post("/v1/estimates", json=body).json()
+    assert est["rho"] == 0.8 and 0.34 < est["rho_min"] < 0.8
+    assert est["flops"]["method"] == int(0.8 * est["flops"]["full"])
+    assert est["steps_per_epoch"] == SMALL_EXAMPLES // SMALL_HP["batch_size"]
+    flops_per_s = settings.device_peak_flops * settings.device_utilization
+    assert est["time_s"]["full"] == pytest.approx(est["flops"]["full"] / flops_per_s)
+    assert est["energy_j"]["method"] == pytest.approx(est["time_s"]["method"] * settings.device_watts)
+    assert est["gco2e"]["full"] == pytest.approx(est["energy_j"]["full"] / 3.6e6 * settings.carbon_intensity_g_per_kwh)
+
+    full = client.post("/v1/estimates", json={**body, "method": "full", "hyperparameters": SMALL_HP}).json()
+    assert full["flops"]["method"] == full["flops"]["full"] == est["flops"]["full"] and full["rho"] is None
+
+    # A whole-run budget in FLOPs or kWh is the rho it implies.
+    half = 0.9 * est["flops"]["full"]
+    by_flops = client.post("/v1/estimates", json={**body, "hyperparameters": {**SMALL_HP, "max_flops": half}}).json()
+    assert by_flops["rho"] == pytest.approx(0.9)
+    kwh = est["energy_j"]["full"] * 0.9 / 3.6e6
+    by_kwh = client.post("/v1/estimates", json={**body, "hyperparameters": {**SMALL_HP, "max_energy_kwh": kwh}})
+    assert by_kwh.json()["rho"] == pytest.approx(0.9)
+
+    # Below the floor: refused, naming rho_min and the smallest budget in the user's units.
+    small = est["minimum_budget"]["max_flops"] * 0.5
+    refused = client.post("/v1/estimates", json={**body, "hyperparameters": {**SMALL_HP, "max_flops": small}})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["code"] == "budget_too_small" and "rho_min" in error["message"]
+    assert error["min_max_flops"] == pytest.approx(est["minimum_budget"]["max_flops"])
+
+
+def test_estimates_of_every_method(client: TestClient) -> None:
+    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+
+    def estimate(method: str, **hp: object) -> dict:
+        body = {"model": DEMO, "training_file": file_id, "method": method, "hyperparameters": {**SMALL_HP, **hp}}
+        response = client.post("/v1/estimates", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    full, lora = estimate("full"), estimate("lora")
+    top1, top_rho = estimate("topk", topk_layers=1), estimate("topk", rho=0.9)
+    assert full["basis"] == top1["basis"] == "profile" and lora["basis"] == "approximate"
+    assert lora["flops"]["full"] == top1["flops"]["full"] == full["flops"]["full"]
+    assert top1["flops"]["method"] < full["flops"]["method"] and lora["flops"]["method"] < full["flops"]["method"]
+    assert top_rho["rho"] == 0.9 and top_rho["basis"] == "budget" and top_rho["rho_min"] < 0.9
+
+
+def test_job_below_rho_min_is_refused_naming_rho_min(client: TestClient) -> None:
+    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+    response = client.post("/v1/jobs", json=job_body(file_id, rho=0.2))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "budget_too_small"
+    assert "rho_min" in error["message"] and error["rho_min"] > 0.2
+    assert client.get("/v1/jobs").json()["data"] == []  # nothing stored
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "needle"),
+    [
+        ({"model": "no-such-model"}, 400, "model 'no-such-model' not found"),
+        ({"model": "../demo-tiny"}, 400, "not found"),
+        ({"training_file": "file-nope"}, 400, "training_file 'file-nope' not found"),
+        ({"validation_file": "file-nope"}, 400, "validation_file 'file-nope' not found"),
+        ({"method": "magic"}, 422, "method"),
+        ({"hyperparameters": {"rho": 1.5}}, 422, "rho"),
+        ({"hyperparameters": {"rho": 0.5, "max_flops": 1e12}}, 422, "one budget"),
+        ({"hyperparameters": {"n_epochs": 0}}, 422, "n_epochs"),
+        ({"hyperparameters": {"learning_rat": 0.1}}, 422, "learning_rat"),
+        ({"method": "full", "hyperparameters": {"rho": 0.5}}, 400, "apply to methods green and topk"),
+        ({"method": "topk", "hyperparameters": {"topk_layers": 1, "rho": 0.9}}, 400, "not both"),
+    ],
+)
+def test_job_creation_errors_are_clear_4xx(client: TestClient, change: dict, status: int, needle: str) -> None:
+    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+    response = client.post("/v1/jobs", json={**job_body(file_id), **change})
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]["message"]
+
+
+def broker_depth(settings: Settings) -> int:
+    """Messages waiting in the jobs queue of the settings' broker."""
+    if str(settings.broker_url).startswith("redis"):
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            return int(client.llen(settings.broker_prefix + JOBS_QUEUE))
+        finally:
+            client.close()
+    engine = create_engine(str(settings.broker_url).removeprefix("sqla+"))
+    if not inspect(engine).has_table("kombu_message"):  # kombu creates its tables on first use
+        return 0
+    with engine.connect() as conn:
+        depth = conn.execute(text(
+            "SELECT count(*) FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+            "WHERE q.name = :name AND m.visible"), {"name": JOBS_QUEUE}).scalar_one()
+    engine.dispose()
+    return int(depth)
+
+
+def test_job_is_committed_then_enqueued_and_can_be_cancelled(client: TestClient, settings: Settings) -> None:
+    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+    before = broker_depth(settings)
+    job = client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO)).json()
+    assert job["status"] == "queued" and job["rho"] == SMALL_RHO and job["rho_min"] < SMALL_RHO
+    assert job["estimate"]["flops"]["full"] > 0 and job["progress"]["fraction"] == 0
+    assert broker_depth(settings) == before + 1
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+    assert [e["data"]["status"] for e in events] == ["validating", "queued"]
+
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"  # idempotent
+    assert client.get(f"/v1/jobs/{job['id']}/events").json()["data"][-1]["data"]["status"] == "cancelled"
+
+
+def test_budget_in_flops_is_recorded_as_rho(client: TestClient) -> None:
+    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+    est = client.post("/v1/estimates", json=job_body(file_id, rho=1.0)).json()
+    budget = 0.8 * est["flops"]["full"]
+    job = client.post("/v1/jobs", json=job_body(file_id, max_flops=budget)).json()
+    assert job["rho"] == pytest.approx(0.8) and job["hyperparameters"]["max_flops"] == budget
+    messages = [e["message"] for e in client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+    assert any("rho=0.8000" in m for m in messages)
+
+
+def test_jobs_list_paginates_and_filters_by_status(client: TestClient) -> None:
+    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+    ids = [client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO)).json()["id"] for _ in range(3)]
+    client.post(f"/v1/jobs/{ids[0]}/cancel")
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["has_more"]
+    rest = client.get("/v1/jobs", params={"limit": 2, "after": page["data"][-1]["id"]}).json()
+    assert [j["id"] for j in rest["data"]] == [ids[0]] and not rest["has_more"]
+    assert [j["id"] for j in client.get("/v1/jobs", params={"status": "cancelled"}).json()["data"]] == [ids[0]]
+    assert client.get("/v1/jobs", params={"status": "nonsense"}).status_code == 422
+
+
+def test_another_tenants_objects_answer_404(app, client: TestClient, sessions) -> None:  # noqa: ANN001
+    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+    job_id = client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO)).json()["id"]
+    other = TestClient(app, headers={"Authorization": f"Bearer {new_key(sessions)}"})
+    for path in (f"/v1/files/{file_id}", f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/epochs",
+                 f"/v1/jobs/{job_id}/events", f"/v1/jobs/{job_id}/checkpoints",
+                 f"/v1/jobs/{job_id}/checkpoints/ckpt-x/content"):
+        assert other.get(path).status_code == 404, path
+    assert other.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
+    assert other.get("/v1/jobs").json()["data"] == [] and other.get("/v1/files").json()["data"] == []
+    refused = other.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO))  # naming a foreign file in a body
+    assert refused.status_code == 400 and "not found" in refused.json()["error"]["message"]
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # untouched
+
+
+def test_keys_create_prints_a_working_key_as_its_last_word(app, settings: Settings) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GT_")}
+    env.update(GT_DATABASE_URL=str(settings.database_url), GT_DATA_DIR=str(settings.data_dir))
+    done = subprocess.run([str(Path(sys.executable).parent / "greentrainer"), "keys", "create", "--tenant", "acme"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.split()[-1]
+    assert TestClient(app, headers={"Authorization": f"Bearer {key}"}).get("/v1/jobs").status_code == 200
+
+
+def test_schemas_follow_greencore() -> None:
+    import dataclasses
+
+    from api.archive import RESUME_ONLY
+    from api.schemas.jobs import Hyperparameters, JobCreate
+    from greencore import checkpoint
+    from greencore.spec import METHODS
+    from greencore.spec import Hyperparameters as Core
+
+    core = {f.name: f.default for f in dataclasses.fields(Core)}
+    ours = {name: f.default for name, f in Hyperparameters.model_fields.items()}
+    assert set(ours) - set(core) == {"max_flops", "max_energy_kwh"}
+    assert {k: ours[k] for k in core} == core  # every training setting, with greencore's default
+    assert set(JobCreate.model_fields["method"].annotation.__args__) == set(METHODS)
+    assert set(RESUME_ONLY) == {checkpoint.STATE_FILE, checkpoint.MASTER_FILE}

@@ -1,0 +1,175 @@
+"""What a running job writes as it goes: progress and heartbeat, epochs, events, checkpoints, the end.
+
+The training loop calls ``on_step`` and ``should_stop`` every step; both are cheap (a clock read) and touch the
+database at most every GT_CANCEL_POLL_S, in one transaction that records progress and the heartbeat and reads
+the job's status back: a job cancelled (or taken from this worker) stops at the next step after that.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from api.archive import folder_bytes
+from api.db import SessionFactory
+from api.ids import new_id
+from api.queries import refresh_totals
+from api.states import InvalidTransition, JobState, add_event, transition
+from api.tables import Checkpoint, Epoch, Job, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON and some databases refuse NaN and infinities: store them as null.
+    return value if value is None or value == value and abs(value) != float("inf") else None
+
+
+class JobRecorder:
+    """Persists one run of job ``job_id`` by ``worker``."""
+
+    def __init__(self, sessions: SessionFactory, job_id: str, worker: str, artifacts_dir: Path, poll_s: float):
+        self.sessions = sessions
+        self.job_id = job_id
+        self.worker = worker
+        self.artifacts_dir = artifacts_dir
+        self.poll_s = poll_s
+        self.stop_requested = False
+        self._progress: tuple[int | None, int | None, int | None] = (None, None, None)
+        self._synced_at = time.monotonic()
+
+    # -- called by the training loop every step -------------------------------------------------------------
+
+    def on_step(self, epoch: int, step: int, steps_in_epoch: int) -> None:
+        """Note progress; written with the next sync."""
+        self._progress = (epoch, step, steps_in_epoch)
+        self._maybe_sync()
+
+    def should_stop(self) -> bool:
+        """True once the job is no longer this worker's running job (cancelled, or handed to another)."""
+        self._maybe_sync()
+        return self.stop_requested
+
+    def _maybe_sync(self) -> None:
+        if time.monotonic() - self._synced_at >= self.poll_s:
+            self.sync()
+
+    def sync(self) -> None:
+        """Write progress and heartbeat; read whether the job is still ours and running."""
+        self._synced_at = time.monotonic()
+        epoch, step, steps = self._progress
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if epoch is not None:
+            values.update(current_epoch=epoch, current_step=step, steps_in_epoch=steps)
+        with self.sessions() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.status == str(JobState.running), Job.worker == self.worker)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+        if result.rowcount != 1 and not self.stop_requested:
+            log.info("job %s is no longer running on %s: stopping", self.job_id, self.worker)
+            self.stop_requested = True
+
+    # -- called by the training loop at the end of every epoch ----------------------------------------------
+
+    def on_epoch(self, report: Any) -> None:
+        """Record a greencore EpochReport, its selection and its checkpoint, in one transaction."""
+        with self.sessions() as session:
+            existing = session.scalar(select(Epoch).where(Epoch.job_id == self.job_id, Epoch.epoch == report.epoch))
+            if existing is not None:  # the epoch ran again after a resume: the new run is the truth
+                session.delete(existing)
+                session.flush()
+            flops = {k: int(v) for k, v in report.flops.items()}
+            session.add(
+                Epoch(
+                    job_id=self.job_id, epoch=report.epoch, selected_tensors=list(report.selected_tensors),
+                    flops=flops, rho_achieved=report.rho_achieved, tokens=report.tokens, steps=report.steps,
+                    truncated_examples=report.truncated_examples,
+                    dropped_examples=getattr(report, "dropped_examples", 0),
+                    selection=getattr(report, "selection", None) or None, wall_s=report.wall_s,
+                    train_loss=_finite(report.train_loss), valid_loss=_finite(report.valid_loss),
+                    valid_accuracy=_finite(report.valid_accuracy),
+                    valid_token_accuracy=_finite(report.valid_token_accuracy), energy_j=report.energy_j,
+                    energy_method=report.energy_method, energy_inputs=getattr(report, "energy_inputs", None) or None,
+                    gco2e=report.gco2e, created_at=utcnow(),
+                )
+            )
+            n = len(report.selected_tensors)
+            add_event(
+                session, self.job_id, "selection", f"epoch {report.epoch} trains {n} tensors",
+                {"epoch": report.epoch, "selected_tensors": list(report.selected_tensors),
+                 "selection": getattr(report, "selection", None) or None},
+            )
+            loss = f"{report.train_loss:.4f}" if report.train_loss is not None else "n/a"
+            add_event(
+                session, self.job_id, "epoch",
+                f"epoch {report.epoch} done: {report.rho_achieved:.3f} of full fine-tuning FLOPs, "
+                f"train_loss {loss}, {report.wall_s:.1f} s, {report.energy_j:.1f} J",
+                {"epoch": report.epoch, "flops": flops, "rho_achieved": report.rho_achieved},
+            )
+            if report.checkpoint_dir:
+                self._add_checkpoint(session, Path(report.checkpoint_dir), f"epoch-{report.epoch}", report.epoch)
+            session.flush()
+            refresh_totals(session, self.job_id)
+            session.execute(
+                update(Job).where(Job.id == self.job_id)
+                .values(current_epoch=report.epoch, current_step=report.steps, steps_in_epoch=report.steps,
+                        heartbeat_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+
+    def _add_checkpoint(self, session: Any, folder: Path, name: str, epoch: int | None) -> None:
+        relative = folder.resolve().relative_to(self.artifacts_dir).as_posix()
+        old = session.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.name == name))
+        if old is not None:
+            session.delete(old)
+            session.flush()
+        session.add(
+            Checkpoint(
+                id=new_id("ckpt"), job_id=self.job_id, name=name, epoch=epoch, path=relative,
+                bytes=folder_bytes(folder), created_at=utcnow(),
+            )
+        )
+        add_event(session, self.job_id, "checkpoint", f"checkpoint {name} written", {"name": name, "epoch": epoch})
+
+    # -- the end -------------------------------------------------------------------------------------------
+
+    def finish(self, report: Any) -> str:
+        """Record the final checkpoint and end the job ``succeeded`` (a stopped run keeps the state that stopped
+        it). Returns the job's status."""
+        with self.sessions() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            if report.final_checkpoint_dir and not report.stopped:
+                last = report.epochs[-1].epoch if report.epochs else job.current_epoch
+                self._add_checkpoint(session, Path(report.final_checkpoint_dir), "final", last)
+            if report.stopped:
+                add_event(session, self.job_id, "info", f"training stopped at epoch {job.current_epoch}, step "
+                          f"{job.current_step}; the last checkpoint is kept")
+            else:
+                try:
+                    transition(session, job, JobState.succeeded, message="job succeeded")
+                except InvalidTransition:  # cancelled in the last instant: the user's word stands
+                    pass
+            session.commit()
+            return job.status
+
+    def fail(self, code: str, message: str) -> str:
+        """End the job ``failed`` with ``error: {code, message}`` (unless it was cancelled meanwhile)."""
+        with self.sessions() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            try:
+                transition(session, job, JobState.failed, error=(code, message), message="job failed")
+            except InvalidTransition:
+                add_event(session, self.job_id, "error", f"{code}: {message}", {"code": code}, level="error")
+            session.commit()
+            return job.status

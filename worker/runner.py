@@ -1,0 +1,145 @@
+"""Running one job: ``run_job(job_id, session_factory, settings)``, a plain function (the task wraps it; tests
+call it without a broker).
+
+Claim the job (``queued -> running``, or a ``running`` one whose worker died), resume from its last epoch
+checkpoint if it has one, run ``greencore.train`` with callbacks that persist epochs, events and checkpoints as
+they happen and that stop the run within a step of a cancel, and end the job ``succeeded`` or ``failed`` with
+``error: {code, message}``: never left ``running`` by a training error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from api.config import Settings
+from api.db import SessionFactory
+from api.queries import refresh_totals
+from api.states import add_event, claim
+from api.tables import Checkpoint, Epoch, File, Job, utcnow
+from worker.failures import error_of
+from worker.recorder import JobRecorder
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_here(worker: str | None) -> bool:
+    """Whether ``worker`` (host:pid) was a process on this host that no longer exists."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _resume_point(session: Session, job: Job, artifacts_dir: Path) -> Checkpoint | None:
+    """The latest epoch checkpoint whose folder exists; records and checkpoints after it are dropped (those
+    epochs run again)."""
+    rows = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.epoch.is_not(None))
+        .order_by(Checkpoint.epoch.desc())
+    ).all()
+    best = next((r for r in rows if r.name.startswith("epoch-") and (artifacts_dir / r.path).is_dir()), None)
+    done = best.epoch if best is not None else 0
+    session.execute(delete(Epoch).where(Epoch.job_id == job.id, Epoch.epoch > done))
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.name == "final"))
+    for row in rows:
+        if row is not best and (row.epoch or 0) >= done and row.name != "final":
+            session.delete(row)
+    session.flush()
+    refresh_totals(session, job.id)
+    return best
+
+
+def build_spec(session: Session, job: Job, settings: Settings, resume_from: Path | None) -> Any:
+    """The greencore TrainSpec of a job (paths on this worker)."""
+    from greencore.spec import EnergySettings, Hyperparameters, TrainSpec
+
+    assert settings.artifacts_dir is not None and settings.models_dir is not None
+    known = {f.name for f in dataclasses.fields(Hyperparameters)}
+    hp = Hyperparameters(**{k: v for k, v in job.hyperparameters.items() if k in known})
+    hp.rho = job.rho  # the budget in force (max_flops and max_energy_kwh already converted)
+    train_file = session.get(File, job.training_file)
+    valid_file = session.get(File, job.validation_file) if job.validation_file else None
+    assert train_file is not None
+    return TrainSpec(
+        model_dir=str(settings.models_dir / job.model),
+        train_file=str(settings.artifacts_dir / train_file.path),
+        output_dir=str(settings.artifacts_dir / "jobs" / job.id),
+        method=job.method,
+        valid_file=str(settings.artifacts_dir / valid_file.path) if valid_file else None,
+        hyperparameters=hp,
+        seed=job.seed,
+        resume_from=str(resume_from) if resume_from else None,
+        energy=EnergySettings(
+            carbon_intensity_g_per_kwh=settings.carbon_intensity_g_per_kwh, pue=settings.pue,
+            device_name=settings.device_name, peak_flops=settings.device_peak_flops,
+            utilization=settings.device_utilization, watts=settings.device_watts,
+        ),
+        device=settings.train_device,
+    )
+
+
+def run_job(job_id: str, session_factory: SessionFactory, settings: Settings, worker: str | None = None) -> str:
+    """Run job ``job_id`` to its end on this process; returns its status afterwards.
+
+    A job that is not ``queued`` (nor ``running`` with a heartbeat older than GT_HEARTBEAT_STALE_S, or whose
+    process on this host is gone) is left as it is: cancelled before it started, finished, or running elsewhere.
+    """
+    worker = worker or worker_name()
+    assert settings.artifacts_dir is not None
+    with session_factory() as session:
+        stale_before = utcnow() - timedelta(seconds=settings.heartbeat_stale_s)
+        previous = session.scalar(select(Job.worker).where(Job.id == job_id))
+        if _dead_here(previous):  # its process died on this host (a pool child killed): no need to wait
+            stale_before = utcnow() + timedelta(seconds=1)
+        taken = claim(session, job_id, worker, stale_before)
+        job = session.get(Job, job_id)
+        if job is None:
+            log.warning("job %s does not exist", job_id)
+            return "missing"
+        if not taken:
+            log.info("job %s is %s: not run", job_id, job.status)
+            return job.status
+        resume = _resume_point(session, job, settings.artifacts_dir) if job.attempts > 1 else None
+        if job.attempts > 1:
+            where = f"from checkpoint {resume.name}" if resume else "from the start (no checkpoint yet)"
+            add_event(session, job_id, "info", f"attempt {job.attempts}: resuming {where}",
+                      {"attempt": job.attempts, "resume_from": resume.name if resume else None})
+        resume_dir = settings.artifacts_dir / resume.path if resume else None
+        session.commit()
+    recorder = JobRecorder(session_factory, job_id, worker, settings.artifacts_dir, settings.cancel_poll_s)
+    try:
+        from greencore.train import train
+
+        with session_factory() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            spec = build_spec(session, job, settings, resume_dir)
+        report = train(spec, on_epoch=recorder.on_epoch, should_stop=recorder.should_stop, on_step=recorder.on_step)
+    except Exception as exc:  # noqa: BLE001 - every training error ends the job failed, with its code
+        log.exception("job %s failed", job_id)
+        try:
+            code, message = error_of(exc)
+        except Exception:  # noqa: BLE001 - naming the error must not leave the job running
+            code, message = "training_error", f"{type(exc).__name__}: {exc}"
+        return recorder.fail(code, message)
+    return recorder.finish(report)
