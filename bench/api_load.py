@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,10 @@ import psycopg
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.processes import stop_group, wait_healthy  # noqa: E402
+
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TARGET_P99_MS = 100.0
@@ -144,20 +147,6 @@ def probe_commits(database: str, n: int = 500) -> str:
     return f"p50 {percentile(times, 50):.1f} ms, p99 {percentile(times, 99):.1f} ms, max {max(times):.1f} ms"
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the API exited")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("the API did not answer /health")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
@@ -186,7 +175,8 @@ def main() -> int:
         GT_BOOTSTRAP_API_KEY=key, GT_DB_POOL_SIZE="20",
     )
     url = f"http://127.0.0.1:{args.port}"
-    log = (tmp / "api.log").open("wb")
+    log_path = tmp / "api.log"
+    log = log_path.open("wb")
     greentrainer = Path(sys.executable).parent / "greentrainer"
     proc = subprocess.Popen(
         [str(greentrainer), "serve", "--no-worker", "--port", str(args.port), "--workers", str(args.api_workers)],
@@ -199,7 +189,7 @@ def main() -> int:
         return cpu_s(proc.pid) + sum(cpu_s(int(c)) for c in children)
 
     try:
-        wait_healthy(url, proc)
+        wait_healthy(url, proc, log_path)
         headers = {"Authorization": f"Bearer {key}"}
         lines = "".join(json.dumps({"prompt": f"What is {i} plus {i}? ", "completion": f"It is {2 * i}."}) + "\n"
                         for i in range(24))
@@ -221,11 +211,7 @@ def main() -> int:
             all_errors += errors
             print("\n".join(rows[-2:]), flush=True)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         r = redis.Redis.from_url(REDIS_URL)

@@ -19,8 +19,6 @@ import os
 import platform
 import random
 import secrets
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,7 @@ from api.db import make_session_factory  # noqa: E402
 from api.ids import new_id  # noqa: E402
 from api.tables import Epoch, Job  # noqa: E402
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, DEMO, dataset_lines  # noqa: E402
+from tests.processes import free_port, stop_group, wait_healthy  # noqa: E402
 
 JOBS = 200
 EPOCHS = 3
@@ -60,12 +59,6 @@ WATCH_ROWS = """
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_service(data_dir: Path, key: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GT_")}
@@ -74,16 +67,12 @@ def start_service(data_dir: Path, key: str) -> tuple[subprocess.Popen[bytes], st
     proc = subprocess.Popen([str(Path(sys.executable).parent / "greentrainer"), "serve", "--no-worker"], cwd=ROOT,
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise SystemExit(f"the service did not start: see {data_dir.parent / 'serve.log'}")
+    try:
+        wait_healthy(url, proc, data_dir.parent / "serve.log")
+    except AssertionError:
+        stop_group(proc)
+        raise
+    return proc, url
 
 
 def insert_jobs(data_dir: Path, client: httpx.Client) -> None:
@@ -204,8 +193,7 @@ def main() -> None:
             assert expected == 100 and first["has_more"], (expected, first["has_more"])
             times, chromium = measure(url, key, expected, args.runs)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+            stop_group(proc)
     write(times, chromium, args.runs, expected)
 
 

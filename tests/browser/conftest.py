@@ -13,9 +13,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +23,8 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+
+from tests.processes import clean_env, free_port, process, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
@@ -54,12 +53,6 @@ EXAMPLES = 96
 TINY_HP = {"n_epochs": 2, "batch_size": 8, "max_seq_len": 32, "learning_rate": 1e-3}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Service:
     url: str
@@ -71,48 +64,18 @@ class Service:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            break
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # the worker, if the group leader went first
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """`greentrainer serve` (API + one worker) on a temporary GT_DATA_DIR; it creates the demo model."""
     data_dir = tmp_path_factory.mktemp("gt-browser")
     port = free_port()
     key = "gt-browser-" + secrets.token_urlsafe(24)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GT_")}
-    env.update(GT_DATA_DIR=str(data_dir / "data"), GT_PORT=str(port), GT_BOOTSTRAP_API_KEY=key)
+    env = clean_env(GT_DATA_DIR=str(data_dir / "data"), GT_PORT=str(port), GT_BOOTSTRAP_API_KEY=key)
     log = data_dir / "serve.log"
-    command = [str(Path(sys.executable).parent / "greentrainer"), "serve"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"greentrainer serve exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"no answer from {url}/health:\n{log.read_text()[-3000:]}"
-            time.sleep(0.3)
+    with process([str(Path(sys.executable).parent / "greentrainer"), "serve"], env, log) as proc:
+        wait_healthy(url, proc, log, START_TIMEOUT_S)
         yield Service(url, key, data_dir, log)
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="session")

@@ -5,23 +5,18 @@ the ``greentrainer`` CLI), and production's processes on PostgreSQL and Redis (`
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from api.client import Client
+from tests.processes import clean_env, free_port, process, wait_healthy
 from tests.service.conftest import (
     DEMO,
     REDIS_URL,
@@ -38,53 +33,6 @@ from tests.service.conftest import (
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**values: str) -> dict[str, str]:
-    """This environment without GT_* settings, plus ``values``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GT_")}
-    return {**env, **values}
-
-
-@contextmanager
-def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A process in its own group, killed with its children at the end; output to ``log``."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-                if proc.poll() is not None:
-                    break
-                os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(wait_s)
-                except subprocess.TimeoutExpired:
-                    pass
-            try:  # children (the worker) of a group leader that already exited
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"no answer from {url}/health:\n{log.read_text()[-3000:]}")
 
 
 def wait_job(client: Client, job_id: str, log: Path) -> dict:
