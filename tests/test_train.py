@@ -20,13 +20,7 @@ from tests.model_folders import dataset, model_folder, write_jsonl
 FLOP_KEYS = {"fwd", "bwd_act", "bwd_weight", "selection", "total", "full", "predicted_step", "measured_step"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids oversubscription (and is still deterministic).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

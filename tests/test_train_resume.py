@@ -13,13 +13,7 @@ from greencore.spec import Hyperparameters, TrainSpec
 from greencore.train import train
 from tests.model_folders import dataset, model_folder, write_jsonl
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
