@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from greencore import TensorProfile, profile_model, select_tensors  # noqa: E402
 from greencore.select import selection_upper_bound  # noqa: E402
+from tests.brute_force import best_by_brute_force  # noqa: E402
 from tests.tiny_models import tiny_model  # noqa: E402
 
 RHOS = (0.4, 0.5, 0.7)
@@ -104,20 +105,6 @@ def speed_table() -> list[str]:
     return rows
 
 
-def brute_force(profile: TensorProfile, importance: dict[str, float], limit: float) -> float:
-    """Best summed importance over every mask of the tensors with positive importance (at most 16)."""
-    index = [i for i, n in enumerate(profile.names) if importance[n] > 0]
-    sub = np.arange(1 << len(index), dtype=np.int64)
-    masks = np.zeros_like(sub)
-    value = np.zeros(sub.shape)
-    for b, i in enumerate(index):
-        on = (sub >> b) & 1
-        masks |= on << i
-        value += importance[profile.names[i]] * on
-    cost = np.full(sub.shape, profile.fwd, dtype=np.int64)
-    for bits, flops in profile.act_terms + profile.weight_terms:
-        cost += flops * ((masks & bits) != 0)
-    return float(value[cost <= limit].max())
 
 
 def random_profile(rng: random.Random) -> TensorProfile:
@@ -153,7 +140,7 @@ def gap_table() -> list[str]:
             importance = {n: (rng.expovariate(1.0) if n in positive and rng.random() < 0.8 else -rng.random())
                           for n in p.names}
             rho = rng.uniform(p.rho_min, 1.0)
-            best = brute_force(p, importance, rho * p.full.total)
+            best = best_by_brute_force(p, importance, rho * p.full.total)
             if best <= 0:
                 continue
             sel = select_tensors(p, importance, rho)

@@ -18,10 +18,6 @@ class StepFlops:
     bwd_weight: int
 
     @property
-    def bwd(self) -> int:
-        return self.bwd_act + self.bwd_weight
-
-    @property
     def total(self) -> int:
         return self.fwd + self.bwd_act + self.bwd_weight
 
@@ -34,6 +30,3 @@ class StepFlops:
 
     def as_dict(self) -> dict[str, int]:
         return {"fwd": self.fwd, "bwd_act": self.bwd_act, "bwd_weight": self.bwd_weight, "total": self.total}
-
-
-ZERO = StepFlops(0, 0, 0)
