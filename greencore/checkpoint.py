@@ -10,8 +10,10 @@ Layout of ``output_dir/epoch-N`` (and of ``output_dir/final``, hard links to the
     training_state.pt                       optimizer, scheduler, RNG, selection, epoch, step, reports
     master_weights.safetensors              trained tensors in float32, where the base dtype is narrower
 
-A folder is written under a temporary name and renamed into place, so a reader (or a resumed run) sees either
-the previous checkpoint or the complete new one, never half of one.
+A folder is written under a temporary name (``.epoch-N.tmp-<pid>``), fsync'd, and renamed into place, so a reader
+(or a resumed run) sees either the previous checkpoint or the complete new one, never half of one. A run killed
+mid-write leaves only such a temporary folder, which nothing lists, serves or resumes from; the next save in that
+output folder removes it. A failed write (a full disk) raises CheckpointWriteError and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from greencore.durable import fsync_dir
+
 STATE_FILE = "training_state.pt"
 MASTER_FILE = "master_weights.safetensors"
 ADAPTER_DIR = "adapter"
@@ -36,6 +40,15 @@ FINAL_DIR = "final"
 
 class CheckpointError(ValueError):
     """A resume_from folder that is not a checkpoint of this job."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint folder could not be written (no space left, an I/O error, a failing save); its cause is
+    attached. Nothing of the attempt is left: the previous checkpoint, if any, is untouched."""
+
+    def __init__(self, folder: Path, cause: BaseException) -> None:
+        super().__init__(f"could not write checkpoint {folder}: {cause}")
+        self.folder = folder
 
 
 def epoch_dir(output_dir: str | Path, epoch: int) -> Path:
@@ -70,23 +83,65 @@ def _cast_state_dict(model: nn.Module, dtypes: dict[str, torch.dtype], default: 
 
 
 def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    """Run ``write`` on a temporary folder beside ``folder``, fsync what it wrote, and rename it to ``folder``.
+
+    Leftovers of a run killed mid-write (``.*.tmp-*``, ``.*.old-*`` beside ``folder``) are removed first: a job's
+    output folder is written by one run at a time, so they are never another live run's. A failed write removes
+    its temporary folder and raises CheckpointWriteError naming ``folder`` (its cause attached).
+    """
+    parent = folder.parent
+    tmp = parent / f".{folder.name}.tmp-{os.getpid()}"
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(parent)
+        tmp.mkdir()
         write(tmp)
+        _fsync_tree(tmp)
+        if folder.exists():  # rewritten after a resume: swap, then drop the old one
+            old = parent / f".{folder.name}.old-{os.getpid()}"
+            folder.rename(old)
+            try:
+                tmp.rename(folder)
+            except BaseException:
+                old.rename(folder)  # the previous checkpoint stays where it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+        fsync_dir(parent)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(folder, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if folder.exists():
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
+
+
+def remove_leftovers(output_dir: str | Path) -> list[Path]:
+    """Delete the temporary folders that a killed run left in ``output_dir``; returns what was removed."""
+    removed = []
+    for path in Path(output_dir).glob(".*"):
+        if path.is_dir() and (".tmp-" in path.name or ".old-" in path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder, deepest first: the data is on disk before the
+    rename that publishes it (a rename alone can survive a power loss that the data does not)."""
+    folders = [folder]
+    for path in folder.rglob("*"):
+        if path.is_dir():
+            folders.append(path)
+        elif path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(path)
 
 
 def save_checkpoint(
@@ -116,7 +171,8 @@ def save_checkpoint(
         master = {n: params[n].detach().to("cpu", torch.float32).contiguous() for n in master_names}
         if master:
             save_file(master, str(tmp / MASTER_FILE))
-        torch.save(state, tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "wb") as handle:  # through a Python file: a full disk raises OSError(ENOSPC),
+            torch.save(state, handle)  # not the errno-less RuntimeError that torch.save(state, path) gives
 
     _write_atomically(folder, write)
     return folder

@@ -15,6 +15,7 @@ labels, and :func:`collate` pads a batch to a multiple of 8 tokens.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,18 @@ def _check_record(record: dict, fmt: str, line: int) -> None:
             raise DatasetError(line, "messages", "has no non-empty assistant message to learn from")
 
 
+def _json_line(text: str, line: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(line, None, f"not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise DatasetError(line, None, "not usable JSON: nested too deeply") from exc
+    except ValueError as exc:  # an integer of more digits than Python converts
+        limit = sys.get_int_max_str_digits()
+        raise DatasetError(line, None, f"not usable JSON: a number of more than {limit} digits") from exc
+
+
 def label_names(labels: Sequence[str | int]) -> list[str]:
     """Label names in id order: integers in numeric order when every label is an integer, else sorted names."""
     unique = set(labels)
@@ -129,15 +142,12 @@ def validate_dataset(path: str | Path, tokenizer: Any = None, max_examples: int 
     with handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark some editors write
             except UnicodeDecodeError as exc:
-                raise DatasetError(number, None, f"not UTF-8 text ({exc.reason})") from exc
+                raise DatasetError(number, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
             if not text.strip():
                 continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(number, None, f"not valid JSON: {exc.msg} at column {exc.colno}") from exc
+            record = _json_line(text, number)
             if not isinstance(record, dict):
                 raise DatasetError(number, None, f"must be a JSON object, not {type(record).__name__}")
             line_fmt = _format_of(record, number)
@@ -178,6 +188,7 @@ class Encoded:
     labels: list[list[int]] | list[int]  # per-token labels (IGNORE where no loss), or one class id per example
     truncated: int  # examples cut at max_seq_len
     dropped: int  # examples left with no loss token after truncation (not trained on)
+    dropped_lines: list[int] = field(default_factory=list)  # their lines in the file (1-based)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -266,7 +277,8 @@ def encode_dataset(
     """
     inputs: list[list[int]] = []
     labels: list = []
-    truncated = dropped = 0
+    truncated = 0
+    dropped_lines: list[int] = []
     for record in summary.records:
         line = record["_line"]
         if task == "classification":
@@ -310,11 +322,11 @@ def encode_dataset(
             ids, lab = ids[:max_seq_len], lab[:max_seq_len]
         # A causal LM predicts token t from the tokens before it: the first token never carries loss.
         if not any(x != IGNORE for x in lab[1:]):
-            dropped += 1
+            dropped_lines.append(line)
             continue
         inputs.append(ids)
         labels.append(lab)
-    return Encoded(task, inputs, labels, truncated, dropped)
+    return Encoded(task, inputs, labels, truncated, len(dropped_lines), dropped_lines)
 
 
 def padded_len(n: int, max_seq_len: int) -> int:

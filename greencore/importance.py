@@ -1,20 +1,33 @@
 """Tensor importance: how much the loss drops because a tensor is updated, measured and then undone.
 
-GreenTrainer's importance of tensor k is ``I_k = -sum(g_k * dw_k)``: take one tentative optimizer step on the
-batches (``dw = w_new - w_old``), compute the gradients ``g`` at the new weights, and read the first-order loss
-increase that undoing tensor k's update alone would cause. Positive: the update helped.
+GreenTrainer's importance of tensor k is the loss reduction its update buys: take one tentative optimizer step on
+the batches (``dw = w_new - w_old``), with the gradients ``g0`` at the old weights and ``g1`` at the new ones, and
 
-Everything is put back exactly: weights bit for bit, ``requires_grad`` and ``.grad`` of every parameter, the
-model's train/eval mode. The tentative step uses an optimizer built fresh over the candidate tensors, so the
-training optimizer's state (moments, step counts) is never touched. Only the candidates are copied, each on its
-own device.
+    I_k = -sum((g0_k + g1_k) / 2 * dw_k)
+
+(the trapezoid rule along the step; positive: the update helped). The paper's code reads ``-sum(g1_k * dw_k)``,
+the first-order loss increase of undoing k's update at the new weights. That estimate is low by about
+``dw_k . H . dw_k / 2``, which grows with the square of the step: once the joint step of all candidates passes
+the minimum along its line (a large learning rate, or a model already fitted by earlier epochs), ``g1`` points
+back and every tensor reads as harmful although the loss fell, so the selection trains nothing or next to
+nothing. The trapezoid rule is exact for a quadratic loss (the importances then sum to ``L(w_old) - L(w_new)``),
+agrees with the paper's value to first order, and costs nothing more: ``g0`` is the first pass's gradient.
+``rule="first_order"`` gives the paper's estimate.
+
+The tentative step is meant to be the training optimizer's next step: :func:`tentative_optimizer_factory`
+builds a copy of it (its moments, step counts and scheduled learning rate), as the paper's code steps its
+training optimizer. Everything is put back exactly: weights bit for bit, ``requires_grad`` and ``.grad`` of
+every parameter, the model's train/eval mode, and the training optimizer is never touched. Only the candidates
+are copied (weights and their first gradients), each on its own device.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -34,19 +47,54 @@ def _accumulate_gradients(model: nn.Module, batches: Sequence[Mapping[str, torch
         (loss / len(batches)).backward()
 
 
+def tentative_optimizer_factory(optimizer: torch.optim.Optimizer) -> OptimizerFactory:
+    """The optimizer factory whose step is ``optimizer``'s next step, without touching ``optimizer``.
+
+    The optimizer it builds over the given parameters is of ``optimizer``'s class, each parameter in a group
+    holding the hyperparameters of its training group as they are now (the learning rate the scheduler set for
+    the next step, betas, eps, weight decay), with a clone of the training state of that parameter (Adam's
+    moments and step count, on the parameter's device). A parameter the training optimizer holds no state for
+    yet starts fresh, as its first training step would; one it does not hold gets its defaults.
+    """
+
+    def factory(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        grouped: dict[int, list[nn.Parameter]] = {}
+        for p in params:
+            grouped.setdefault(group_of.get(id(p), -1), []).append(p)
+        groups = []
+        for i, ps in grouped.items():
+            settings = optimizer.param_groups[i] if i >= 0 else optimizer.defaults
+            groups.append({**{k: _clone(v) for k, v in settings.items() if k != "params"}, "params": ps})
+        tentative = type(optimizer)(groups)
+        for p in params:
+            if p in optimizer.state:
+                tentative.state[p] = {k: _clone(v) for k, v in optimizer.state[p].items()}
+        return tentative
+
+    return factory
+
+
+def _clone(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
 def tensor_importance(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     optimizer_factory: OptimizerFactory,
     names: Iterable[str] | None = None,
+    rule: Literal["trapezoid", "first_order"] = "trapezoid",
 ) -> dict[str, float]:
     """Importance (loss reduction, in loss units) of each candidate tensor, from one tentative step.
 
     ``batches``: dicts of tensors passed as ``model(**batch)``, whose output has ``.loss``; their mean loss is
-    used. ``optimizer_factory(params)`` builds the optimizer of the tentative step (the same kind as training,
-    e.g. ``lambda ps: torch.optim.AdamW(ps, lr=lr)``). ``names``: the candidate tensors (names as
+    used. ``optimizer_factory(params)`` builds the optimizer of the tentative step: in training,
+    ``tentative_optimizer_factory(training_optimizer)``; any factory works (e.g.
+    ``lambda ps: torch.optim.AdamW(ps, lr=lr)``, a fresh optimizer). ``names``: the candidate tensors (names as
     ``model.named_parameters()`` gives them; a tied weight once); default every parameter that requires a
-    gradient. Only candidates are made trainable, copied and stepped.
+    gradient. Only candidates are made trainable, copied and stepped. ``rule``: ``"trapezoid"``
+    (``-(g0 + g1) / 2 . dw``) or the paper's ``"first_order"`` (``-g1 . dw``); see the module's docstring.
 
     The two passes run in eval mode (no dropout): the measurement is of the loss itself, and the random
     number stream training draws its dropout masks from is left alone. Returns name -> ``I_k``; a value that
@@ -65,12 +113,15 @@ def tensor_importance(
         raise ValueError("tensor_importance needs at least one batch")
     if not candidates:
         return {}
+    if rule not in ("trapezoid", "first_order"):
+        raise ValueError(f"rule must be 'trapezoid' or 'first_order', not {rule!r}")
 
     was_training = model.training
     saved_flags = {n: p.requires_grad for n, p in params.items()}
     saved_grads = {n: p.grad for n, p in params.items()}
     chosen = [params[n] for n in candidates]
     old: list[torch.Tensor] = []
+    first: list[torch.Tensor | None] = []  # g0, for the trapezoid rule
     scores: dict[str, float] = {}
     try:
         model.eval()
@@ -82,17 +133,22 @@ def tensor_importance(
             old = [p.detach().clone() for p in chosen]  # on the parameter's own device
         with torch.enable_grad():
             _accumulate_gradients(model, batches)
+            if rule == "trapezoid":
+                first = [None if p.grad is None else p.grad.detach().clone() for p in chosen]
             optimizer_factory(chosen).step()
             for p in chosen:
                 p.grad = None
             _accumulate_gradients(model, batches)
         with torch.no_grad():
-            for n, p, w_old in zip(candidates, chosen, old, strict=True):
+            for i, (n, p, w_old) in enumerate(zip(candidates, chosen, old, strict=True)):
                 if p.grad is None:  # the loss does not depend on it: its update cannot matter
                     scores[n] = 0.0
                     continue
                 delta = p.detach().float() - w_old.float()
-                scores[n] = -float(torch.sum(p.grad.float() * delta, dtype=torch.float64))
+                grad = p.grad.float()
+                if rule == "trapezoid" and first[i] is not None:
+                    grad = (grad + first[i].float()) / 2
+                scores[n] = -float(torch.sum(grad * delta, dtype=torch.float64))
     finally:
         with torch.no_grad():
             for p, w_old in zip(chosen, old, strict=False):

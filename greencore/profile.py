@@ -336,7 +336,9 @@ class TensorProfile:
         if isinstance(mask, int):
             return mask
         items = list(mask)
-        if items and isinstance(items[0], str):
+        if not items:  # no tensor names (e.g. a selection that found nothing worth training): nothing trains
+            return 0
+        if isinstance(items[0], str):
             unknown = [n for n in items if n not in self._index]
             if unknown:
                 raise KeyError(f"not a trainable tensor of this model: {unknown[:3]}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -43,6 +44,8 @@ from greencore.data import (
     validate_dataset,
 )
 from greencore.energy import EnergyMeter, grams_co2e
+from greencore.flops import StepFlops
+from greencore.importance import tentative_optimizer_factory
 from greencore.methods import Choice, EpochContext, make_method, rho_of
 from greencore.models import ModelFolderError, load_config
 from greencore.profile import TensorProfile, eager_attention, profile_model
@@ -176,7 +179,9 @@ def train(
                                                                                      hp.n_epochs + 1))],
                 importance_batches=[make_batch(idx) for idx in order[:n_imp]],
                 importance_profiles=[profiles.get(s) for s in shapes[:n_imp]],
-                optimizer_factory=lambda ps: torch.optim.AdamW(ps, lr=hp.learning_rate, weight_decay=hp.weight_decay),
+                # The tentative step of the importance pass is the training optimizer's next step (a copy of it:
+                # its moments and the scheduled learning rate), as in the paper's code.
+                optimizer_factory=tentative_optimizer_factory(optimizer),
             )
             new_choice = method.choose(ctx)
             selection_flops = new_choice.selection_flops if new_choice is not None else 0
@@ -193,7 +198,8 @@ def train(
                 stopped = True
                 break
 
-            train_flops = profile.step_flops(choice.names)
+            # An epoch that trains nothing runs no step, not even a forward: it costs only its selection.
+            train_flops = profile.step_flops(choice.names) if chosen else StepFlops(0, 0, 0)
             total = train_flops.total + selection_flops
             valid_started = time.perf_counter()
             valid_loss, valid_acc = _evaluate(model, valid_data, pad_id, hp, device, autocast)
@@ -259,6 +265,21 @@ def train(
     return TrainReport(reports, final, stopped, task, method.name, rho, labels)
 
 
+LOSS_CHECK_EVERY = 16  # steps between checks that the training loss is still finite
+
+
+class LossNotFinite(RuntimeError):
+    """The training loss became NaN or infinite: the run stops before it saves weights that are garbage."""
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    if not bool(torch.isfinite(loss_sum)):
+        raise LossNotFinite(
+            f"the training loss became {loss_sum.item()} in epoch {epoch} (by step {step}): training diverged; "
+            "lower learning_rate (or use bf16/fp32 weights); the checkpoints of earlier epochs are kept"
+        )
+
+
 @dataclass
 class _EpochSteps:
     steps: int  # optimizer steps taken
@@ -306,6 +327,8 @@ def _run_steps(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().float()
+            if step % LOSS_CHECK_EVERY == 0 or step == len(order):  # a read syncs a GPU: not every step
+                _check_finite(loss_sum, epoch, step)
         if on_step is not None:
             on_step(epoch, step, len(order))
     mean = loss_sum.item() / len(order) if trains else None
@@ -351,7 +374,7 @@ def _load_model(
                       label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
     try:
         model, info = auto_class(task).from_pretrained(source, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: a weights file cut short
         raise ModelFolderError(f"cannot load {source} as a {task} model: {exc}") from exc
     if state is not None and method != "lora":
         checkpoint.restore_master_weights(model, spec.resume_from)

@@ -147,6 +147,7 @@ def test_truncation_counted_and_lossless_examples_dropped(tmp_path, plain_tokeni
     ]
     enc = encode_rows(tmp_path, plain_tokenizer, rows, max_seq_len=24)
     assert (enc.truncated, enc.dropped, len(enc)) == (2, 1, 2)
+    assert enc.dropped_lines == [2]  # the line the service names when it refuses the job
     assert max(len(ids) for ids in enc.input_ids) == 24
 
 
@@ -202,3 +203,15 @@ def test_task_follows_format_and_model():
     assert task_for("messages", Config()) == "seq2seq"
     assert task_for("prompt_completion", object()) == "causal_lm"
 
+
+
+def test_validate_reads_a_byte_order_mark_and_refuses_unreadable_json(tmp_path):
+    good = '{"prompt": "a", "completion": "b"}\n'
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good.encode() * 2)  # as some editors save UTF-8
+    assert validate_dataset(path).examples == 2
+    for body, words in [("[" * 100_000, "nested too deeply"), ('{"text": "a", "label": ' + "9" * 5000 + "}", "digits")]:
+        path.write_text(good + body + "\n")
+        with pytest.raises(DatasetError, match=words) as caught:
+            validate_dataset(path)
+        assert (caught.value.line, caught.value.field) == (2, None)

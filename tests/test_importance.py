@@ -10,7 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from greencore import importance_flops, profile_model, tensor_importance
+from greencore import importance_flops, profile_model, tensor_importance, tentative_optimizer_factory
 from greencore.profile import eager_attention
 from tests.tiny_models import batch_for, tiny_model
 
@@ -113,8 +113,8 @@ def test_only_candidates_are_trainable_stepped_and_copied() -> None:
 
 
 def test_importance_agrees_with_the_loss_change_of_undoing_each_update() -> None:
-    # I_k is first order in the step: with a small SGD step in double precision, undoing tensor k's update
-    # alone must raise the loss by I_k, and undoing all of them by their sum.
+    # With a small SGD step in double precision (where the trapezoid rule and the paper's first-order reading
+    # agree), undoing tensor k's update alone must raise the loss by I_k, and undoing all of them by their sum.
     model = tiny_model("llama").double()
     model.eval()
     batches = [batch_for(model, BATCH, SEQ, seed=s) for s in range(2)]
@@ -186,3 +186,77 @@ def test_bad_arguments() -> None:
         tensor_importance(model, [unlabeled], adamw())
     for n, p in model.named_parameters():
         assert torch.equal(bits(p), weights[n]) and p.requires_grad and p.grad is None
+
+
+class _Regression(torch.nn.Module):
+    """Least squares: a loss exactly quadratic in the weight and the bias."""
+
+    def __init__(self, w: torch.Tensor, b: float) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(w.numel(), 1).double()
+        with torch.no_grad():
+            self.linear.weight.copy_(w.reshape(1, -1))
+            self.linear.bias.fill_(b)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return type("Out", (), {"loss": ((self.linear(x).squeeze(-1) - y) ** 2).mean()})()
+
+
+def test_an_update_that_passes_the_minimum_still_counts_as_the_loss_it_saved() -> None:
+    # Every weight 0.1 from its optimum (orthonormal inputs: the loss is a sum of independent parabolas); a fresh
+    # AdamW's first step moves each by lr = 0.15 toward it, ending 0.05 past it: the loss falls to a quarter.
+    # The gradient at the new weights points back, so the paper's first-order reading -g1.dw calls every update
+    # harmful; the trapezoid rule recovers each tensor's share of the drop exactly (the loss is quadratic).
+    torch.manual_seed(0)
+    x = torch.linalg.qr(torch.randn(64, 8, dtype=torch.float64))[0] * 8  # x^T x / 64 = I
+    w_star = torch.randn(8, dtype=torch.float64)
+    batch = {"x": x, "y": x @ w_star + 0.3}
+    model = _Regression(w_star + 0.1, 0.3 + 0.1)
+    step = lambda ps: torch.optim.AdamW(ps, lr=0.15, weight_decay=0.0)  # noqa: E731
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(model(**batch).loss)
+
+    before = loss()
+    trapezoid = tensor_importance(model, [batch], step)
+    first_order = tensor_importance(model, [batch], step, rule="first_order")
+    assert loss() == before  # put back
+    stepped = copy.deepcopy(model)
+    stepped.zero_grad()
+    stepped(**batch).loss.backward()
+    step(list(stepped.parameters())).step()
+    with torch.no_grad():
+        after = float(stepped(**batch).loss)
+    assert after < before / 2
+    assert all(v < 0 for v in first_order.values())
+    assert all(v > 0 for v in trapezoid.values())
+    assert sum(trapezoid.values()) == pytest.approx(before - after, rel=1e-6)  # the update is read in float32
+    with pytest.raises(ValueError):
+        tensor_importance(model, [batch], step, rule="second_order")
+
+
+def test_the_tentative_step_is_the_training_optimizers_next_step() -> None:
+    model, opt, batches = trained_llama()
+    for group in opt.param_groups:
+        group["lr"] = 5e-4  # as a scheduler sets it for the next step: half the peak
+    state = copy.deepcopy(opt.state_dict())
+    names = ["model.layers.1.mlp.down_proj.weight", "lm_head.weight", "model.norm.weight"]
+    params = dict(model.named_parameters())
+    chosen = [params[n] for n in names if n in params]
+    grads = [p.grad.clone() for p in chosen]
+
+    twin = copy.deepcopy((model, opt))
+    twin_params = dict(twin[0].named_parameters())
+    for n, p in twin_params.items():  # the twin's optimizer steps only the chosen tensors, with their gradients
+        p.grad = params[n].grad.clone() if n in names else None
+    twin[1].step()
+
+    tentative = tentative_optimizer_factory(opt)(chosen)
+    assert all(g["lr"] == opt.param_groups[0]["lr"] == 5e-4 for g in tentative.param_groups)
+    tentative.step()
+    for n, p in zip([n for n in names if n in params], chosen, strict=True):
+        assert torch.equal(p, twin_params[n]), n  # the same update, moments and step count included
+    for p, g in zip(chosen, grads, strict=True):
+        assert torch.equal(p.grad, g)
+    assert str(opt.state_dict()) == str(state)  # the training optimizer is untouched

@@ -168,6 +168,8 @@ def test_mask_forms() -> None:
     as_bools = [n == first for n in profile.names]
     assert profile.step_flops(as_bools) == profile.step_flops([first]) == profile.tensor_flops(first)
     assert profile.step_flops([False] * len(profile.names)) == StepFlops(profile.fwd, 0, 0)
+    # No names (an empty selection) trains nothing, like an all-False mask.
+    assert profile.step_flops([]) == profile.step_flops(()) == StepFlops(profile.fwd, 0, 0)
     with pytest.raises(ValueError):
         profile.step_flops([True])
     with pytest.raises(KeyError):

@@ -114,6 +114,50 @@ def test_green_reselect_every_reuses_the_selection(folders, data, tmp_path):
     assert second.flops["selection"] == 0 and second.selected_tensors == first.selected_tensors
 
 
+def test_green_trains_nothing_when_no_tensor_has_positive_importance(folders, data, tmp_path, monkeypatch):
+    # A tentative step that overshoots (a large learning rate late in training) can leave every candidate with
+    # importance <= 0: the selection is then empty and the epoch trains nothing, paying only its selection.
+    import greencore.methods
+
+    def all_negative(model, batches, factory, names=None):
+        return dict.fromkeys(names, -1.0)
+
+    monkeypatch.setattr(greencore.methods, "tensor_importance", all_negative)
+    _, report, seen, steps = run(folders, data, tmp_path, "llama", "messages", "green", n_epochs=2, rho=0.6)
+    assert seen == report.epochs and len(seen) == 2 and not report.stopped
+    for e in report.epochs:
+        assert e.selected_tensors == [] and e.steps == 0 and e.train_loss is None
+        assert e.flops["selection"] > 0 and e.flops["total"] == e.flops["selection"]
+        assert e.flops["fwd"] == e.flops["bwd_act"] == e.flops["bwd_weight"] == 0
+        assert e.flops["total"] <= 0.6 * e.flops["full"] and e.valid_loss > 0
+    base, final = saved_tensors(folders["llama"]), saved_tensors(Path(report.final_checkpoint_dir))
+    assert all(torch.equal(final[n], t) for n, t in base.items())
+
+
+def test_green_importance_steps_a_copy_of_the_training_optimizer(folders, data, tmp_path, monkeypatch):
+    # The tentative step is the step training would take next (the paper's code steps its training optimizer):
+    # the scheduled learning rate and the Adam moments of the tensors trained so far, not a fresh AdamW at the peak.
+    import greencore.methods
+
+    real = greencore.methods.tensor_importance
+    seen_steps: list[tuple[float, int]] = []
+
+    def spy(model, batches, factory, names=None):
+        params = dict(model.named_parameters())
+        tentative = factory([params[n] for n in names])
+        seen_steps.append((tentative.param_groups[0]["lr"], len(tentative.state)))
+        return real(model, batches, factory, names=names)
+
+    monkeypatch.setattr(greencore.methods, "tensor_importance", spy)
+    _, report, seen, steps = run(folders, data, tmp_path, "llama", "messages", "green", n_epochs=2, rho=0.6,
+                                 learning_rate=1e-3, warmup_steps=0)
+    check_records(report, seen, steps, rho=0.6)
+    n = report.epochs[0].steps
+    (lr1, state1), (lr2, state2) = seen_steps
+    assert lr1 == pytest.approx(1e-3) and state1 == 0
+    assert lr2 == pytest.approx(1e-3 * (2 * n - n) / (2 * n)) and state2 > 0  # linear decay, halfway
+
+
 def test_full_spends_full(folders, data, tmp_path):
     _, report, seen, steps = run(folders, data, tmp_path, "gpt2", "prompt_completion", "full")
     check_records(report, seen, steps)
