@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,10 +15,14 @@ from api import errors
 from api.catalog import ModelCatalog
 from api.config import Settings, get_settings
 from api.db import make_session_factory
+from api.limits import UploadLimit
 from api.queue import JobQueue
+from api.recovery import recover
 from api.routes import estimates, files, health, jobs, models
 from api.timing import ServerTiming
 from api.warmup import warm_up
+
+log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"  # the web dashboard (docs/dashboard.md)
 DESCRIPTION = (
@@ -35,6 +40,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # The database is the truth: jobs queued there but lost by the broker are sent again (api/recovery.py).
+        try:
+            recover(session_factory, settings, queue)
+        except Exception:  # noqa: BLE001 - the API serves even when the broker is down; workers retry
+            log.exception("recovery at start failed")
         yield
         queue.close()
         session_factory.kw["bind"].dispose()
@@ -48,12 +58,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = ModelCatalog(settings.models_dir)
     errors.install(app)
     app.add_middleware(ServerTiming)
+    app.add_middleware(UploadLimit, max_upload_bytes=settings.max_upload_bytes)
     for module in (health, files, models, estimates, jobs):
         app.include_router(module.router)
     # The dashboard: its page at `/`, its files under /static; neither shadows /v1, /docs or /health.
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_api_route("/", dashboard_page, include_in_schema=False)
-    warm_up()
+    warm_up(app.state.catalog, queue)
     return app
 
 

@@ -3,6 +3,8 @@ up front (``Content-Length``). Safetensors do not compress, so tar without gzip 
 
 from __future__ import annotations
 
+import errno
+import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -15,24 +17,46 @@ CHUNK = 1 << 20
 RESUME_ONLY = ("training_state.pt", "master_weights.safetensors")  # greencore.checkpoint.STATE_FILE, MASTER_FILE
 
 
+class ArchiveChanged(OSError):
+    """A file of a planned archive vanished or changed before it was sent in full. Raised mid-stream, after the
+    headers promised ``Content-Length``: the connection is cut short, so the client sees a failed download,
+    never a shorter archive that looks complete."""
+
+
+@dataclass(frozen=True)
+class TarEntry:
+    path: Path
+    header: bytes  # the tar header block(s)
+    size: int  # bytes of the file
+    identity: tuple[int, int]  # (st_dev, st_ino) when planned: a file replaced since is refused
+
+
 @dataclass
 class TarPlan:
-    entries: list[tuple[Path, bytes, int]]  # (file, header bytes, file size)
+    entries: list[TarEntry]
     length: int  # bytes of the whole archive
 
     def stream(self) -> Iterator[bytes]:
-        """The archive's bytes, file by file."""
-        for path, header, size in self.entries:
-            yield header
-            sent = 0
-            with path.open("rb") as handle:
-                while sent < size and (chunk := handle.read(min(CHUNK, size - sent))):
+        """The archive's bytes, file by file; ArchiveChanged if a file is no longer the one planned."""
+        for entry in self.entries:
+            try:
+                handle = entry.path.open("rb")
+            except FileNotFoundError as exc:
+                raise ArchiveChanged(errno.ENOENT, "removed while the archive was being sent", str(entry.path)) from exc
+            with handle:
+                stat = os.fstat(handle.fileno())
+                if (stat.st_dev, stat.st_ino) != entry.identity or stat.st_size != entry.size:
+                    raise ArchiveChanged(errno.ESTALE, "replaced while the archive was being sent", str(entry.path))
+                yield entry.header
+                sent = 0
+                while sent < entry.size and (chunk := handle.read(min(CHUNK, entry.size - sent))):
                     sent += len(chunk)
                     yield chunk
-            if sent != size:
-                raise OSError(f"{path} changed size while being sent")
-            if size % BLOCK:
-                yield b"\0" * (BLOCK - size % BLOCK)
+            if sent != entry.size:
+                raise ArchiveChanged(errno.EIO, f"shrank to {sent} of {entry.size} bytes while being sent",
+                                     str(entry.path))
+            if entry.size % BLOCK:
+                yield b"\0" * (BLOCK - entry.size % BLOCK)
         yield b"\0" * (2 * BLOCK)  # end of archive
 
 
@@ -46,7 +70,10 @@ def folder_bytes(folder: Path, exclude: Iterable[str] = RESUME_ONLY) -> int:
 
 def plan_tar(folder: Path, root: str, exclude: Iterable[str] = ()) -> TarPlan:
     """Plan a tar of ``folder``'s regular files (recursively) under the top folder ``root``; names in
-    ``exclude`` (top-level files or folders) are left out. Symlinks are followed (final/ holds hard links)."""
+    ``exclude`` (top-level files or folders) are left out. Symlinks are followed (final/ holds hard links).
+    FileNotFoundError if ``folder`` (or a file in it) is gone."""
+    if not folder.is_dir():  # rglob of a missing folder finds nothing: that would plan an empty, valid archive
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(folder))
     skip = set(exclude)
     entries = []
     length = 2 * BLOCK
@@ -60,6 +87,6 @@ def plan_tar(folder: Path, root: str, exclude: Iterable[str] = ()) -> TarPlan:
         info.mtime = int(stat.st_mtime)
         info.mode = 0o644
         header = info.tobuf(format=tarfile.PAX_FORMAT)
-        entries.append((path, header, stat.st_size))
+        entries.append(TarEntry(path, header, stat.st_size, (stat.st_dev, stat.st_ino)))
         length += len(header) + stat.st_size + (-stat.st_size % BLOCK)
     return TarPlan(entries, length)

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 
 def _fmt(flops: float) -> str:
@@ -80,6 +81,54 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    if moment.tzinfo is None:  # SQLite gives naive datetimes: they are UTC
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from api.config import get_settings
+    from api.db import make_session_factory
+    from api.keys import KeyNotFound, list_keys
+
+    sessions = make_session_factory(get_settings())
+    with sessions() as session:
+        try:
+            keys = list_keys(session, args.tenant)
+        except KeyNotFound as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    # Never the key nor its hash: the prefix is enough to tell keys apart and to revoke one.
+    rows = [("id", "tenant", "name", "prefix", "created", "revoked")]
+    rows += [(k.id, tenant, k.name or "-", k.prefix, _when(k.created_at), _when(k.revoked_at)) for k, tenant in keys]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from api.config import get_settings
+    from api.db import make_session_factory
+    from api.keys import KeyNotFound, revoke_key
+
+    sessions = make_session_factory(get_settings())
+    with sessions() as session:
+        try:
+            key, revoked = revoke_key(session, args.key)
+        except KeyNotFound as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if revoked:
+        print(f"revoked API key {key.id} ({key.prefix}...): it answers 401 from now on")
+    else:
+        print(f"API key {key.id} ({key.prefix}...) was already revoked at {_when(key.revoked_at)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from api.cli_client import add_client_commands
 
@@ -107,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True, help="tenant name (created if new)")
     p.add_argument("--name", default="", help="a label for the key")
     p.set_defaults(func=cmd_keys_create)
+    p = keys.add_parser("list", help="API keys: id, tenant, name, prefix, created, revoked (never the key)")
+    p.add_argument("--tenant", default=None, help="only this tenant's keys")
+    p.set_defaults(func=cmd_keys_list)
+    p = keys.add_parser("revoke", help="revoke a key: from the next request on it answers 401")
+    p.add_argument("key", metavar="KEY_ID_OR_PREFIX_OR_KEY", help="the key's id or prefix (see `keys list`), or the key")
+    p.set_defaults(func=cmd_keys_revoke)
 
     add_client_commands(sub)
 

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     bootstrap_api_key: SecretStr | None = Field(None, description="a key valid for tenant `default`")
     demo_model: str = Field("demo-tiny", description="name of the demo model created when MODELS_DIR is empty")
     max_upload_bytes: int = Field(1 << 30, gt=0, description="largest dataset upload, bytes")
+    max_active_jobs: int = Field(10, ge=1, description="jobs a tenant may have validating, queued or running at once")
     db_pool_size: int = Field(10, ge=1, description="database connections kept per process")
     access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
 
@@ -45,7 +46,13 @@ class Settings(BaseSettings):
     # The worker.
     train_device: str | None = Field(None, description="'cuda' or 'cpu' for training; unset: CUDA when present")
     cancel_poll_s: float = Field(1.0, gt=0, description="how often a running job reads its state (cancel, heartbeat)")
-    heartbeat_stale_s: float = Field(600.0, gt=0, description="a running job silent this long may be taken over")
+    heartbeat_stale_s: float = Field(
+        300.0, gt=0, description="a running job whose heartbeat is older has lost its worker: it is queued again"
+    )
+    max_attempts: int = Field(3, ge=1, description="times a job may be started before a lost worker fails it")
+    recovery_interval_s: float = Field(
+        60.0, gt=0, description="how often each worker looks for silent jobs and jobs the broker lost"
+    )
     visibility_timeout_s: int = Field(
         7 * 24 * 3600, gt=0, description="Redis redelivers an unacknowledged job after this long"
     )

@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from api.config import Settings
 
@@ -21,17 +22,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str, pool_size: int = 10) -> Engine:
-    """An engine for ``url`` (SQLite or PostgreSQL), configured for several threads and processes."""
+def make_engine(url: str, pool_size: int = 10, pooled: bool = True) -> Engine:
+    """An engine for ``url`` (SQLite or PostgreSQL), configured for several threads and processes. Not
+    ``pooled``: every session opens its own connection and closes it (for a process that forks children, which
+    must not inherit open connections)."""
+    pool: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=2 * pool_size, pool_pre_ping=True)
+    if pooled:
+        pool = {"pool_size": pool_size, "max_overflow": 2 * pool_size, "pool_pre_ping": True}
+    return create_engine(url, **pool)
 
 
-def make_session_factory(settings: Settings) -> SessionFactory:
+def make_session_factory(settings: Settings, pooled: bool = True) -> SessionFactory:
     """Sessions on the settings' database; objects stay readable after commit."""
     assert settings.database_url is not None
-    engine = make_engine(settings.database_url, settings.db_pool_size)
+    engine = make_engine(settings.database_url, settings.db_pool_size, pooled)
     return sessionmaker(engine, expire_on_commit=False)

@@ -1,37 +1,84 @@
-"""Dependencies that handlers take through typed aliases: ``SessionDep``, ``CurrentTenant``, ``SettingsDep``."""
+"""Dependencies that handlers take through typed aliases: ``SessionDep``, ``CurrentTenant``, ``SettingsDep``.
+
+They are ``async def`` wherever they do no I/O: FastAPI runs a sync dependency in its threadpool, and each such
+hop costs two GIL hand-overs between the event loop and a worker thread, which under load queue behind every
+other request (bench/results/api_load.md). What blocks (a query, a rollback) runs on a thread.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
+import anyio.to_thread
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.catalog import ModelCatalog
 from api.config import Settings
-from api.errors import NotAuthenticated
+from api.errors import NotAuthenticated, NotFound
+from api.ids import is_id
 from api.keys import DEFAULT_TENANT, authenticate, ensure_tenant, is_key
 from api.queue import JobQueue
 from api.tables import Tenant
 
+T = TypeVar("T")
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.session_factory() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for the request. Opening one does no I/O (it connects on first use); closing one that still
+    holds a connection (a read, an error) rolls back, which blocks: that runs in the threadpool."""
+    session = request.app.state.session_factory()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
-def get_catalog(request: Request) -> ModelCatalog:
+async def get_catalog(request: Request) -> ModelCatalog:
     return request.app.state.catalog
+
+
+# Request work that blocks on the database runs on at most this many threads at once, not on FastAPI's pool of
+# 40: the work holds the GIL between round trips, and with dozens of threads at once each thread back from a
+# round trip queues for the GIL behind all the others. bench/api_load.py's 50 clients polling every 0.5 s on 2
+# cores, POST /v1/jobs p99: 230 ms with 40 threads, 73 with 4, 54 with 2, 52 with 1. Two rather than one, so
+# that one slow call (a first estimate, a stalled commit) does not hold up every other request.
+DB_THREADS = 2
+_db_threads = anyio.CapacityLimiter(DB_THREADS)
+
+
+async def on_db_thread(work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on one of the DB_THREADS threads; waits for one to be free."""
+    return await anyio.to_thread.run_sync(work, *args, limiter=_db_threads)
+
+
+async def run_and_close(session: Session, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)``, which blocks on ``session``, on a DB thread, then ``session`` closed there too: an async
+    handler that does its work through this takes one hop where a sync handler takes three (the handler, the
+    check of its answer, the session's rollback). What ``work`` returns stays readable: closing a session
+    detaches its objects without expiring them."""
+
+    def run() -> T:
+        try:
+            return work(*args)
+        finally:
+            session.close()
+
+    return await on_db_thread(run)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -42,26 +89,39 @@ QueueDep = Annotated[JobQueue, Depends(get_queue)]
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer gt-...`")
 
 
-def current_tenant(
+def _bootstrap_tenant(session: Session) -> Tenant:
+    tenant = ensure_tenant(session, DEFAULT_TENANT)
+    session.commit()
+    return tenant
+
+
+async def current_tenant(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
     """The tenant of the request's API key; 401 without a valid one. GT_BOOTSTRAP_API_KEY is tenant
-    ``default`` (looked up once per process)."""
+    ``default`` (looked up once per process); a stored key is looked up on a DB thread."""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise NotAuthenticated("missing API key: send 'Authorization: Bearer <key>'")
     key = credentials.credentials
     if settings.bootstrap_api_key is not None and is_key(key, settings.bootstrap_api_key.get_secret_value()):
         if getattr(request.app.state, "bootstrap_tenant", None) is None:
-            request.app.state.bootstrap_tenant = ensure_tenant(session, DEFAULT_TENANT)
-            session.commit()
+            request.app.state.bootstrap_tenant = await run_in_threadpool(_bootstrap_tenant, session)
         return request.app.state.bootstrap_tenant
-    tenant = authenticate(session, key)
+    tenant = await on_db_thread(authenticate, session, key)
     if tenant is None:
         raise NotAuthenticated("invalid API key")
     return tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+
+
+async def ids_in_path(request: Request, _tenant: CurrentTenant) -> None:
+    """404 for an id in the path that no object can have (a path trick, a NUL byte, a very long string), before
+    any query sees it; after the key is checked, so that a request without one still answers 401."""
+    for name, value in request.path_params.items():
+        if name.endswith("_id") and not is_id(value):
+            raise NotFound(f"{name.removesuffix('_id')} {value[:64]!r} not found")

@@ -1,7 +1,8 @@
 """Errors a user can cause, each mapped to one HTTP status here and nowhere else.
 
 Every error answers ``{"error": {"code", "message", ...}}``; dataset errors add ``line`` and ``field``, budget
-errors ``rho_min`` (and the smallest budget in the user's units).
+errors ``rho_min`` (and the smallest budget in the user's units), limit errors the limit. Starlette's own errors
+(an unknown path, a method not allowed, a body that cannot be parsed) answer in the same shape.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from api.states import InvalidTransition
 
@@ -28,9 +30,16 @@ class UserError(Exception):
     def body(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, **self.details}
 
+    def headers(self) -> dict[str, str] | None:
+        """HTTP headers the answer carries."""
+        return None
+
 
 class NotAuthenticated(UserError):
     code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class NotFound(UserError):
@@ -70,6 +79,21 @@ class Conflict(UserError):
     code = "conflict"
 
 
+class TooManyJobs(UserError):
+    """The tenant already has GT_MAX_ACTIVE_JOBS jobs validating, queued or running; ``retry_after_s`` is a hint."""
+
+    code = "too_many_jobs"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.details["retry_after_s"])}
+
+
+class InsufficientStorage(UserError):
+    """The service's storage has no space left for what the request would write; nothing was stored."""
+
+    code = "insufficient_storage"
+
+
 STATUS: dict[type[Exception], int] = {
     NotAuthenticated: 401,
     NotFound: 404,
@@ -77,9 +101,15 @@ STATUS: dict[type[Exception], int] = {
     DatasetInvalid: 400,
     BudgetTooSmallError: 400,
     PayloadTooLarge: 413,
+    TooManyJobs: 429,
     Conflict: 409,
+    InsufficientStorage: 507,
     InvalidTransition: 409,
 }
+
+
+# Codes of the errors Starlette raises itself.
+HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
 def status_of(exc: Exception) -> int:
@@ -99,8 +129,14 @@ def install(app: FastAPI) -> None:
         else:
             assert isinstance(exc, UserError)
             body = exc.body()
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, NotAuthenticated) else None
+        headers = exc.headers() if isinstance(exc, UserError) else None
         return JSONResponse({"error": body}, status_code=status_of(exc), headers=headers)
+
+    async def http_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        body = {"code": code, "message": str(exc.detail)}
+        return JSONResponse({"error": body}, status_code=exc.status_code, headers=exc.headers)
 
     async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -116,3 +152,4 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(InvalidTransition, user_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)

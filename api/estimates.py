@@ -66,7 +66,7 @@ class RunCosts:
 
 @lru_cache(maxsize=32)
 def _encoded(model_path: str, mtime: int, file_path: str, _sha256: str, max_seq_len: int) -> tuple[Any, int | None]:
-    from greencore.data import DatasetError, encode_dataset, task_for
+    from greencore.data import PROMPT_COMPLETION, DatasetError, encode_dataset, task_for
     from greencore.models import load_config
 
     summary = inspect_dataset(Path(file_path))
@@ -80,8 +80,14 @@ def _encoded(model_path: str, mtime: int, file_path: str, _sha256: str, max_seq_
         encoded = encode_dataset(summary, tokenizer_at(model_path, mtime), task, max_seq_len, label2id)
     except DatasetError as exc:
         raise DatasetInvalid(exc.message, exc.line, exc.field) from exc
-    if len(encoded) == 0:
-        raise DatasetInvalid(f"no example keeps a token to learn from within max_seq_len={max_seq_len}", None, None)
+    if encoded.dropped_lines:  # refused rather than silently left out of the run
+        first, more = encoded.dropped_lines[0], len(encoded.dropped_lines) - 1
+        field, learned = ("completion",) * 2 if summary.format == PROMPT_COMPLETION else ("messages", "assistant")
+        raise DatasetInvalid(
+            f"no {learned} token is left to learn from within max_seq_len={max_seq_len} tokens"
+            f"{f' (nor in {more} more lines)' if more else ''}: shorten the example or raise max_seq_len",
+            first, field,
+        )
     return encoded, (len(summary.labels) if summary.labels else None)
 
 

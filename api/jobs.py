@@ -11,6 +11,7 @@ from api.config import Settings
 from api.errors import InvalidRequest
 from api.estimates import estimate
 from api.ids import new_id
+from api.limits import check_active_jobs
 from api.queries import owned_file
 from api.queue import JobQueue
 from api.schemas.jobs import JobCreate
@@ -54,6 +55,7 @@ def create_job(
     if budget is not None and cost.rho is not None:
         notes.append(("info", f"{budget} is rho={cost.rho:.4f} of full fine-tuning",
                       {"rho": cost.rho, "max_flops": hp.max_flops, "max_energy_kwh": hp.max_energy_kwh}))
+    check_active_jobs(session, tenant, settings.max_active_jobs)  # locks the tenant until the commit below
     admit(session, job, notes)
     session.commit()
     try:

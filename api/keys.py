@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.ids import new_id
+from api.ids import is_id, new_id
 from api.tables import ApiKey, Tenant, utcnow
 
 DEFAULT_TENANT = "default"
@@ -58,6 +58,8 @@ def is_key(key: str, expected: str) -> bool:
 
 def authenticate(session: Session, key: str) -> Tenant | None:
     """The tenant a stored, unrevoked key belongs to, or None."""
+    if "\x00" in key:  # no key holds a NUL, and PostgreSQL refuses to compare a string that does
+        return None
     digest = key_sha256(key)
     row = session.execute(
         select(ApiKey, Tenant)
@@ -67,3 +69,44 @@ def authenticate(session: Session, key: str) -> Tenant | None:
     if row is None or not hmac.compare_digest(digest, row.ApiKey.key_sha256):
         return None
     return row.Tenant
+
+
+class KeyNotFound(LookupError):
+    """No stored key matches what was given (or no tenant of that name)."""
+
+
+def list_keys(session: Session, tenant_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Every stored key with its tenant's name, oldest first; only ``tenant_name``'s when given (KeyNotFound
+    when there is no such tenant)."""
+    stmt = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+    if tenant_name is not None:
+        if session.scalar(select(Tenant.id).where(Tenant.name == tenant_name)) is None:
+            raise KeyNotFound(f"no tenant named {tenant_name!r}")
+        stmt = stmt.where(Tenant.name == tenant_name)
+    return [(key, name) for key, name in session.execute(stmt.order_by(ApiKey.created_at, ApiKey.id))]
+
+
+def find_key(session: Session, ref: str) -> ApiKey:
+    """The stored key that ``ref`` names: its id (``key-...``), its prefix (the first 12 characters, as
+    ``keys list`` shows) or the key itself; KeyNotFound otherwise."""
+    if ref.startswith("key-"):
+        row = session.get(ApiKey, ref) if is_id(ref) else None
+    else:
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == ref[:KEY_PREFIX_CHARS]))
+        if row is not None and len(ref) > KEY_PREFIX_CHARS and not hmac.compare_digest(key_sha256(ref), row.key_sha256):
+            row = None  # the right prefix, but not the key
+    if row is None:
+        shown = ref if ref.startswith("key-") or len(ref) <= KEY_PREFIX_CHARS else ref[:KEY_PREFIX_CHARS] + "..."
+        raise KeyNotFound(f"no API key matches {shown!r}: give its id, its prefix or the key (see `greentrainer keys list`)")
+    return row
+
+
+def revoke_key(session: Session, ref: str) -> tuple[ApiKey, bool]:
+    """Revoke the key ``ref`` names (see :func:`find_key`): from the next request on it answers 401. Returns the
+    key and whether this call revoked it (False: it was revoked already, and its time is kept). Commits."""
+    row = find_key(session, ref)
+    if row.revoked_at is not None:
+        return row, False
+    row.revoked_at = utcnow()
+    session.commit()
+    return row, True

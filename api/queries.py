@@ -8,6 +8,7 @@ from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session
 
 from api.errors import InvalidRequest, NotFound
+from api.ids import is_id
 from api.tables import Epoch, File, Job
 
 T = TypeVar("T")
@@ -15,7 +16,7 @@ T = TypeVar("T")
 
 def owned_job(session: Session, tenant_id: str, job_id: str) -> Job:
     """The tenant's job ``job_id``; NotFound (404) otherwise."""
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)) if is_id(job_id) else None
     if job is None:
         raise NotFound(f"job {job_id!r} not found")
     return job
@@ -23,11 +24,11 @@ def owned_job(session: Session, tenant_id: str, job_id: str) -> Job:
 
 def owned_file(session: Session, tenant_id: str, file_id: str, *, param: str | None = None) -> File:
     """The tenant's file ``file_id``. From a path: NotFound (404); named in a body (``param`` set):
-    InvalidRequest (400) naming the parameter."""
-    row = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+    InvalidRequest (400) naming the parameter. A string that cannot be an id is not looked up."""
+    row = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id)) if is_id(file_id) else None
     if row is None:
         if param is not None:
-            raise InvalidRequest(f"{param} {file_id!r} not found: upload it with POST /v1/files", param=param)
+            raise InvalidRequest(f"{param} {file_id[:64]!r} not found: upload it with POST /v1/files", param=param)
         raise NotFound(f"file {file_id!r} not found")
     return row
 

@@ -48,6 +48,11 @@ class JobQueue:
         self.app = Celery("greentrainer-api", set_as_current=False)
         self.app.conf.update(celery_config(settings))
 
+    def load_client(self) -> None:
+        """Import the broker's client modules now (kombu loads them on first use); connects to nothing."""
+        with self.app.connection_for_write() as connection:
+            connection.transport  # noqa: B018 - resolving the transport imports it
+
     def enqueue_job(self, job_id: str) -> None:
         """Send ``RUN_JOB(job_id)``; call only after the job is committed as ``queued``."""
         self.app.send_task(RUN_JOB, args=[job_id], queue=JOBS_QUEUE)

@@ -73,9 +73,11 @@ def transition(
     message: str | None = None,
     error: tuple[str, str] | None = None,
     data: dict[str, Any] | None = None,
+    condition: Any = None,
 ) -> None:
     """Move ``job`` to ``target`` or raise :class:`InvalidTransition` (nothing changed). ``error``: (code,
-    message) of a failure. The caller commits."""
+    message) of a failure; ``condition``: an extra SQL condition the row must meet (checked in the same UPDATE).
+    The caller commits."""
     now = utcnow()
     values: dict[str, Any] = {"status": str(target)}
     if target in TERMINAL:
@@ -84,9 +86,12 @@ def transition(
         values["worker"] = None
     if error is not None:
         values["error_code"], values["error_message"] = error
+    where = [Job.id == job.id, Job.status.in_(sources(target))]
+    if condition is not None:
+        where.append(condition)
     result = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status.in_(sources(target)))
+        .where(*where)
         .values(**values)
         .execution_options(synchronize_session=False)
     )

@@ -173,6 +173,7 @@ def main() -> int:
         GT_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}", GT_BROKER_URL=REDIS_URL,
         GT_BROKER_PREFIX=prefix, GT_DATA_DIR=str(tmp / "data"), GT_MODELS_DIR=str(tmp / "models"),
         GT_BOOTSTRAP_API_KEY=key, GT_DB_POOL_SIZE="20",
+        GT_MAX_ACTIVE_JOBS=str(2**31),  # one tenant creates thousands of jobs that no worker takes: no cap
     )
     url = f"http://127.0.0.1:{args.port}"
     log_path = tmp / "api.log"
@@ -247,18 +248,27 @@ def main() -> int:
         "the previous answer arrives; its latency is queueing behind the other 49 clients on 2 cores, and its "
         "throughput is the capacity of one API process here.",
         "",
-        "`POST /v1/jobs` does the most work (two reads, two inserts, a commit, a publish to Redis: about 7 ms of "
-        "CPU when the machine is idle), and its tail follows what the machine leaves it: CPU (the pressure "
-        "column) and the disk PostgreSQL's commits wait on. A bare commit of a 3 KB row (a job's size), measured "
-        f"just before the runs, took {commits}; while other work wrote model checkpoints, single commits took "
-        "up to 470 ms. The API does not relax that (`synchronous_commit` stays on): a job it acknowledged "
+        "`POST /v1/jobs` does the most work (it reads the file, locks the tenant's row and counts its active jobs "
+        "for `GT_MAX_ACTIVE_JOBS`, inserts the job and its events, commits, and publishes to Redis: nine round "
+        "trips to PostgreSQL, one to Redis, about 3 ms of the API's CPU), and its tail follows what the machine "
+        "leaves it: CPU (the pressure column) and the disk PostgreSQL's commits wait on. The tenant's lock is "
+        "held until the commit, so one tenant's jobs are created one at a time; the bench's clients all use one "
+        "key, so a slow commit delays every `POST` behind it. A bare commit of a 3 KB row (a job's size), "
+        f"measured just before the runs, took {commits}; while other work wrote model checkpoints, single commits "
+        "took up to 470 ms. The API does not relax that (`synchronous_commit` stays on): a job it acknowledged "
         "survives a database crash.",
         "",
-        "Two changes brought the paced GET p99 down from 300-650 ms to about 100 ms on this shared machine: "
-        "uvicorn's access log is off by default (`GT_ACCESS_LOG`), since a log line written from the event loop "
-        "stalls every request in flight whenever the disk is busy; and each API process freezes its start-up "
-        "heap out of the garbage collector (`api/warmup.py`), since torch and transformers leave some 400k "
-        "long-lived objects that every full collection walked (150 ms pauses).",
+        "What the API process does about its own tail: uvicorn's access log is off by default (`GT_ACCESS_LOG`), "
+        "since a log line written from the event loop stalls every request in flight whenever the disk is busy; "
+        "each process loads every model's tokenizer and description before it freezes its heap out of the "
+        "garbage collector (`api/warmup.py`), since torch and transformers leave some 500k long-lived objects "
+        "that every full collection walks (100-150 ms pauses, each stalling every request; a freeze taken before "
+        "the first model was loaded left 200k of them in the way); dependencies that do no I/O are `async`, "
+        "and the two routes measured here do their blocking work in one call on one of two threads kept for "
+        "database work (`api/deps.py`): one thread hop per request where there were seven to nine, and two "
+        "threads taking turns at the GIL where there were up to 40 (each thread back from a round trip queues "
+        "for it behind the others); and the GIL's switch interval is 1 ms, not 5, so that a thread back from a "
+        "round trip waits less for it.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

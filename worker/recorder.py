@@ -1,14 +1,16 @@
 """What a running job writes as it goes: progress and heartbeat, epochs, events, checkpoints, the end.
 
-The training loop calls ``on_step`` and ``should_stop`` every step; both are cheap (a clock read) and touch the
-database at most every GT_CANCEL_POLL_S, in one transaction that records progress and the heartbeat and reads
-the job's status back: a job cancelled (or taken from this worker) stops at the next step after that.
+The training loop calls ``on_step`` and ``should_stop`` every step; both only read or write memory. A thread of
+the recorder's own (``start`` / ``stop``) writes progress and the heartbeat every GT_CANCEL_POLL_S, in one
+UPDATE that also tells whether the job is still this worker's running job: a job cancelled (or taken from this
+worker) stops at the next step after that. The heartbeat goes on while the run profiles, measures importance,
+evaluates or saves a checkpoint, so only a worker that is gone stops it (api/recovery.py acts on that).
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -40,27 +42,43 @@ class JobRecorder:
         self.poll_s = poll_s
         self.stop_requested = False
         self._progress: tuple[int | None, int | None, int | None] = (None, None, None)
-        self._synced_at = time.monotonic()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the heartbeat ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the heartbeat thread (a first heartbeat is written before this returns)."""
+        self.sync()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the heartbeat thread and wait for it."""
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.poll_s):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the heartbeat; the next one retries
+                log.exception("heartbeat of job %s failed", self.job_id)
 
     # -- called by the training loop every step -------------------------------------------------------------
 
     def on_step(self, epoch: int, step: int, steps_in_epoch: int) -> None:
-        """Note progress; written with the next sync."""
+        """Note progress; the heartbeat writes it."""
         self._progress = (epoch, step, steps_in_epoch)
-        self._maybe_sync()
 
     def should_stop(self) -> bool:
         """True once the job is no longer this worker's running job (cancelled, or handed to another)."""
-        self._maybe_sync()
         return self.stop_requested
-
-    def _maybe_sync(self) -> None:
-        if time.monotonic() - self._synced_at >= self.poll_s:
-            self.sync()
 
     def sync(self) -> None:
         """Write progress and heartbeat; read whether the job is still ours and running."""
-        self._synced_at = time.monotonic()
         epoch, step, steps = self._progress
         values: dict[str, Any] = {"heartbeat_at": utcnow()}
         if epoch is not None:

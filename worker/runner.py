@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from api.config import Settings
 from api.db import SessionFactory
 from api.queries import refresh_totals
+from api.recovery import give_up_or_requeue, process_gone
 from api.states import add_event, claim
 from api.tables import Checkpoint, Epoch, File, Job, utcnow
 from worker.failures import error_of
@@ -36,28 +37,20 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _dead_here(worker: str | None) -> bool:
-    """Whether ``worker`` (host:pid) was a process on this host that no longer exists."""
-    host, _, pid = (worker or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _resume_point(session: Session, job: Job, artifacts_dir: Path) -> Checkpoint | None:
-    """The latest epoch checkpoint whose folder exists; records and checkpoints after it are dropped (those
-    epochs run again)."""
+    """The latest epoch checkpoint whose folder holds its training state; records and checkpoints after it are
+    dropped (those epochs run again), and so are the half-written folders a killed run left."""
+    from greencore.checkpoint import STATE_FILE, remove_leftovers
+
+    output_dir = artifacts_dir / "jobs" / job.id
+    if output_dir.is_dir():
+        remove_leftovers(output_dir)
     rows = session.scalars(
         select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.epoch.is_not(None))
         .order_by(Checkpoint.epoch.desc())
     ).all()
-    best = next((r for r in rows if r.name.startswith("epoch-") and (artifacts_dir / r.path).is_dir()), None)
+    best = next((r for r in rows if r.name.startswith("epoch-") and (artifacts_dir / r.path / STATE_FILE).is_file()),
+                None)
     done = best.epoch if best is not None else 0
     session.execute(delete(Epoch).where(Epoch.job_id == job.id, Epoch.epoch > done))
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.name == "final"))
@@ -109,7 +102,7 @@ def run_job(job_id: str, session_factory: SessionFactory, settings: Settings, wo
     with session_factory() as session:
         stale_before = utcnow() - timedelta(seconds=settings.heartbeat_stale_s)
         previous = session.scalar(select(Job.worker).where(Job.id == job_id))
-        if _dead_here(previous):  # its process died on this host (a pool child killed): no need to wait
+        if process_gone(previous):  # its process died on this host (a pool child killed): no need to wait
             stale_before = utcnow() + timedelta(seconds=1)
         taken = claim(session, job_id, worker, stale_before)
         job = session.get(Job, job_id)
@@ -119,6 +112,11 @@ def run_job(job_id: str, session_factory: SessionFactory, settings: Settings, wo
         if not taken:
             log.info("job %s is %s: not run", job_id, job.status)
             return job.status
+        if job.attempts > settings.max_attempts:  # taken over from a lost worker once too often
+            session.commit()
+            give_up_or_requeue(session, job, settings, f"worker {previous} was lost")
+            session.commit()
+            return job.status
         resume = _resume_point(session, job, settings.artifacts_dir) if job.attempts > 1 else None
         if job.attempts > 1:
             where = f"from checkpoint {resume.name}" if resume else "from the start (no checkpoint yet)"
@@ -127,6 +125,7 @@ def run_job(job_id: str, session_factory: SessionFactory, settings: Settings, wo
         resume_dir = settings.artifacts_dir / resume.path if resume else None
         session.commit()
     recorder = JobRecorder(session_factory, job_id, worker, settings.artifacts_dir, settings.cancel_poll_s)
+    recorder.start()
     try:
         from greencore.train import train
 
@@ -142,4 +141,6 @@ def run_job(job_id: str, session_factory: SessionFactory, settings: Settings, wo
         except Exception:  # noqa: BLE001 - naming the error must not leave the job running
             code, message = "training_error", f"{type(exc).__name__}: {exc}"
         return recorder.fail(code, message)
+    finally:
+        recorder.stop()
     return recorder.finish(report)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api.archive import RESUME_ONLY, plan_tar
-from api.deps import CatalogDep, CurrentTenant, QueueDep, SessionDep, SettingsDep
+from api.deps import CatalogDep, CurrentTenant, QueueDep, SessionDep, SettingsDep, ids_in_path, run_and_close
 from api.errors import NotFound
 from api.jobs import cancel_job, create_job
 from api.queries import owned_job, page
-from api.schemas.common import ERROR_RESPONSES, MAX_PAGE
+from api.schemas.common import ERROR_RESPONSES, MAX_PAGE, MAX_ROW_ID, TOO_MANY_JOBS, IdCursor
 from api.schemas.jobs import JobCreate, JobPublic, JobsPublic
 from api.schemas.records import (
     CheckpointPublic,
@@ -26,20 +26,21 @@ from api.schemas.records import (
 from api.states import JobState
 from api.tables import Checkpoint, Epoch, Event, Job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES, dependencies=[Depends(ids_in_path)])
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
 
-@router.post("", response_model=JobPublic)
-def create(
+# The two routes clients call most are async, their blocking work one call on a DB thread (api.deps.run_and_close).
+@router.post("", response_model=JobPublic, responses={429: TOO_MANY_JOBS})
+async def create(
     body: JobCreate, session: SessionDep, settings: SettingsDep, catalog: CatalogDep, queue: QueueDep,
     tenant: CurrentTenant,
 ) -> JobPublic:
-    """Create a job. Unknown model or file ids, a bad dataset, or a budget below ``rho_min`` answer 400
-    and store nothing; otherwise the job is committed ``queued`` and sent to the workers."""
-    job = create_job(session, settings, catalog, queue, tenant, body)
-    return JobPublic.of(job)
+    """Create a job. Unknown model or file ids, a bad dataset, or a budget below ``rho_min`` answer 400, and
+    GT_MAX_ACTIVE_JOBS jobs of the tenant already active 429, storing nothing; otherwise the job is committed
+    ``queued`` and sent to the workers."""
+    return JobPublic.of(await run_and_close(session, create_job, session, settings, catalog, queue, tenant, body))
 
 
 @router.get("", response_model=JobsPublic)
@@ -47,7 +48,7 @@ def list_jobs(
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Limit = 20,
-    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+    after: IdCursor = None,
     status: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
 ) -> JobsPublic:
     """The tenant's jobs, newest first."""
@@ -59,9 +60,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+async def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
     """One job with its progress, FLOPs saved, energy and error."""
-    return JobPublic.of(owned_job(session, tenant.id, job_id))
+    return JobPublic.of(await run_and_close(session, owned_job, session, tenant.id, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
@@ -73,7 +74,7 @@ def cancel(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic
 @router.get("/{job_id}/epochs", response_model=EpochsPublic)
 def list_epochs(
     job_id: str, session: SessionDep, tenant: CurrentTenant, limit: Limit = MAX_PAGE,
-    after: Annotated[int | None, Query(description="the last epoch of the previous page")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_ROW_ID, description="the last epoch of the previous page")] = None,
 ) -> EpochsPublic:
     """Per epoch: tensors trained, FLOPs against full fine-tuning, tokens, time, losses, energy, carbon."""
     owned_job(session, tenant.id, job_id)
@@ -84,7 +85,7 @@ def list_epochs(
 @router.get("/{job_id}/events", response_model=EventsPublic)
 def list_events(
     job_id: str, session: SessionDep, tenant: CurrentTenant, limit: Limit = MAX_PAGE,
-    after: Annotated[int | None, Query(description="the last event id of the previous page")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_ROW_ID, description="the last event id of the previous page")] = None,
 ) -> EventsPublic:
     """Status changes, selections, epochs, checkpoints and errors, oldest first."""
     owned_job(session, tenant.id, job_id)
@@ -95,7 +96,7 @@ def list_events(
 @router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
 def list_checkpoints(
     job_id: str, session: SessionDep, tenant: CurrentTenant, limit: Limit = MAX_PAGE,
-    after: Annotated[str | None, Query(description="the last id of the previous page")] = None,
+    after: IdCursor = None,
 ) -> CheckpointsPublic:
     """One checkpoint per epoch and the final one, oldest first."""
     owned_job(session, tenant.id, job_id)
@@ -117,11 +118,14 @@ def checkpoint_content(
     owned_job(session, tenant.id, job_id)
     row = session.scalar(select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job_id))
     assert settings.artifacts_dir is not None
-    folder = settings.artifacts_dir / row.path if row is not None else None
-    if row is None or folder is None or not folder.is_dir():
+    if row is None:
         raise NotFound(f"checkpoint {checkpoint_id!r} not found for job {job_id!r}")
     root = f"{job_id}-{row.name}"
-    plan = plan_tar(folder, root, exclude=RESUME_ONLY)
+    try:
+        plan = plan_tar(settings.artifacts_dir / row.path, root, exclude=RESUME_ONLY)
+    except FileNotFoundError as exc:  # the files were removed (or the volume is not mounted): say so, not a 500
+        raise NotFound(f"checkpoint {checkpoint_id!r} ({row.name}) of job {job_id!r} is listed, but its files "
+                       "are no longer in storage") from exc
     headers = {
         "Content-Length": str(plan.length),
         "Content-Disposition": f'attachment; filename="{root}.tar"',

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.ids import ID_PATTERN
+
 MAX_PAGE = 100  # the most objects one list answer holds
+MAX_ROW_ID = 2**31 - 1  # the largest epoch number or event id: both are 32-bit integer columns on PostgreSQL
+
+# Cursors of the lists: an object id, or (epochs, events) a number.
+IdCursor = Annotated[str | None, Query(pattern=ID_PATTERN, max_length=40, description="the last id of the previous page")]
 
 
 class ErrorBody(BaseModel):
@@ -21,6 +28,9 @@ class ErrorBody(BaseModel):
     min_max_flops: float | None = Field(None, description="budget errors: the smallest whole-run FLOPs budget")
     min_max_energy_kwh: float | None = Field(None, description="budget errors: the same budget in kWh")
     param: str | None = Field(None, description="request errors: the parameter at fault")
+    max_upload_bytes: int | None = Field(None, description="413: the upload limit, bytes")
+    max_active_jobs: int | None = Field(None, description="429: jobs a tenant may have active at once")
+    retry_after_s: int | None = Field(None, description="429: seconds to wait before trying again (a hint)")
 
 
 class ErrorPublic(BaseModel):
@@ -34,9 +44,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (401, "missing or invalid API key"),
         (404, "not found (or another tenant's)"),
         (409, "the job's state does not allow it"),
-        (413, "upload too large"),
+        (413, "upload larger than GT_MAX_UPLOAD_BYTES"),
         (422, "the body or query does not validate"),
     )
+}
+
+TOO_MANY_JOBS: dict[str, object] = {
+    "model": ErrorPublic, "description": "the tenant has GT_MAX_ACTIVE_JOBS jobs validating, queued or running",
 }
 
 

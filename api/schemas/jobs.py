@@ -17,7 +17,7 @@ BUDGET_FIELDS = ("rho", "max_flops", "max_energy_kwh")
 class Hyperparameters(BaseModel):
     """Training settings; defaults are greencore's (greencore.spec.Hyperparameters)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON has no Infinity or NaN to store them
 
     n_epochs: int = Field(3, ge=1, le=1000, description="passes over the training file")
     batch_size: int = Field(8, ge=1, le=4096, description="sequences per optimizer step")

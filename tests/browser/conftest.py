@@ -78,9 +78,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         yield Service(url, key, data_dir, log)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[object]:
-    """Headless Debian Chromium (Playwright cannot download a browser here; ``make test`` installs it)."""
+    """Headless Debian Chromium (Playwright cannot download a browser here; ``make test`` installs it). Closed
+    with the browser tests: Playwright's sync API keeps an asyncio loop running on the main thread while it is
+    open, and tests that run after these may start loops of their own."""
     if shutil.which(CHROMIUM) is None and not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} not found: `make test` installs it (apt-get install chromium)")
     try:

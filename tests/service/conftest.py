@@ -12,9 +12,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -22,29 +20,16 @@ from api.config import Settings
 from api.db import SessionFactory, make_session_factory
 from api.keys import create_key
 from api.migrate import upgrade
+from tests.backends import (  # noqa: F401 - re-exported to the service tests
+    REDIS_URL,
+    create_pg_database,
+    delete_redis_prefix,
+    drop_pg_database,
+    new_redis_prefix,
+)
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 DEMO = "demo-tiny"
 BACKENDS = ("embedded", "production")
-
-
-def pg_admin() -> psycopg.Connection:
-    return psycopg.connect(PG_ADMIN, autocommit=True)
-
-
-def create_pg_database() -> str:
-    """A new empty PostgreSQL database; returns its SQLAlchemy URL."""
-    name = f"gt_test_{secrets.token_hex(6)}"
-    with pg_admin() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
-def drop_pg_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    with pg_admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -52,18 +37,6 @@ def pg_url() -> Iterator[str]:
     url = create_pg_database()
     yield url
     drop_pg_database(url)
-
-
-def new_redis_prefix() -> str:
-    return f"gt_test_{secrets.token_hex(6)}:"
-
-
-def delete_redis_prefix(prefix: str) -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 @pytest.fixture(scope="session")
@@ -147,3 +120,13 @@ def upload(client: TestClient, text: str, name: str = "train.jsonl") -> dict:
 SMALL_HP = {"n_epochs": 2, "batch_size": 2, "max_seq_len": 32, "learning_rate": 1e-3}
 SMALL_EXAMPLES = 24
 SMALL_RHO = 0.75
+
+
+def create_job(client: TestClient, **hp: object) -> str:
+    """A small green job (SMALL_HP, SMALL_RHO; ``hp`` overrides) on a new upload; returns its id."""
+    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+    body = {"model": DEMO, "training_file": file_id, "method": "green",
+            "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO, **hp}}
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["id"]

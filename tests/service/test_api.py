@@ -229,6 +229,23 @@ def test_job_is_committed_then_enqueued_and_can_be_cancelled(client: TestClient,
     assert client.get(f"/v1/jobs/{job['id']}/events").json()["data"][-1]["data"]["status"] == "cancelled"
 
 
+def test_a_job_the_broker_cannot_take_stays_queued_with_a_warning(settings: Settings, key: str) -> None:
+    from api.app import create_app
+
+    # A real broker that is down: nothing listens on port 1.
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0", "broker_prefix": ""})
+    client = TestClient(create_app(down), headers={"Authorization": f"Bearer {key}"})
+    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+    response = client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO))
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "queued"
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
+    assert [e["data"]["status"] for e in events if e["type"] == "status"] == ["validating", "queued"]
+    assert events[-1]["level"] == "warning" and "the job stays queued" in events[-1]["message"]
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+
+
 def test_budget_in_flops_is_recorded_as_rho(client: TestClient) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
     est = client.post("/v1/estimates", json=job_body(file_id, rho=1.0)).json()

@@ -20,17 +20,13 @@ from sqlalchemy import select, update
 from api.config import Settings
 from api.states import InvalidTransition, JobState, transition
 from api.tables import Checkpoint, Epoch, Job
-from tests.service.conftest import DEMO, SMALL_EXAMPLES, SMALL_HP, SMALL_RHO, dataset_lines, upload
+from tests.service.conftest import (
+    DEMO,
+    SMALL_HP,
+    SMALL_RHO,
+    create_job,
+)
 from worker.runner import run_job
-
-
-def create_job(client: TestClient, **hp: object) -> str:
-    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    body = {"model": DEMO, "training_file": file_id, "method": "green",
-            "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO, **hp}}
-    response = client.post("/v1/jobs", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()["id"]
 
 
 def test_run_job_records_epochs_events_and_checkpoints(client: TestClient, sessions, settings: Settings) -> None:  # noqa: ANN001

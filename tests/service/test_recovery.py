@@ -1,0 +1,233 @@
+"""No job lost: real Celery worker processes killed with SIGKILL, a broker that forgets its messages, workers that
+go silent. The database is the truth, and api/recovery.py makes the broker and the workers agree with it.
+
+Every test here has a database and a broker of its own (a new PostgreSQL database and Redis prefix, or a new
+embedded folder): the workers it starts recover every job they find, and must find only this test's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from api.app import create_app
+from api.config import Settings
+from api.db import SessionFactory, make_session_factory
+from api.migrate import upgrade
+from api.queue import JobQueue
+from api.recovery import broker_job_ids, recover
+from api.tables import Checkpoint, Job, utcnow
+from tests.processes import clean_env, process
+from tests.service.conftest import (
+    BACKENDS,
+    REDIS_URL,
+    create_job,
+    create_pg_database,
+    delete_redis_prefix,
+    drop_pg_database,
+    new_key,
+    new_redis_prefix,
+)
+from worker.recorder import JobRecorder
+
+JOB_TIMEOUT_S = 240
+
+
+@dataclass
+class Service:
+    """One backend of this test's own: settings, sessions, an API client and the environment of its workers."""
+
+    settings: Settings
+    sessions: SessionFactory
+    client: TestClient
+    env: dict[str, str]
+
+    def create_job(self, **hp: object) -> str:
+        return create_job(self.client, **hp)
+
+    def job(self, job_id: str) -> Job:
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            return job
+
+    def events(self, job_id: str) -> list[str]:
+        return [e["message"] for e in self.client.get(f"/v1/jobs/{job_id}/events").json()["data"]]
+
+    def backdate(self, job_id: str) -> None:
+        """Make a job look created a minute ago (recovery leaves jobs younger than ENQUEUE_GRACE_S alone)."""
+        with self.sessions() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(created_at=utcnow() - timedelta(minutes=1)))
+            session.commit()
+
+    def forget_broker(self) -> None:
+        """What a Redis restarted with nothing on disk (or a lost embedded broker file) does: no message left."""
+        if self.settings.embedded:
+            with sqlite3.connect(self.settings.data_dir / "broker.db") as conn:
+                conn.execute("DELETE FROM kombu_message")
+        else:
+            delete_redis_prefix(self.settings.broker_prefix)
+
+    def wait_for(self, job_id: str, status: str, log: Path) -> Job:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job.status == status:
+                return job
+            assert job.status in ("queued", "running"), (job.status, job.error_message, log.read_text()[-3000:])
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} is {self.job(job_id).status}, not {status}:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(params=BACKENDS)
+def service(request: pytest.FixtureRequest, tmp_path: Path, models_dir: Path) -> Iterator[Service]:
+    data = tmp_path / "data"
+    env = {"GT_DATA_DIR": str(data), "GT_MODELS_DIR": str(models_dir), "GT_CANCEL_POLL_S": "0.2"}
+    database = prefix = None
+    if request.param == "production":
+        database, prefix = create_pg_database(), new_redis_prefix()
+        env |= {"GT_DATABASE_URL": database, "GT_BROKER_URL": REDIS_URL, "GT_BROKER_PREFIX": prefix}
+    settings = Settings(data_dir=data, models_dir=models_dir, database_url=database,
+                        broker_url=REDIS_URL if prefix else None, broker_prefix=prefix or "", cancel_poll_s=0.2)
+    settings.ensure_dirs()
+    assert settings.database_url is not None
+    upgrade(settings.database_url)
+    sessions = make_session_factory(settings)
+    app = create_app(settings)
+    client = TestClient(app, headers={"Authorization": f"Bearer {new_key(sessions)}"})
+    try:
+        yield Service(settings, sessions, client, clean_env(**env))
+    finally:
+        client.close()
+        app.state.queue.close()
+        app.state.session_factory.kw["bind"].dispose()
+        sessions.kw["bind"].dispose()
+        if database:
+            drop_pg_database(database)
+        if prefix:
+            delete_redis_prefix(prefix)
+
+
+def worker(service: Service, log: Path):  # noqa: ANN201 - a context manager of a worker process
+    """A real Celery worker (``python -m worker``, prefork pool) in its own process group."""
+    return process([sys.executable, "-m", "worker"], service.env, log)
+
+
+def test_a_killed_worker_loses_nothing(service: Service, tmp_path: Path) -> None:
+    job_id = service.create_job(n_epochs=4)
+    first = tmp_path / "worker-1.log"
+    with worker(service, first) as proc:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while True:  # until the first epoch checkpoint is recorded: then kill it in the middle of epoch 2
+            with service.sessions() as session:
+                if session.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job_id)) is not None:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, first.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and its pool child, with no warning
+        proc.wait()
+    job = service.job(job_id)
+    assert job.status == "running" and job.attempts == 1 and (job.epochs_done or 0) < 4
+
+    # A new worker on this host finds the job's process gone, queues it again and resumes it.
+    second = tmp_path / "worker-2.log"
+    with worker(service, second):
+        job = service.wait_for(job_id, "succeeded", second)
+    assert job.attempts == 2 and job.epochs_done == 4
+    epochs = service.client.get(f"/v1/jobs/{job_id}/epochs").json()["data"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]  # none twice, none lost
+    messages = service.events(job_id)
+    assert any("is gone" in m and "queued again" in m for m in messages), messages
+    assert any("attempt 2: resuming from checkpoint epoch-" in m for m in messages), messages
+
+
+def test_jobs_the_broker_lost_are_enqueued_again_at_start(service: Service, tmp_path: Path) -> None:
+    job_id = service.create_job()
+    service.backdate(job_id)
+    assert job_id in (broker_job_ids(service.settings) or set())
+    service.forget_broker()
+    assert job_id not in (broker_job_ids(service.settings) or set())
+
+    # An API process that starts sends it again...
+    with TestClient(create_app(service.settings)):
+        pass
+    assert job_id in (broker_job_ids(service.settings) or set())
+
+    # ...and so does a worker that starts, which then runs it.
+    service.forget_broker()
+    log = tmp_path / "worker.log"
+    with worker(service, log):
+        job = service.wait_for(job_id, "succeeded", log)
+    assert job.attempts == 1
+    assert any("enqueued again" in line for line in log.read_text().splitlines())
+
+
+def test_a_silent_running_job_is_queued_again_then_failed_after_max_attempts(service: Service) -> None:
+    settings = service.settings.model_copy(update={"heartbeat_stale_s": 60.0, "max_attempts": 2})
+    silent, alive = service.create_job(), service.create_job()
+    with service.sessions() as session:
+        old, fresh = utcnow() - timedelta(minutes=5), utcnow()
+        for job_id, beat in ((silent, old), (alive, fresh)):
+            session.execute(update(Job).where(Job.id == job_id).values(
+                status="running", worker="elsewhere:1", heartbeat_at=beat, attempts=1))
+        session.commit()
+    service.forget_broker()
+    queue = JobQueue(settings)
+    try:
+        done = recover(service.sessions, settings, queue)
+        assert done.requeued == [silent] and not done.failed and not done.reenqueued
+        assert service.job(silent).status == "queued" and service.job(silent).worker is None
+        assert service.job(alive).status == "running"  # its heartbeat is fresh: its worker is alive
+        assert broker_job_ids(settings) in (None, {silent})
+        assert any("no heartbeat from worker elsewhere:1" in m and "GT_HEARTBEAT_STALE_S=60" in m
+                   and "queued again" in m for m in service.events(silent))
+
+        # Started twice already (GT_MAX_ATTEMPTS=2) and silent again: it ends failed, saying why.
+        with service.sessions() as session:
+            session.execute(update(Job).where(Job.id == silent).values(
+                status="running", worker="elsewhere:2", heartbeat_at=old, attempts=2))
+            session.commit()
+        done = recover(service.sessions, settings, queue)
+        assert done.failed == [silent] and not done.requeued
+        job = service.job(silent)
+        assert job.status == "failed" and job.error_code == "worker_lost"
+        assert "no heartbeat from worker elsewhere:2" in (job.error_message or "")
+        assert "GT_MAX_ATTEMPTS=2" in (job.error_message or "")
+        assert recover(service.sessions, settings, queue).requeued == []  # nothing left to do
+    finally:
+        queue.close()
+
+
+def test_the_heartbeat_goes_on_between_steps_and_sees_a_cancel(service: Service) -> None:
+    job_id = service.create_job()
+    with service.sessions() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="running", worker="me:1", attempts=1))
+        session.commit()
+    recorder = JobRecorder(service.sessions, job_id, "me:1", service.settings.artifacts_dir or Path(), 0.1)
+    recorder.start()
+    try:
+        beats = set()
+        deadline = time.monotonic() + 5
+        while len(beats) < 4 and time.monotonic() < deadline:  # no step is taken: the thread beats alone
+            beats.add(service.job(job_id).heartbeat_at)
+            time.sleep(0.05)
+        assert len(beats) >= 4
+        assert not recorder.should_stop()
+        assert service.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        deadline = time.monotonic() + 5
+        while not recorder.should_stop() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert recorder.should_stop()
+    finally:
+        recorder.stop()
