@@ -264,11 +264,12 @@ def main() -> int:
         "garbage collector (`api/warmup.py`), since torch and transformers leave some 500k long-lived objects "
         "that every full collection walks (100-150 ms pauses, each stalling every request; a freeze taken before "
         "the first model was loaded left 200k of them in the way); dependencies that do no I/O are `async`, "
-        "and the two routes measured here do their blocking work in one call on one of two threads kept for "
-        "database work (`api/deps.py`): one thread hop per request where there were seven to nine, and two "
-        "threads taking turns at the GIL where there were up to 40 (each thread back from a round trip queues "
-        "for it behind the others); and the GIL's switch interval is 1 ms, not 5, so that a thread back from a "
-        "round trip waits less for it.",
+        "and the two routes measured here do their blocking work in one call on a few threads kept for it "
+        "(`api/deps.py`: two for reads, one for job creations, whose estimate may profile a new model for "
+        "seconds and must not hold up reads): one thread hop per request where there were seven to nine, and "
+        "three threads taking turns at the GIL where there were up to 40 (each thread back from a round trip "
+        "queues for it behind the others); and the GIL's switch interval is 1 ms, not 5, so that a thread back "
+        "from a round trip waits less for it.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,16 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api.archive import RESUME_ONLY, plan_tar
-from api.deps import CatalogDep, CurrentTenant, QueueDep, SessionDep, SettingsDep, ids_in_path, run_and_close
+from api.deps import (
+    CREATE_LIMITER,
+    CatalogDep,
+    CurrentTenant,
+    QueueDep,
+    SessionDep,
+    SettingsDep,
+    ids_in_path,
+    run_and_close,
+)
 from api.errors import NotFound
 from api.jobs import cancel_job, create_job
 from api.queries import owned_job, page
@@ -40,7 +49,8 @@ async def create(
     """Create a job. Unknown model or file ids, a bad dataset, or a budget below ``rho_min`` answer 400, and
     GT_MAX_ACTIVE_JOBS jobs of the tenant already active 429, storing nothing; otherwise the job is committed
     ``queued`` and sent to the workers."""
-    return JobPublic.of(await run_and_close(session, create_job, session, settings, catalog, queue, tenant, body))
+    job = await run_and_close(session, create_job, session, settings, catalog, queue, tenant, body, limiter=CREATE_LIMITER)
+    return JobPublic.of(job)
 
 
 @router.get("", response_model=JobsPublic)

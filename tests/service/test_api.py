@@ -313,3 +313,29 @@ def test_schemas_follow_greencore() -> None:
     assert {k: ours[k] for k in core} == core  # every training setting, with greencore's default
     assert set(JobCreate.model_fields["method"].annotation.__args__) == set(METHODS)
     assert set(RESUME_ONLY) == {checkpoint.STATE_FILE, checkpoint.MASTER_FILE}
+
+
+def test_job_creations_never_hold_up_reads(app, key: str) -> None:  # noqa: ANN001
+    """A creation may profile a new model for seconds (its estimate): creations take turns on threads of their
+    own, so that with every one of them busy a job is still read at once, and the next creation waits."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from api.deps import CREATE_LIMITER
+
+    with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as client:
+        file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
+        job_id = client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO)).json()["id"]
+        borrowers = [object() for _ in range(int(CREATE_LIMITER.total_tokens))]
+        for borrower in borrowers:  # every creation thread taken, as by slow estimates
+            client.portal.call(CREATE_LIMITER.acquire_on_behalf_of, borrower)
+        with ThreadPoolExecutor(2) as pool:
+            try:
+                creating = pool.submit(client.post, "/v1/jobs", json=job_body(file_id, rho=SMALL_RHO))
+                assert pool.submit(client.get, f"/v1/jobs/{job_id}").result(timeout=30).status_code == 200
+                time.sleep(0.5)
+                assert not creating.done()  # it waits for a creation thread
+            finally:
+                for borrower in borrowers:
+                    client.portal.call(CREATE_LIMITER.release_on_behalf_of, borrower)
+            assert creating.result(timeout=60).status_code == 200
