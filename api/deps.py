@@ -56,7 +56,7 @@ async def get_catalog(request: Request) -> ModelCatalog:
 # 40: the work holds the GIL between round trips, and with dozens of threads at once each thread back from a
 # round trip queues for the GIL behind all the others. bench/api_load.py's 50 clients polling every 0.5 s on 2
 # cores, POST /v1/jobs p99: 230 ms with 40 threads, 73 with 4, 54 with 2, 52 with 1. Two rather than one, so
-# that one slow call (a first estimate, a stalled commit) does not hold up every other request.
+# that one slow call (a stalled commit) does not hold up every other read.
 DB_THREADS = 2
 DB_LIMITER = anyio.CapacityLimiter(DB_THREADS)
 # Creating a job may compute its estimate first (a profile of the model: seconds when the model and the dataset

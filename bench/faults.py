@@ -21,7 +21,6 @@ import os
 import platform
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from tests.backends import (  # noqa: E402
     create_pg_database,
     delete_redis_prefix,
     drop_pg_database,
+    forget_broker,
     new_redis_prefix,
 )
 from tests.processes import clean_env, free_port, stop_group, wait_healthy  # noqa: E402
@@ -127,14 +127,6 @@ class Workers:
             stop_group(proc)
 
 
-def forget_broker(env: dict[str, str], data_dir: Path) -> None:
-    if "GT_BROKER_PREFIX" in env:
-        delete_redis_prefix(env["GT_BROKER_PREFIX"])
-    else:
-        with sqlite3.connect(data_dir / "broker.db", timeout=30) as conn:
-            conn.execute("DELETE FROM kombu_message")
-
-
 def run_backend(backend: str, args: argparse.Namespace, work: Path, models: Path, rng: random.Random) -> Outcome:
     from sqlalchemy import select
 
@@ -194,7 +186,7 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path, models: Path
                     kills_left -= 1
                     next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every_s)
                 if out.broker_flushed_at_s is None:
-                    forget_broker(env, data)
+                    forget_broker(settings)
                     out.broker_flushed_at_s = round(time.monotonic() - start, 1)
             time.sleep(0.25)
         out.wall_s = time.monotonic() - start

@@ -4,9 +4,12 @@ key prefix of their own, created and removed whole."""
 from __future__ import annotations
 
 import secrets
+import sqlite3
 
 import psycopg
 import redis
+
+from api.config import Settings
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -41,3 +44,13 @@ def delete_redis_prefix(prefix: str) -> None:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+def forget_broker(settings: Settings) -> None:
+    """Delete every message of the settings' broker, as a Redis restarted with nothing on disk (or a lost
+    embedded broker file) would."""
+    if settings.embedded:
+        with sqlite3.connect(settings.data_dir / "broker.db", timeout=30) as conn:
+            conn.execute("DELETE FROM kombu_message")
+    else:
+        delete_redis_prefix(settings.broker_prefix)

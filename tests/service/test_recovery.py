@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from api.migrate import upgrade
 from api.queue import JobQueue
 from api.recovery import broker_job_ids, recover
 from api.tables import Checkpoint, Job, utcnow
+from tests.backends import forget_broker
 from tests.processes import clean_env, process
 from tests.service.conftest import (
     BACKENDS,
@@ -70,14 +70,6 @@ class Service:
         with self.sessions() as session:
             session.execute(update(Job).where(Job.id == job_id).values(created_at=utcnow() - timedelta(minutes=1)))
             session.commit()
-
-    def forget_broker(self) -> None:
-        """What a Redis restarted with nothing on disk (or a lost embedded broker file) does: no message left."""
-        if self.settings.embedded:
-            with sqlite3.connect(self.settings.data_dir / "broker.db") as conn:
-                conn.execute("DELETE FROM kombu_message")
-        else:
-            delete_redis_prefix(self.settings.broker_prefix)
 
     def wait_for(self, job_id: str, status: str, log: Path) -> Job:
         deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -156,7 +148,7 @@ def test_jobs_the_broker_lost_are_enqueued_again_at_start(service: Service, tmp_
     job_id = service.create_job()
     service.backdate(job_id)
     assert job_id in (broker_job_ids(service.settings) or set())
-    service.forget_broker()
+    forget_broker(service.settings)
     assert job_id not in (broker_job_ids(service.settings) or set())
 
     # An API process that starts sends it again...
@@ -165,7 +157,7 @@ def test_jobs_the_broker_lost_are_enqueued_again_at_start(service: Service, tmp_
     assert job_id in (broker_job_ids(service.settings) or set())
 
     # ...and so does a worker that starts, which then runs it.
-    service.forget_broker()
+    forget_broker(service.settings)
     log = tmp_path / "worker.log"
     with worker(service, log):
         job = service.wait_for(job_id, "succeeded", log)
@@ -182,7 +174,7 @@ def test_a_silent_running_job_is_queued_again_then_failed_after_max_attempts(ser
             session.execute(update(Job).where(Job.id == job_id).values(
                 status="running", worker="elsewhere:1", heartbeat_at=beat, attempts=1))
         session.commit()
-    service.forget_broker()
+    forget_broker(service.settings)
     queue = JobQueue(settings)
     try:
         done = recover(service.sessions, settings, queue)
