@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean vendor
+.PHONY: install run test lint bench-deps clean vendor
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# What the benchmarks need beyond `make install` (the bench extra, Debian's wordnet-base); they also install it
+# on first use.
+bench-deps: $(STAMP)
+	$(BIN)/python bench/needs.py
 
 # The dashboard's charting library, from npm at its locked version, into api/static/vendor/ (committed, so that
 # `make run` needs no npm); run after changing dashboard/package.json.

@@ -54,11 +54,12 @@ def main() -> None:
 
     model_dir, tr, va = classification_task(args.work / "cls", 960, 480, 0)
     seen: dict = {}
-    real_importance, real_select = green_methods.tensor_importance, green_methods.select_tensors
+    real_importance, real_select = green_methods.importance_pass, green_methods.select_tensors
 
     def importance(*a, **k):
-        seen["importance"] = functools.partial(real_importance, rule=args.rule)(*a, **k)
-        return seen["importance"]
+        measured = functools.partial(real_importance, rule=args.rule)(*a, **k)
+        seen["importance"] = measured.scores
+        return measured
 
     def select(profile, *a, **k):
         seen["profile"] = profile
@@ -81,7 +82,7 @@ def main() -> None:
             print(f"   {'*' if name in chosen else ' '} {value:+.3e}  act {one.bwd_act / full:.4f}  "
                   f"w {one.bwd_weight / full:.5f}  {name}")
 
-    green_methods.tensor_importance, green_methods.select_tensors = importance, select
+    green_methods.importance_pass, green_methods.select_tensors = importance, select
     out = args.work / f"run-{args.rule}-{args.factory}-{args.lr:g}-{args.rho:g}"
     shutil.rmtree(out, ignore_errors=True)
     hp = Hyperparameters(n_epochs=args.epochs, batch_size=16, learning_rate=args.lr, max_seq_len=64,

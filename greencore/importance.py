@@ -27,6 +27,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -38,13 +39,31 @@ from greencore.profile import TensorProfile
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
-def _accumulate_gradients(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
-    """Gradients of the mean loss over ``batches`` into ``.grad`` of the parameters that require one."""
+def _accumulate_gradients(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    """Gradients of the mean loss over ``batches`` into ``.grad`` of the parameters that require one; returns
+    that mean loss."""
+    total = 0.0
     for batch in batches:
         loss = model(**batch).loss
         if loss is None:
             raise ValueError("the model returned no loss: each batch must carry labels")
         (loss / len(batches)).backward()
+        total += float(loss.detach()) / len(batches)
+    return total
+
+
+@dataclass
+class ImportancePass:
+    """What one importance measurement found: the scores, and the first pass's loss and gradients.
+
+    ``gradients`` are the candidates' gradients of the mean loss at the weights as they were (``g0``), which is
+    what a training step on the same batches computes for those tensors (in eval mode, float32): the trainer
+    takes the epoch's first step from them instead of computing it again.
+    """
+
+    scores: dict[str, float]
+    loss: float  # the mean loss over the batches, before the tentative step
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> g0 (candidates with a gradient)
 
 
 def tentative_optimizer_factory(optimizer: torch.optim.Optimizer) -> OptimizerFactory:
@@ -86,7 +105,20 @@ def tensor_importance(
     names: Iterable[str] | None = None,
     rule: Literal["trapezoid", "first_order"] = "trapezoid",
 ) -> dict[str, float]:
-    """Importance (loss reduction, in loss units) of each candidate tensor, from one tentative step.
+    """Importance (loss reduction, in loss units) of each candidate tensor, from one tentative step: the scores
+    of :func:`importance_pass`, which documents the arguments."""
+    return importance_pass(model, batches, optimizer_factory, names, rule).scores
+
+
+def importance_pass(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    optimizer_factory: OptimizerFactory,
+    names: Iterable[str] | None = None,
+    rule: Literal["trapezoid", "first_order"] = "trapezoid",
+) -> ImportancePass:
+    """Importance (loss reduction, in loss units) of each candidate tensor, from one tentative step, with the
+    first pass's loss and gradients (see :class:`ImportancePass`).
 
     ``batches``: dicts of tensors passed as ``model(**batch)``, whose output has ``.loss``; their mean loss is
     used. ``optimizer_factory(params)`` builds the optimizer of the tentative step: in training,
@@ -97,7 +129,7 @@ def tensor_importance(
     (``-(g0 + g1) / 2 . dw``) or the paper's ``"first_order"`` (``-g1 . dw``); see the module's docstring.
 
     The two passes run in eval mode (no dropout): the measurement is of the loss itself, and the random
-    number stream training draws its dropout masks from is left alone. Returns name -> ``I_k``; a value that
+    number stream training draws its dropout masks from is left alone. Scores: name -> ``I_k``; a value that
     is not finite (a loss or gradient overflowing) is reported as 0.0, with a warning, so that no selection
     ever trains on it. Costs ``importance_flops(profile, names, len(batches))`` FLOPs.
     """
@@ -111,18 +143,19 @@ def tensor_importance(
     batches = list(batches)
     if not batches:
         raise ValueError("tensor_importance needs at least one batch")
-    if not candidates:
-        return {}
     if rule not in ("trapezoid", "first_order"):
         raise ValueError(f"rule must be 'trapezoid' or 'first_order', not {rule!r}")
+    if not candidates:
+        return ImportancePass({}, math.nan)
 
     was_training = model.training
     saved_flags = {n: p.requires_grad for n, p in params.items()}
     saved_grads = {n: p.grad for n, p in params.items()}
     chosen = [params[n] for n in candidates]
     old: list[torch.Tensor] = []
-    first: list[torch.Tensor | None] = []  # g0, for the trapezoid rule
+    first: list[torch.Tensor | None] = []  # g0
     scores: dict[str, float] = {}
+    loss = math.nan
     try:
         model.eval()
         for n, p in params.items():
@@ -132,9 +165,8 @@ def tensor_importance(
         with torch.no_grad():
             old = [p.detach().clone() for p in chosen]  # on the parameter's own device
         with torch.enable_grad():
-            _accumulate_gradients(model, batches)
-            if rule == "trapezoid":
-                first = [None if p.grad is None else p.grad.detach().clone() for p in chosen]
+            loss = _accumulate_gradients(model, batches)
+            first = [None if p.grad is None else p.grad.detach().clone() for p in chosen]
             optimizer_factory(chosen).step()
             for p in chosen:
                 p.grad = None
@@ -166,7 +198,8 @@ def tensor_importance(
             stacklevel=2,
         )
         scores.update(dict.fromkeys(bad, 0.0))
-    return scores
+    gradients = {n: g for n, g in zip(candidates, first, strict=True) if g is not None}
+    return ImportancePass(scores, loss, gradients)
 
 
 def importance_flops(profile: TensorProfile, names: Iterable[str] | None, n_batches: int) -> StepFlops:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from greencore.importance import importance_flops, tensor_importance
+from greencore.importance import importance_flops, importance_pass
 from greencore.profile import TensorProfile
 from greencore.select import BudgetTooSmall, reachable_tensors, select_tensors
 from greencore.spec import Hyperparameters
@@ -28,12 +28,23 @@ class MethodError(ValueError):
 
 
 @dataclass
+class FirstStep:
+    """The epoch's first training step, already computed while choosing: the chosen tensors' gradients of the
+    loss on the epoch's first batch at the current weights, and that loss. The trainer applies it (clipping,
+    optimizer, scheduler as for any step) and trains the epoch's other batches."""
+
+    gradients: dict[str, torch.Tensor]
+    loss: float
+
+
+@dataclass
 class Choice:
     """The tensors one epoch trains (names of the trained model's parameters) and what choosing them cost."""
 
     names: tuple[str, ...]
     selection_flops: int = 0  # FLOPs of the importance passes, counted in the epoch's budget
     details: dict[str, Any] = field(default_factory=dict)  # what the method wants recorded (k, objective, ...)
+    first_step: FirstStep | None = None  # the first batch's step, when choosing computed it (green)
 
 
 @dataclass
@@ -43,6 +54,8 @@ class EpochContext:
     epoch: int  # 1-based
     model: nn.Module
     profile: TensorProfile  # the epoch's steps combined: step_flops(mask) is the whole epoch's training FLOPs
+    rest_profile: TensorProfile | None  # the epoch's steps after the first, combined; None when the epoch has
+    # one batch or importance runs on several (the first step cannot then come from the importance pass)
     full_flops: int  # what full fine-tuning of the base model spends on the epoch's steps
     later: Callable[[], list[tuple[TensorProfile, int]]]  # (combined profile, full FLOPs) of the later epochs
     # this choice covers (until the next selection)
@@ -92,7 +105,13 @@ def rho_of(hp: Hyperparameters) -> float:
 class GreenMethod:
     """GreenTrainer: at the start and every ``reselect_every`` epochs, measure each tensor's importance on the
     epoch's first batch(es) and train the tensors that maximise it within ``rho`` of full fine-tuning FLOPs,
-    the importance passes included."""
+    the importance passes included.
+
+    Measured on one batch, the importance pass's first gradients are the epoch's first training step for the
+    tensors chosen (the gradient of a tensor does not depend on which others train): that step is kept
+    (``Choice.first_step``) rather than computed again, so the budget pays the importance passes and the
+    epoch's other steps. It differs from a loop step only in running without dropout, in float32.
+    """
 
     name = "green"
 
@@ -106,25 +125,38 @@ class GreenMethod:
     def choose(self, ctx: EpochContext) -> Choice | None:
         if (ctx.epoch - 1) % self.hp.reselect_every:
             return None
-        # Only tensors that could train within the budget on their own are worth measuring, and measuring
-        # fewer (shallower) tensors costs less backward.
-        candidates = reachable_tensors(ctx.profile, self.rho)
-        importance = tensor_importance(ctx.model, ctx.importance_batches, ctx.optimizer_factory, names=candidates)
-        spent = sum(importance_flops(p, candidates, 1).total for p in ctx.importance_profiles)
-        # The choice must fit every epoch it covers. Epochs differ a little in their shapes, so a choice that
-        # fits the first may overrun a later one by a hair: tighten the target until all fit.
-        epochs = [(ctx.profile, ctx.full_flops, spent)] + [(p, f, 0) for p, f in ctx.later()]
-        target = self.rho
-        for _ in range(20):
-            sel = select_tensors(ctx.profile, importance, target, reserved_flops=spent)
-            chosen = sel.names
-            worst = max((p.step_flops(chosen).total + s) / f for p, f, s in epochs)
-            if worst <= self.rho:
-                ranked = sorted(importance.items(), key=lambda kv: -kv[1])
-                return Choice(chosen, spent, {"objective": sel.objective, "target_rho": target,
-                                              "importance_top": ranked[:5]})
-            target *= (self.rho / worst) * (1 - 1e-6)
-        raise MethodError(f"no selection fits rho={self.rho} in every epoch of the reselection interval")
+        keep_first = ctx.rest_profile is not None and len(ctx.importance_batches) == 1
+        loop = ctx.rest_profile if keep_first else ctx.profile  # the steps the trainer's loop will run
+        # Budgets on ``loop`` are shares of its own full FLOPs; the job's rho is a share of the whole epoch's.
+        scale = ctx.full_flops / loop.full.total
+        target = min(1.0, self.rho * scale)
+        try:
+            # Only tensors that could train within the budget on their own are worth measuring, and measuring
+            # fewer (shallower) tensors costs less backward.
+            candidates = reachable_tensors(loop, target)
+            measured = importance_pass(ctx.model, ctx.importance_batches, ctx.optimizer_factory, names=candidates)
+            importance = measured.scores
+            spent = sum(importance_flops(p, candidates, 1).total for p in ctx.importance_profiles)
+            # The choice must fit every epoch it covers. Epochs differ a little in their shapes, so a choice that
+            # fits the first may overrun a later one by a hair: tighten the target until all fit.
+            epochs = [(loop, ctx.full_flops, spent)] + [(p, f, 0) for p, f in ctx.later()]
+            for _ in range(20):
+                sel = select_tensors(loop, importance, target, reserved_flops=spent)
+                chosen = sel.names
+                worst = max((p.step_flops(chosen).total + s) / f for p, f, s in epochs)
+                if worst <= self.rho:
+                    break
+                target *= (self.rho / worst) * (1 - 1e-6)
+            else:
+                raise MethodError(f"no selection fits rho={self.rho} in every epoch of the reselection interval")
+        except BudgetTooSmall as exc:  # its rho_min is a share of the loop's FLOPs: restate it as the epoch's
+            raise BudgetTooSmall(self.rho, exc.rho_min / scale, exc.detail) from exc
+        first = None
+        if keep_first and chosen:
+            first = FirstStep({n: measured.gradients[n] for n in chosen}, measured.loss)
+        ranked = sorted(importance.items(), key=lambda kv: -kv[1])
+        return Choice(chosen, spent, {"objective": sel.objective, "target_rho": target / scale,
+                                      "importance_top": ranked[:5]}, first)
 
 
 def transformer_layers(model: nn.Module) -> list[list[str]]:

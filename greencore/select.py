@@ -44,6 +44,7 @@ class BudgetTooSmall(ValueError):
     def __init__(self, rho: float, rho_min: float, detail: str = "") -> None:
         self.rho = rho
         self.rho_min = rho_min
+        self.detail = detail
         message = f"rho {rho:.3f} is below rho_min {rho_min:.3f} for this model and batch shape"
         super().__init__(f"{message}: {detail}" if detail else message)
 

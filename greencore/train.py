@@ -152,9 +152,10 @@ def train(
     def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
         return _to(collate(train_data, indices, pad_id, hp.max_seq_len), device)
 
-    def epoch_profile(epoch: int) -> tuple[TensorProfile, int]:
-        """The epoch's steps combined, and what full fine-tuning of the base would spend on them."""
-        shapes = [batch_shape(train_data, idx, hp.max_seq_len) for idx in _order(train_data, spec, epoch)]
+    def epoch_profile(epoch: int, skip: int = 0) -> tuple[TensorProfile, int]:
+        """The epoch's steps (less the first ``skip``) combined, and what full fine-tuning of the base would
+        spend on them."""
+        shapes = [batch_shape(train_data, idx, hp.max_seq_len) for idx in _order(train_data, spec, epoch)][skip:]
         counts = {s: shapes.count(s) for s in dict.fromkeys(shapes)}
         combined = TensorProfile.combine([(profiles.get(s), n) for s, n in counts.items()])
         return combined, sum(profiles.full(s) * n for s, n in counts.items())
@@ -174,6 +175,7 @@ def train(
                 epoch=epoch,
                 model=model,
                 profile=profile,
+                rest_profile=epoch_profile(epoch, skip=1)[0] if n_imp == 1 and len(order) > 1 else None,
                 full_flops=full_flops,
                 later=lambda e0=epoch: [epoch_profile(e) for e in range(e0 + 1, min(e0 + hp.reselect_every,
                                                                                      hp.n_epochs + 1))],
@@ -192,14 +194,23 @@ def train(
                 param.requires_grad_(name in chosen)
             trained |= chosen
 
+            first = new_choice.first_step if new_choice is not None else None
+            if first is not None:  # the importance pass computed the first batch's step: take it
+                named = dict(model.named_parameters())
+                for name, grad in first.gradients.items():
+                    named[name].grad = grad
+                _optimizer_step(params, optimizer, scheduler, hp)
             steps = _run_steps(model, params, optimizer, scheduler, order, make_batch, task, epoch, bool(chosen),
-                               hp, autocast, should_stop, on_step)
+                               hp, autocast, should_stop, on_step, first_loss=first.loss if first else None)
             if steps.stopped:
                 stopped = True
                 break
 
-            # An epoch that trains nothing runs no step, not even a forward: it costs only its selection.
-            train_flops = profile.step_flops(choice.names) if chosen else StepFlops(0, 0, 0)
+            # An epoch that trains nothing runs no step, not even a forward: it costs only its selection. The
+            # loop's steps are the epoch's, less the first when the importance pass took it.
+            looped = ctx.rest_profile if first is not None else profile
+            train_flops = looped.step_flops(choice.names) if chosen else StepFlops(0, 0, 0)
+            first_looped = shapes[1] if first is not None else shapes[0]
             total = train_flops.total + selection_flops
             valid_started = time.perf_counter()
             valid_loss, valid_acc = _evaluate(model, valid_data, pad_id, hp, device, autocast)
@@ -216,7 +227,7 @@ def train(
                     "selection": selection_flops,
                     "total": total,
                     "full": full_flops,
-                    "predicted_step": profiles.get(shapes[0]).step_flops(choice.names).total if chosen else 0,
+                    "predicted_step": profiles.get(first_looped).step_flops(choice.names).total if chosen else 0,
                     "measured_step": steps.measured_flops,
                 },
                 rho_achieved=total / full_flops,
@@ -303,29 +314,35 @@ def _run_steps(
     autocast: Any,
     should_stop: ShouldStop | None,
     on_step: OnStep | None,
+    first_loss: float | None = None,
 ) -> _EpochSteps:
-    """One epoch's optimizer steps over the batches of ``order``; the first runs under FlopCounterMode."""
+    """One epoch's optimizer steps over the batches of ``order``; the first the loop runs is measured under
+    FlopCounterMode. ``first_loss``: the first batch's step was already taken (from the importance pass), with
+    this loss; the loop starts at the second."""
     model.train()
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
     tokens = measured = 0
-    for step, idx in enumerate(order, start=1):
+    skip = 0
+    if first_loss is not None:
+        skip = 1
+        tokens += _tokens(make_batch(order[0]), task)
+        loss_sum += first_loss
+        if on_step is not None:
+            on_step(epoch, 1, len(order))
+    for step, idx in enumerate(order[skip:], start=1 + skip):
         if should_stop is not None and should_stop():
             return _EpochSteps(step - 1, tokens, None, measured, stopped=True)
         batch = make_batch(idx)
         tokens += _tokens(batch, task)
         if trains:  # else nothing fits the budget: the epoch trains nothing
-            counter = FlopCounterMode(display=False) if step == 1 else contextlib.nullcontext()
+            counter = FlopCounterMode(display=False) if step == 1 + skip else contextlib.nullcontext()
             with counter:
                 with autocast:
                     loss = model(**batch).loss
                 loss.backward()
-            if step == 1:
+            if step == 1 + skip:
                 measured = int(counter.get_total_flops())
-            if hp.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], hp.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(params, optimizer, scheduler, hp)
             loss_sum += loss.detach().float()
             if step % LOSS_CHECK_EVERY == 0 or step == len(order):  # a read syncs a GPU: not every step
                 _check_finite(loss_sum, epoch, step)
@@ -333,6 +350,15 @@ def _run_steps(
             on_step(epoch, step, len(order))
     mean = loss_sum.item() / len(order) if trains else None
     return _EpochSteps(len(order) if trains else 0, tokens, mean, measured, stopped=False)
+
+
+def _optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any, hp: Any) -> None:
+    """One training step from the gradients in ``.grad``: clip, step, schedule, clear."""
+    if hp.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], hp.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _load_tokenizer(model_dir: str) -> Any:

@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from greencore import importance_flops, profile_model, tensor_importance, tentative_optimizer_factory
+from greencore.importance import importance_pass
 from greencore.profile import eager_attention
 from tests.tiny_models import batch_for, tiny_model
 
@@ -260,3 +261,24 @@ def test_the_tentative_step_is_the_training_optimizers_next_step() -> None:
     for p, g in zip(chosen, grads, strict=True):
         assert torch.equal(p.grad, g)
     assert str(opt.state_dict()) == str(state)  # the training optimizer is untouched
+
+
+def test_the_pass_returns_the_first_gradients_and_loss_at_the_weights_as_they_were() -> None:
+    # The trainer takes the epoch's first step from them: they must be those of the mean loss at the old weights,
+    # for exactly the candidates, whatever the tentative step did afterwards.
+    model, _, batches = trained_llama()
+    names = ["model.layers.1.self_attn.v_proj.weight", "lm_head.weight", "model.norm.weight"]
+    reference = copy.deepcopy(model)
+    result = importance_pass(model, batches[:2], adamw(lr=0.1), names=names)
+
+    assert set(result.scores) == set(result.gradients) == set(names)
+    reference.eval()
+    for n, p in reference.named_parameters():
+        p.requires_grad_(n in names)
+        p.grad = None
+    losses = [reference(**b).loss for b in batches[:2]]
+    (sum(losses) / 2).backward()
+    assert result.loss == pytest.approx(float(sum(losses) / 2), rel=1e-6)
+    for n, p in reference.named_parameters():
+        if n in names:
+            torch.testing.assert_close(result.gradients[n], p.grad, msg=n)

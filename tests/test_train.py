@@ -118,11 +118,12 @@ def test_green_trains_nothing_when_no_tensor_has_positive_importance(folders, da
     # A tentative step that overshoots (a large learning rate late in training) can leave every candidate with
     # importance <= 0: the selection is then empty and the epoch trains nothing, paying only its selection.
     import greencore.methods
+    from greencore.importance import ImportancePass
 
     def all_negative(model, batches, factory, names=None):
-        return dict.fromkeys(names, -1.0)
+        return ImportancePass(dict.fromkeys(names, -1.0), 1.0)
 
-    monkeypatch.setattr(greencore.methods, "tensor_importance", all_negative)
+    monkeypatch.setattr(greencore.methods, "importance_pass", all_negative)
     _, report, seen, steps = run(folders, data, tmp_path, "llama", "messages", "green", n_epochs=2, rho=0.6)
     assert seen == report.epochs and len(seen) == 2 and not report.stopped
     for e in report.epochs:
@@ -139,7 +140,7 @@ def test_green_importance_steps_a_copy_of_the_training_optimizer(folders, data, 
     # the scheduled learning rate and the Adam moments of the tensors trained so far, not a fresh AdamW at the peak.
     import greencore.methods
 
-    real = greencore.methods.tensor_importance
+    real = greencore.methods.importance_pass
     seen_steps: list[tuple[float, int]] = []
 
     def spy(model, batches, factory, names=None):
@@ -148,7 +149,7 @@ def test_green_importance_steps_a_copy_of_the_training_optimizer(folders, data, 
         seen_steps.append((tentative.param_groups[0]["lr"], len(tentative.state)))
         return real(model, batches, factory, names=names)
 
-    monkeypatch.setattr(greencore.methods, "tensor_importance", spy)
+    monkeypatch.setattr(greencore.methods, "importance_pass", spy)
     _, report, seen, steps = run(folders, data, tmp_path, "llama", "messages", "green", n_epochs=2, rho=0.6,
                                  learning_rate=1e-3, warmup_steps=0)
     check_records(report, seen, steps, rho=0.6)
@@ -156,6 +157,65 @@ def test_green_importance_steps_a_copy_of_the_training_optimizer(folders, data, 
     (lr1, state1), (lr2, state2) = seen_steps
     assert lr1 == pytest.approx(1e-3) and state1 == 0
     assert lr2 == pytest.approx(1e-3 * (2 * n - n) / (2 * n)) and state2 > 0  # linear decay, halfway
+
+
+def test_green_takes_the_first_step_from_the_importance_pass(folders, data, tmp_path, monkeypatch):
+    # The importance pass's first gradients (at the current weights, on the epoch's first batch) are what a
+    # training step on that batch computes for the chosen tensors: the trainer applies them as the epoch's first
+    # step and its loop runs the other batches, so the budget pays one step less. The tiny Llama has no dropout,
+    # so eval and train mode compute the same loss.
+    import copy
+
+    import greencore.methods
+
+    real = greencore.methods.importance_pass
+    before: list[tuple[torch.nn.Module, dict]] = []  # (model before the pass, its batch), per selecting epoch
+
+    model_of: list[torch.nn.Module] = []  # the model in training
+
+    def spy(model, batches, factory, names=None):
+        model_of.append(model)
+        before.append((copy.deepcopy(model), batches[0]))
+        return real(model, batches, factory, names=names)
+
+    after_first: list[dict[str, torch.Tensor]] = []
+    monkeypatch.setattr(greencore.methods, "importance_pass", spy)
+
+    def on_step(epoch, step, total):
+        steps.append((epoch, step, total))
+        if (epoch, step) == (1, 1):  # called once the first step is applied, before the loop's first batch
+            after_first.append({n: p.detach().clone() for n, p in model_of[-1].named_parameters()})
+
+    steps: list[tuple[int, int, int]] = []
+    spec = TrainSpec(str(folders["llama"]), str(data["messages"]), str(tmp_path / "out"), method="green",
+                     valid_file=str(data["messages_valid"]), hyperparameters=Hyperparameters(
+                         n_epochs=2, batch_size=4, learning_rate=1e-3, max_seq_len=96, rho=0.6, max_grad_norm=0.5))
+    seen: list[EpochReport] = []
+    report = train(spec, on_epoch=seen.append, on_step=on_step)
+    check_records(report, seen, steps, rho=0.6)
+    _, full, _, _ = run(folders, data, tmp_path / "full", "llama", "messages", "full")
+
+    # The first step: the chosen tensors' gradient on the first batch, clipped, through AdamW at the scheduled lr.
+    chosen = report.epochs[0].selected_tensors
+    ref, batch = before[0]
+    for n, p in ref.named_parameters():
+        p.requires_grad_(n in chosen)
+    ref(**batch).loss.backward()
+    trained = [p for n, p in ref.named_parameters() if n in chosen]
+    torch.nn.utils.clip_grad_norm_(trained, 0.5)
+    torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.0).step()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(after_first[0][n], p.detach(), msg=n)
+        if n not in chosen:
+            assert torch.equal(after_first[0][n], p.detach()), n
+
+    # Accounting: the loop ran every batch but the first; the first is paid by the importance passes.
+    for green, whole in zip(report.epochs, full.epochs, strict=True):
+        assert green.steps == whole.steps and green.tokens == whole.tokens
+        assert 0 < green.flops["fwd"] < whole.flops["fwd"]
+        assert green.flops["full"] == whole.flops["full"]
+        first_fwd = whole.flops["fwd"] - green.flops["fwd"]  # the forward of the epoch's first batch
+        assert first_fwd < whole.flops["fwd"] / (whole.steps - 1)  # ... at most one batch's share
 
 
 def test_full_spends_full(folders, data, tmp_path):
