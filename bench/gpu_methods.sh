@@ -24,5 +24,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   --device cuda --bf16 --threads 8 \
   --lm-hidden 2048 --lm-layers 22 --lm-heads 16 --lm-intermediate 5632 --lm-vocab 8192 --lm-pretrain 20000 \
   --cls-train 8000 --cls-valid 2000 --lm-train 8000 --lm-valid 1000 \
-  --batch-size 32 --epochs 2 --bare-steps 50 \
+  --batch-size 32 --epochs 2 --bare-steps 50 --tasks classification,generation --seeds 1 --no-double \
   --name methods-gpu --out "$OUT" --work "${WORK:-/tmp/greentrainer-bench-gpu}"
