@@ -125,7 +125,7 @@ class GreenMethod:
     def choose(self, ctx: EpochContext) -> Choice | None:
         if (ctx.epoch - 1) % self.hp.reselect_every:
             return None
-        keep_first = ctx.rest_profile is not None and len(ctx.importance_batches) == 1
+        keep_first = ctx.rest_profile is not None
         loop = ctx.rest_profile if keep_first else ctx.profile  # the steps the trainer's loop will run
         # Budgets on ``loop`` are shares of its own full FLOPs; the job's rho is a share of the whole epoch's.
         scale = ctx.full_flops / loop.full.total

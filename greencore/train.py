@@ -152,10 +152,11 @@ def train(
     def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
         return _to(collate(train_data, indices, pad_id, hp.max_seq_len), device)
 
-    def epoch_profile(epoch: int, skip: int = 0) -> tuple[TensorProfile, int]:
-        """The epoch's steps (less the first ``skip``) combined, and what full fine-tuning of the base would
-        spend on them."""
-        shapes = [batch_shape(train_data, idx, hp.max_seq_len) for idx in _order(train_data, spec, epoch)][skip:]
+    def shapes_of(epoch: int) -> list[tuple[int, ...]]:
+        return [batch_shape(train_data, idx, hp.max_seq_len) for idx in _order(train_data, spec, epoch)]
+
+    def steps_profile(shapes: list[tuple[int, ...]]) -> tuple[TensorProfile, int]:
+        """Steps of these batch shapes combined, and what full fine-tuning of the base would spend on them."""
         counts = {s: shapes.count(s) for s in dict.fromkeys(shapes)}
         combined = TensorProfile.combine([(profiles.get(s), n) for s, n in counts.items()])
         return combined, sum(profiles.full(s) * n for s, n in counts.items())
@@ -169,16 +170,16 @@ def train(
             meter.start()
             order = _order(train_data, spec, epoch)
             shapes = [batch_shape(train_data, idx, hp.max_seq_len) for idx in order]
-            profile, full_flops = epoch_profile(epoch)
+            profile, full_flops = steps_profile(shapes)
             n_imp = min(hp.importance_batches, len(order))
             ctx = EpochContext(
                 epoch=epoch,
                 model=model,
                 profile=profile,
-                rest_profile=epoch_profile(epoch, skip=1)[0] if n_imp == 1 and len(order) > 1 else None,
+                rest_profile=steps_profile(shapes[1:])[0] if n_imp == 1 and len(order) > 1 else None,
                 full_flops=full_flops,
-                later=lambda e0=epoch: [epoch_profile(e) for e in range(e0 + 1, min(e0 + hp.reselect_every,
-                                                                                     hp.n_epochs + 1))],
+                later=lambda e0=epoch: [steps_profile(shapes_of(e)) for e in range(e0 + 1, min(e0 + hp.reselect_every,
+                                                                                                hp.n_epochs + 1))],
                 importance_batches=[make_batch(idx) for idx in order[:n_imp]],
                 importance_profiles=[profiles.get(s) for s in shapes[:n_imp]],
                 # The tentative step of the importance pass is the training optimizer's next step (a copy of it:
@@ -201,7 +202,8 @@ def train(
                     named[name].grad = grad
                 _optimizer_step(params, optimizer, scheduler, hp)
             steps = _run_steps(model, params, optimizer, scheduler, order, make_batch, task, epoch, bool(chosen),
-                               hp, autocast, should_stop, on_step, first_loss=first.loss if first else None)
+                               hp, autocast, should_stop, on_step,
+                               first=(first.loss, ctx.importance_batches[0]) if first else None)
             if steps.stopped:
                 stopped = True
                 break
@@ -314,19 +316,19 @@ def _run_steps(
     autocast: Any,
     should_stop: ShouldStop | None,
     on_step: OnStep | None,
-    first_loss: float | None = None,
+    first: tuple[float, dict[str, torch.Tensor]] | None = None,
 ) -> _EpochSteps:
     """One epoch's optimizer steps over the batches of ``order``; the first the loop runs is measured under
-    FlopCounterMode. ``first_loss``: the first batch's step was already taken (from the importance pass), with
-    this loss; the loop starts at the second."""
+    FlopCounterMode. ``first``: (loss, batch) of the first batch, whose step was already taken (from the
+    importance pass); the loop starts at the second."""
     model.train()
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
     tokens = measured = 0
     skip = 0
-    if first_loss is not None:
+    if first is not None:
         skip = 1
-        tokens += _tokens(make_batch(order[0]), task)
-        loss_sum += first_loss
+        loss_sum += first[0]
+        tokens += _tokens(first[1], task)
         if on_step is not None:
             on_step(epoch, 1, len(order))
     for step, idx in enumerate(order[skip:], start=1 + skip):
