@@ -1,7 +1,7 @@
 """What a job costs before it runs, and the budget (rho) a job's hyperparameters put in force.
 
 The dataset is tokenized with the model's tokenizer exactly as the training run will (greencore.data), the
-epochs are cut into batches in the run's order (``epoch_order``, seeded) and padded as the run pads them
+epochs are cut into batches in the run's order (``epoch_batches``, seeded) and padded as the run pads them
 (``batch_shape``); each distinct padded shape is profiled once (``profile_model`` on the meta device, batch 1:
 FLOPs are linear in the batch), and an epoch's profile is the sum of its batches' (``TensorProfile.combine``).
 Time and energy follow from FLOPs on the configured device profile: ``time_s = flops / (peak * utilization)``,
@@ -93,13 +93,14 @@ def _encoded(model_path: str, mtime: int, file_path: str, _sha256: str, max_seq_
 
 def plan_dataset(model_path: str, mtime: int, file_path: str, sha256: str, hp: Hyperparameters, seed: int) -> DatasetPlan:
     """Tokenize (cached) and batch a dataset for ``hp.n_epochs`` epochs as the run will."""
-    from greencore.data import batch_shape, epoch_order
+    from greencore.data import batch_shape, epoch_batches
 
     encoded, num_labels = _encoded(model_path, mtime, file_path, sha256, hp.max_seq_len)
     epochs, importance = [], []
     for epoch in range(1, hp.n_epochs + 1):
         rows: Counter[tuple[int, ...]] = Counter()
-        shapes = [batch_shape(encoded, idx, hp.max_seq_len) for idx in epoch_order(len(encoded), hp.batch_size, seed, epoch)]
+        batches = epoch_batches(encoded, hp.batch_size, seed, epoch, hp.max_seq_len, hp.importance_batches)
+        shapes = [batch_shape(encoded, idx, hp.max_seq_len) for idx in batches]
         for shape in shapes:
             rows[shape[1:]] += shape[0]
         epochs.append(tuple(sorted(rows.items())))

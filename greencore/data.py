@@ -373,6 +373,30 @@ def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list
     return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
 
 
+def epoch_batches(data: Encoded, batch_size: int, seed: int, epoch: int, max_seq_len: int,
+                  measured: int = 1) -> list[list[int]]:
+    """The batches of one epoch as a run trains them: :func:`epoch_order`'s, with the ``measured`` batches of
+    median padded size moved to the front (in their shuffled order).
+
+    GreenTrainer measures importance on an epoch's first batches, and that measurement is paid out of the
+    budget: were it the first batch of the shuffle, its cost would follow the luck of the draw (a batch padded
+    to the epoch's longest example can cost several typical steps). A batch of median size costs what a
+    typical step does and is as representative as any. Sizes are padded tokens (``batch x seq``, plus the
+    target for seq2seq); ties go to the earlier batch. Pure, like :func:`epoch_order`.
+    """
+    batches = epoch_order(len(data.input_ids), batch_size, seed, epoch)
+    n = min(max(measured, 0), len(batches))
+    if n == 0:
+        return batches
+    shapes = [batch_shape(data, idx, max_seq_len) for idx in batches]
+    sizes = [shape[0] * sum(shape[1:]) for shape in shapes]
+    by_size = sorted(range(len(batches)), key=lambda i: (sizes[i], i))
+    start = (len(batches) - n) // 2
+    middle = sorted(by_size[start : start + n])
+    rest = set(middle)
+    return [batches[i] for i in middle] + [b for i, b in enumerate(batches) if i not in rest]
+
+
 def task_for(fmt: str, config: Any) -> str:
     """The task that data of format ``fmt`` trains on a model with this config."""
     if fmt == TEXT_LABEL:

@@ -104,7 +104,7 @@ def rho_of(hp: Hyperparameters) -> float:
 
 class GreenMethod:
     """GreenTrainer: at the start and every ``reselect_every`` epochs, measure each tensor's importance on the
-    epoch's first batch(es) and train the tensors that maximise it within ``rho`` of full fine-tuning FLOPs,
+    epoch's first batch(es) (of median size: ``greencore.data.epoch_batches``) and train the tensors that maximise it within ``rho`` of full fine-tuning FLOPs,
     the importance passes included.
 
     Measured on one batch, the importance pass's first gradients are the epoch's first training step for the

@@ -39,7 +39,7 @@ from greencore.data import (
     batch_shape,
     collate,
     encode_dataset,
-    epoch_order,
+    epoch_batches,
     task_for,
     validate_dataset,
 )
@@ -414,7 +414,8 @@ def _load_model(
 
 
 def _order(data: Encoded, spec: TrainSpec, epoch: int) -> list[list[int]]:
-    return epoch_order(len(data), spec.hyperparameters.batch_size, spec.seed, epoch)
+    hp = spec.hyperparameters
+    return epoch_batches(data, hp.batch_size, spec.seed, epoch, hp.max_seq_len, hp.importance_batches)
 
 
 # Profiles by model structure and batch shape, kept across runs in this process: a profile depends on the

@@ -7,9 +7,11 @@ import pytest
 from greencore.data import (
     IGNORE,
     DatasetError,
+    Encoded,
     batch_shape,
     collate,
     encode_dataset,
+    epoch_batches,
     epoch_order,
     task_for,
     validate_dataset,
@@ -193,6 +195,28 @@ def test_epoch_order_is_a_seeded_permutation():
     assert sorted(i for b in order for i in b) == list(range(10))
     assert order == epoch_order(10, 3, seed=1, epoch=2)
     assert order != epoch_order(10, 3, seed=1, epoch=3)
+
+
+def test_epoch_batches_put_the_median_sized_batches_first():
+    # Example i has i + 1 tokens (seq2seq: targets of other lengths), so batches differ in padded size.
+    lengths = list(range(1, 41))
+    causal = Encoded("causal_lm", [[5] * n for n in lengths], [[5] * n for n in lengths], 0, 0)
+    seq2seq = Encoded("seq2seq", [[5] * n for n in lengths], [[5] * (7 * n % 40 + 1) for n in lengths], 0, 0)
+    for data in (causal, seq2seq):
+        shuffled = epoch_order(40, 4, seed=3, epoch=1)
+        size = {tuple(b): len(b) * sum(batch_shape(data, b, 64)[1:]) for b in shuffled}  # padded tokens
+        for measured in (1, 3):
+            batches = epoch_batches(data, 4, seed=3, epoch=1, max_seq_len=64, measured=measured)
+            assert sorted(map(tuple, batches)) == sorted(map(tuple, shuffled))  # the same batches, reordered
+            front, rest = batches[:measured], batches[measured:]
+            assert rest == [b for b in shuffled if b not in front]  # the others keep the shuffled order
+            assert front == [b for b in shuffled if b in front]
+            ranked = sorted(size[tuple(b)] for b in shuffled)
+            lo = (len(ranked) - measured) // 2
+            assert sorted(size[tuple(b)] for b in front) == ranked[lo : lo + measured]  # the median sizes
+            assert batches == epoch_batches(data, 4, seed=3, epoch=1, max_seq_len=64, measured=measured)
+        assert epoch_batches(data, 4, seed=3, epoch=1, max_seq_len=64, measured=0) == shuffled
+        assert len(epoch_batches(data, 4, seed=3, epoch=1, max_seq_len=64, measured=99)) == 10
 
 
 def test_task_follows_format_and_model():

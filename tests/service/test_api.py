@@ -105,6 +105,13 @@ def test_upload_inspect_and_paginate_files(client: TestClient) -> None:
     assert client.get("/v1/files/file-nope").status_code == 404
 
 
+def test_upload_keeps_a_non_ascii_file_name(client: TestClient) -> None:
+    name = "données_日本語 (v2).jsonl"
+    created = upload(client, dataset_lines(3), name)
+    assert created["filename"] == name
+    assert client.get(f"/v1/files/{created['id']}").json()["filename"] == name
+
+
 def test_models_lists_the_demo_model(client: TestClient) -> None:
     data = client.get("/v1/models").json()["data"]
     demo = next(m for m in data if m["id"] == DEMO)
