@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.needs import ensure_bench_extra, ensure_wordnet  # noqa: E402
-from greencore.data import collate, encode_dataset, epoch_order, task_for, validate_dataset  # noqa: E402
+from greencore.data import collate, encode_dataset, epoch_batches, task_for, validate_dataset  # noqa: E402
 from greencore.demo import build_tokenizer  # noqa: E402
 from greencore.select import BudgetTooSmall  # noqa: E402
 from greencore.spec import EpochReport, Hyperparameters, TrainSpec  # noqa: E402
@@ -326,7 +326,7 @@ def bare_loop(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, s
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(hp.warmup_steps, total))
     times = []
     cuda = device.startswith("cuda")
-    for idx in epoch_order(len(data), hp.batch_size, seed, 1)[:steps]:
+    for idx in epoch_batches(data, hp.batch_size, seed, 1, hp.max_seq_len, hp.importance_batches)[:steps]:
         started = time.perf_counter()
         batch = {k: v.to(device) for k, v in collate(data, idx, tokenizer.pad_token_id, hp.max_seq_len).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and hp.bf16):
