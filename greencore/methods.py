@@ -104,8 +104,8 @@ def rho_of(hp: Hyperparameters) -> float:
 
 class GreenMethod:
     """GreenTrainer: at the start and every ``reselect_every`` epochs, measure each tensor's importance on the
-    epoch's first batch(es) (of median size: ``greencore.data.epoch_batches``) and train the tensors that maximise it within ``rho`` of full fine-tuning FLOPs,
-    the importance passes included.
+    epoch's first batch(es) (of median size: ``greencore.data.epoch_batches``) and train the tensors that
+    maximise it within ``rho`` of full fine-tuning FLOPs, the importance passes included.
 
     Measured on one batch, the importance pass's first gradients are the epoch's first training step for the
     tensors chosen (the gradient of a tensor does not depend on which others train): that step is kept
