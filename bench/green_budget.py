@@ -4,9 +4,10 @@ a larger rho; on bench/methods.py's MiniLM classification tasks.
 Run: .venv/bin/python bench/green_budget.py [--tasks pos,topic] [--seeds 0,1,2]
 (writes bench/results/green_budget.md; one task per process can run side by side: --tasks pos --name x).
 
-Each row trains for 3 epochs on bench/methods.py's fit split (720 definitions) at the learning rate
-bench/methods.py chose on dev for that method (green-0.5's for the rho-0.5 variants, green-0.6's for rho-0.6),
-and reports the validation accuracy (960 definitions) at 3 seeds, beside full fine-tuning. Variants (greencore patched in this process only):
+Each row trains for 3 epochs on bench/methods.py's fit split (720 definitions) at a fixed learning rate, the one
+bench/methods.py chose on dev at commit 62357a1 (before ``epoch_batches``) for full, green-0.5 (the rho-0.5
+variants) and green-0.6 (``LEARNING_RATES``; later records may choose others), and reports the validation
+accuracy (960 definitions) at 3 seeds. Variants (greencore patched in this process only):
 
 - ``first``: importance measured on the shuffle's first batch (greencore before ``epoch_batches``).
 - ``median``: greencore as it is: on the batch of median padded size, moved to the front.
