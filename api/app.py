@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The database is the truth: jobs queued there but lost by the broker are sent again (api/recovery.py).
         try:
             recover(session_factory, settings, queue)
-        except Exception:  # noqa: BLE001 - the API serves even when the broker is down; workers retry
+        except Exception:  # the API serves even when the broker is down; workers retry
             log.exception("recovery at start failed")
         yield
         queue.close()

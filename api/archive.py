@@ -14,7 +14,10 @@ BLOCK = 512
 CHUNK = 1 << 20
 # Files of a checkpoint folder that only a resumed run needs (optimizer state, float32 master weights): left out
 # of downloads and of a checkpoint's `bytes`.
-RESUME_ONLY = ("training_state.pt", "master_weights.safetensors")  # greencore.checkpoint.STATE_FILE, MASTER_FILE
+RESUME_ONLY = (
+    "training_state.pt",
+    "master_weights.safetensors",
+)  # greencore.checkpoint.STATE_FILE, MASTER_FILE
 
 
 class ArchiveChanged(OSError):
@@ -42,19 +45,24 @@ class TarPlan:
             try:
                 handle = entry.path.open("rb")
             except FileNotFoundError as exc:
-                raise ArchiveChanged(errno.ENOENT, "removed while the archive was being sent", str(entry.path)) from exc
+                raise ArchiveChanged(
+                    errno.ENOENT, "removed while the archive was being sent", str(entry.path)
+                ) from exc
             with handle:
                 stat = os.fstat(handle.fileno())
                 if (stat.st_dev, stat.st_ino) != entry.identity or stat.st_size != entry.size:
-                    raise ArchiveChanged(errno.ESTALE, "replaced while the archive was being sent", str(entry.path))
+                    raise ArchiveChanged(
+                        errno.ESTALE, "replaced while the archive was being sent", str(entry.path)
+                    )
                 yield entry.header
                 sent = 0
                 while sent < entry.size and (chunk := handle.read(min(CHUNK, entry.size - sent))):
                     sent += len(chunk)
                     yield chunk
             if sent != entry.size:
-                raise ArchiveChanged(errno.EIO, f"shrank to {sent} of {entry.size} bytes while being sent",
-                                     str(entry.path))
+                raise ArchiveChanged(
+                    errno.EIO, f"shrank to {sent} of {entry.size} bytes while being sent", str(entry.path)
+                )
             if entry.size % BLOCK:
                 yield b"\0" * (BLOCK - entry.size % BLOCK)
         yield b"\0" * (2 * BLOCK)  # end of archive
@@ -64,7 +72,9 @@ def folder_bytes(folder: Path, exclude: Iterable[str] = RESUME_ONLY) -> int:
     """Bytes of the regular files under ``folder``, leaving out top-level names in ``exclude``."""
     skip = set(exclude)
     return sum(
-        p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).parts[0] not in skip
+        p.stat().st_size
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).parts[0] not in skip
     )
 
 
@@ -72,7 +82,9 @@ def plan_tar(folder: Path, root: str, exclude: Iterable[str] = ()) -> TarPlan:
     """Plan a tar of ``folder``'s regular files (recursively) under the top folder ``root``; names in
     ``exclude`` (top-level files or folders) are left out. Symlinks are followed (final/ holds hard links).
     FileNotFoundError if ``folder`` (or a file in it) is gone."""
-    if not folder.is_dir():  # rglob of a missing folder finds nothing: that would plan an empty, valid archive
+    if (
+        not folder.is_dir()
+    ):  # rglob of a missing folder finds nothing: that would plan an empty, valid archive
         raise FileNotFoundError(errno.ENOENT, "no such folder", str(folder))
     skip = set(exclude)
     entries = []

@@ -26,7 +26,9 @@ class ModelInfo:
     parameters: int
     tensors: int
     is_encoder_decoder: bool
-    tensor_names: tuple[str, ...]  # in model order, a tied weight once (as epochs' selected_tensors name them)
+    tensor_names: tuple[
+        str, ...
+    ]  # in model order, a tied weight once (as epochs' selected_tensors name them)
 
 
 class ModelCatalog:
@@ -40,7 +42,8 @@ class ModelCatalog:
         if not self.models_dir.is_dir():
             return []
         return sorted(
-            p.name for p in self.models_dir.iterdir()
+            p.name
+            for p in self.models_dir.iterdir()
             if not p.name.startswith(".") and (p / "config.json").is_file()
         )
 
@@ -50,7 +53,8 @@ class ModelCatalog:
         if model_id not in available:
             names = ", ".join(available) or "none"
             raise InvalidRequest(
-                f"model {model_id!r} not found: available models are {names} (see GET /v1/models)", param="model"
+                f"model {model_id!r} not found: available models are {names} (see GET /v1/models)",
+                param="model",
             )
         return self.models_dir / model_id
 

@@ -26,7 +26,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return 2
     full = profile.full
     width = max(len(n) for n in profile.names)
-    print(f"{'tensor':<{width}}  {'bwd_weight_flops':>16}  {'bwd_act_flops_to_reach':>22}  {'step_share':>10}")
+    print(
+        f"{'tensor':<{width}}  {'bwd_weight_flops':>16}  {'bwd_act_flops_to_reach':>22}  {'step_share':>10}"
+    )
     for name in profile.names:
         alone = profile.tensor_flops(name)
         share = alone.total / full.total
@@ -46,7 +48,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api.serve import serve
 
     settings = get_settings()
-    return serve(settings, args.host or settings.host, args.port or settings.port, not args.no_worker, args.workers)
+    return serve(
+        settings, args.host or settings.host, args.port or settings.port, not args.no_worker, args.workers
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -103,7 +107,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             return 1
     # Never the key nor its hash: the prefix is enough to tell keys apart and to revoke one.
     rows = [("id", "tenant", "name", "prefix", "created", "revoked")]
-    rows += [(k.id, tenant, k.name or "-", k.prefix, _when(k.created_at), _when(k.revoked_at)) for k, tenant in keys]
+    rows += [
+        (k.id, tenant, k.name or "-", k.prefix, _when(k.created_at), _when(k.revoked_at))
+        for k, tenant in keys
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -147,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("migrate", help="apply the database migrations (alembic upgrade head)")
-    p.add_argument("--revision", default=None, help="target revision (default head, or base with --downgrade)")
+    p.add_argument(
+        "--revision", default=None, help="target revision (default head, or base with --downgrade)"
+    )
     p.add_argument("--downgrade", action="store_true", help="migrate down instead")
     p.set_defaults(func=cmd_migrate)
 
@@ -160,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default=None, help="only this tenant's keys")
     p.set_defaults(func=cmd_keys_list)
     p = keys.add_parser("revoke", help="revoke a key: from the next request on it answers 401")
-    p.add_argument("key", metavar="KEY_ID_OR_PREFIX_OR_KEY", help="the key's id or prefix (see `keys list`), or the key")
+    p.add_argument(
+        "key", metavar="KEY_ID_OR_PREFIX_OR_KEY", help="the key's id or prefix (see `keys list`), or the key"
+    )
     p.set_defaults(func=cmd_keys_revoke)
 
     add_client_commands(sub)

@@ -50,8 +50,10 @@ def cmd_files_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(page)
         return 0
-    _table([[f["id"], f["filename"], f["format"], f["examples"], f["tokens"], f["bytes"]] for f in page["data"]],
-           ["id", "filename", "format", "examples", "tokens", "bytes"])
+    _table(
+        [[f["id"], f["filename"], f["format"], f["examples"], f["tokens"], f["bytes"]] for f in page["data"]],
+        ["id", "filename", "format", "examples", "tokens", "bytes"],
+    )
     return 0
 
 
@@ -61,20 +63,36 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(page)
         return 0
-    _table([[m["id"], m["architecture"], m["parameters"], m["tensors"]] for m in page["data"]],
-           ["id", "architecture", "parameters", "tensors"])
+    _table(
+        [[m["id"], m["architecture"], m["parameters"], m["tensors"]] for m in page["data"]],
+        ["id", "architecture", "parameters", "tensors"],
+    )
     return 0
 
 
 def _job_body(args: argparse.Namespace) -> dict[str, Any]:
     hp = {
         name: getattr(args, name)
-        for name in ("n_epochs", "batch_size", "learning_rate", "max_seq_len", "rho", "max_flops", "max_energy_kwh",
-                     "reselect_every", "topk_layers")
+        for name in (
+            "n_epochs",
+            "batch_size",
+            "learning_rate",
+            "max_seq_len",
+            "rho",
+            "max_flops",
+            "max_energy_kwh",
+            "reselect_every",
+            "topk_layers",
+        )
         if getattr(args, name) is not None
     }
-    body: dict[str, Any] = {"model": args.model, "training_file": args.training_file, "method": args.method,
-                            "hyperparameters": hp, "seed": args.seed}
+    body: dict[str, Any] = {
+        "model": args.model,
+        "training_file": args.training_file,
+        "method": args.method,
+        "hyperparameters": hp,
+        "seed": args.seed,
+    }
     if getattr(args, "validation_file", None):
         body["validation_file"] = args.validation_file
     if getattr(args, "suffix", None):
@@ -90,11 +108,21 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         _print_json(est)
         return 0
     rho = f"{est['rho']:.3f}" if est["rho"] is not None else "--"
-    print(f"{est['method']} on {est['model']}: {est['n_epochs']} epochs x {est['steps_per_epoch']} steps, "
-          f"{est['tokens']} tokens per epoch; rho {rho} (rho_min {est['rho_min']:.3f})")
+    print(
+        f"{est['method']} on {est['model']}: {est['n_epochs']} epochs x {est['steps_per_epoch']} steps, "
+        f"{est['tokens']} tokens per epoch; rho {rho} (rho_min {est['rho_min']:.3f})"
+    )
     _table(
-        [[k, f"{est['flops'][k]:.3e}", duration(est["time_s"][k]), f"{est['energy_j'][k]:.3g}",
-          f"{est['gco2e'][k]:.3g}"] for k in ("full", "method")],
+        [
+            [
+                k,
+                f"{est['flops'][k]:.3e}",
+                duration(est["time_s"][k]),
+                f"{est['energy_j'][k]:.3g}",
+                f"{est['gco2e'][k]:.3g}",
+            ]
+            for k in ("full", "method")
+        ],
         ["", "flops", "time", "energy_j", "gco2e"],
     )
     print(f"FLOPs saved: {100 * est['flops_saved']:.1f}% ({est['basis']}) on device {est['device']['name']}")
@@ -104,7 +132,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_jobs_create(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.create_job(_job_body(args))
-        print(f"created job {job['id']} ({job['method']}, rho {job['rho']}): {job['status']}", file=sys.stderr)
+        print(
+            f"created job {job['id']} ({job['method']}, rho {job['rho']}): {job['status']}", file=sys.stderr
+        )
         if args.wait:
             job = watch(client, job["id"], sys.stderr)
             _print_epochs(client, job["id"])
@@ -131,8 +161,17 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     rows = []
     for j in page["data"]:
         saved = j["flops"]["saved"]
-        rows.append([j["id"], j["status"], j["model"], j["method"], j["rho"],
-                     f"{100 * saved:.1f}%" if saved is not None else "", f"{j['energy_j']:.1f}"])
+        rows.append(
+            [
+                j["id"],
+                j["status"],
+                j["model"],
+                j["method"],
+                j["rho"],
+                f"{100 * saved:.1f}%" if saved is not None else "",
+                f"{j['energy_j']:.1f}",
+            ]
+        )
     _table(rows, ["id", "status", "model", "method", "rho", "flops_saved", "energy_j"])
     return 0
 
@@ -144,11 +183,39 @@ def _print_epochs(client: Client, job_id: str) -> None:
         f = e["flops"]
         loss = f"{e['train_loss']:.4f}" if e["train_loss"] is not None else ""
         valid = f"{e['valid_loss']:.4f}" if e["valid_loss"] is not None else ""
-        rows.append([e["epoch"], len(e["selected_tensors"]), f"{f['total']:.3e}", f"{f['full']:.3e}",
-                     f"{e['rho_achieved']:.3f}", e["tokens"], f"{e['wall_s']:.1f}", loss, valid,
-                     f"{e['energy_j']:.3g}", e["energy_method"], f"{e['gco2e']:.3g}"])
-    _table(rows, ["epoch", "tensors", "flops", "flops_full", "rho", "tokens", "wall_s", "train_loss",
-                  "valid_loss", "energy_j", "energy", "gco2e"])
+        rows.append(
+            [
+                e["epoch"],
+                len(e["selected_tensors"]),
+                f"{f['total']:.3e}",
+                f"{f['full']:.3e}",
+                f"{e['rho_achieved']:.3f}",
+                e["tokens"],
+                f"{e['wall_s']:.1f}",
+                loss,
+                valid,
+                f"{e['energy_j']:.3g}",
+                e["energy_method"],
+                f"{e['gco2e']:.3g}",
+            ]
+        )
+    _table(
+        rows,
+        [
+            "epoch",
+            "tensors",
+            "flops",
+            "flops_full",
+            "rho",
+            "tokens",
+            "wall_s",
+            "train_loss",
+            "valid_loss",
+            "energy_j",
+            "energy",
+            "gco2e",
+        ],
+    )
 
 
 def cmd_jobs_get(args: argparse.Namespace) -> int:
@@ -159,8 +226,10 @@ def cmd_jobs_get(args: argparse.Namespace) -> int:
             return 0
         rho = f"{job['rho']:.4g}" if job["rho"] is not None else "--"
         rho_min = f"{job['rho_min']:.4f}" if job["rho_min"] is not None else "--"
-        print(f"job {job['id']}: {job['status']}  model {job['model']}  method {job['method']}  "
-              f"rho {rho} (rho_min {rho_min})")
+        print(
+            f"job {job['id']}: {job['status']}  model {job['model']}  method {job['method']}  "
+            f"rho {rho} (rho_min {rho_min})"
+        )
         print(progress_line(job))
         if job.get("error"):
             print(f"error {job['error']['code']}: {job['error']['message']}")
@@ -189,7 +258,9 @@ def cmd_jobs_download(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=None, help="API base URL (default GT_API_URL, else http://127.0.0.1:GT_PORT)")
+    p.add_argument(
+        "--url", default=None, help="API base URL (default GT_API_URL, else http://127.0.0.1:GT_PORT)"
+    )
     p.add_argument("--api-key", default=None, help="API key (default GT_API_KEY)")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
 
@@ -248,9 +319,11 @@ def add_client_commands(sub: Any) -> None:
     p.add_argument("--status", default=None)
     _common(p)
     p.set_defaults(func=cmd_jobs_list)
-    for name, func, text in (("get", cmd_jobs_get, "a job and its per-epoch table"),
-                             ("watch", cmd_jobs_watch, "a progress bar until the job ends"),
-                             ("cancel", cmd_jobs_cancel, "cancel a job")):
+    for name, func, text in (
+        ("get", cmd_jobs_get, "a job and its per-epoch table"),
+        ("watch", cmd_jobs_watch, "a progress bar until the job ends"),
+        ("cancel", cmd_jobs_cancel, "cancel a job"),
+    ):
         p = jobs.add_parser(name, help=text)
         p.add_argument("job_id")
         _common(p)

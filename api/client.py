@@ -55,7 +55,9 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self.request("GET", "/health")
 
-    def upload_file(self, path: str | Path, purpose: str = "fine-tune", model: str | None = None) -> dict[str, Any]:
+    def upload_file(
+        self, path: str | Path, purpose: str = "fine-tune", model: str | None = None
+    ) -> dict[str, Any]:
         path = Path(path)
         data = {"purpose": purpose, **({"model": model} if model else {})}
         with path.open("rb") as handle:
@@ -73,7 +75,9 @@ class Client:
     def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/v1/jobs", json=body)
 
-    def list_jobs(self, limit: int = 20, after: str | None = None, status: str | None = None) -> dict[str, Any]:
+    def list_jobs(
+        self, limit: int = 20, after: str | None = None, status: str | None = None
+    ) -> dict[str, Any]:
         return self.request("GET", "/v1/jobs", params=_params(limit=limit, after=after, status=status))
 
     def get_job(self, job_id: str) -> dict[str, Any]:

@@ -23,31 +23,53 @@ class Settings(BaseSettings):
 
     # Where things live.
     data_dir: Path = Field(Path(".greentrainer"), description="root of the embedded default's files")
-    models_dir: Path | None = Field(None, description="base models, one Hugging Face folder each (default DATA_DIR/models)")
-    artifacts_dir: Path | None = Field(None, description="uploads and checkpoints (default DATA_DIR/artifacts)")
-    database_url: str | None = Field(None, description="SQLAlchemy URL (default sqlite:///DATA_DIR/greentrainer.db)")
-    broker_url: str | None = Field(None, description="Celery broker (default sqla+sqlite:///DATA_DIR/broker.db)")
-    broker_prefix: str = Field("", description="prefix of every Redis key, to share one Redis between deployments")
+    models_dir: Path | None = Field(
+        None, description="base models, one Hugging Face folder each (default DATA_DIR/models)"
+    )
+    artifacts_dir: Path | None = Field(
+        None, description="uploads and checkpoints (default DATA_DIR/artifacts)"
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL (default sqlite:///DATA_DIR/greentrainer.db)"
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker (default sqla+sqlite:///DATA_DIR/broker.db)"
+    )
+    broker_prefix: str = Field(
+        "", description="prefix of every Redis key, to share one Redis between deployments"
+    )
 
     # The HTTP server.
     host: str = Field("127.0.0.1", description="address `greentrainer serve` binds")
     port: int = Field(8000, ge=1, le=65535, description="port `greentrainer serve` listens on")
     bootstrap_api_key: SecretStr | None = Field(None, description="a key valid for tenant `default`")
-    demo_model: str = Field("demo-tiny", description="name of the demo model created when MODELS_DIR is empty")
+    demo_model: str = Field(
+        "demo-tiny", description="name of the demo model created when MODELS_DIR is empty"
+    )
     max_upload_bytes: int = Field(1 << 30, gt=0, description="largest dataset upload, bytes")
-    max_active_jobs: int = Field(10, ge=1, description="jobs a tenant may have validating, queued or running at once")
+    max_active_jobs: int = Field(
+        10, ge=1, description="jobs a tenant may have validating, queued or running at once"
+    )
     db_pool_size: int = Field(10, ge=1, description="database connections kept per process")
     access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
 
     # The client commands (`greentrainer files|jobs ...`).
-    api_url: str | None = Field(None, description="base URL the client commands call (default http://HOST:PORT)")
+    api_url: str | None = Field(
+        None, description="base URL the client commands call (default http://HOST:PORT)"
+    )
     api_key: SecretStr | None = Field(None, description="API key the client commands send")
 
     # The worker.
-    train_device: str | None = Field(None, description="'cuda' or 'cpu' for training; unset: CUDA when present")
-    cancel_poll_s: float = Field(1.0, gt=0, description="how often a running job reads its state (cancel, heartbeat)")
+    train_device: str | None = Field(
+        None, description="'cuda' or 'cpu' for training; unset: CUDA when present"
+    )
+    cancel_poll_s: float = Field(
+        1.0, gt=0, description="how often a running job reads its state (cancel, heartbeat)"
+    )
     heartbeat_stale_s: float = Field(
-        300.0, gt=0, description="a running job whose heartbeat is older has lost its worker: it is queued again"
+        300.0,
+        gt=0,
+        description="a running job whose heartbeat is older has lost its worker: it is queued again",
     )
     max_attempts: int = Field(3, ge=1, description="times a job may be started before a lost worker fails it")
     recovery_interval_s: float = Field(

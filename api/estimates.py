@@ -65,7 +65,9 @@ class RunCosts:
 
 
 @lru_cache(maxsize=32)
-def _encoded(model_path: str, mtime: int, file_path: str, _sha256: str, max_seq_len: int) -> tuple[Any, int | None]:
+def _encoded(
+    model_path: str, mtime: int, file_path: str, _sha256: str, max_seq_len: int
+) -> tuple[Any, int | None]:
     from greencore.data import PROMPT_COMPLETION, DatasetError, encode_dataset, task_for
     from greencore.models import load_config
 
@@ -73,8 +75,9 @@ def _encoded(model_path: str, mtime: int, file_path: str, _sha256: str, max_seq_
     config = load_config(model_path)
     task = task_for(summary.format, config)
     if task == "classification" and getattr(config, "is_encoder_decoder", False):
-        raise InvalidRequest("text/label data trains a classifier: pick a model that is not encoder-decoder",
-                             param="model")
+        raise InvalidRequest(
+            "text/label data trains a classifier: pick a model that is not encoder-decoder", param="model"
+        )
     label2id = {name: i for i, name in enumerate(summary.labels)} if summary.labels else None
     try:
         encoded = encode_dataset(summary, tokenizer_at(model_path, mtime), task, max_seq_len, label2id)
@@ -82,16 +85,21 @@ def _encoded(model_path: str, mtime: int, file_path: str, _sha256: str, max_seq_
         raise DatasetInvalid(exc.message, exc.line, exc.field) from exc
     if encoded.dropped_lines:  # refused rather than silently left out of the run
         first, more = encoded.dropped_lines[0], len(encoded.dropped_lines) - 1
-        field, learned = ("completion",) * 2 if summary.format == PROMPT_COMPLETION else ("messages", "assistant")
+        field, learned = (
+            ("completion",) * 2 if summary.format == PROMPT_COMPLETION else ("messages", "assistant")
+        )
         raise DatasetInvalid(
             f"no {learned} token is left to learn from within max_seq_len={max_seq_len} tokens"
             f"{f' (nor in {more} more lines)' if more else ''}: shorten the example or raise max_seq_len",
-            first, field,
+            first,
+            field,
         )
     return encoded, (len(summary.labels) if summary.labels else None)
 
 
-def plan_dataset(model_path: str, mtime: int, file_path: str, sha256: str, hp: Hyperparameters, seed: int) -> DatasetPlan:
+def plan_dataset(
+    model_path: str, mtime: int, file_path: str, sha256: str, hp: Hyperparameters, seed: int
+) -> DatasetPlan:
     """Tokenize (cached) and batch a dataset for ``hp.n_epochs`` epochs as the run will."""
     from greencore.data import batch_shape, epoch_batches
 
@@ -106,9 +114,14 @@ def plan_dataset(model_path: str, mtime: int, file_path: str, sha256: str, hp: H
         epochs.append(tuple(sorted(rows.items())))
         importance.append(tuple((shape[1:], shape[0]) for shape in shapes[: hp.importance_batches]))
     return DatasetPlan(
-        task=encoded.task, examples=len(encoded), tokens=sum(len(ids) for ids in encoded.input_ids),
-        truncated=encoded.truncated, num_labels=num_labels, steps_per_epoch=-(-len(encoded) // hp.batch_size),
-        epochs=tuple(epochs), importance=tuple(importance),
+        task=encoded.task,
+        examples=len(encoded),
+        tokens=sum(len(ids) for ids in encoded.input_ids),
+        truncated=encoded.truncated,
+        num_labels=num_labels,
+        steps_per_epoch=-(-len(encoded) // hp.batch_size),
+        epochs=tuple(epochs),
+        importance=tuple(importance),
     )
 
 
@@ -127,7 +140,9 @@ def _meta_model(model_path: str, task: str, num_labels: int | None) -> Any:
 
 
 @lru_cache(maxsize=512)
-def _shape_profile(model_path: str, _mtime: int, task: str, num_labels: int | None, shape: tuple[int, ...]) -> Any:
+def _shape_profile(
+    model_path: str, _mtime: int, task: str, num_labels: int | None, shape: tuple[int, ...]
+) -> Any:
     from greencore.profile import profile_model
 
     with TRACE_LOCK:
@@ -136,7 +151,9 @@ def _shape_profile(model_path: str, _mtime: int, task: str, num_labels: int | No
 
 
 @lru_cache(maxsize=32)
-def _layers(model_path: str, _mtime: int, task: str, num_labels: int | None) -> tuple[list[list[str]], list[str]]:
+def _layers(
+    model_path: str, _mtime: int, task: str, num_labels: int | None
+) -> tuple[list[list[str]], list[str]]:
     from greencore.methods import attention_projections, transformer_layers
 
     with TRACE_LOCK:
@@ -150,7 +167,9 @@ def _cheapest(profile: Any) -> int:
 
 
 @lru_cache(maxsize=256)
-def _run_costs(model_path: str, mtime: int, file_path: str, sha256: str, method: str, hp_json: str, seed: int) -> RunCosts:
+def _run_costs(
+    model_path: str, mtime: int, file_path: str, sha256: str, method: str, hp_json: str, seed: int
+) -> RunCosts:
     from greencore.methods import top_layers
     from greencore.profile import TensorProfile
 
@@ -160,7 +179,9 @@ def _run_costs(model_path: str, mtime: int, file_path: str, sha256: str, method:
     def profile_of(shape: tuple[int, ...]) -> Any:
         return _shape_profile(model_path, mtime, plan.task, plan.num_labels, shape)
 
-    profiles = [TensorProfile.combine((profile_of(shape), rows) for shape, rows in epoch) for epoch in plan.epochs]
+    profiles = [
+        TensorProfile.combine((profile_of(shape), rows) for shape, rows in epoch) for epoch in plan.epochs
+    ]
     full = sum(p.full.total for p in profiles)
     rho_min = max(p.rho_min for p in profiles)
     if method == "full":
@@ -181,7 +202,9 @@ def _run_costs(model_path: str, mtime: int, file_path: str, sha256: str, method:
         return RunCosts(plan, full, None, rho_min, "budget")
     # green: epochs that select also pay the importance passes (two full steps per importance batch, as
     # greencore.importance.importance_flops counts them), inside the same budget.
-    selecting = [sum(2 * rows * profile_of(shape).full.total for shape, rows in batches) for batches in plan.importance]
+    selecting = [
+        sum(2 * rows * profile_of(shape).full.total for shape, rows in batches) for batches in plan.importance
+    ]
     rho_min = max(
         (_cheapest(p) + (cost if epoch % hp.reselect_every == 0 else 0)) / p.full.total
         for epoch, (p, cost) in enumerate(zip(profiles, selecting, strict=True))
@@ -189,15 +212,29 @@ def _run_costs(model_path: str, mtime: int, file_path: str, sha256: str, method:
     return RunCosts(plan, full, None, rho_min, "budget")
 
 
-def run_costs(catalog: ModelCatalog, settings: Settings, model_id: str, file: File, method: str,
-              hp: Hyperparameters, seed: int) -> RunCosts:
+def run_costs(
+    catalog: ModelCatalog,
+    settings: Settings,
+    model_id: str,
+    file: File,
+    method: str,
+    hp: Hyperparameters,
+    seed: int,
+) -> RunCosts:
     """The run's FLOPs (full fine-tuning and the method) and ``rho_min``, cached; the budget fields of ``hp``
     do not enter (see :func:`resolve_rho`)."""
     path = catalog.path(model_id)
     assert settings.artifacts_dir is not None
     shape_hp = hp.model_dump_json(exclude=set(BUDGET_FIELDS))
-    return _run_costs(str(path), (path / "config.json").stat().st_mtime_ns, str(settings.artifacts_dir / file.path),
-                      file.sha256, method, shape_hp, seed)
+    return _run_costs(
+        str(path),
+        (path / "config.json").stat().st_mtime_ns,
+        str(settings.artifacts_dir / file.path),
+        file.sha256,
+        method,
+        shape_hp,
+        seed,
+    )
 
 
 def flops_per_kwh(settings: Settings) -> float:
@@ -205,7 +242,9 @@ def flops_per_kwh(settings: Settings) -> float:
     return settings.device_peak_flops * settings.device_utilization * J_PER_KWH / settings.device_watts
 
 
-def resolve_rho(method: str, hp: Hyperparameters, full_run_flops: int, rho_min: float, settings: Settings) -> float | None:
+def resolve_rho(
+    method: str, hp: Hyperparameters, full_run_flops: int, rho_min: float, settings: Settings
+) -> float | None:
     """The rho a job's hyperparameters put in force, or BudgetTooSmallError naming the smallest budget.
 
     ``rho`` as given; ``max_flops`` / ``max_energy_kwh`` (whole run) converted to the share of full fine-tuning
@@ -214,8 +253,10 @@ def resolve_rho(method: str, hp: Hyperparameters, full_run_flops: int, rho_min: 
     """
     given = any(getattr(hp, name) is not None for name in BUDGET_FIELDS)
     if method == "topk" and hp.topk_layers is not None and given:
-        raise InvalidRequest("topk takes topk_layers or a budget (rho, max_flops, max_energy_kwh), not both",
-                             param="hyperparameters")
+        raise InvalidRequest(
+            "topk takes topk_layers or a budget (rho, max_flops, max_energy_kwh), not both",
+            param="hyperparameters",
+        )
     if method in ("full", "lora"):
         if given:
             raise InvalidRequest(
@@ -238,8 +279,11 @@ def resolve_rho(method: str, hp: Hyperparameters, full_run_flops: int, rho_min: 
     elif hp.max_energy_kwh is not None:
         allowed = hp.max_energy_kwh * flops_per_kwh(settings)
         implied = allowed / full_run_flops
-        rho, asked = min(1.0, implied), (
-            f"max_energy_kwh={hp.max_energy_kwh:.4g} ({allowed:.4g} FLOPs on {settings.device_name}, rho {implied:.4f})"
+        rho, asked = (
+            min(1.0, implied),
+            (
+                f"max_energy_kwh={hp.max_energy_kwh:.4g} ({allowed:.4g} FLOPs on {settings.device_name}, rho {implied:.4f})"
+            ),
         )
     elif method == "topk" and hp.topk_layers is not None:
         return None
@@ -249,14 +293,21 @@ def resolve_rho(method: str, hp: Hyperparameters, full_run_flops: int, rho_min: 
         raise BudgetTooSmallError(
             f"{method} cannot train on this dataset within any budget: choosing the tensors (importance passes) "
             f"and training one tensor cost {rho_min:.4f} of full fine-tuning (rho_min > 1); give more steps per "
-            "epoch (more examples or a smaller batch_size) or fewer importance_batches", **details)
+            "epoch (more examples or a smaller batch_size) or fewer importance_batches",
+            **details,
+        )
     if rho < rho_min:
         raise BudgetTooSmallError(f"{asked} is below rho_min={rho_min:.4f}: {smallest}", **details)
     return rho
 
 
 def estimate(
-    catalog: ModelCatalog, settings: Settings, model_id: str, file: File, method: str, hp: Hyperparameters,
+    catalog: ModelCatalog,
+    settings: Settings,
+    model_id: str,
+    file: File,
+    method: str,
+    hp: Hyperparameters,
     seed: int,
 ) -> EstimatePublic:
     """The cost of a job before it runs; raises BudgetTooSmallError / InvalidRequest / DatasetInvalid."""
@@ -273,14 +324,29 @@ def estimate(
     min_flops = costs.rho_min * costs.full
     plan = costs.plan
     return EstimatePublic(
-        model=model_id, training_file=file.id, method=method, n_epochs=hp.n_epochs, examples=plan.examples,
-        tokens=plan.tokens, truncated_examples=plan.truncated, steps_per_epoch=plan.steps_per_epoch, rho=rho,
-        rho_min=costs.rho_min, flops=FlopsFullAndMethod(full=costs.full, method=method_flops),
-        flops_saved=1 - method_flops / costs.full if costs.full else 0.0, basis=costs.basis,
-        time_s=pair(1 / flops_per_s), energy_j=pair(joules_per_flop), gco2e=pair(grams_per_flop),
-        minimum_budget=MinimumBudget(rho=costs.rho_min, max_flops=min_flops, max_energy_kwh=min_flops / flops_per_kwh(settings)),
+        model=model_id,
+        training_file=file.id,
+        method=method,
+        n_epochs=hp.n_epochs,
+        examples=plan.examples,
+        tokens=plan.tokens,
+        truncated_examples=plan.truncated,
+        steps_per_epoch=plan.steps_per_epoch,
+        rho=rho,
+        rho_min=costs.rho_min,
+        flops=FlopsFullAndMethod(full=costs.full, method=method_flops),
+        flops_saved=1 - method_flops / costs.full if costs.full else 0.0,
+        basis=costs.basis,
+        time_s=pair(1 / flops_per_s),
+        energy_j=pair(joules_per_flop),
+        gco2e=pair(grams_per_flop),
+        minimum_budget=MinimumBudget(
+            rho=costs.rho_min, max_flops=min_flops, max_energy_kwh=min_flops / flops_per_kwh(settings)
+        ),
         device=DeviceProfile(
-            name=settings.device_name, peak_flops=settings.device_peak_flops,
-            utilization=settings.device_utilization, watts=settings.device_watts,
+            name=settings.device_name,
+            peak_flops=settings.device_peak_flops,
+            utilization=settings.device_utilization,
+            watts=settings.device_watts,
         ),
     )

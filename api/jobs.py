@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 
 
 def create_job(
-    session: Session, settings: Settings, catalog: ModelCatalog, queue: JobQueue, tenant: Tenant, body: JobCreate
+    session: Session,
+    settings: Settings,
+    catalog: ModelCatalog,
+    queue: JobQueue,
+    tenant: Tenant,
+    body: JobCreate,
 ) -> Job:
     """Validate a job (ids, dataset, budget), commit it as ``queued``, then enqueue it.
 
@@ -40,11 +45,26 @@ def create_job(
     hp = body.hyperparameters
     cost = estimate(catalog, settings, body.model, train, body.method, hp, body.seed)
     job = Job(
-        id=new_id("ftjob"), tenant_id=tenant.id, model=body.model, training_file=train.id,
-        validation_file=valid.id if valid else None, method=body.method, hyperparameters=hp.model_dump(),
-        rho=cost.rho, rho_min=cost.rho_min, estimate=cost.model_dump(mode="json"), seed=body.seed,
-        suffix=body.suffix, status=JobState.validating, attempts=0, created_at=utcnow(), epochs_done=0,
-        flops_total=0, flops_full=0, energy_j=0.0, gco2e=0.0,
+        id=new_id("ftjob"),
+        tenant_id=tenant.id,
+        model=body.model,
+        training_file=train.id,
+        validation_file=valid.id if valid else None,
+        method=body.method,
+        hyperparameters=hp.model_dump(),
+        rho=cost.rho,
+        rho_min=cost.rho_min,
+        estimate=cost.model_dump(mode="json"),
+        seed=body.seed,
+        suffix=body.suffix,
+        status=JobState.validating,
+        attempts=0,
+        created_at=utcnow(),
+        epochs_done=0,
+        flops_total=0,
+        flops_full=0,
+        energy_j=0.0,
+        gco2e=0.0,
     )
     notes = []
     budget = None
@@ -53,17 +73,27 @@ def create_job(
     elif hp.max_energy_kwh is not None:
         budget = f"max_energy_kwh={hp.max_energy_kwh:.4g} for the whole run on {settings.device_name}"
     if budget is not None and cost.rho is not None:
-        notes.append(("info", f"{budget} is rho={cost.rho:.4f} of full fine-tuning",
-                      {"rho": cost.rho, "max_flops": hp.max_flops, "max_energy_kwh": hp.max_energy_kwh}))
+        notes.append(
+            (
+                "info",
+                f"{budget} is rho={cost.rho:.4f} of full fine-tuning",
+                {"rho": cost.rho, "max_flops": hp.max_flops, "max_energy_kwh": hp.max_energy_kwh},
+            )
+        )
     check_active_jobs(session, tenant, settings.max_active_jobs)  # locks the tenant until the commit below
     admit(session, job, notes)
     session.commit()
     try:
         queue.enqueue_job(job.id)
-    except Exception as exc:  # noqa: BLE001 - the job is safe in the database; say so rather than answer 500
+    except Exception as exc:  # the job is safe in the database; say so rather than answer 500
         log.exception("enqueue of %s failed", job.id)
-        add_event(session, job.id, "error", f"the broker could not be reached ({exc}); the job stays queued",
-                  level="warning")
+        add_event(
+            session,
+            job.id,
+            "error",
+            f"the broker could not be reached ({exc}); the job stays queued",
+            level="warning",
+        )
         session.commit()
     return job
 

@@ -43,8 +43,12 @@ def create_key(session: Session, tenant_name: str, name: str = "") -> str:
     key = "gt-" + secrets.token_urlsafe(32)
     session.add(
         ApiKey(
-            id=new_id("key"), tenant_id=tenant.id, name=name, prefix=key[:KEY_PREFIX_CHARS],
-            key_sha256=key_sha256(key), created_at=utcnow(),
+            id=new_id("key"),
+            tenant_id=tenant.id,
+            name=name,
+            prefix=key[:KEY_PREFIX_CHARS],
+            key_sha256=key_sha256(key),
+            created_at=utcnow(),
         )
     )
     session.commit()
@@ -93,11 +97,19 @@ def find_key(session: Session, ref: str) -> ApiKey:
         row = session.get(ApiKey, ref) if is_id(ref) else None
     else:
         row = session.scalar(select(ApiKey).where(ApiKey.prefix == ref[:KEY_PREFIX_CHARS]))
-        if row is not None and len(ref) > KEY_PREFIX_CHARS and not hmac.compare_digest(key_sha256(ref), row.key_sha256):
+        if (
+            row is not None
+            and len(ref) > KEY_PREFIX_CHARS
+            and not hmac.compare_digest(key_sha256(ref), row.key_sha256)
+        ):
             row = None  # the right prefix, but not the key
     if row is None:
-        shown = ref if ref.startswith("key-") or len(ref) <= KEY_PREFIX_CHARS else ref[:KEY_PREFIX_CHARS] + "..."
-        raise KeyNotFound(f"no API key matches {shown!r}: give its id, its prefix or the key (see `greentrainer keys list`)")
+        shown = (
+            ref if ref.startswith("key-") or len(ref) <= KEY_PREFIX_CHARS else ref[:KEY_PREFIX_CHARS] + "..."
+        )
+        raise KeyNotFound(
+            f"no API key matches {shown!r}: give its id, its prefix or the key (see `greentrainer keys list`)"
+        )
     return row
 
 

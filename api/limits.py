@@ -30,7 +30,9 @@ def check_active_jobs(session: Session, tenant: Tenant, limit: int) -> None:
     # foreign-key checks of concurrent uploads alone), on SQLite the database's write lock (SQLite ignores
     # SELECT ... FOR UPDATE, and a count read before that lock could be stale).
     session.execute(
-        update(Tenant).where(Tenant.id == tenant.id).values(created_at=Tenant.created_at)
+        update(Tenant)
+        .where(Tenant.id == tenant.id)
+        .values(created_at=Tenant.created_at)
         .execution_options(synchronize_session=False)
     )
     # The count stops at the limit: a tenant with many queued jobs does not make every creation slower.
@@ -41,7 +43,8 @@ def check_active_jobs(session: Session, tenant: Tenant, limit: int) -> None:
             f"too many active jobs: this tenant already has {limit} jobs validating, queued or running, the limit "
             f"(GT_MAX_ACTIVE_JOBS={limit}). Wait for one to end, or cancel one with POST /v1/jobs/{{id}}/cancel, "
             "then try again",
-            retry_after_s=RETRY_AFTER_S, max_active_jobs=limit,
+            retry_after_s=RETRY_AFTER_S,
+            max_active_jobs=limit,
         )
 
 
@@ -107,5 +110,7 @@ class UploadLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = upload_too_large(self.max_upload_bytes)
-        response = JSONResponse({"error": error.body()}, status_code=status_of(error), headers={"Connection": "close"})
+        response = JSONResponse(
+            {"error": error.body()}, status_code=status_of(error), headers={"Connection": "close"}
+        )
         await response(scope, receive, send)

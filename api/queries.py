@@ -16,7 +16,11 @@ T = TypeVar("T")
 
 def owned_job(session: Session, tenant_id: str, job_id: str) -> Job:
     """The tenant's job ``job_id``; NotFound (404) otherwise."""
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)) if is_id(job_id) else None
+    job = (
+        session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+        if is_id(job_id)
+        else None
+    )
     if job is None:
         raise NotFound(f"job {job_id!r} not found")
     return job
@@ -25,15 +29,23 @@ def owned_job(session: Session, tenant_id: str, job_id: str) -> Job:
 def owned_file(session: Session, tenant_id: str, file_id: str, *, param: str | None = None) -> File:
     """The tenant's file ``file_id``. From a path: NotFound (404); named in a body (``param`` set):
     InvalidRequest (400) naming the parameter. A string that cannot be an id is not looked up."""
-    row = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id)) if is_id(file_id) else None
+    row = (
+        session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+        if is_id(file_id)
+        else None
+    )
     if row is None:
         if param is not None:
-            raise InvalidRequest(f"{param} {file_id[:64]!r} not found: upload it with POST /v1/files", param=param)
+            raise InvalidRequest(
+                f"{param} {file_id[:64]!r} not found: upload it with POST /v1/files", param=param
+            )
         raise NotFound(f"file {file_id!r} not found")
     return row
 
 
-def page(session: Session, stmt: Select[Any], key: Any, limit: int, after: Any, descending: bool) -> tuple[list[Any], bool]:
+def page(
+    session: Session, stmt: Select[Any], key: Any, limit: int, after: Any, descending: bool
+) -> tuple[list[Any], bool]:
     """One page of ``stmt`` ordered by ``key`` (a unique column), starting after the cursor ``after``.
 
     Returns (rows, has_more).
@@ -57,8 +69,14 @@ def refresh_totals(session: Session, job_id: str) -> None:
         energy_j += energy or 0.0
         gco2e += grams or 0.0
     session.execute(
-        update(Job).where(Job.id == job_id)
-        .values(epochs_done=epochs_done, flops_total=flops_total, flops_full=flops_full, energy_j=energy_j,
-                gco2e=gco2e)
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            epochs_done=epochs_done,
+            flops_total=flops_total,
+            flops_full=flops_full,
+            energy_j=energy_j,
+            gco2e=gco2e,
+        )
         .execution_options(synchronize_session=False)
     )

@@ -103,9 +103,15 @@ def broker_job_ids(settings: Settings) -> set[str] | None:
                 tables = set(conn.dialect.get_table_names(conn))
                 if not {"kombu_queue", "kombu_message"} <= tables:
                     return set()  # nothing was ever sent
-                payloads = list(conn.scalars(text(
-                    "SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON q.id = m.queue_id "
-                    "WHERE q.name = :queue AND m.visible"), {"queue": JOBS_QUEUE}))
+                payloads = list(
+                    conn.scalars(
+                        text(
+                            "SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON q.id = m.queue_id "
+                            "WHERE q.name = :queue AND m.visible"
+                        ),
+                        {"queue": JOBS_QUEUE},
+                    )
+                )
         finally:
             engine.dispose()
     else:
@@ -123,24 +129,41 @@ def _stale(session: Session, stale_before: datetime) -> list[tuple[Job, bool]]:
         )
     ).all()
     local = session.scalars(
-        select(Job).where(Job.status == str(JobState.running), Job.worker.like(f"{socket.gethostname()}:%"),
-                          Job.heartbeat_at >= stale_before)
+        select(Job).where(
+            Job.status == str(JobState.running),
+            Job.worker.like(f"{socket.gethostname()}:%"),
+            Job.heartbeat_at >= stale_before,
+        )
     ).all()
     return [*((job, False) for job in silent), *((job, True) for job in local if process_gone(job.worker))]
 
 
-def give_up_or_requeue(session: Session, job: Job, settings: Settings, reason: str, condition: Any = None) -> bool:
+def give_up_or_requeue(
+    session: Session, job: Job, settings: Settings, reason: str, condition: Any = None
+) -> bool:
     """Move a running job that lost its worker to ``queued`` (True: the caller enqueues it after commit) or,
     once it has been started GT_MAX_ATTEMPTS times, to ``failed`` with ``worker_lost`` (False). ``condition``:
     an extra SQL condition the move needs (the heartbeat still stale). InvalidTransition when another process
     moved it first."""
     if job.attempts >= settings.max_attempts:
         message = f"{reason}; it was started {job.attempts} times (GT_MAX_ATTEMPTS={settings.max_attempts})"
-        transition(session, job, JobState.failed, error=("worker_lost", message), message="job failed",
-                   condition=condition)
+        transition(
+            session,
+            job,
+            JobState.failed,
+            error=("worker_lost", message),
+            message="job failed",
+            condition=condition,
+        )
         return False
-    transition(session, job, JobState.queued, message=f"{reason}: queued again to resume from its last checkpoint",
-               data={"attempts": job.attempts, "previous_worker": job.worker}, condition=condition)
+    transition(
+        session,
+        job,
+        JobState.queued,
+        message=f"{reason}: queued again to resume from its last checkpoint",
+        data={"attempts": job.attempts, "previous_worker": job.worker},
+        condition=condition,
+    )
     return True
 
 
@@ -160,10 +183,13 @@ def recover(
                 condition = Job.worker == job.worker
             else:
                 seen = job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "never"
-                reason = (f"no heartbeat from worker {job.worker} since {seen} "
-                          f"(limit GT_HEARTBEAT_STALE_S={settings.heartbeat_stale_s:g} s)")
-                condition = and_(Job.worker == job.worker,
-                                 or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))
+                reason = (
+                    f"no heartbeat from worker {job.worker} since {seen} "
+                    f"(limit GT_HEARTBEAT_STALE_S={settings.heartbeat_stale_s:g} s)"
+                )
+                condition = and_(
+                    Job.worker == job.worker, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before)
+                )
             try:
                 requeue = give_up_or_requeue(session, job, settings, reason, condition)
             except InvalidTransition:
@@ -175,7 +201,9 @@ def recover(
         waiting = broker_job_ids(settings)
         young = now - timedelta(seconds=grace_s)
         queued = session.scalars(
-            select(Job.id).where(Job.status == str(JobState.queued), Job.created_at < young).order_by(Job.created_at)
+            select(Job.id)
+            .where(Job.status == str(JobState.queued), Job.created_at < young)
+            .order_by(Job.created_at)
         ).all()
         lost = [j for j in queued if j not in done.requeued and (waiting is None or j not in waiting)]
     for job_id in [*done.requeued, *lost]:

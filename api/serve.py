@@ -28,7 +28,9 @@ def ensure_demo_model(settings: Settings) -> Path | None:
     try:
         return make_demo_model(settings.models_dir / settings.demo_model)
     except OSError as exc:  # a read-only models volume: the operator provides the models
-        print(f"warning: GT_MODELS_DIR holds no model and the demo model cannot be written: {exc}", flush=True)
+        print(
+            f"warning: GT_MODELS_DIR holds no model and the demo model cannot be written: {exc}", flush=True
+        )
         return None
 
 

@@ -56,7 +56,11 @@ def sources(target: JobState) -> list[str]:
 
 
 def add_event(
-    session: Session, job_id: str, type_: str, message: str, data: dict[str, Any] | None = None,
+    session: Session,
+    job_id: str,
+    type_: str,
+    message: str,
+    data: dict[str, Any] | None = None,
     level: str = "info",
 ) -> Event:
     """Append an event to a job's log (committed with the caller's transaction)."""
@@ -90,10 +94,7 @@ def transition(
     if condition is not None:
         where.append(condition)
     result = session.execute(
-        update(Job)
-        .where(*where)
-        .values(**values)
-        .execution_options(synchronize_session=False)
+        update(Job).where(*where).values(**values).execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
         session.refresh(job)
@@ -117,8 +118,13 @@ def admit(session: Session, job: Job, events: list[tuple[str, str, dict[str, Any
     add_event(session, job.id, "status", "job created", {"status": str(JobState.validating)})
     for type_, message, data in events:
         add_event(session, job.id, type_, message, data)
-    add_event(session, job.id, "status", "job validated and queued",
-              {"status": str(JobState.queued), "rho": job.rho, "rho_min": job.rho_min})
+    add_event(
+        session,
+        job.id,
+        "status",
+        "job validated and queued",
+        {"status": str(JobState.queued), "rho": job.rho, "rho_min": job.rho_min},
+    )
 
 
 def claim(session: Session, job_id: str, worker: str, stale_before: datetime) -> bool:

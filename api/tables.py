@@ -97,7 +97,9 @@ class Job(Base):
     validation_file: Mapped[str | None] = mapped_column(ForeignKey("files.id"))
     method: Mapped[str] = mapped_column(String(20))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)  # as the user gave them, defaults filled
-    rho: Mapped[float | None] = mapped_column(Float)  # the budget in force (from rho, max_flops or max_energy_kwh)
+    rho: Mapped[float | None] = mapped_column(
+        Float
+    )  # the budget in force (from rho, max_flops or max_energy_kwh)
     rho_min: Mapped[float | None] = mapped_column(Float)
     estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the estimate at creation
     seed: Mapped[int] = mapped_column(Integer, default=0)

@@ -24,7 +24,10 @@ class ServerTiming:
             if message["type"] == "http.response.start":
                 duration_ms = (time.perf_counter() - start) * 1000
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"server-timing", f"app;dur={duration_ms:.1f}".encode())]
+                message["headers"] = [
+                    *message["headers"],
+                    (b"server-timing", f"app;dur={duration_ms:.1f}".encode()),
+                ]
             await send(message)
 
         await self.app(scope, receive, timed_send)

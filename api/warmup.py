@@ -31,16 +31,16 @@ def warm_up(catalog: ModelCatalog, queue: JobQueue) -> None:
     """Load every model's tokenizer and description (both cached, as the first upload, estimate or
     ``GET /v1/models`` would), load the broker's client, collect once, freeze the survivors; shorten the GIL's
     switch interval."""
-    import greencore.data  # noqa: F401
-    import greencore.methods  # noqa: F401
-    import greencore.models  # noqa: F401
+    import greencore.data
+    import greencore.methods
+    import greencore.models
     import greencore.profile  # noqa: F401
 
     for model_id in catalog.ids():
         try:
             catalog.tokenizer(model_id)
             catalog.describe(model_id)
-        except Exception as exc:  # noqa: BLE001 - a broken folder is reported by the requests that name it
+        except Exception as exc:  # a broken folder is reported by the requests that name it
             log.warning("warm-up skipped model %s: %s", model_id, exc)
     queue.load_client()
     gc.collect()

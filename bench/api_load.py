@@ -51,8 +51,15 @@ def server_s(response: httpx.Response) -> float:
     return float(response.headers["server-timing"].split("dur=")[1]) / 1000
 
 
-async def client_loop(http: httpx.AsyncClient, body: dict, deadline: float, polls: int, poll_s: float,
-                      record: dict[str, list[float]], errors: list[str]) -> None:
+async def client_loop(
+    http: httpx.AsyncClient,
+    body: dict,
+    deadline: float,
+    polls: int,
+    poll_s: float,
+    record: dict[str, list[float]],
+    errors: list[str],
+) -> None:
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         response = await http.post("/v1/jobs", json=body)
@@ -76,16 +83,24 @@ async def client_loop(http: httpx.AsyncClient, body: dict, deadline: float, poll
                 errors.append(f"GET {response.status_code} {response.text[:200]}")
 
 
-async def run_load(url: str, key: str, body: dict, clients: int, seconds: float, polls: int,
-                   poll_s: float) -> tuple[dict[str, list[float]], list[str], float]:
+async def run_load(
+    url: str, key: str, body: dict, clients: int, seconds: float, polls: int, poll_s: float
+) -> tuple[dict[str, list[float]], list[str], float]:
     record: dict[str, list[float]] = {
-        "POST /v1/jobs": [], "GET /v1/jobs/{id}": [], "server POST /v1/jobs": [], "server GET /v1/jobs/{id}": []}
+        "POST /v1/jobs": [],
+        "GET /v1/jobs/{id}": [],
+        "server POST /v1/jobs": [],
+        "server GET /v1/jobs/{id}": [],
+    }
     errors: list[str] = []
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    https = [httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
-                               timeout=30) for _ in range(clients)]
+    https = [
+        httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits, timeout=30)
+        for _ in range(clients)
+    ]
     started = time.perf_counter()
     deadline = started + seconds
+
     # Clients start spread over one poll interval, as independent users would.
     async def staggered(i: int, http: httpx.AsyncClient) -> None:
         await asyncio.sleep((poll_s or 0.05) * i / clients)
@@ -113,7 +128,9 @@ def cpu_pressure() -> str:
     return f"{float(first.split('avg60=')[1].split()[0]):.0f}%"
 
 
-def summary_rows(name: str, record: dict[str, list[float]], elapsed: float, api_cpu: float, client_cpu: float) -> list[str]:
+def summary_rows(
+    name: str, record: dict[str, list[float]], elapsed: float, api_cpu: float, client_cpu: float
+) -> list[str]:
     rows = []
     for route in ("POST /v1/jobs", "GET /v1/jobs/{id}"):
         ms = [v * 1000 for v in record[route]]
@@ -152,8 +169,13 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each run")
     parser.add_argument("--polls", type=int, default=10, help="GETs of each job before creating the next")
-    parser.add_argument("--poll-s", type=float, nargs="+", default=[1.0, 0.5],
-                        help="pauses between a client's requests, one paced run each")
+    parser.add_argument(
+        "--poll-s",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.5],
+        help="pauses between a client's requests, one paced run each",
+    )
     parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api_load.md")
@@ -170,9 +192,13 @@ def main() -> int:
         conn.execute(f'CREATE DATABASE "{database}"')
     env = {k: v for k, v in os.environ.items() if not k.startswith("GT_")}
     env.update(
-        GT_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}", GT_BROKER_URL=REDIS_URL,
-        GT_BROKER_PREFIX=prefix, GT_DATA_DIR=str(tmp / "data"), GT_MODELS_DIR=str(tmp / "models"),
-        GT_BOOTSTRAP_API_KEY=key, GT_DB_POOL_SIZE="20",
+        GT_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}",
+        GT_BROKER_URL=REDIS_URL,
+        GT_BROKER_PREFIX=prefix,
+        GT_DATA_DIR=str(tmp / "data"),
+        GT_MODELS_DIR=str(tmp / "models"),
+        GT_BOOTSTRAP_API_KEY=key,
+        GT_DB_POOL_SIZE="20",
         GT_MAX_ACTIVE_JOBS=str(2**31),  # one tenant creates thousands of jobs that no worker takes: no cap
     )
     url = f"http://127.0.0.1:{args.port}"
@@ -180,8 +206,20 @@ def main() -> int:
     log = log_path.open("wb")
     greentrainer = Path(sys.executable).parent / "greentrainer"
     proc = subprocess.Popen(
-        [str(greentrainer), "serve", "--no-worker", "--port", str(args.port), "--workers", str(args.api_workers)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(greentrainer),
+            "serve",
+            "--no-worker",
+            "--port",
+            str(args.port),
+            "--workers",
+            str(args.api_workers),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
     def api_cpu() -> float:
@@ -192,10 +230,13 @@ def main() -> int:
     try:
         wait_healthy(url, proc, log_path)
         headers = {"Authorization": f"Bearer {key}"}
-        lines = "".join(json.dumps({"prompt": f"What is {i} plus {i}? ", "completion": f"It is {2 * i}."}) + "\n"
-                        for i in range(24))
-        file_id = httpx.post(f"{url}/v1/files", headers=headers, files={"file": ("train.jsonl", lines.encode())},
-                             timeout=60).json()["id"]
+        lines = "".join(
+            json.dumps({"prompt": f"What is {i} plus {i}? ", "completion": f"It is {2 * i}."}) + "\n"
+            for i in range(24)
+        )
+        file_id = httpx.post(
+            f"{url}/v1/files", headers=headers, files={"file": ("train.jsonl", lines.encode())}, timeout=60
+        ).json()["id"]
         body = {"model": "demo-tiny", "training_file": file_id, "method": "green", "hyperparameters": HP}
         for _ in range(4 * args.api_workers):  # warm every API process's estimate cache
             assert httpx.post(f"{url}/v1/jobs", headers=headers, json=body, timeout=60).status_code == 200
@@ -203,12 +244,17 @@ def main() -> int:
         commits = probe_commits(database)
         rows: list[str] = []
         all_errors: list[str] = []
-        runs = [(f"paced ({p:g} s between requests)", p) for p in args.poll_s] + [("saturated (no pause)", 0.0)]
+        runs = [(f"paced ({p:g} s between requests)", p) for p in args.poll_s] + [
+            ("saturated (no pause)", 0.0)
+        ]
         for name, poll_s in runs:
             api_before, client_before = api_cpu(), time.process_time()
             record, errors, elapsed = asyncio.run(
-                run_load(url, key, body, args.clients, args.seconds, args.polls, poll_s))
-            rows += summary_rows(name, record, elapsed, api_cpu() - api_before, time.process_time() - client_before)
+                run_load(url, key, body, args.clients, args.seconds, args.polls, poll_s)
+            )
+            rows += summary_rows(
+                name, record, elapsed, api_cpu() - api_before, time.process_time() - client_before
+            )
             all_errors += errors
             print("\n".join(rows[-2:]), flush=True)
     finally:

@@ -27,8 +27,13 @@ from greencore.profile import ProfileError, measure_step_flops, profile_model  #
 
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-DEC = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-           max_position_embeddings=128)
+DEC = dict(
+    num_hidden_layers=2,
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
 CLS, LM, S2S = AutoModelForSequenceClassification, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 CASES = {
     "gemma": ("gemma", LM, dict(DEC, num_key_value_heads=2, head_dim=8)),
@@ -45,13 +50,28 @@ CASES = {
     "albert (shared layers)": ("albert", CLS, dict(DEC, embedding_size=16, num_labels=2)),
     "deberta-v2": ("deberta-v2", CLS, dict(DEC, num_labels=2)),
     "electra": ("electra", CLS, dict(DEC, embedding_size=16, num_labels=2)),
-    "bart": ("bart", S2S, dict(encoder_layers=2, decoder_layers=2, d_model=32, encoder_attention_heads=4,
-                               decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
-                               max_position_embeddings=128)),
+    "bart": (
+        "bart",
+        S2S,
+        dict(
+            encoder_layers=2,
+            decoder_layers=2,
+            d_model=32,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=128,
+        ),
+    ),
     "gpt2 classifier": ("gpt2", CLS, dict(n_layer=2, n_embd=32, n_head=4, n_positions=128, num_labels=2)),
     "llama classifier": ("llama", CLS, dict(DEC, num_labels=2)),
     "mamba (convolutions)": ("mamba", LM, dict(num_hidden_layers=2, hidden_size=32, state_size=4)),
-    "mixtral (MoE)": ("mixtral", LM, dict(DEC, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral (MoE)": (
+        "mixtral",
+        LM,
+        dict(DEC, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    ),
 }
 
 
@@ -87,17 +107,19 @@ def main() -> None:
     for label, (model_type, auto, kwargs) in CASES.items():
         rows.append(f"| {label} {check(model_type, auto, kwargs)}")
         print(rows[-1], flush=True)
-    text = "\n".join([
-        "# FLOPs profile on architectures beyond the test suite",
-        "",
-        "Command: `.venv/bin/python bench/architectures.py`. Worst relative error of `step_flops(mask).total`",
-        "against FlopCounterMode on a real step (batch 2 x 24, eager attention).",
-        "",
-        "| architecture | tensors | masks | worst_rel_error |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# FLOPs profile on architectures beyond the test suite",
+            "",
+            "Command: `.venv/bin/python bench/architectures.py`. Worst relative error of `step_flops(mask).total`",
+            "against FlopCounterMode on a real step (batch 2 x 24, eager attention).",
+            "",
+            "| architecture | tensors | masks | worst_rel_error |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     out = ROOT / "bench" / "results" / "architectures.md"
     out.write_text(text)
     print(f"wrote {out}")

@@ -64,8 +64,14 @@ def start_service(data_dir: Path, key: str) -> tuple[subprocess.Popen[bytes], st
     env = {k: v for k, v in os.environ.items() if not k.startswith("GT_")}
     env.update(GT_DATA_DIR=str(data_dir), GT_PORT=str(port), GT_BOOTSTRAP_API_KEY=key)
     log = (data_dir.parent / "serve.log").open("wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "greentrainer"), "serve", "--no-worker"], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "greentrainer"), "serve", "--no-worker"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, data_dir.parent / "serve.log")
@@ -77,13 +83,18 @@ def start_service(data_dir: Path, key: str) -> tuple[subprocess.Popen[bytes], st
 
 def insert_jobs(data_dir: Path, client: httpx.Client) -> None:
     """200 jobs of the key's tenant, with epochs, through the persistence layer."""
-    upload = client.post("/v1/files", files={"file": ("bench.jsonl", dataset_lines(96).encode())},
-                         data={"purpose": "fine-tune"})
+    upload = client.post(
+        "/v1/files",
+        files={"file": ("bench.jsonl", dataset_lines(96).encode())},
+        data={"purpose": "fine-tune"},
+    )
     upload.raise_for_status()
     file_id = upload.json()["id"]
     hp = {"n_epochs": EPOCHS, "batch_size": 8, "max_seq_len": 32, "learning_rate": 1e-3, "rho": 0.7}
-    estimate = client.post("/v1/estimates", json={"model": DEMO, "training_file": file_id, "method": "green",
-                                                  "hyperparameters": hp})
+    estimate = client.post(
+        "/v1/estimates",
+        json={"model": DEMO, "training_file": file_id, "method": "green", "hyperparameters": hp},
+    )
     estimate.raise_for_status()
     names = next(m for m in client.get("/v1/models").json()["data"] if m["id"] == DEMO)["tensor_names"]
     sessions = make_session_factory(Settings(data_dir=data_dir))
@@ -98,28 +109,60 @@ def insert_jobs(data_dir: Path, client: httpx.Client) -> None:
             created = now - timedelta(minutes=5 * (JOBS - i))
             done = EPOCHS if status == "succeeded" else rng.randint(0, EPOCHS - 1)
             job = Job(
-                id=new_id("ftjob"), tenant_id=tenant_id, model=DEMO, training_file=file_id, method="green",
-                hyperparameters=hp, rho=0.7, rho_min=0.568, estimate=estimate.json(), seed=0, status=status,
-                created_at=created, started_at=created if status != "queued" else None,
-                finished_at=created + timedelta(minutes=2) if status in ("succeeded", "failed", "cancelled") else None,
+                id=new_id("ftjob"),
+                tenant_id=tenant_id,
+                model=DEMO,
+                training_file=file_id,
+                method="green",
+                hyperparameters=hp,
+                rho=0.7,
+                rho_min=0.568,
+                estimate=estimate.json(),
+                seed=0,
+                status=status,
+                created_at=created,
+                started_at=created if status != "queued" else None,
+                finished_at=created + timedelta(minutes=2)
+                if status in ("succeeded", "failed", "cancelled")
+                else None,
                 error_code="training_failed" if status == "failed" else None,
                 error_message="out of memory" if status == "failed" else None,
-                current_epoch=done or None, current_step=12 if done else None, steps_in_epoch=12, attempts=1,
+                current_epoch=done or None,
+                current_step=12 if done else None,
+                steps_in_epoch=12,
+                attempts=1,
             )
             session.add(job)
             session.flush()
             for epoch in range(1, done + 1):
                 full = 346_816_512
                 total = int(full * rng.uniform(0.6, 0.7))
-                session.add(Epoch(
-                    job_id=job.id, epoch=epoch, selected_tensors=rng.sample(names, 6),
-                    flops={"fwd": total // 2, "bwd_act": total // 5, "bwd_weight": total // 10,
-                           "selection": total - total // 2 - total // 5 - total // 10, "total": total, "full": full,
-                           "predicted_step": 16_711_680, "measured_step": 16_711_680},
-                    rho_achieved=total / full, tokens=2229, steps=12, wall_s=rng.uniform(0.3, 0.6),
-                    train_loss=5.4 - 0.3 * epoch, energy_j=total * 2.17e-10, energy_method="estimate",
-                    gco2e=total * 2.86e-14, created_at=created + timedelta(seconds=30 * epoch),
-                ))
+                session.add(
+                    Epoch(
+                        job_id=job.id,
+                        epoch=epoch,
+                        selected_tensors=rng.sample(names, 6),
+                        flops={
+                            "fwd": total // 2,
+                            "bwd_act": total // 5,
+                            "bwd_weight": total // 10,
+                            "selection": total - total // 2 - total // 5 - total // 10,
+                            "total": total,
+                            "full": full,
+                            "predicted_step": 16_711_680,
+                            "measured_step": 16_711_680,
+                        },
+                        rho_achieved=total / full,
+                        tokens=2229,
+                        steps=12,
+                        wall_s=rng.uniform(0.3, 0.6),
+                        train_loss=5.4 - 0.3 * epoch,
+                        energy_j=total * 2.17e-10,
+                        energy_method="estimate",
+                        gco2e=total * 2.86e-14,
+                        created_at=created + timedelta(seconds=30 * epoch),
+                    )
+                )
         session.commit()
     sessions.kw["bind"].dispose()
 
@@ -139,13 +182,13 @@ def measure(url: str, key: str, expected: int, runs: int) -> tuple[dict[str, lis
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         version = browser.version
 
-        def prepared_context():  # noqa: ANN202
+        def prepared_context():
             context = browser.new_context(viewport={"width": 1280, "height": 900})
             context.add_init_script(f"localStorage.setItem('greentrainer.apiKey', {key!r});")
             context.add_init_script(f"({WATCH_ROWS})({expected});")
             return context
 
-        def load(page) -> float:  # noqa: ANN001
+        def load(page) -> float:
             page.goto(f"{url}/#/jobs")
             page.wait_for_function("() => window.__rowsAt !== null", timeout=30_000)
             return page.evaluate("window.__rowsAt") / 1000
@@ -203,16 +246,21 @@ def write(times: dict[str, list[float]], chromium: str, runs: int, expected: int
     load = os.getloadavg()
 
     rows = []
-    for name, label in (("cold", "cold: new context, empty cache"), ("warm", "warm: same tab, cached files"),
-                        ("api", "GET /v1/jobs?limit=100 alone (httpx)")):
+    for name, label in (
+        ("cold", "cold: new context, empty cache"),
+        ("warm", "warm: same tab, cached files"),
+        ("api", "GET /v1/jobs?limit=100 alone (httpx)"),
+    ):
         values = times[name]
         verdict = "" if name == "api" else ("yes" if p95(values) < TARGET_S else "NO")
-        rows.append(f"| {label} | {runs} | {1000 * statistics.median(values):.0f} | {1000 * p95(values):.0f} | "
-                    f"{1000 * max(values):.0f} | {verdict} |")
+        rows.append(
+            f"| {label} | {runs} | {1000 * statistics.median(values):.0f} | {1000 * p95(values):.0f} | "
+            f"{1000 * max(values):.0f} | {verdict} |"
+        )
     text = f"""# Dashboard load time with {JOBS} jobs
 
 Command: `.venv/bin/python bench/dashboard.py --runs {runs}` on {platform.machine()}, {os.cpu_count()} CPUs,
-Python {platform.python_version()}, Chromium {chromium} (headless, Playwright {version('playwright')}); load average
+Python {platform.python_version()}, Chromium {chromium} (headless, Playwright {version("playwright")}); load average
 {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the end: the machine is shared, so the spread is wide.
 
 The embedded default (`greentrainer serve --no-worker`, SQLite) holds {JOBS} jobs of one tenant, about 3 in 4

@@ -103,8 +103,14 @@ class Workers:
 
     def _start(self, slot: int) -> subprocess.Popen[bytes]:
         log = (self.logs / f"worker-{slot}.log").open("ab")
-        return subprocess.Popen([sys.executable, "-m", "worker"], cwd=ROOT, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill(self, child: int, whole: bool) -> bool:
         """SIGKILL the pool child ``child`` running a job, or (``whole``) its worker with it, which is then
@@ -127,7 +133,9 @@ class Workers:
             stop_group(proc)
 
 
-def run_backend(backend: str, args: argparse.Namespace, work: Path, models: Path, rng: random.Random) -> Outcome:
+def run_backend(
+    backend: str, args: argparse.Namespace, work: Path, models: Path, rng: random.Random
+) -> Outcome:
     from sqlalchemy import select
 
     from api.config import Settings
@@ -140,35 +148,59 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path, models: Path
     key = "gt-" + os.urandom(24).hex()
     port = free_port()
     env_values = {
-        "GT_DATA_DIR": str(data), "GT_MODELS_DIR": str(models), "GT_BOOTSTRAP_API_KEY": key,
-        "GT_HEARTBEAT_STALE_S": str(args.stale_s), "GT_RECOVERY_INTERVAL_S": str(args.recovery_s),
-        "GT_MAX_ATTEMPTS": "100", "GT_CANCEL_POLL_S": "0.5", "GT_MAX_ACTIVE_JOBS": str(args.jobs),
+        "GT_DATA_DIR": str(data),
+        "GT_MODELS_DIR": str(models),
+        "GT_BOOTSTRAP_API_KEY": key,
+        "GT_HEARTBEAT_STALE_S": str(args.stale_s),
+        "GT_RECOVERY_INTERVAL_S": str(args.recovery_s),
+        "GT_MAX_ATTEMPTS": "100",
+        "GT_CANCEL_POLL_S": "0.5",
+        "GT_MAX_ACTIVE_JOBS": str(args.jobs),
     }
     database = prefix = None
     if backend == "production":
         database, prefix = create_pg_database(), new_redis_prefix()
         env_values |= {"GT_DATABASE_URL": database, "GT_BROKER_URL": REDIS_URL, "GT_BROKER_PREFIX": prefix}
     env = clean_env(**env_values)
-    settings = Settings(data_dir=data, models_dir=models, database_url=database,
-                        broker_url=REDIS_URL if prefix else None, broker_prefix=prefix or "")
+    settings = Settings(
+        data_dir=data,
+        models_dir=models,
+        database_url=database,
+        broker_url=REDIS_URL if prefix else None,
+        broker_prefix=prefix or "",
+    )
     sessions = make_session_factory(settings)
     api_log = data / "api.log"
-    api = subprocess.Popen([str(BIN / "greentrainer"), "serve", "--no-worker", "--port", str(port)], cwd=ROOT,
-                           env=env, stdout=api_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    api = subprocess.Popen(
+        [str(BIN / "greentrainer"), "serve", "--no-worker", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=api_log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     workers = None
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, api, api_log)
         client = Client(url, key)
         dataset = data / "train.jsonl"
-        dataset.write_text("".join(
-            f'{{"prompt": "What is {i} plus {i}? ", "completion": "It is {2 * i}."}}\n' for i in range(args.examples)))
+        dataset.write_text(
+            "".join(
+                f'{{"prompt": "What is {i} plus {i}? ", "completion": "It is {2 * i}."}}\n'
+                for i in range(args.examples)
+            )
+        )
         file_id = client.upload_file(dataset)["id"]
         hp = {"n_epochs": args.epochs, "batch_size": 2, "max_seq_len": 32, "learning_rate": 1e-3, "rho": 0.75}
         start = time.monotonic()
         workers = Workers(args.workers, env, data)
-        jobs = [client.create_job({"model": DEMO, "training_file": file_id, "method": "green",
-                                   "hyperparameters": hp, "seed": i})["id"] for i in range(args.jobs)]
+        jobs = [
+            client.create_job(
+                {"model": DEMO, "training_file": file_id, "method": "green", "hyperparameters": hp, "seed": i}
+            )["id"]
+            for i in range(args.jobs)
+        ]
         out.submitted = len(jobs)
         kills_left = args.kills
         next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every_s)
@@ -216,8 +248,12 @@ def run_backend(backend: str, args: argparse.Namespace, work: Path, models: Path
             out.resumed_from_checkpoint += any("resuming from checkpoint" in e.message for e in events)
             done = collections.Counter(e.data["epoch"] for e in events if e.type == "epoch" and e.data)
             out.epochs_redone += sum(n - 1 for n in done.values())
-            final = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == "final"))
-            if job.status == "succeeded" and (final is None or not (settings.artifacts_dir / final.path).is_dir()):
+            final = session.scalar(
+                select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == "final")
+            )
+            if job.status == "succeeded" and (
+                final is None or not (settings.artifacts_dir / final.path).is_dir()
+            ):
                 out.final_missing += 1
     sessions.kw["bind"].dispose()
     if database:
@@ -240,31 +276,48 @@ def report(outcomes: list[Outcome], args: argparse.Namespace, command: str, load
             f"| {o.backend} | {o.submitted} | {o.succeeded} | {o.lost} | {failed} | {o.resumed} "
             f"({o.resumed_from_checkpoint}) | {o.attempts_max} | {o.epochs_recorded_twice} | {o.epochs_wrong} | "
             f"{o.epochs_redone} | {o.final_missing} | {o.kills_worker} | {o.kills_child} | "
-            f"{o.broker_flushed_at_s} s | {o.wall_s:.0f} s |")
+            f"{o.broker_flushed_at_s} s | {o.wall_s:.0f} s |"
+        )
     verdicts = []
     for o in outcomes:
         ok = o.lost == 0 and o.epochs_recorded_twice == 0 and o.epochs_wrong == 0 and o.final_missing == 0
-        verdicts.append(f"- {o.backend}: lost jobs {o.lost} (target 0), epochs recorded twice "
-                        f"{o.epochs_recorded_twice} (target 0): **{'met' if ok else 'missed'}**")
-    return "\n".join([
-        "# Faults: workers killed at random, the broker flushed once", "",
-        f"Command: `{command}`", "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores; load average {load[0]} at start, {load[1]} at the "
-        f"end (the machine is shared). {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.", "",
-        f"Per backend: {args.jobs} green jobs on the demo model ({args.examples} examples, {args.epochs} epochs, "
-        f"batch 2), {args.workers} Celery workers (prefork, one job at a time), {args.kills} kills at random "
-        f"moments (exponential gaps, mean {args.kill_every_s:g} s; each picks a running job and kills its whole "
-        f"worker, which is started again, or only the pool child running it, at even odds), and the broker's messages deleted once, at the first kill. "
-        f"GT_HEARTBEAT_STALE_S={args.stale_s:g}, GT_RECOVERY_INTERVAL_S={args.recovery_s:g}, GT_MAX_ATTEMPTS=100 "
-        "(so that a job killed many times is never given up: every job must end `succeeded`).", "",
-        "`lost` = submitted - succeeded. `epochs run again`: epochs whose first run died with its worker and ran "
-        "again after the resume (work redone, recorded once). `resumed`: jobs started more than once.", "",
-        *rows, "", "Targets:", "", *verdicts, "",
-    ])
+        verdicts.append(
+            f"- {o.backend}: lost jobs {o.lost} (target 0), epochs recorded twice "
+            f"{o.epochs_recorded_twice} (target 0): **{'met' if ok else 'missed'}**"
+        )
+    return "\n".join(
+        [
+            "# Faults: workers killed at random, the broker flushed once",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores; load average {load[0]} at start, {load[1]} at the "
+            f"end (the machine is shared). {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
+            "",
+            f"Per backend: {args.jobs} green jobs on the demo model ({args.examples} examples, {args.epochs} epochs, "
+            f"batch 2), {args.workers} Celery workers (prefork, one job at a time), {args.kills} kills at random "
+            f"moments (exponential gaps, mean {args.kill_every_s:g} s; each picks a running job and kills its whole "
+            f"worker, which is started again, or only the pool child running it, at even odds), and the broker's messages deleted once, at the first kill. "
+            f"GT_HEARTBEAT_STALE_S={args.stale_s:g}, GT_RECOVERY_INTERVAL_S={args.recovery_s:g}, GT_MAX_ATTEMPTS=100 "
+            "(so that a job killed many times is never given up: every job must end `succeeded`).",
+            "",
+            "`lost` = submitted - succeeded. `epochs run again`: epochs whose first run died with its worker and ran "
+            "again after the resume (work redone, recorded once). `resumed`: jobs started more than once.",
+            "",
+            *rows,
+            "",
+            "Targets:",
+            "",
+            *verdicts,
+            "",
+        ]
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backends", default="embedded,production")
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
@@ -296,7 +349,11 @@ def main() -> int:
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    return 0 if all(o.lost == 0 and o.epochs_recorded_twice == 0 and o.epochs_wrong == 0 for o in outcomes) else 1
+    return (
+        0
+        if all(o.lost == 0 and o.epochs_recorded_twice == 0 and o.epochs_wrong == 0 for o in outcomes)
+        else 1
+    )
 
 
 if __name__ == "__main__":

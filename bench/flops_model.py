@@ -30,10 +30,29 @@ SEQ_LENS = (8, 64)
 BATCH = 2
 
 BIG = {
-    "llama-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
-    "opt-6.7b": ("opt", dict(hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
-                             vocab_size=50272, word_embed_proj_dim=4096, max_position_embeddings=2048)),
+    "llama-7b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        ),
+    ),
+    "opt-6.7b": (
+        "opt",
+        dict(
+            hidden_size=4096,
+            ffn_dim=16384,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            vocab_size=50272,
+            word_embed_proj_dim=4096,
+            max_position_embeddings=2048,
+        ),
+    ),
 }
 
 

@@ -52,9 +52,11 @@ UNCHARGED: list[int] = []  # importance FLOPs the ``free`` variant did not charg
 def variant(name: str):
     real_order, real_flops = gtrain._order, green_methods.importance_flops
     if name == "first":
-        gtrain._order = lambda data, spec, epoch: epoch_order(len(data), spec.hyperparameters.batch_size, spec.seed,
-                                                              epoch)
+        gtrain._order = lambda data, spec, epoch: epoch_order(
+            len(data), spec.hyperparameters.batch_size, spec.seed, epoch
+        )
     elif name == "free":
+
         def free(profile, names, n):  # what the passes cost, kept aside: the FLOPs column counts it
             UNCHARGED.append(real_flops(profile, names, n).total)
             return StepFlops(0, 0, 0)
@@ -66,15 +68,29 @@ def variant(name: str):
         gtrain._order, green_methods.importance_flops = real_order, real_flops
 
 
-def run(model_dir: str, fit: str, valid: str, out: Path, method: str, lr: float, rho: float | None,
-        seed: int) -> list[EpochReport]:
+def run(
+    model_dir: str, fit: str, valid: str, out: Path, method: str, lr: float, rho: float | None, seed: int
+) -> list[EpochReport]:
     shutil.rmtree(out, ignore_errors=True)
     clear_profile_cache()
-    hp = Hyperparameters(n_epochs=3, batch_size=16, learning_rate=lr, max_seq_len=64, warmup_steps=10, rho=rho)
+    hp = Hyperparameters(
+        n_epochs=3, batch_size=16, learning_rate=lr, max_seq_len=64, warmup_steps=10, rho=rho
+    )
     reports: list[EpochReport] = []
     UNCHARGED.clear()
-    train(TrainSpec(model_dir, fit, str(out), method=method, valid_file=valid, hyperparameters=hp, seed=seed,
-                    device="cpu"), on_epoch=reports.append)
+    train(
+        TrainSpec(
+            model_dir,
+            fit,
+            str(out),
+            method=method,
+            valid_file=valid,
+            hyperparameters=hp,
+            seed=seed,
+            device="cpu",
+        ),
+        on_epoch=reports.append,
+    )
     shutil.rmtree(out, ignore_errors=True)
     return reports
 
@@ -111,23 +127,36 @@ def main() -> None:
         fit, _ = carve_dev(tr, 240, 0)
         rhos = [(v, 0.6 if v == "rho-0.6" else 0.5) for v in args.variants.split(",")]
         rows = [("full", "full", lrs["full"], None)] + [(v, "green", lrs[rho], rho) for v, rho in rhos]
-        lines += [f"## MiniLM, WordNet {task}", "",
-                  "| run | lr | FLOPs / full (mean) | importance FLOPs / full, per epoch (seed 0) | accuracy: mean | "
-                  "each seed |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"## MiniLM, WordNet {task}",
+            "",
+            "| run | lr | FLOPs / full (mean) | importance FLOPs / full, per epoch (seed 0) | accuracy: mean | "
+            "each seed |",
+            "|---|---|---|---|---|---|",
+        ]
         for label, method, lr, rho in rows:
             accs, ratios, selection = [], [], ""
             for seed in seeds:
                 with variant(label if method == "green" else "median"):
-                    reports = run(model_dir, fit, va, args.work / f"{task}-{label}-{seed}", method, lr, rho, seed)
+                    reports = run(
+                        model_dir, fit, va, args.work / f"{task}-{label}-{seed}", method, lr, rho, seed
+                    )
                 accs.append(100 * reports[-1].valid_accuracy)
                 spent = sum(e.flops["total"] for e in reports) + sum(UNCHARGED)
                 ratios.append(spent / sum(e.flops["full"] for e in reports))
                 if not selection:  # one importance measurement an epoch (``free``: the uncharged one)
                     passes = UNCHARGED or [e.flops["selection"] for e in reports]
-                    selection = " / ".join(f"{p / e.flops['full']:.3f}" for p, e in zip(passes, reports, strict=True))
-                print(f"{task} {label} seed {seed}: accuracy {accs[-1]:.2f}, FLOPs/full {ratios[-1]:.3f}", flush=True)
-            lines.append(f"| {label} | {lr:g} | {statistics.mean(ratios):.3f} | {selection} | {statistics.mean(accs):.2f}% | "
-                         f"{' / '.join(f'{a:.2f}' for a in accs)} |")
+                    selection = " / ".join(
+                        f"{p / e.flops['full']:.3f}" for p, e in zip(passes, reports, strict=True)
+                    )
+                print(
+                    f"{task} {label} seed {seed}: accuracy {accs[-1]:.2f}, FLOPs/full {ratios[-1]:.3f}",
+                    flush=True,
+                )
+            lines.append(
+                f"| {label} | {lr:g} | {statistics.mean(ratios):.3f} | {selection} | {statistics.mean(accs):.2f}% | "
+                f"{' / '.join(f'{a:.2f}' for a in accs)} |"
+            )
         lines.append("")
     lines.append(f"({(time.perf_counter() - started) / 60:.1f} min)")
     out = ROOT / "bench" / "results" / f"{args.name}.md"

@@ -66,31 +66,55 @@ def main() -> None:
         return real_select(profile, *a, **k)
 
     def on_epoch(e: EpochReport) -> None:
-        print(f"epoch {e.epoch}: rho {e.rho_achieved:.3f}, train loss {e.train_loss}, valid accuracy "
-              f"{e.valid_accuracy:.4f}, {len(e.selected_tensors)} tensors trained", flush=True)
+        print(
+            f"epoch {e.epoch}: rho {e.rho_achieved:.3f}, train loss {e.train_loss}, valid accuracy "
+            f"{e.valid_accuracy:.4f}, {len(e.selected_tensors)} tensors trained",
+            flush=True,
+        )
         scores, profile = seen.pop("importance", None), seen.get("profile")
         if scores is None:
             return
         full = profile.full.total
         cost = profile.step_flops(e.selected_tensors)
-        print(f"  {sum(v <= 0 for v in scores.values())} of {len(scores)} candidates <= 0; epoch FLOPs / full: "
-              f"fwd {cost.fwd / full:.3f}, act {cost.bwd_act / full:.3f}, weight {cost.bwd_weight / full:.3f}, "
-              f"selection {e.flops['selection'] / e.flops['full']:.3f}")
+        print(
+            f"  {sum(v <= 0 for v in scores.values())} of {len(scores)} candidates <= 0; epoch FLOPs / full: "
+            f"fwd {cost.fwd / full:.3f}, act {cost.bwd_act / full:.3f}, weight {cost.bwd_weight / full:.3f}, "
+            f"selection {e.flops['selection'] / e.flops['full']:.3f}"
+        )
         chosen = set(e.selected_tensors)
         for name, value in sorted(scores.items(), key=lambda kv: -kv[1])[: args.show]:
             one = profile.step_flops([name])
-            print(f"   {'*' if name in chosen else ' '} {value:+.3e}  act {one.bwd_act / full:.4f}  "
-                  f"w {one.bwd_weight / full:.5f}  {name}")
+            print(
+                f"   {'*' if name in chosen else ' '} {value:+.3e}  act {one.bwd_act / full:.4f}  "
+                f"w {one.bwd_weight / full:.5f}  {name}"
+            )
 
     green_methods.importance_pass, green_methods.select_tensors = importance, select
     out = args.work / f"run-{args.rule}-{args.factory}-{args.lr:g}-{args.rho:g}"
     shutil.rmtree(out, ignore_errors=True)
-    hp = Hyperparameters(n_epochs=args.epochs, batch_size=16, learning_rate=args.lr, max_seq_len=64,
-                         warmup_steps=10, rho=args.rho)
+    hp = Hyperparameters(
+        n_epochs=args.epochs,
+        batch_size=16,
+        learning_rate=args.lr,
+        max_seq_len=64,
+        warmup_steps=10,
+        rho=args.rho,
+    )
     fresh = patched_factory(VARIANTS["old"]) if args.factory == "fresh" else contextlib.nullcontext()
     with fresh:
-        train(TrainSpec(model_dir, tr, str(out), method="green", valid_file=va, hyperparameters=hp, seed=0,
-                        device="cpu"), on_epoch=on_epoch)
+        train(
+            TrainSpec(
+                model_dir,
+                tr,
+                str(out),
+                method="green",
+                valid_file=va,
+                hyperparameters=hp,
+                seed=0,
+                device="cpu",
+            ),
+            on_epoch=on_epoch,
+        )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def old(opt):
 
 
 def fresh_sched(opt):
-    return lambda ps: torch.optim.AdamW(ps, lr=opt.param_groups[0]["lr"], weight_decay=opt.defaults["weight_decay"])
+    return lambda ps: torch.optim.AdamW(
+        ps, lr=opt.param_groups[0]["lr"], weight_decay=opt.defaults["weight_decay"]
+    )
 
 
 def warm_peak(opt):
@@ -78,7 +80,12 @@ def warm_peak(opt):
     return factory
 
 
-VARIANTS = {"old": old, "warm": tentative_optimizer_factory, "fresh-sched": fresh_sched, "warm-peak": warm_peak}
+VARIANTS = {
+    "old": old,
+    "warm": tentative_optimizer_factory,
+    "fresh-sched": fresh_sched,
+    "warm-peak": warm_peak,
+}
 
 
 def main() -> None:
@@ -107,25 +114,56 @@ def main() -> None:
     rhos = [float(r) for r in args.rhos.split(",")]
     all_runs: list[tuple[str, Run]] = []
     print("full", flush=True)
-    full = run_interleaved(model_dir, tr, va, args.work / f"e{args.epochs}-lr{args.lr:g}-full", hp, lr, args.epochs, 0,
-                           args.device, methods=[("full", "full", {})])
+    full = run_interleaved(
+        model_dir,
+        tr,
+        va,
+        args.work / f"e{args.epochs}-lr{args.lr:g}-full",
+        hp,
+        lr,
+        args.epochs,
+        0,
+        args.device,
+        methods=[("full", "full", {})],
+    )
     all_runs.append(("-", full[0]))
     for name in args.variants.split(","):
         print(name, flush=True)
         with patched_factory(VARIANTS[name]):
-            runs = run_interleaved(model_dir, tr, va, args.work / f"e{args.epochs}-lr{args.lr:g}-{name}", hp, lr, args.epochs, 0,
-                                   args.device, methods=[(f"green-{r}", "green", {"rho": r}) for r in rhos])
+            runs = run_interleaved(
+                model_dir,
+                tr,
+                va,
+                args.work / f"e{args.epochs}-lr{args.lr:g}-{name}",
+                hp,
+                lr,
+                args.epochs,
+                0,
+                args.device,
+                methods=[(f"green-{r}", "green", {"rho": r}) for r in rhos],
+            )
         all_runs += [(name, r) for r in runs]
     rows = summarize([r for _, r in all_runs])
-    lines = ["| factory | method | FLOPs / full | accuracy | valid loss | tensors trained per epoch | train time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| factory | method | FLOPs / full | accuracy | valid loss | tensors trained per epoch | train time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (name, run), row in zip(all_runs, rows, strict=True):
         per_epoch = "/".join(str(len(e.selected_tensors)) for e in run.epochs)
-        lines.append(f"| {name} | {row.label} | {row.flops_ratio:.3f} | {row.accuracy:.2%} | {row.valid_loss:.4f} | "
-                     f"{per_epoch} | {row.train_s:.1f} |")
-    text = "\n".join([f"### {args.epochs} epochs, lr {args.lr:g} ({(time.perf_counter() - started) / 60:.1f} min)", "",
-                      f"Command: `.venv/bin/python bench/importance_warm_start.py {' '.join(sys.argv[1:])}`", "",
-                      *lines, ""])
+        lines.append(
+            f"| {name} | {row.label} | {row.flops_ratio:.3f} | {row.accuracy:.2%} | {row.valid_loss:.4f} | "
+            f"{per_epoch} | {row.train_s:.1f} |"
+        )
+    text = "\n".join(
+        [
+            f"### {args.epochs} epochs, lr {args.lr:g} ({(time.perf_counter() - started) / 60:.1f} min)",
+            "",
+            f"Command: `.venv/bin/python bench/importance_warm_start.py {' '.join(sys.argv[1:])}`",
+            "",
+            *lines,
+            "",
+        ]
+    )
     print(text)
     with args.out.open("a") as f:
         f.write(text + "\n")

@@ -104,10 +104,34 @@ def definitions(pos: str) -> list[tuple[str, str]]:
 
 
 # WordNet's lexicographer files of nouns (its `lexnames`), by number: the topic a noun synset belongs to.
-NOUN_TOPICS = {3: "Tops", 4: "act", 5: "animal", 6: "artifact", 7: "attribute", 8: "body", 9: "cognition",
-               10: "communication", 11: "event", 12: "feeling", 13: "food", 14: "group", 15: "location",
-               16: "motive", 17: "object", 18: "person", 19: "phenomenon", 20: "plant", 21: "possession",
-               22: "process", 23: "quantity", 24: "relation", 25: "shape", 26: "state", 27: "substance", 28: "time"}
+NOUN_TOPICS = {
+    3: "Tops",
+    4: "act",
+    5: "animal",
+    6: "artifact",
+    7: "attribute",
+    8: "body",
+    9: "cognition",
+    10: "communication",
+    11: "event",
+    12: "feeling",
+    13: "food",
+    14: "group",
+    15: "location",
+    16: "motive",
+    17: "object",
+    18: "person",
+    19: "phenomenon",
+    20: "plant",
+    21: "possession",
+    22: "process",
+    23: "quantity",
+    24: "relation",
+    25: "shape",
+    26: "state",
+    27: "substance",
+    28: "time",
+}
 N_TOPICS = 8  # the topic task's classes: the largest noun lexicographer files
 
 
@@ -140,8 +164,13 @@ def minilm_folder() -> Path:
     return folder
 
 
-def classification_task(work: Path, n_train: int, n_valid: int, seed: int, labels: str = "pos",
-                        ) -> tuple[str, str, str]:
+def classification_task(
+    work: Path,
+    n_train: int,
+    n_valid: int,
+    seed: int,
+    labels: str = "pos",
+) -> tuple[str, str, str]:
     """MiniLM and balanced (definition, class) train/valid files; classes as :func:`labelled_definitions`."""
     rng = random.Random(seed)
     train_rows, valid_rows = [], []
@@ -154,8 +183,11 @@ def classification_task(work: Path, n_train: int, n_valid: int, seed: int, label
         valid_rows += [{"text": g, "label": name} for g in items[per_train : per_train + per_valid]]
     rng.shuffle(train_rows)
     work.mkdir(parents=True, exist_ok=True)
-    return (str(minilm_folder()), write_jsonl(work / f"{labels}_train.jsonl", train_rows),
-            write_jsonl(work / f"{labels}_valid.jsonl", valid_rows))
+    return (
+        str(minilm_folder()),
+        write_jsonl(work / f"{labels}_train.jsonl", train_rows),
+        write_jsonl(work / f"{labels}_valid.jsonl", valid_rows),
+    )
 
 
 def carve_dev(train_file: str, n_dev: int, seed: int) -> tuple[str, str]:
@@ -175,7 +207,9 @@ def carve_dev(train_file: str, n_dev: int, seed: int) -> tuple[str, str]:
     return fit, write_jsonl(Path(f"{stem}_dev.jsonl"), [r for i, r in enumerate(rows) if i in dev])
 
 
-def evaluate_checkpoint(folder: str, valid_file: str, hp: Hyperparameters, device: str) -> tuple[float, float]:
+def evaluate_checkpoint(
+    folder: str, valid_file: str, hp: Hyperparameters, device: str
+) -> tuple[float, float]:
     """(loss, accuracy) of a checkpoint on a validation file, as greencore.train validates (LoRA: its merged model)."""
     import contextlib
 
@@ -192,8 +226,12 @@ def evaluate_checkpoint(folder: str, valid_file: str, hp: Hyperparameters, devic
     task = task_for(summary.format, config)
     label2id = {str(k): int(v) for k, v in config.label2id.items()} if task == "classification" else None
     data = encode_dataset(summary, tokenizer, task, hp.max_seq_len, label2id)
-    model = auto_class(task).from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").to(device)
-    loss, accuracy = _evaluate(model, data, tokenizer.pad_token_id, hp, torch.device(device), contextlib.nullcontext())
+    model = (
+        auto_class(task).from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").to(device)
+    )
+    loss, accuracy = _evaluate(
+        model, data, tokenizer.pad_token_id, hp, torch.device(device), contextlib.nullcontext()
+    )
     return loss, accuracy
 
 
@@ -212,8 +250,14 @@ class LMShape:
     pretrain_lr: float = 3e-3  # AdamW peak learning rate of the pre-training
 
 
-def generation_task(work: Path, shape: LMShape, n_train: int, n_valid: int, seed: int, device: str,
-                    ) -> tuple[str, str, str]:
+def generation_task(
+    work: Path,
+    shape: LMShape,
+    n_train: int,
+    n_valid: int,
+    seed: int,
+    device: str,
+) -> tuple[str, str, str]:
     """A small causal LM pre-trained on noun definitions, and verb/adjective definition files to fine-tune on."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -222,28 +266,57 @@ def generation_task(work: Path, shape: LMShape, n_train: int, n_valid: int, seed
     rng.shuffle(nouns)
     others = [(w, g, p) for p in ("verb", "adj") for w, g in definitions(p)]
     rng.shuffle(others)
-    tokenizer = build_tokenizer((f"{w} {g}" for w, g in nouns[:20000] + [(w, g) for w, g, _ in others[:5000]]),
-                                vocab_size=shape.vocab, chat_template=None)
+    tokenizer = build_tokenizer(
+        (f"{w} {g}" for w, g in nouns[:20000] + [(w, g) for w, g, _ in others[:5000]]),
+        vocab_size=shape.vocab,
+        chat_template=None,
+    )
     config = AutoConfig.for_model(
-        "llama", vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads // 2,
-        max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads // 2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     scratch = work / "lm-scratch"
     AutoModelForCausalLM.from_config(config).save_pretrained(scratch)
     tokenizer.save_pretrained(scratch)
-    pre = write_jsonl(work / "lm_pretrain.jsonl", [define_row(w, g, "noun") for w, g in nouns[: shape.pretrain_examples]])
+    pre = write_jsonl(
+        work / "lm_pretrain.jsonl", [define_row(w, g, "noun") for w, g in nouns[: shape.pretrain_examples]]
+    )
     print(f"pre-training the causal LM on {shape.pretrain_examples} noun definitions ...", flush=True)
     started = time.perf_counter()
-    report = train(TrainSpec(str(scratch), pre, str(work / "lm-pretrained"), method="full", device=device,
-                             hyperparameters=Hyperparameters(n_epochs=1, batch_size=32, learning_rate=shape.pretrain_lr,
-                                                             max_seq_len=64, warmup_steps=20), seed=seed))
-    print(f"  done in {time.perf_counter() - started:.0f} s, train loss {report.epochs[-1].train_loss:.3f}", flush=True)
+    report = train(
+        TrainSpec(
+            str(scratch),
+            pre,
+            str(work / "lm-pretrained"),
+            method="full",
+            device=device,
+            hyperparameters=Hyperparameters(
+                n_epochs=1, batch_size=32, learning_rate=shape.pretrain_lr, max_seq_len=64, warmup_steps=20
+            ),
+            seed=seed,
+        )
+    )
+    print(
+        f"  done in {time.perf_counter() - started:.0f} s, train loss {report.epochs[-1].train_loss:.3f}",
+        flush=True,
+    )
     rows = [define_row(w, g, p) for w, g, p in others[: n_train + n_valid]]
-    return (report.final_checkpoint_dir, write_jsonl(work / "lm_train.jsonl", rows[:n_train]),
-            write_jsonl(work / "lm_valid.jsonl", rows[n_train:]))
+    return (
+        report.final_checkpoint_dir,
+        write_jsonl(work / "lm_train.jsonl", rows[:n_train]),
+        write_jsonl(work / "lm_valid.jsonl", rows[n_train:]),
+    )
 
 
 @dataclass
@@ -257,13 +330,29 @@ class Run:
     valid_accuracy: float | None = None
 
 
-def run_interleaved(model_dir: str, train_file: str, valid_file: str, out: Path, base_hp: dict, lr: dict,
-                    n_epochs: int, seed: int, device: str,
-                    methods: list[tuple[str, str, dict]] = METHODS) -> list[Run]:
+def run_interleaved(
+    model_dir: str,
+    train_file: str,
+    valid_file: str,
+    out: Path,
+    base_hp: dict,
+    lr: dict,
+    n_epochs: int,
+    seed: int,
+    device: str,
+    methods: list[tuple[str, str, dict]] = METHODS,
+) -> list[Run]:
     """Every method, epoch by epoch: all methods run epoch e (resuming from epoch e-1) before any runs e+1."""
-    runs = [Run(label, method, Hyperparameters(**{**base_hp, "n_epochs": n_epochs,
-                                                   "learning_rate": lr.get(method, lr["default"]), **extra}))
-            for label, method, extra in methods]
+    runs = [
+        Run(
+            label,
+            method,
+            Hyperparameters(
+                **{**base_hp, "n_epochs": n_epochs, "learning_rate": lr.get(method, lr["default"]), **extra}
+            ),
+        )
+        for label, method, extra in methods
+    ]
     for epoch in range(1, max(r.hp.n_epochs for r in runs) + 1):
         for run in runs:
             if run.refused or epoch > run.hp.n_epochs:
@@ -276,9 +365,17 @@ def run_interleaved(model_dir: str, train_file: str, valid_file: str, out: Path,
                 run.hp = dataclass_replace(run.hp, rho=math.floor(100 * min(lora)) / 100)
             folder = out / run.label
             done: list[EpochReport] = []
-            spec = TrainSpec(model_dir, train_file, str(folder), method=run.method, valid_file=valid_file,
-                             hyperparameters=run.hp, seed=seed, device=device,
-                             resume_from=str(folder / f"epoch-{epoch - 1}") if epoch > 1 else None)
+            spec = TrainSpec(
+                model_dir,
+                train_file,
+                str(folder),
+                method=run.method,
+                valid_file=valid_file,
+                hyperparameters=run.hp,
+                seed=seed,
+                device=device,
+                resume_from=str(folder / f"epoch-{epoch - 1}") if epoch > 1 else None,
+            )
 
             if epoch == 1:
                 # Each run pays for profiling its batch shapes, as a job in a fresh worker would; later epochs
@@ -297,13 +394,18 @@ def run_interleaved(model_dir: str, train_file: str, valid_file: str, out: Path,
             assert len(done) == 1 and done[0].epoch == epoch, (run.label, epoch)
             run.epochs += done
             e = done[0]
-            print(f"  epoch {epoch} {run.label:10s} rho {e.rho_achieved:.3f}  wall {e.wall_s:6.1f} s  "
-                  f"loss {e.train_loss if e.train_loss is not None else float('nan'):.3f}/{e.valid_loss:.3f}  "
-                  f"acc {_accuracy(e):.4f}  tensors {len(e.selected_tensors)}", flush=True)
+            print(
+                f"  epoch {epoch} {run.label:10s} rho {e.rho_achieved:.3f}  wall {e.wall_s:6.1f} s  "
+                f"loss {e.train_loss if e.train_loss is not None else float('nan'):.3f}/{e.valid_loss:.3f}  "
+                f"acc {_accuracy(e):.4f}  tensors {len(e.selected_tensors)}",
+                flush=True,
+            )
     return runs
 
 
-def bare_loop(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, steps: int, device: str) -> list[float]:
+def bare_loop(
+    model_dir: str, train_file: str, hp: Hyperparameters, seed: int, steps: int, device: str
+) -> list[float]:
     """Seconds per step of a plain PyTorch loop doing what greencore.train's `full` does in its first steps."""
     from transformers import AutoTokenizer
 
@@ -318,8 +420,11 @@ def bare_loop(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, s
     data = encode_dataset(summary, tokenizer, task, hp.max_seq_len, label2id)
     kwargs = {"num_labels": len(label2id)} if label2id else {}
     torch.manual_seed(seed)
-    model = auto_class(task).from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
-                                               **kwargs).to(device)
+    model = (
+        auto_class(task)
+        .from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager", **kwargs)
+        .to(device)
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
     total = -(-len(data) // hp.batch_size) * hp.n_epochs
@@ -328,7 +433,9 @@ def bare_loop(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, s
     cuda = device.startswith("cuda")
     for idx in epoch_batches(data, hp.batch_size, seed, 1, hp.max_seq_len, hp.importance_batches)[:steps]:
         started = time.perf_counter()
-        batch = {k: v.to(device) for k, v in collate(data, idx, tokenizer.pad_token_id, hp.max_seq_len).items()}
+        batch = {
+            k: v.to(device) for k, v in collate(data, idx, tokenizer.pad_token_id, hp.max_seq_len).items()
+        }
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and hp.bf16):
             loss = model(**batch).loss
         loss.backward()
@@ -341,8 +448,9 @@ def bare_loop(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, s
     return times[1:]
 
 
-def loop_steps(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, steps: int, device: str,
-               out: Path) -> list[float]:
+def loop_steps(
+    model_dir: str, train_file: str, hp: Hyperparameters, seed: int, steps: int, device: str, out: Path
+) -> list[float]:
     """Seconds per step of greencore.train's `full` over its first ``steps`` steps (between on_step calls)."""
     ticks: list[float] = []
 
@@ -351,13 +459,28 @@ def loop_steps(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, 
             torch.cuda.synchronize()  # time the step, not its queueing
         ticks.append(time.perf_counter())
 
-    train(TrainSpec(model_dir, train_file, str(out), method="full", hyperparameters=hp, seed=seed, device=device),
-          should_stop=lambda: len(ticks) >= steps, on_step=tick)
-    return [b - a for a, b in zip(ticks, ticks[1:], strict=False)]  # steps 2.. (the first is FlopCounterMode's)
+    train(
+        TrainSpec(
+            model_dir, train_file, str(out), method="full", hyperparameters=hp, seed=seed, device=device
+        ),
+        should_stop=lambda: len(ticks) >= steps,
+        on_step=tick,
+    )
+    return [
+        b - a for a, b in zip(ticks, ticks[1:], strict=False)
+    ]  # steps 2.. (the first is FlopCounterMode's)
 
 
-def step_overhead(model_dir: str, train_file: str, hp: Hyperparameters, seed: int, steps: int, device: str,
-                  out: Path, repeats: int = 4) -> tuple[float, float]:
+def step_overhead(
+    model_dir: str,
+    train_file: str,
+    hp: Hyperparameters,
+    seed: int,
+    steps: int,
+    device: str,
+    out: Path,
+    repeats: int = 4,
+) -> tuple[float, float]:
     """(greencore.train, bare loop) seconds per step: the same first steps, ``repeats`` times in alternating
     order (bare first, then loop first); each side's fastest median, the one least disturbed by whatever else
     the machine runs."""
@@ -367,7 +490,9 @@ def step_overhead(model_dir: str, train_file: str, hp: Hyperparameters, seed: in
             if side == "bare":
                 bare.append(statistics.median(bare_loop(model_dir, train_file, hp, seed, steps, device)))
             else:
-                loop.append(statistics.median(loop_steps(model_dir, train_file, hp, seed, steps, device, out)))
+                loop.append(
+                    statistics.median(loop_steps(model_dir, train_file, hp, seed, steps, device, out))
+                )
     return min(loop), min(bare)
 
 
@@ -399,40 +524,76 @@ def summarize(runs: list[Run]) -> list[Row]:
     rows = []
     for run in runs:
         if run.refused:
-            rows.append(Row(run.label, 0, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"),
-                            float("nan"), 0, float("nan"), run.refused))
+            rows.append(
+                Row(
+                    run.label,
+                    0,
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    0,
+                    float("nan"),
+                    run.refused,
+                )
+            )
             continue
         flops = sum(e.flops["total"] for e in run.epochs)
         label = f"{run.label} (rho {run.hp.rho:g})" if run.label == "green@lora" else run.label
         train_s = sum(e.wall_s - e.valid_wall_s for e in run.epochs)
         last = run.epochs[-1]
-        worst = max((abs(e.flops["measured_step"] - e.flops["predicted_step"]) / e.flops["predicted_step"]
-                     for e in run.epochs if e.steps), default=0.0)  # an epoch that trained nothing ran no step
+        worst = max(
+            (
+                abs(e.flops["measured_step"] - e.flops["predicted_step"]) / e.flops["predicted_step"]
+                for e in run.epochs
+                if e.steps
+            ),
+            default=0.0,
+        )  # an epoch that trained nothing ran no step
         on_valid = run.valid_accuracy is not None
-        rows.append(Row(label, flops, flops / full_flops, train_s, train_s / full_s,
-                        run.valid_loss if on_valid else last.valid_loss,
-                        run.valid_accuracy if on_valid else _accuracy(last), sum(e.energy_j for e in run.epochs),
-                        len(last.selected_tensors), worst, lr=run.hp.learning_rate,
-                        dev_accuracy=_accuracy(last) if on_valid else None))
+        rows.append(
+            Row(
+                label,
+                flops,
+                flops / full_flops,
+                train_s,
+                train_s / full_s,
+                run.valid_loss if on_valid else last.valid_loss,
+                run.valid_accuracy if on_valid else _accuracy(last),
+                sum(e.energy_j for e in run.epochs),
+                len(last.selected_tensors),
+                worst,
+                lr=run.hp.learning_rate,
+                dev_accuracy=_accuracy(last) if on_valid else None,
+            )
+        )
     return rows
 
 
 def table(rows: list[Row], metric: str) -> str:
-    lines = [f"| method | lr | FLOPs | FLOPs / full | train time (s) | time / full | valid loss | {metric} | dev {metric} "
-             "| energy (J) | tensors trained (last epoch) | max step FLOPs error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| method | lr | FLOPs | FLOPs / full | train time (s) | time / full | valid loss | {metric} | dev {metric} "
+        "| energy (J) | tensors trained (last epoch) | max step FLOPs error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.refused:
             lines.append(f"| {r.label} | {r.refused} |" + " |" * 10)
             continue
         dev = f"{100 * r.dev_accuracy:.2f}%" if r.dev_accuracy is not None else "-"
-        lines.append(f"| {r.label} | {r.lr:g} | {r.flops:.3e} | {r.flops_ratio:.3f} | {r.train_s:.1f} | "
-                     f"{r.wall_ratio:.3f} | {r.valid_loss:.4f} | {100 * r.accuracy:.2f}% | {dev} | {r.energy_j:.1f} | "
-                     f"{r.tensors} | {100 * r.worst_step_error:.3f}% |")
+        lines.append(
+            f"| {r.label} | {r.lr:g} | {r.flops:.3e} | {r.flops_ratio:.3f} | {r.train_s:.1f} | "
+            f"{r.wall_ratio:.3f} | {r.valid_loss:.4f} | {100 * r.accuracy:.2f}% | {dev} | {r.energy_j:.1f} | "
+            f"{r.tensors} | {100 * r.worst_step_error:.3f}% |"
+        )
     return "\n".join(lines)
 
 
-def targets(rows: list[Row], loop_s: float, bare_s: float, seeds: dict[str, list[Row]] | None = None) -> list[str]:
+def targets(
+    rows: list[Row], loop_s: float, bare_s: float, seeds: dict[str, list[Row]] | None = None
+) -> list[str]:
     """The issue's targets. With ``seeds`` (label -> its rows over every seed), the accuracy targets compare
     means over the seeds; FLOPs and time are the first seed's (they hardly depend on it)."""
     by = {base_label(r.label): r for r in rows if not r.refused}
@@ -451,8 +612,11 @@ def targets(rows: list[Row], loop_s: float, bare_s: float, seeds: dict[str, list
         return statistics.fmean(r.flops_ratio for r in seeds[label]) if n_seeds > 1 else by[label].flops_ratio
 
     over = f" (means of {n_seeds} seeds)" if n_seeds > 1 else ""
-    cheaper = [label for label in by if label.startswith("green") and (n_seeds == 1 or label in seeds)
-               and ratio(label) <= ratio("lora")]
+    cheaper = [
+        label
+        for label in by
+        if label.startswith("green") and (n_seeds == 1 or label in seeds) and ratio(label) <= ratio("lora")
+    ]
     best = max(cheaper, key=acc, default=None)
 
     def mark(ok: bool) -> str:
@@ -463,10 +627,13 @@ def targets(rows: list[Row], loop_s: float, bare_s: float, seeds: dict[str, list
         f"- green-0.5 train time / full = {green.wall_ratio:.3f} (target <= 0.60): {mark(green.wall_ratio <= 0.6)}",
         f"- green-0.5 accuracy {100 * acc('green-0.5'):.2f}% vs full {100 * acc('full'):.2f}%{over} "
         f"(target: within 2 points): {mark(acc('green-0.5') >= acc('full') - 0.02)}",
-        (f"- best green at FLOPs <= lora's ({best}, {ratio(best):.3f}): {100 * acc(best):.2f}% vs lora "
-         f"{100 * acc('lora'):.2f}% at {ratio('lora'):.3f}{over} (target: green higher): "
-         f"{mark(acc(best) > acc('lora'))}") if best else
-        f"- no green run spent at most lora's FLOPs ({ratio('lora'):.3f}): **missed**",
+        (
+            f"- best green at FLOPs <= lora's ({best}, {ratio(best):.3f}): {100 * acc(best):.2f}% vs lora "
+            f"{100 * acc('lora'):.2f}% at {ratio('lora'):.3f}{over} (target: green higher): "
+            f"{mark(acc(best) > acc('lora'))}"
+        )
+        if best
+        else f"- no green run spent at most lora's FLOPs ({ratio('lora'):.3f}): **missed**",
         f"- step time of `full` (median of steps 2-20, fastest of 4 alternated repeats): greencore.train "
         f"{1000 * loop_s:.1f} ms, bare PyTorch loop "
         f"{1000 * bare_s:.1f} ms, overhead {100 * overhead:+.1f}% (target <= 5%): {mark(overhead <= 0.05)}",
@@ -484,11 +651,19 @@ def plot(results: dict[str, list[Row]], path: Path) -> None:
     for ax, (title, all_rows) in zip(axes, results.items(), strict=True):
         rows = [r for r in all_rows if not r.refused]
         for r in rows:
-            color = "tab:green" if r.label.startswith("green") else {"full": "black", "lora": "tab:blue"}.get(
-                r.label, "tab:orange")
+            color = (
+                "tab:green"
+                if r.label.startswith("green")
+                else {"full": "black", "lora": "tab:blue"}.get(r.label, "tab:orange")
+            )
             ax.scatter(r.flops_ratio, 100 * r.accuracy, color=color, s=40)
-            ax.annotate(r.label, (r.flops_ratio, 100 * r.accuracy), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8)
+            ax.annotate(
+                r.label,
+                (r.flops_ratio, 100 * r.accuracy),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+            )
         greens = sorted((r for r in rows if r.label.startswith("green")), key=lambda r: r.flops_ratio)
         ax.plot([r.flops_ratio for r in greens], [100 * r.accuracy for r in greens], color="tab:green", lw=1)
         ax.set_xlabel("training FLOPs / full fine-tuning (profile, FlopCounterMode units)")
@@ -506,26 +681,49 @@ def plot(results: dict[str, list[Row]], path: Path) -> None:
 SEEDED = ("full", "green-0.5", "lora", "green@lora")
 
 
-def repeat_seeds(chosen: dict[str, Run], model_dir: str, fit: str, dev: str, valid: str, out: Path, base_hp: dict,
-                 args: argparse.Namespace) -> dict[str, list[Row]]:
+def repeat_seeds(
+    chosen: dict[str, Run],
+    model_dir: str,
+    fit: str,
+    dev: str,
+    valid: str,
+    out: Path,
+    base_hp: dict,
+    args: argparse.Namespace,
+) -> dict[str, list[Row]]:
     """Each SEEDED method's row at seed ``args.seed`` (its chosen grid run) and at ``args.seeds - 1`` more seeds;
     FLOPs ratios against full's run at the same seed."""
     labels = [m for m in METHODS if m[0] in SEEDED and m[0] in chosen and not chosen[m[0]].refused]
     rows: dict[str, list[Row]] = {label: [] for label, _, _ in labels}
-    first = {base_label(r.label): r
-             for r in summarize([dataclass_replace(chosen[label], label=label) for label, _, _ in labels])}
+    first = {
+        base_label(r.label): r
+        for r in summarize([dataclass_replace(chosen[label], label=label) for label, _, _ in labels])
+    }
     for label in rows:
         rows[label].append(first[label])
     for seed in range(args.seed + 1, args.seed + args.seeds):
         print(f"  seed {seed}", flush=True)
-        methods = [(label, method, {**extra, "learning_rate": chosen[label].hp.learning_rate})
-                   for label, method, extra in labels]
-        runs = run_interleaved(model_dir, fit, dev, out / f"seed-{seed}", base_hp, {"default": 0.0}, args.epochs,
-                               seed, args.device, methods=methods)
+        methods = [
+            (label, method, {**extra, "learning_rate": chosen[label].hp.learning_rate})
+            for label, method, extra in labels
+        ]
+        runs = run_interleaved(
+            model_dir,
+            fit,
+            dev,
+            out / f"seed-{seed}",
+            base_hp,
+            {"default": 0.0},
+            args.epochs,
+            seed,
+            args.device,
+            methods=methods,
+        )
         for run in runs:
             if not run.refused:
-                run.valid_loss, run.valid_accuracy = evaluate_checkpoint(run.epochs[-1].checkpoint_dir, valid,
-                                                                         run.hp, args.device)
+                run.valid_loss, run.valid_accuracy = evaluate_checkpoint(
+                    run.epochs[-1].checkpoint_dir, valid, run.hp, args.device
+                )
         for row in summarize(runs):
             rows[base_label(row.label)].append(row)
     return rows
@@ -537,18 +735,24 @@ def base_label(label: str) -> str:
 
 
 def seeds_table(seeds: dict[str, list[Row]], metric: str) -> str:
-    lines = [f"Seeds: each compared method again at its chosen learning rate with other seeds (data order, head "
-             f"initialisation, dropout); {metric} on the validation file.", "",
-             f"| method | lr | FLOPs / full (mean) | {metric}: mean | sd | each seed |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Seeds: each compared method again at its chosen learning rate with other seeds (data order, head "
+        f"initialisation, dropout); {metric} on the validation file.",
+        "",
+        f"| method | lr | FLOPs / full (mean) | {metric}: mean | sd | each seed |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, rows in seeds.items():
         ok = [r for r in rows if not r.refused]
         if not ok:
             continue
         accs = [100 * r.accuracy for r in ok]
         sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-        lines.append(f"| {label} | {ok[0].lr:g} | "
-                     f"{statistics.fmean(r.flops_ratio for r in ok):.3f} | {statistics.fmean(accs):.2f}% | "
-                     f"{sd:.2f} | {' / '.join(f'{a:.2f}' for a in accs)} |")
+        lines.append(
+            f"| {label} | {ok[0].lr:g} | "
+            f"{statistics.fmean(r.flops_ratio for r in ok):.3f} | {statistics.fmean(accs):.2f}% | "
+            f"{sd:.2f} | {' / '.join(f'{a:.2f}' for a in accs)} |"
+        )
     return "\n".join(lines)
 
 
@@ -568,12 +772,16 @@ class Comparison:
     extra: list[Row]  # diagnostic rows (twice the epochs), not in the targets
     loop_s: float
     bare_s: float
-    seeds: dict[str, list[Row]] = field(default_factory=dict)  # SEEDED label -> its row at each seed (first: the grid's)
+    seeds: dict[str, list[Row]] = field(
+        default_factory=dict
+    )  # SEEDED label -> its row at each seed (first: the grid's)
 
     def section(self, title: str, setup: str, args: argparse.Namespace) -> str:
         width = max(len(runs) for runs in self.runs.values())
-        grid_lines = ["| method | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " | chosen |",
-                      "|---" * (width + 2) + "|"]
+        grid_lines = [
+            "| method | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " | chosen |",
+            "|---" * (width + 2) + "|",
+        ]
         for label, runs in self.runs.items():
             cells = []
             for run in runs:
@@ -588,20 +796,41 @@ class Comparison:
             grid_lines.append(f"| {label} | " + " | ".join(cells) + f" | {picked} |")
         parts = [f"## {title}", "", setup, "", table(self.rows, self.metric), ""]
         if self.extra:
-            parts += ["Diagnostic (not a target row; trained alone after the interleaved runs, so its time ratio is "
-                      "less comparable): green-0.5 for twice the epochs at the learning rate it chose, its schedule "
-                      "stretched over them; FLOPs / full against full's run above.", "",
-                      table(self.extra, self.metric), ""]
+            parts += [
+                "Diagnostic (not a target row; trained alone after the interleaved runs, so its time ratio is "
+                "less comparable): green-0.5 for twice the epochs at the learning rate it chose, its schedule "
+                "stretched over them; FLOPs / full against full's run above.",
+                "",
+                table(self.extra, self.metric),
+                "",
+            ]
         if len(next(iter(self.seeds.values()), [])) > 1:
             parts += [seeds_table(self.seeds, self.metric), ""]
-        parts += ["Targets:", "", *targets(self.rows, self.loop_s, self.bare_s, self.seeds), "",
-                  f"Learning-rate grid: dev {self.metric} (%) after each epoch, trained on the fit split; the chosen "
-                  "run in bold (best last-epoch dev accuracy; ties: lower dev loss).", "", *grid_lines, ""]
+        parts += [
+            "Targets:",
+            "",
+            *targets(self.rows, self.loop_s, self.bare_s, self.seeds),
+            "",
+            f"Learning-rate grid: dev {self.metric} (%) after each epoch, trained on the fit split; the chosen "
+            "run in bold (best last-epoch dev accuracy; ties: lower dev loss).",
+            "",
+            *grid_lines,
+            "",
+        ]
         return "\n".join(parts)
 
 
-def compare(model_dir: str, fit: str, dev: str, valid: str, out: Path, base_hp: dict,
-            grid: dict[str, tuple[float, ...]], args: argparse.Namespace, metric: str) -> Comparison:
+def compare(
+    model_dir: str,
+    fit: str,
+    dev: str,
+    valid: str,
+    out: Path,
+    base_hp: dict,
+    grid: dict[str, tuple[float, ...]],
+    args: argparse.Namespace,
+    metric: str,
+) -> Comparison:
     """Every method at every learning rate of its grid (interleaved epoch by epoch), trained on ``fit`` and
     validated on ``dev``; each method keeps its best run by dev accuracy, whose last checkpoint is then
     evaluated on ``valid``."""
@@ -609,13 +838,27 @@ def compare(model_dir: str, fit: str, dev: str, valid: str, out: Path, base_hp: 
         lrs = tuple(float(x) for x in args.lr_grid.split(","))
         grid = {"default": lrs, "lora": tuple(3 * x for x in lrs)}
     wanted = [m for m in METHODS if m[0] in args.methods.split(",")]
-    points = [(f"{label}@{lr:g}", method, {**extra, "learning_rate": lr})
-              for label, method, extra in wanted for lr in grid_of(grid, method)]
-    all_runs = run_interleaved(model_dir, fit, dev, out, base_hp, {"default": grid["default"][0]}, args.epochs,
-                               args.seed, args.device, methods=points)
+    points = [
+        (f"{label}@{lr:g}", method, {**extra, "learning_rate": lr})
+        for label, method, extra in wanted
+        for lr in grid_of(grid, method)
+    ]
+    all_runs = run_interleaved(
+        model_dir,
+        fit,
+        dev,
+        out,
+        base_hp,
+        {"default": grid["default"][0]},
+        args.epochs,
+        args.seed,
+        args.device,
+        methods=points,
+    )
     runs: dict[str, list[Run]] = {}
-    for (label, _, _), run in zip(((lab, m, x) for lab, m, x in wanted for _ in grid_of(grid, m)), all_runs,
-                                  strict=True):
+    for (label, _, _), run in zip(
+        ((lab, m, x) for lab, m, x in wanted for _ in grid_of(grid, m)), all_runs, strict=True
+    ):
         runs.setdefault(label, []).append(run)
     chosen: dict[str, Run] = {}
     for label, candidates in runs.items():
@@ -624,11 +867,15 @@ def compare(model_dir: str, fit: str, dev: str, valid: str, out: Path, base_hp: 
             chosen[label] = candidates[0]
             continue
         best = max(ok, key=lambda r: (_accuracy(r.epochs[-1]), -r.epochs[-1].valid_loss))
-        best.valid_loss, best.valid_accuracy = evaluate_checkpoint(best.epochs[-1].checkpoint_dir, valid, best.hp,
-                                                                   args.device)
+        best.valid_loss, best.valid_accuracy = evaluate_checkpoint(
+            best.epochs[-1].checkpoint_dir, valid, best.hp, args.device
+        )
         chosen[label] = best
-        print(f"  {label}: lr {best.hp.learning_rate:g} (dev {_accuracy(best.epochs[-1]):.4f}), "
-              f"validation {best.valid_accuracy:.4f}", flush=True)
+        print(
+            f"  {label}: lr {best.hp.learning_rate:g} (dev {_accuracy(best.epochs[-1]):.4f}), "
+            f"validation {best.valid_accuracy:.4f}",
+            flush=True,
+        )
     picked = [dataclass_replace(run, label=label) for label, run in chosen.items()]
     rows = summarize(picked)
     extra: list[Row] = []
@@ -637,18 +884,36 @@ def compare(model_dir: str, fit: str, dev: str, valid: str, out: Path, base_hp: 
         print("  green-0.5 for twice the epochs", flush=True)
         hp = dataclass_replace(green.hp, n_epochs=2 * args.epochs)
         label = f"green-0.5 x{2 * args.epochs} epochs"
-        double = run_interleaved(model_dir, fit, dev, out / "double", base_hp, {"default": hp.learning_rate},
-                                 2 * args.epochs, args.seed, args.device,
-                                 methods=[(label, "green", {"rho": 0.5, "learning_rate": hp.learning_rate})])[0]
+        double = run_interleaved(
+            model_dir,
+            fit,
+            dev,
+            out / "double",
+            base_hp,
+            {"default": hp.learning_rate},
+            2 * args.epochs,
+            args.seed,
+            args.device,
+            methods=[(label, "green", {"rho": 0.5, "learning_rate": hp.learning_rate})],
+        )[0]
         if not double.refused:
-            double.valid_loss, double.valid_accuracy = evaluate_checkpoint(double.epochs[-1].checkpoint_dir, valid,
-                                                                           double.hp, args.device)
-        extra = [r for r in summarize([dataclass_replace(chosen["full"], label="full"), double])
-                 if r.label == label]
-    full_hp = dataclass_replace(chosen["full"].hp) if "full" in chosen else Hyperparameters(
-        **{**base_hp, "n_epochs": args.epochs, "learning_rate": grid["default"][0]})
+            double.valid_loss, double.valid_accuracy = evaluate_checkpoint(
+                double.epochs[-1].checkpoint_dir, valid, double.hp, args.device
+            )
+        extra = [
+            r
+            for r in summarize([dataclass_replace(chosen["full"], label="full"), double])
+            if r.label == label
+        ]
+    full_hp = (
+        dataclass_replace(chosen["full"].hp)
+        if "full" in chosen
+        else Hyperparameters(**{**base_hp, "n_epochs": args.epochs, "learning_rate": grid["default"][0]})
+    )
     seeds = repeat_seeds(chosen, model_dir, fit, dev, valid, out, base_hp, args) if args.seeds > 1 else {}
-    loop_s, bare_s = step_overhead(model_dir, fit, full_hp, args.seed, args.bare_steps, args.device, out / "steps")
+    loop_s, bare_s = step_overhead(
+        model_dir, fit, full_hp, args.seed, args.bare_steps, args.device, out / "steps"
+    )
     return Comparison(metric, grid, runs, chosen, rows, extra, loop_s, bare_s, seeds)
 
 
@@ -661,8 +926,13 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (Hyperparameters.bf16)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds the compared methods run at (the accuracy "
-                                                             "targets compare their means); 1: the grid's only")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="seeds the compared methods run at (the accuracy "
+        "targets compare their means); 1: the grid's only",
+    )
     parser.add_argument("--cls-train", type=int, default=960)
     parser.add_argument("--cls-valid", type=int, default=960)
     parser.add_argument("--lm-train", type=int, default=960)
@@ -677,11 +947,18 @@ def main() -> None:
     parser.add_argument("--bare-steps", type=int, default=20, help="steps timed per repeat (loop vs bare)")
     parser.add_argument("--tasks", default="classification,topic,generation")
     parser.add_argument("--name", default="methods", help="results file stem")
-    parser.add_argument("--cls-dev", type=int, default=240, help="classification training examples held out as dev")
-    parser.add_argument("--lm-dev", type=int, default=240, help="generation training examples held out as dev")
+    parser.add_argument(
+        "--cls-dev", type=int, default=240, help="classification training examples held out as dev"
+    )
+    parser.add_argument(
+        "--lm-dev", type=int, default=240, help="generation training examples held out as dev"
+    )
     parser.add_argument("--methods", default=",".join(m[0] for m in METHODS), help="labels of METHODS to run")
-    parser.add_argument("--lr-grid", default="", help="override both grids: comma-separated learning rates "
-                                                      "(LoRA gets each times 3), for trials")
+    parser.add_argument(
+        "--lr-grid",
+        default="",
+        help="override both grids: comma-separated learning rates (LoRA gets each times 3), for trials",
+    )
     parser.add_argument("--no-double", action="store_true", help="skip the green-0.5 twice-the-epochs row")
     args = parser.parse_args()
     ensure_bench_extra()
@@ -690,7 +967,9 @@ def main() -> None:
 
     import transformers
 
-    warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a transformers API due to be renamed
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning
+    )  # peft calls a transformers API due to be renamed
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
@@ -703,52 +982,81 @@ def main() -> None:
     tasks = args.tasks.split(",")
 
     cls_tasks = {
-        "classification": ("pos", "Classification: all-MiniLM-L6-v2 (22M BERT, pretrained) on WordNet parts of speech",
-                           "MiniLM-L6 (22M): part of speech of a WordNet definition", "4 balanced classes"),
-        "topic": ("topic", "Topic classification: all-MiniLM-L6-v2 on WordNet noun topics",
-                  "MiniLM-L6 (22M): topic of a WordNet noun definition",
-                  f"{N_TOPICS} balanced classes, the largest noun lexicographer files "
-                  f"({', '.join(labelled_definitions('topic'))})"),
+        "classification": (
+            "pos",
+            "Classification: all-MiniLM-L6-v2 (22M BERT, pretrained) on WordNet parts of speech",
+            "MiniLM-L6 (22M): part of speech of a WordNet definition",
+            "4 balanced classes",
+        ),
+        "topic": (
+            "topic",
+            "Topic classification: all-MiniLM-L6-v2 on WordNet noun topics",
+            "MiniLM-L6 (22M): topic of a WordNet noun definition",
+            f"{N_TOPICS} balanced classes, the largest noun lexicographer files "
+            f"({', '.join(labelled_definitions('topic'))})",
+        ),
     }
     for task, (labels, title, plot_title, classes) in cls_tasks.items():
         if task not in tasks:
             continue
-        model_dir, tr, va = classification_task(work / task, args.cls_train, args.cls_valid, args.seed, labels)
+        model_dir, tr, va = classification_task(
+            work / task, args.cls_train, args.cls_valid, args.seed, labels
+        )
         fit, dev = carve_dev(tr, args.cls_dev, args.seed)
         hp = {"batch_size": args.batch_size, "max_seq_len": 64, "warmup_steps": 10, "bf16": args.bf16}
         print(f"{task}: all-MiniLM-L6-v2, WordNet {labels}", flush=True)
-        result = compare(model_dir, fit, dev, va, work / f"{task}-runs", hp, LR_GRID["classification"], args,
-                         "accuracy")
+        result = compare(
+            model_dir, fit, dev, va, work / f"{task}-runs", hp, LR_GRID["classification"], args, "accuracy"
+        )
         plotted[plot_title] = result.rows
-        sections.append(result.section(
-            title,
-            f"{args.cls_train} training definitions ({args.cls_train - args.cls_dev} trained on, {args.cls_dev} dev "
-            f"for choosing the learning rate), {args.cls_valid} validation definitions reported; {classes}; "
-            f"batch {args.batch_size}, {args.epochs} epochs, AdamW, 10 warmup steps then linear decay.", args))
+        sections.append(
+            result.section(
+                title,
+                f"{args.cls_train} training definitions ({args.cls_train - args.cls_dev} trained on, {args.cls_dev} dev "
+                f"for choosing the learning rate), {args.cls_valid} validation definitions reported; {classes}; "
+                f"batch {args.batch_size}, {args.epochs} epochs, AdamW, 10 warmup steps then linear decay.",
+                args,
+            )
+        )
 
     if "generation" in tasks:
-        shape = LMShape(args.lm_hidden, args.lm_layers, args.lm_heads, args.lm_intermediate, args.lm_vocab,
-                        args.lm_pretrain)
-        model_dir, tr, va = generation_task(work / "lm", shape, args.lm_train, args.lm_valid, args.seed, args.device)
+        shape = LMShape(
+            args.lm_hidden,
+            args.lm_layers,
+            args.lm_heads,
+            args.lm_intermediate,
+            args.lm_vocab,
+            args.lm_pretrain,
+        )
+        model_dir, tr, va = generation_task(
+            work / "lm", shape, args.lm_train, args.lm_valid, args.seed, args.device
+        )
         fit, dev = carve_dev(tr, args.lm_dev, args.seed)
         n_params = sum(p.numel() for p in auto_class("causal_lm").from_pretrained(model_dir).parameters())
         hp = {"batch_size": args.batch_size, "max_seq_len": 64, "warmup_steps": 10, "bf16": args.bf16}
         print(f"generation: causal LM of {n_params / 1e6:.1f}M parameters, WordNet definitions", flush=True)
-        result = compare(model_dir, fit, dev, va, work / "lm-runs", hp, LR_GRID["generation"], args, "token accuracy")
+        result = compare(
+            model_dir, fit, dev, va, work / "lm-runs", hp, LR_GRID["generation"], args, "token accuracy"
+        )
         plotted[f"Llama-style LM ({n_params / 1e6:.1f}M): WordNet definitions"] = result.rows
-        sections.append(result.section(
-            f"Generation: a {n_params / 1e6:.1f}M Llama-style causal LM defining WordNet verbs and adjectives",
-            f"Built from a config ({shape.layers} layers, width {shape.hidden}, BPE vocabulary {shape.vocab}) and "
-            f"pre-trained here for one epoch on {shape.pretrain_examples} noun definitions; fine-tuned on "
-            f"{args.lm_train} verb/adjective definitions ({args.lm_train - args.lm_dev} trained on, {args.lm_dev} dev), "
-            f"validated on {args.lm_valid} others (next-token accuracy on the definitions). Batch {args.batch_size}, "
-            f"{args.epochs} epochs, AdamW, 10 warmup steps then linear decay.", args))
+        sections.append(
+            result.section(
+                f"Generation: a {n_params / 1e6:.1f}M Llama-style causal LM defining WordNet verbs and adjectives",
+                f"Built from a config ({shape.layers} layers, width {shape.hidden}, BPE vocabulary {shape.vocab}) and "
+                f"pre-trained here for one epoch on {shape.pretrain_examples} noun definitions; fine-tuned on "
+                f"{args.lm_train} verb/adjective definitions ({args.lm_train - args.lm_dev} trained on, {args.lm_dev} dev), "
+                f"validated on {args.lm_valid} others (next-token accuracy on the definitions). Batch {args.batch_size}, "
+                f"{args.epochs} epochs, AdamW, 10 warmup steps then linear decay.",
+                args,
+            )
+        )
 
     elapsed = time.perf_counter() - started
     header = [
         "# Methods side by side: green, full, LoRA, top-k",
         "",
-        f"Command: `.venv/bin/python bench/methods.py {' '.join(sys.argv[1:])}`".rstrip() + f" ({elapsed / 60:.1f} min)",
+        f"Command: `.venv/bin/python bench/methods.py {' '.join(sys.argv[1:])}`".rstrip()
+        + f" ({elapsed / 60:.1f} min)",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device `{args.device}`, "
         f"torch {torch.__version__} with {torch.get_num_threads()} thread(s); load average "

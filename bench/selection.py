@@ -35,12 +35,32 @@ from tests.brute_force import best_by_brute_force  # noqa: E402
 from tests.tiny_models import tiny_model  # noqa: E402
 
 RHOS = (0.4, 0.5, 0.7)
-LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                vocab_size=32000)
-OPT_6_7B = dict(hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32, vocab_size=50272,
-                word_embed_proj_dim=4096)
-T5_XL = dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24, num_heads=32,
-             feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=32128)
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
+OPT_6_7B = dict(
+    hidden_size=4096,
+    ffn_dim=16384,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    vocab_size=50272,
+    word_embed_proj_dim=4096,
+)
+T5_XL = dict(
+    d_model=2048,
+    d_kv=64,
+    d_ff=5120,
+    num_layers=24,
+    num_decoder_layers=24,
+    num_heads=32,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    vocab_size=32128,
+)
 
 
 def meta_profile(model_type: str, auto: type, **config) -> TensorProfile:
@@ -82,29 +102,42 @@ def timed(profile: TensorProfile, importance: dict[str, float], rho: float):
 
 
 def speed_table() -> list[str]:
-    models = [(f"llama-7B widths, {layers} layers", "llama", AutoModelForCausalLM,
-               dict(LLAMA_7B, num_hidden_layers=layers)) for layers in (11, 32, 66, 111, 222)]
+    models = [
+        (
+            f"llama-7B widths, {layers} layers",
+            "llama",
+            AutoModelForCausalLM,
+            dict(LLAMA_7B, num_hidden_layers=layers),
+        )
+        for layers in (11, 32, 66, 111, 222)
+    ]
     models.insert(2, ("opt-6.7B", "opt", AutoModelForCausalLM, OPT_6_7B))
     models.insert(3, ("flan-t5-xl shape", "t5", AutoModelForSeq2SeqLM, T5_XL))
-    rows = ["| model | tensors | rho | importance | time_s | peak_MB | selected | exact | objective / bound "
-            "| greedy / bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | tensors | rho | importance | time_s | peak_MB | selected | exact | objective / bound "
+        "| greedy / bound |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, model_type, auto, config in models:
         start = time.perf_counter()
         profile = meta_profile(model_type, auto, **config)
-        print(f"{label}: {len(profile.names)} tensors, profiled in {time.perf_counter() - start:.1f} s", flush=True)
+        print(
+            f"{label}: {len(profile.names)} tensors, profiled in {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
         for rho in RHOS:
             for signs in ("one", "both"):
                 importance = importances(profile, signs, seed=len(profile.names))
                 sel, seconds, peak_mb = timed(profile, importance, rho)
                 bound = selection_upper_bound(profile, importance, rho)
                 greedy = greedy_by_importance(profile, importance, rho)
-                row = (f"| {label} | {len(profile.names)} | {rho} | {signs} sign | {seconds:.3f} | {peak_mb:.1f} "
-                       f"| {len(sel.names)} | {sel.exact} | {sel.objective / bound:.4f} | {greedy / bound:.4f} |")
+                row = (
+                    f"| {label} | {len(profile.names)} | {rho} | {signs} sign | {seconds:.3f} | {peak_mb:.1f} "
+                    f"| {len(sel.names)} | {sel.exact} | {sel.objective / bound:.4f} | {greedy / bound:.4f} |"
+                )
                 rows.append(row)
                 print(row, flush=True)
     return rows
-
-
 
 
 def random_profile(rng: random.Random) -> TensorProfile:
@@ -128,8 +161,10 @@ def gap_table() -> list[str]:
         "t5 2+2 layers": ("t5", {}),
         "bert 2 layers": ("bert", {}),
     }
-    rows = ["| instances | count | worst gap % | mean gap % | greedy worst gap % | greedy mean gap % |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| instances | count | worst gap % | mean gap % | greedy worst gap % | greedy mean gap % |",
+        "|---|---|---|---|---|---|",
+    ]
     rng = random.Random(0)
     for label, (arch, overrides) in [*tiny.items(), ("random cost structures", (None, None))]:
         gaps, greedy_gaps = [], []
@@ -137,8 +172,10 @@ def gap_table() -> list[str]:
         for _ in range(300):
             p = profile or random_profile(rng)
             positive = set(rng.sample(p.names, min(14, len(p.names))))
-            importance = {n: (rng.expovariate(1.0) if n in positive and rng.random() < 0.8 else -rng.random())
-                          for n in p.names}
+            importance = {
+                n: (rng.expovariate(1.0) if n in positive and rng.random() < 0.8 else -rng.random())
+                for n in p.names
+            }
             rho = rng.uniform(p.rho_min, 1.0)
             best = best_by_brute_force(p, importance, rho * p.full.total)
             if best <= 0:
@@ -148,8 +185,10 @@ def gap_table() -> list[str]:
             greedy_gaps.append(100 * (best - greedy_by_importance(p, importance, rho)) / best)
         # Gaps below 1e-9 % are the rounding of float sums, not a worse mask.
         worst, mean = max(max(gaps), 0.0), max(statistics.mean(gaps), 0.0)
-        row = (f"| {label} | {len(gaps)} | {worst:.6f} | {mean:.6f} | {max(greedy_gaps):.1f} "
-               f"| {statistics.mean(greedy_gaps):.1f} |")
+        row = (
+            f"| {label} | {len(gaps)} | {worst:.6f} | {mean:.6f} | {max(greedy_gaps):.1f} "
+            f"| {statistics.mean(greedy_gaps):.1f} |"
+        )
         rows.append(row)
         print(row, flush=True)
     return rows

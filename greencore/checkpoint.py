@@ -60,13 +60,22 @@ def base_dtypes(model_dir: str | Path) -> dict[str, torch.dtype]:
     found: dict[str, torch.dtype] = {}
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for key in f.keys():  # safe_open is not a mapping
                 found[key] = _DTYPES.get(f.get_slice(key).get_dtype(), torch.float32)
     return found
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _cast_state_dict(model: nn.Module, dtypes: dict[str, torch.dtype], default: torch.dtype) -> dict:
@@ -171,7 +180,9 @@ def save_checkpoint(
         master = {n: params[n].detach().to("cpu", torch.float32).contiguous() for n in master_names}
         if master:
             save_file(master, str(tmp / MASTER_FILE))
-        with open(tmp / STATE_FILE, "wb") as handle:  # through a Python file: a full disk raises OSError(ENOSPC),
+        with open(
+            tmp / STATE_FILE, "wb"
+        ) as handle:  # through a Python file: a full disk raises OSError(ENOSPC),
             torch.save(state, handle)  # not the errno-less RuntimeError that torch.save(state, path) gives
 
     _write_atomically(folder, write)

@@ -57,8 +57,15 @@ class DatasetSummary:
 
 
 def _format_of(record: dict, line: int) -> str:
-    found = [f for f, keys in ((MESSAGES, ("messages",)), (PROMPT_COMPLETION, ("prompt", "completion")),
-                               (TEXT_LABEL, ("text", "label"))) if any(k in record for k in keys)]
+    found = [
+        f
+        for f, keys in (
+            (MESSAGES, ("messages",)),
+            (PROMPT_COMPLETION, ("prompt", "completion")),
+            (TEXT_LABEL, ("text", "label")),
+        )
+        if any(k in record for k in keys)
+    ]
     if not found:
         raise DatasetError(line, None, 'expected "messages", "prompt"/"completion" or "text"/"label" keys')
     if len(found) > 1:
@@ -86,7 +93,11 @@ def _check_record(record: dict, fmt: str, line: int) -> None:
         if "label" not in record:
             raise DatasetError(line, "label", "missing")
         label = record["label"]
-        if isinstance(label, bool) or not isinstance(label, str | int) or (isinstance(label, str) and not label):
+        if (
+            isinstance(label, bool)
+            or not isinstance(label, str | int)
+            or (isinstance(label, str) and not label)
+        ):
             raise DatasetError(line, "label", "must be a non-empty string or an integer")
     else:
         messages = record["messages"]
@@ -125,7 +136,9 @@ def label_names(labels: Sequence[str | int]) -> list[str]:
     return sorted(str(x) for x in unique)
 
 
-def validate_dataset(path: str | Path, tokenizer: Any = None, max_examples: int | None = None) -> DatasetSummary:
+def validate_dataset(
+    path: str | Path, tokenizer: Any = None, max_examples: int | None = None
+) -> DatasetSummary:
     """Check a JSONL dataset line by line; blank lines are skipped.
 
     Returns a :class:`DatasetSummary` (examples, format, label names, and tokens when ``tokenizer`` is given).
@@ -142,9 +155,13 @@ def validate_dataset(path: str | Path, tokenizer: Any = None, max_examples: int 
     with handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark some editors write
+                text = raw.decode(
+                    "utf-8-sig" if number == 1 else "utf-8"
+                )  # a byte-order mark some editors write
             except UnicodeDecodeError as exc:
-                raise DatasetError(number, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+                raise DatasetError(
+                    number, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from exc
             if not text.strip():
                 continue
             record = _json_line(text, number)
@@ -154,7 +171,9 @@ def validate_dataset(path: str | Path, tokenizer: Any = None, max_examples: int 
             if fmt is None:
                 fmt, first_line = line_fmt, number
             elif line_fmt != fmt:
-                raise DatasetError(number, None, f"is {line_fmt} but line {first_line} is {fmt}: one format per file")
+                raise DatasetError(
+                    number, None, f"is {line_fmt} but line {first_line} is {fmt}: one format per file"
+                )
             _check_record(record, fmt, number)
             record["_line"] = number
             records.append(record)
@@ -167,7 +186,9 @@ def validate_dataset(path: str | Path, tokenizer: Any = None, max_examples: int 
         raise DatasetError(None, "label", f"classification needs at least 2 distinct labels, found {labels}")
     tokens = None
     if tokenizer is not None:
-        tokens = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in _texts(records, fmt))
+        tokens = sum(
+            len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in _texts(records, fmt)
+        )
     return DatasetSummary(len(records), fmt, labels, tokens, records)
 
 
@@ -185,7 +206,9 @@ class Encoded:
 
     task: str  # "causal_lm", "seq2seq" or "classification"
     input_ids: list[list[int]]
-    labels: list[list[int]] | list[int]  # per-token labels (IGNORE where no loss), or one class id per example
+    labels: (
+        list[list[int]] | list[int]
+    )  # per-token labels (IGNORE where no loss), or one class id per example
     truncated: int  # examples cut at max_seq_len
     dropped: int  # examples left with no loss token after truncation (not trained on)
     dropped_lines: list[int] = field(default_factory=list)  # their lines in the file (1-based)
@@ -223,7 +246,7 @@ def _chat_with_template(tokenizer: Any, messages: list[dict]) -> tuple[list[int]
         try:
             before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
             through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        except Exception:  # noqa: BLE001 - a template that refuses a partial chat: fall back to a text search
+        except Exception:  # a template that refuses a partial chat: fall back to a text search
             before = through = None
         if before is not None and text.startswith(through) and through.startswith(before):
             spans.append((len(before), len(through)))
@@ -310,7 +333,9 @@ def encode_dataset(
             labels.append(tgt)
             continue
         if summary.format == PROMPT_COMPLETION:
-            prompt = ([tokenizer.bos_token_id] if _adds_bos(tokenizer) else []) + _ids(tokenizer, record["prompt"])
+            prompt = ([tokenizer.bos_token_id] if _adds_bos(tokenizer) else []) + _ids(
+                tokenizer, record["prompt"]
+            )
             completion = _with_eos(tokenizer, _ids(tokenizer, record["completion"]))
             ids, lab = prompt + completion, [IGNORE] * len(prompt) + completion
         elif getattr(tokenizer, "chat_template", None):
@@ -373,8 +398,9 @@ def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list
     return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
 
 
-def epoch_batches(data: Encoded, batch_size: int, seed: int, epoch: int, max_seq_len: int,
-                  measured: int = 1) -> list[list[int]]:
+def epoch_batches(
+    data: Encoded, batch_size: int, seed: int, epoch: int, max_seq_len: int, measured: int = 1
+) -> list[list[int]]:
     """The batches of one epoch as a run trains them: :func:`epoch_order`'s, with the ``measured`` batches of
     median padded size moved to the front (in their shuffled order).
 

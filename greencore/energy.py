@@ -104,7 +104,7 @@ def open_counter(device: str, powercap_root: Path = POWERCAP) -> EnergyCounter |
         try:
             index = int(device.split(":")[1]) if ":" in device else 0
             return NvmlCounter(index)
-        except Exception:  # noqa: BLE001 - no NVML library, no permission, or a GPU without an energy counter
+        except Exception:  # no NVML library, no permission, or a GPU without an energy counter
             return None
     try:
         return RaplCounter(powercap_root)

@@ -22,7 +22,9 @@ class StepFlops:
         return self.fwd + self.bwd_act + self.bwd_weight
 
     def __add__(self, other: StepFlops) -> StepFlops:
-        return StepFlops(self.fwd + other.fwd, self.bwd_act + other.bwd_act, self.bwd_weight + other.bwd_weight)
+        return StepFlops(
+            self.fwd + other.fwd, self.bwd_act + other.bwd_act, self.bwd_weight + other.bwd_weight
+        )
 
     def scaled(self, factor: int) -> StepFlops:
         """The same step repeated ``factor`` times."""

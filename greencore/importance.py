@@ -63,7 +63,9 @@ class ImportancePass:
 
     scores: dict[str, float]
     loss: float  # the mean loss over the batches, before the tentative step
-    gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> g0 (candidates with a gradient)
+    gradients: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # name -> g0 (candidates with a gradient)
 
 
 def tentative_optimizer_factory(optimizer: torch.optim.Optimizer) -> OptimizerFactory:

@@ -43,7 +43,9 @@ class Choice:
 
     names: tuple[str, ...]
     selection_flops: int = 0  # FLOPs of the importance passes, counted in the epoch's budget
-    details: dict[str, Any] = field(default_factory=dict)  # what the method wants recorded (k, objective, ...)
+    details: dict[str, Any] = field(
+        default_factory=dict
+    )  # what the method wants recorded (k, objective, ...)
     first_step: FirstStep | None = None  # the first batch's step, when choosing computed it (green)
 
 
@@ -134,7 +136,9 @@ class GreenMethod:
             # Only tensors that could train within the budget on their own are worth measuring, and measuring
             # fewer (shallower) tensors costs less backward.
             candidates = reachable_tensors(loop, target)
-            measured = importance_pass(ctx.model, ctx.importance_batches, ctx.optimizer_factory, names=candidates)
+            measured = importance_pass(
+                ctx.model, ctx.importance_batches, ctx.optimizer_factory, names=candidates
+            )
             importance = measured.scores
             spent = sum(importance_flops(p, candidates, 1).total for p in ctx.importance_profiles)
             # The choice must fit every epoch it covers. Epochs differ a little in their shapes, so a choice that
@@ -148,15 +152,21 @@ class GreenMethod:
                     break
                 target *= (self.rho / worst) * (1 - 1e-6)
             else:
-                raise MethodError(f"no selection fits rho={self.rho} in every epoch of the reselection interval")
+                raise MethodError(
+                    f"no selection fits rho={self.rho} in every epoch of the reselection interval"
+                )
         except BudgetTooSmall as exc:  # its rho_min is a share of the loop's FLOPs: restate it as the epoch's
             raise BudgetTooSmall(self.rho, exc.rho_min / scale, exc.detail) from exc
         first = None
         if keep_first and chosen:
             first = FirstStep({n: measured.gradients[n] for n in chosen}, measured.loss)
         ranked = sorted(importance.items(), key=lambda kv: -kv[1])
-        return Choice(chosen, spent, {"objective": sel.objective, "target_rho": target / scale,
-                                      "importance_top": ranked[:5]}, first)
+        return Choice(
+            chosen,
+            spent,
+            {"objective": sel.objective, "target_rho": target / scale, "importance_top": ranked[:5]},
+            first,
+        )
 
 
 def transformer_layers(model: nn.Module) -> list[list[str]]:
@@ -209,7 +219,9 @@ class TopKMethod:
     def prepare(self, model: nn.Module, new_modules: list[str]) -> tuple[nn.Module, list[nn.Parameter]]:
         self.layers = transformer_layers(model)
         if not self.layers:
-            raise MethodError("topk needs a model with repeated layers (an nn.ModuleList of blocks); none found")
+            raise MethodError(
+                "topk needs a model with repeated layers (an nn.ModuleList of blocks); none found"
+            )
         return model, _all_parameters(model)
 
     def choose(self, ctx: EpochContext) -> Choice | None:

@@ -138,9 +138,7 @@ def _backward_flops(rec: _OpRecord, grad_positions: tuple[int, ...]) -> int:
     key = (rec.func, tuple(_hashable(x) for x in rec.leaves), grad_positions)
     if key in _BACKWARD_CACHE:
         return _BACKWARD_CACHE[key]
-    leaves = [
-        x.build(i in grad_positions) if isinstance(x, _Spec) else x for i, x in enumerate(rec.leaves)
-    ]
+    leaves = [x.build(i in grad_positions) if isinstance(x, _Spec) else x for i, x in enumerate(rec.leaves)]
     args, kwargs = tree_unflatten(leaves, rec.treespec)
     inputs = [leaves[i] for i in grad_positions]
     with torch.enable_grad():
@@ -383,7 +381,13 @@ class TensorProfile:
                     table[bits] = table.get(bits, 0) + flops * count
         first = parts[0][0]
         return cls(
-            names, fwd, act, weight, first.batch_size, first.seq_len, first.target_len,
+            names,
+            fwd,
+            act,
+            weight,
+            first.batch_size,
+            first.seq_len,
+            first.target_len,
             all(p.exact for p, _ in parts),
         )
 
@@ -465,7 +469,7 @@ def profile_model(
             fwd = int(counter.get_total_flops())
             with fake_mode:
                 loss = _output_tensor(out).float().sum()
-        except Exception as exc:  # noqa: BLE001 - any failure of a foreign forward is reported the same way
+        except Exception as exc:  # any failure of a foreign forward is reported the same way
             raise ProfileError(f"tracing {type(model).__name__} with fake tensors failed: {exc}") from exc
         finally:
             for hook in hooks:
@@ -523,7 +527,9 @@ def _subsets(positions: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
         yield from itertools.combinations(positions, r)
 
 
-def _input_costs(rec: _OpRecord, positions: tuple[int, ...]) -> tuple[list[tuple[tuple[int, ...], int]], bool]:
+def _input_costs(
+    rec: _OpRecord, positions: tuple[int, ...]
+) -> tuple[list[tuple[tuple[int, ...], int]], bool]:
     """Backward cost terms of one op, ``[(inputs, flops)]`` (paid when any of ``inputs`` needs a gradient),
     and whether they are exact.
 

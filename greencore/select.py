@@ -101,7 +101,9 @@ def _check(profile: TensorProfile, rho: float, reserved_flops: int) -> int:
     if rho < profile.rho_min:
         raise BudgetTooSmall(rho, profile.rho_min, detail)
     if reserved_flops:
-        cheapest = min((profile.step_flops_bits(1 << i).total for i in range(len(profile.names))), default=full)
+        cheapest = min(
+            (profile.step_flops_bits(1 << i).total for i in range(len(profile.names))), default=full
+        )
         if cheapest + reserved_flops > _budget_flops(profile, rho):
             rho_min = (cheapest + reserved_flops) / full
             detail += f"; {reserved_flops:.3e} FLOPs per step are reserved (importance evaluation)"
@@ -132,10 +134,17 @@ def _problem(profile: TensorProfile, importance: Mapping[str, float], step_budge
     # Membership matrix tensors x terms, from the terms' upstream bit sets.
     nbytes = max(1, (n + 7) // 8)
     raw = b"".join(u.to_bytes(nbytes, "little") for u, _ in shared_terms)
-    member = np.unpackbits(np.frombuffer(raw, dtype=np.uint8).reshape(len(shared_terms), nbytes),
-                           axis=1, bitorder="little")[:, :n].T if shared_terms else np.zeros((n, 0), np.uint8)
+    member = (
+        np.unpackbits(
+            np.frombuffer(raw, dtype=np.uint8).reshape(len(shared_terms), nbytes), axis=1, bitorder="little"
+        )[:, :n].T
+        if shared_terms
+        else np.zeros((n, 0), np.uint8)
+    )
     reach_all = np.zeros(n, np.int64)
-    for start in range(0, n, 256):  # in row blocks: the int64 copy of the whole matrix would be n*terms*8 bytes
+    for start in range(
+        0, n, 256
+    ):  # in row blocks: the int64 copy of the whole matrix would be n*terms*8 bytes
         reach_all[start : start + 256] = member[start : start + 256].astype(np.int64) @ costs
     packed = np.packbits(member, axis=1, bitorder="little")
     budget = step_budget - profile.fwd
@@ -301,7 +310,9 @@ def _search(prob: _Problem, knap: _Knapsack) -> tuple[list[int], bool]:
             # terms with another costs them exactly on top. Entangled siblings beyond the enumeration limit are
             # charged their extra terms each, as if unshared: an over-estimate, never over budget.
             extension = [(k, prob.weight[k]) for k in pending if not uncovered[k]]
-            extension += [(k, prob.weight[k] + _bit_cost(uncovered[k], prob.term_costs)) for k in alone + charged]
+            extension += [
+                (k, prob.weight[k] + _bit_cost(uncovered[k], prob.term_costs)) for k in alone + charged
+            ]
             exact = exact and not charged
             extended = table
             for k, flops in extension:

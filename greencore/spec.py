@@ -34,7 +34,9 @@ class Hyperparameters:
     lora_r: int = 8  # LoRA rank (lora)
     lora_alpha: int = 16  # LoRA scaling numerator (lora)
     topk_layers: int | None = None  # layers trained from the top (topk); None: the most that fit rho
-    importance_batches: int = 1  # batches at the start of a selecting epoch that importance is measured on (green)
+    importance_batches: int = (
+        1  # batches at the start of a selecting epoch that importance is measured on (green)
+    )
     max_grad_norm: float | None = 1.0  # gradients clipped to this global L2 norm; None: no clipping
     bf16: bool = False  # bf16 autocast on CUDA (weights and optimizer stay float32); ignored on CPU
 
@@ -71,7 +73,14 @@ class TrainSpec:
         hp = self.hyperparameters
         if self.method not in METHODS:
             raise SpecError("method", f"unknown method {self.method!r}; one of {', '.join(METHODS)}")
-        for name in ("n_epochs", "batch_size", "max_seq_len", "reselect_every", "lora_r", "importance_batches"):
+        for name in (
+            "n_epochs",
+            "batch_size",
+            "max_seq_len",
+            "reselect_every",
+            "lora_r",
+            "importance_batches",
+        ):
             if getattr(hp, name) < 1:
                 raise SpecError(name, "must be at least 1")
         if hp.learning_rate <= 0:
@@ -106,7 +115,9 @@ class EpochReport:
     steps: int = 0  # optimizer steps in this epoch
     truncated_examples: int = 0  # examples cut at max_seq_len
     checkpoint_dir: str | None = None  # where this epoch's checkpoint was written
-    energy_inputs: dict[str, Any] = field(default_factory=dict)  # what the estimate used (energy_method "estimate")
+    energy_inputs: dict[str, Any] = field(
+        default_factory=dict
+    )  # what the estimate used (energy_method "estimate")
     selection: dict[str, Any] = field(default_factory=dict)  # how the tensors were chosen (method details)
     dropped_examples: int = 0  # examples left with no loss token after truncation, not trained on
     valid_wall_s: float = 0.0  # the part of wall_s spent on validation

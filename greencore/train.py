@@ -93,13 +93,18 @@ def train(
     train_summary = validate_dataset(spec.train_file)
     valid_summary = validate_dataset(spec.valid_file) if spec.valid_file else None
     if valid_summary is not None and valid_summary.format != train_summary.format:
-        raise DatasetError(None, None, f"the validation file is {valid_summary.format}, "
-                                       f"the training file {train_summary.format}")
+        raise DatasetError(
+            None,
+            None,
+            f"the validation file is {valid_summary.format}, the training file {train_summary.format}",
+        )
     task = task_for(train_summary.format, config)
     labels = train_summary.labels
     label2id = {name: i for i, name in enumerate(labels)} if labels else None
     train_data = encode_dataset(train_summary, tokenizer, task, hp.max_seq_len, label2id)
-    valid_data = encode_dataset(valid_summary, tokenizer, task, hp.max_seq_len, label2id) if valid_summary else None
+    valid_data = (
+        encode_dataset(valid_summary, tokenizer, task, hp.max_seq_len, label2id) if valid_summary else None
+    )
     if not len(train_data):
         raise DatasetError(None, None, "no example keeps a completion token within max_seq_len")
 
@@ -107,7 +112,8 @@ def train(
     state = checkpoint.load_state(spec.resume_from) if spec.resume_from else None
     if state is not None and state["fingerprint"] != fingerprint:
         raise checkpoint.CheckpointError(
-            f"{spec.resume_from} was written by a different job (model, data, method or hyperparameters differ)")
+            f"{spec.resume_from} was written by a different job (model, data, method or hyperparameters differ)"
+        )
 
     torch.manual_seed(spec.seed)
     method = make_method(spec.method, hp)
@@ -142,8 +148,11 @@ def train(
 
     profiles = _ShapeProfiles(model, lora=method.name == "lora")
     meter = EnergyMeter(str(device), spec.energy)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if hp.bf16 and device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if hp.bf16 and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     attention = eager_attention(model) if device.type == "cpu" else contextlib.nullcontext()
     pad_id = tokenizer.pad_token_id
     last_dir = Path(spec.resume_from) if spec.resume_from else None
@@ -178,8 +187,10 @@ def train(
                 profile=profile,
                 rest_profile=steps_profile(shapes[1:])[0] if n_imp == 1 and len(order) > 1 else None,
                 full_flops=full_flops,
-                later=lambda e0=epoch: [steps_profile(shapes_of(e)) for e in range(e0 + 1, min(e0 + hp.reselect_every,
-                                                                                                hp.n_epochs + 1))],
+                later=lambda e0=epoch: [
+                    steps_profile(shapes_of(e))
+                    for e in range(e0 + 1, min(e0 + hp.reselect_every, hp.n_epochs + 1))
+                ],
                 importance_batches=[make_batch(idx) for idx in order[:n_imp]],
                 importance_profiles=[profiles.get(s) for s in shapes[:n_imp]],
                 # The tentative step of the importance pass is the training optimizer's next step (a copy of it:
@@ -201,9 +212,22 @@ def train(
                 for name, grad in first.gradients.items():
                     named[name].grad = grad
                 _optimizer_step(params, optimizer, scheduler, hp)
-            steps = _run_steps(model, params, optimizer, scheduler, order, make_batch, task, epoch, bool(chosen),
-                               hp, autocast, should_stop, on_step,
-                               first=(first.loss, ctx.importance_batches[0]) if first else None)
+            steps = _run_steps(
+                model,
+                params,
+                optimizer,
+                scheduler,
+                order,
+                make_batch,
+                task,
+                epoch,
+                bool(chosen),
+                hp,
+                autocast,
+                should_stop,
+                on_step,
+                first=(first.loss, ctx.importance_batches[0]) if first else None,
+            )
             if steps.stopped:
                 stopped = True
                 break
@@ -229,7 +253,9 @@ def train(
                     "selection": selection_flops,
                     "total": total,
                     "full": full_flops,
-                    "predicted_step": profiles.get(first_looped).step_flops(choice.names).total if chosen else 0,
+                    "predicted_step": profiles.get(first_looped).step_flops(choice.names).total
+                    if chosen
+                    else 0,
                     "measured_step": steps.measured_flops,
                 },
                 rho_achieved=total / full_flops,
@@ -258,23 +284,34 @@ def train(
                 "global_step": epoch * steps_per_epoch,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                },
                 "selection": list(choice.names),
                 "selection_details": _plain(choice.details),
                 "trained": sorted(trained),
                 "reports": [_plain(asdict(r)) for r in reports],
             }
             narrow = [n for n in sorted(trained) if _saved_dtype(n, dtypes, default_dtype) != torch.float32]
-            checkpoint.save_checkpoint(last_dir, model, tokenizer, dtypes, default_dtype, state,
-                                       master_names=narrow if method.name != "lora" else ())
+            checkpoint.save_checkpoint(
+                last_dir,
+                model,
+                tokenizer,
+                dtypes,
+                default_dtype,
+                state,
+                master_names=narrow if method.name != "lora" else (),
+            )
             if on_epoch is not None:
                 on_epoch(report)
 
     final = None
     if not stopped and last_dir is not None:
         final = str(checkpoint.link_final(spec.output_dir, last_dir))
-    rho = rho_of(hp) if method.name == "green" or (method.name == "topk" and hp.topk_layers is None) else hp.rho
+    rho = (
+        rho_of(hp) if method.name == "green" or (method.name == "topk" and hp.topk_layers is None) else hp.rho
+    )
     return TrainReport(reports, final, stopped, task, method.name, rho, labels)
 
 
@@ -354,7 +391,9 @@ def _run_steps(
     return _EpochSteps(len(order) if trains else 0, tokens, mean, measured, stopped=False)
 
 
-def _optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any, hp: Any) -> None:
+def _optimizer_step(
+    params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any, hp: Any
+) -> None:
     """One training step from the gradients in ``.grad``: clip, step, schedule, clear."""
     if hp.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], hp.max_grad_norm)
@@ -398,11 +437,20 @@ def _load_model(
     if device.type == "cpu":
         kwargs["attn_implementation"] = "eager"
     if task == "classification":
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                      label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+            ignore_mismatched_sizes=True,
+        )
     try:
         model, info = auto_class(task).from_pretrained(source, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: a weights file cut short
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        SafetensorError,
+    ) as exc:  # SafetensorError: a weights file cut short
         raise ModelFolderError(f"cannot load {source} as a {task} model: {exc}") from exc
     if state is not None and method != "lora":
         checkpoint.restore_master_weights(model, spec.resume_from)
@@ -433,8 +481,16 @@ def clear_profile_cache() -> None:
 def _structure(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     params = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
-    return hashlib.sha256(repr((type(model).__qualname__, repr(model), params,
-                                config.to_json_string() if config is not None else None)).encode()).hexdigest()
+    return hashlib.sha256(
+        repr(
+            (
+                type(model).__qualname__,
+                repr(model),
+                params,
+                config.to_json_string() if config is not None else None,
+            )
+        ).encode()
+    ).hexdigest()
 
 
 def _profile(model: nn.Module, structure: str, shape: tuple[int, ...]) -> TensorProfile:

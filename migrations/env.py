@@ -33,7 +33,9 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         # SQLite cannot ALTER most things: batch mode rebuilds the table instead.
         context.configure(
-            connection=connection, target_metadata=target_metadata, render_as_batch=url.startswith("sqlite"),
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=url.startswith("sqlite"),
             compare_type=True,
         )
         with context.begin_transaction():

@@ -19,7 +19,9 @@ def best_by_brute_force(profile: TensorProfile, importance: dict[str, float], li
     than the same mask without it, which is also feasible (a smaller mask never costs more).
     """
     n = len(profile.names)
-    index = list(range(n)) if n <= MAX_BRUTE else [i for i, k in enumerate(profile.names) if importance[k] > 0]
+    index = (
+        list(range(n)) if n <= MAX_BRUTE else [i for i, k in enumerate(profile.names) if importance[k] > 0]
+    )
     assert len(index) <= MAX_BRUTE
     sub = np.arange(1 << len(index), dtype=np.int64)
     masks = np.zeros_like(sub)

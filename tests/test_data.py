@@ -144,7 +144,10 @@ def test_plain_chat_template_without_tokenizer_template(tmp_path, plain_tokenize
 def test_truncation_counted_and_lossless_examples_dropped(tmp_path, plain_tokenizer):
     rows = [
         {"prompt": "the quick brown fox", "completion": " jumps"},
-        {"prompt": "the quick brown fox jumps over the lazy dog " * 4, "completion": " sleeps"},  # prompt fills all
+        {
+            "prompt": "the quick brown fox jumps over the lazy dog " * 4,
+            "completion": " sleeps",
+        },  # prompt fills all
         {"prompt": "a", "completion": " the quick brown fox jumps over the lazy dog " * 4},  # completion cut
     ]
     enc = encode_rows(tmp_path, plain_tokenizer, rows, max_seq_len=24)
@@ -228,13 +231,15 @@ def test_task_follows_format_and_model():
     assert task_for("prompt_completion", object()) == "causal_lm"
 
 
-
 def test_validate_reads_a_byte_order_mark_and_refuses_unreadable_json(tmp_path):
     good = '{"prompt": "a", "completion": "b"}\n'
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + good.encode() * 2)  # as some editors save UTF-8
     assert validate_dataset(path).examples == 2
-    for body, words in [("[" * 100_000, "nested too deeply"), ('{"text": "a", "label": ' + "9" * 5000 + "}", "digits")]:
+    for body, words in [
+        ("[" * 100_000, "nested too deeply"),
+        ('{"text": "a", "label": ' + "9" * 5000 + "}", "digits"),
+    ]:
         path.write_text(good + body + "\n")
         with pytest.raises(DatasetError, match=words) as caught:
             validate_dataset(path)

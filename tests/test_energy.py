@@ -44,8 +44,13 @@ def test_meter_falls_back_to_the_estimate(tmp_path):
     reading = meter.stop(flops=3e12)
     # 3e12 FLOPs at 1e12 FLOP/s is 3 s, at 100 W: 300 J.
     assert (reading.energy_j, reading.method) == (pytest.approx(300.0), "estimate")
-    assert reading.inputs == {"flops": 3e12, "device_name": "test-cpu", "peak_flops": 2e12,
-                              "utilization": 0.5, "watts": 100.0}
+    assert reading.inputs == {
+        "flops": 3e12,
+        "device_name": "test-cpu",
+        "peak_flops": 2e12,
+        "utilization": 0.5,
+        "watts": 100.0,
+    }
     assert estimate_j(3e12, settings).energy_j == reading.energy_j
 
 

@@ -25,18 +25,30 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", dataset("prompt_completion", 32, seed=0))
+    return write_jsonl(
+        tmp_path_factory.mktemp("data") / "train.jsonl", dataset("prompt_completion", 32, seed=0)
+    )
 
 
 def spec(model_dir: Path, train_file: str, out: Path, **hp: object) -> TrainSpec:
-    return TrainSpec(str(model_dir), train_file, str(out), method="full",
-                     hyperparameters=Hyperparameters(**{"n_epochs": 2, "batch_size": 4, "max_seq_len": 64, **hp}))
+    return TrainSpec(
+        str(model_dir),
+        train_file,
+        str(out),
+        method="full",
+        hyperparameters=Hyperparameters(**{"n_epochs": 2, "batch_size": 4, "max_seq_len": 64, **hp}),
+    )
 
 
-def test_a_diverging_loss_stops_the_run_before_it_saves_garbage(llama: Path, train_file: str, tmp_path: Path) -> None:
+def test_a_diverging_loss_stops_the_run_before_it_saves_garbage(
+    llama: Path, train_file: str, tmp_path: Path
+) -> None:
     seen = []
     with pytest.raises(LossNotFinite) as err:
-        train(spec(llama, train_file, tmp_path / "out", learning_rate=1e30, max_grad_norm=None), on_epoch=seen.append)
+        train(
+            spec(llama, train_file, tmp_path / "out", learning_rate=1e30, max_grad_norm=None),
+            on_epoch=seen.append,
+        )
     assert not seen  # no epoch reported, and so no checkpoint of NaN weights
     assert not list((tmp_path / "out").glob("epoch-*"))
     code, message = error_of(err.value)

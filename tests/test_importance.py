@@ -54,7 +54,9 @@ def test_model_and_training_optimizer_are_left_exactly_as_they_were() -> None:
 
     scores = tensor_importance(model, batches[:2], adamw())
 
-    assert set(scores) == {n for n, p in params.items() if p.requires_grad}  # the frozen one is not a candidate
+    assert set(scores) == {
+        n for n, p in params.items() if p.requires_grad
+    }  # the frozen one is not a candidate
     assert all(isinstance(v, float) for v in scores.values()) and any(v != 0.0 for v in scores.values())
     assert model.training
     for n, p in model.named_parameters():
@@ -66,7 +68,9 @@ def test_model_and_training_optimizer_are_left_exactly_as_they_were() -> None:
     assert after["state"].keys() == state["state"].keys()
     for key, entry in state["state"].items():
         for field, value in entry.items():
-            assert torch.equal(bits(after["state"][key][field]), bits(value)), f"optimizer state {key}.{field}"
+            assert torch.equal(bits(after["state"][key][field]), bits(value)), (
+                f"optimizer state {key}.{field}"
+            )
 
 
 def test_eval_mode_is_kept_and_none_gradients_stay_none() -> None:
@@ -83,7 +87,11 @@ def test_eval_mode_is_kept_and_none_gradients_stay_none() -> None:
 
 def test_only_candidates_are_trainable_stepped_and_copied() -> None:
     model, _, batches = trained_llama()
-    names = ["model.layers.1.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
+    names = [
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    ]
     params = dict(model.named_parameters())
     pointers = {p.data_ptr(): n for n, p in params.items()}
     seen: dict[str, object] = {}
@@ -249,7 +257,10 @@ def test_the_tentative_step_is_the_training_optimizers_next_step() -> None:
 
     twin = copy.deepcopy((model, opt))
     twin_params = dict(twin[0].named_parameters())
-    for n, p in twin_params.items():  # the twin's optimizer steps only the chosen tensors, with their gradients
+    for (
+        n,
+        p,
+    ) in twin_params.items():  # the twin's optimizer steps only the chosen tensors, with their gradients
         p.grad = params[n].grad.clone() if n in names else None
     twin[1].step()
 

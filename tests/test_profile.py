@@ -90,8 +90,14 @@ def test_weight_gradient_of_a_linear_is_its_matmul() -> None:
     profile = profile_model(tiny_model("llama", device="meta"), BATCH, 16)
     hidden, kv = 32, 16  # 4 query heads and 2 key/value heads of 8
     # dW = dY^T X: 2 FLOPs per multiply-add over (tokens x in x out); q's own reach also pays dX of q alone.
-    assert profile.tensor_flops("model.layers.1.self_attn.q_proj.weight").bwd_weight == 2 * BATCH * 16 * hidden * hidden
-    assert profile.tensor_flops("model.layers.1.self_attn.k_proj.weight").bwd_weight == 2 * BATCH * 16 * hidden * kv
+    assert (
+        profile.tensor_flops("model.layers.1.self_attn.q_proj.weight").bwd_weight
+        == 2 * BATCH * 16 * hidden * hidden
+    )
+    assert (
+        profile.tensor_flops("model.layers.1.self_attn.k_proj.weight").bwd_weight
+        == 2 * BATCH * 16 * hidden * kv
+    )
     # Norm weights cost no matmul of their own, only the activation gradients needed to reach them.
     norm = profile.tensor_flops("model.layers.1.input_layernorm.weight")
     assert norm.bwd_weight == 0 and norm.bwd_act > 0
@@ -211,7 +217,9 @@ def test_profile_command(tmp_path: Path) -> None:
     model.config.save_pretrained(tmp_path)  # the command reads only config.json
     result = subprocess.run(
         [sys.executable, "-m", "api.cli", "profile", str(tmp_path), "--batch-size", "2", "--seq-len", "32"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     profile = profile_model(model, 2, 32)
     assert f"rho_min: {profile.rho_min:.4f}" in result.stdout
@@ -219,7 +227,9 @@ def test_profile_command(tmp_path: Path) -> None:
     assert f"{profile.full.total:.3e}" in result.stdout
 
     bad = subprocess.run(
-        [sys.executable, "-m", "api.cli", "profile", str(tmp_path / "missing")], capture_output=True, text=True
+        [sys.executable, "-m", "api.cli", "profile", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and "config.json" in bad.stderr
 

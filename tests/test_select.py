@@ -24,8 +24,9 @@ from tests.tiny_models import tiny_model
 BATCH, SEQ = 2, 32
 
 
-def check_selection(profile: TensorProfile, importance: dict[str, float], rho: float, sel: Selection,
-                    reserved: int = 0) -> None:
+def check_selection(
+    profile: TensorProfile, importance: dict[str, float], rho: float, sel: Selection, reserved: int = 0
+) -> None:
     """What every selection promises, whatever the optimum."""
     assert len(sel.mask) == len(profile.names)
     assert sel.flops == profile.step_flops(sel.mask)
@@ -33,7 +34,9 @@ def check_selection(profile: TensorProfile, importance: dict[str, float], rho: f
     assert sel.rho_achieved <= rho
     assert sel.names == tuple(n for n, on in zip(profile.names, sel.mask, strict=True) if on)
     for name in sel.names:
-        assert math.isfinite(importance[name]) and importance[name] > 0, f"{name} trained with {importance[name]}"
+        assert math.isfinite(importance[name]) and importance[name] > 0, (
+            f"{name} trained with {importance[name]}"
+        )
     assert sel.objective == pytest.approx(sum(importance[n] for n in sel.names), rel=1e-12, abs=1e-12)
 
 
@@ -158,7 +161,9 @@ def test_non_finite_importance_is_never_trained(llama: TensorProfile) -> None:
     for _ in range(20):
         importance = {n: rng.gauss(0.5, 1.0) for n in llama.names}
         broken = rng.sample(llama.names, 4)
-        for name, value in zip(broken, [float("nan"), float("inf"), float("-inf"), float("nan")], strict=True):
+        for name, value in zip(
+            broken, [float("nan"), float("inf"), float("-inf"), float("nan")], strict=True
+        ):
             importance[name] = value
         rho = rng.uniform(llama.rho_min, 1.0)
         sel = select_tensors(llama, importance, rho)
@@ -253,19 +258,30 @@ def test_near_the_upper_bound_on_a_deeper_model() -> None:
     # the fractional knapsack's, small once many tensors share the budget (on tiny models with few tensors
     # fitting it is not, so this needs a deep model).
     profile = profile_model(
-        tiny_model("llama", device="meta", num_hidden_layers=16, hidden_size=64, intermediate_size=172,
-                   num_attention_heads=4, num_key_value_heads=4),
+        tiny_model(
+            "llama",
+            device="meta",
+            num_hidden_layers=16,
+            hidden_size=64,
+            intermediate_size=172,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        ),
         BATCH,
         64,
     )
     rng = random.Random(6)
     for rho in (0.4, 0.5, 0.7):
         for signs in ("one", "both"):
-            importance = {n: rng.expovariate(1.0) if signs == "one" else rng.gauss(0.0, 1.0) for n in profile.names}
+            importance = {
+                n: rng.expovariate(1.0) if signs == "one" else rng.gauss(0.0, 1.0) for n in profile.names
+            }
             sel = select_tensors(profile, importance, rho)
             check_selection(profile, importance, rho, sel)
             bound = selection_upper_bound(profile, importance, rho)
-            assert sel.exact and sel.objective >= 0.98 * bound, f"rho {rho} {signs}: {sel.objective / bound:.3f}"
+            assert sel.exact and sel.objective >= 0.98 * bound, (
+                f"rho {rho} {signs}: {sel.objective / bound:.3f}"
+            )
             assert sel.objective <= bound + 1e-9
 
 

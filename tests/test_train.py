@@ -46,8 +46,9 @@ def run(folders, data, tmp_path, kind, fmt, method, n_epochs=2, **hp):
         valid_file=str(data[fmt + "_valid"]),
         output_dir=str(tmp_path / "out"),
         method=method,
-        hyperparameters=Hyperparameters(**{"n_epochs": n_epochs, "batch_size": 4, "learning_rate": 1e-3,
-                                           "max_seq_len": 96, **hp}),
+        hyperparameters=Hyperparameters(
+            **{"n_epochs": n_epochs, "batch_size": 4, "learning_rate": 1e-3, "max_seq_len": 96, **hp}
+        ),
     )
     seen: list[EpochReport] = []
     steps: list[tuple[int, int, int]] = []
@@ -81,7 +82,9 @@ def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_green_respects_budget_and_leaves_untrained_tensors_bit_identical(folders, data, tmp_path):
-    spec, report, seen, steps = run(folders, data, tmp_path, "llama", "messages", "green", n_epochs=3, rho=0.6)
+    spec, report, seen, steps = run(
+        folders, data, tmp_path, "llama", "messages", "green", n_epochs=3, rho=0.6
+    )
     check_records(report, seen, steps, rho=0.6)
     assert (report.method, report.task, report.rho, report.stopped) == ("green", "causal_lm", 0.6, False)
     for e in report.epochs:
@@ -102,12 +105,15 @@ def test_green_respects_budget_and_leaves_untrained_tensors_bit_identical(folder
     out = Path(spec.output_dir)
     assert sorted(p.name for p in out.iterdir()) == ["epoch-1", "epoch-2", "epoch-3", "final"]
     assert (out / "final" / "tokenizer.json").is_file()
-    assert (out / "final" / "model.safetensors").read_bytes() == (out / "epoch-3" / "model.safetensors").read_bytes()
+    assert (out / "final" / "model.safetensors").read_bytes() == (
+        out / "epoch-3" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_green_reselect_every_reuses_the_selection(folders, data, tmp_path):
-    _, report, seen, steps = run(folders, data, tmp_path, "llama", "messages", "green", n_epochs=2,
-                                 rho=0.6, reselect_every=2)
+    _, report, seen, steps = run(
+        folders, data, tmp_path, "llama", "messages", "green", n_epochs=2, rho=0.6, reselect_every=2
+    )
     check_records(report, seen, steps, rho=0.6)
     first, second = report.epochs
     assert first.selection["reselected"] and not second.selection["reselected"]
@@ -150,8 +156,18 @@ def test_green_importance_steps_a_copy_of_the_training_optimizer(folders, data, 
         return real(model, batches, factory, names=names)
 
     monkeypatch.setattr(greencore.methods, "importance_pass", spy)
-    _, report, seen, steps = run(folders, data, tmp_path, "llama", "messages", "green", n_epochs=2, rho=0.6,
-                                 learning_rate=1e-3, warmup_steps=0)
+    _, report, seen, steps = run(
+        folders,
+        data,
+        tmp_path,
+        "llama",
+        "messages",
+        "green",
+        n_epochs=2,
+        rho=0.6,
+        learning_rate=1e-3,
+        warmup_steps=0,
+    )
     check_records(report, seen, steps, rho=0.6)
     n = report.epochs[0].steps
     (lr1, state1), (lr2, state2) = seen_steps
@@ -187,9 +203,16 @@ def test_green_takes_the_first_step_from_the_importance_pass(folders, data, tmp_
             after_first.append({n: p.detach().clone() for n, p in model_of[-1].named_parameters()})
 
     steps: list[tuple[int, int, int]] = []
-    spec = TrainSpec(str(folders["llama"]), str(data["messages"]), str(tmp_path / "out"), method="green",
-                     valid_file=str(data["messages_valid"]), hyperparameters=Hyperparameters(
-                         n_epochs=2, batch_size=4, learning_rate=1e-3, max_seq_len=96, rho=0.6, max_grad_norm=0.5))
+    spec = TrainSpec(
+        str(folders["llama"]),
+        str(data["messages"]),
+        str(tmp_path / "out"),
+        method="green",
+        valid_file=str(data["messages_valid"]),
+        hyperparameters=Hyperparameters(
+            n_epochs=2, batch_size=4, learning_rate=1e-3, max_seq_len=96, rho=0.6, max_grad_norm=0.5
+        ),
+    )
     seen: list[EpochReport] = []
     report = train(spec, on_epoch=seen.append, on_step=on_step)
     check_records(report, seen, steps, rho=0.6)
@@ -301,7 +324,9 @@ def test_other_formats_train(folders, data, tmp_path, kind, fmt):
 
 
 def test_truncation_is_counted(folders, data, tmp_path):
-    _, report, _, _ = run(folders, data, tmp_path, "gpt2", "prompt_completion", "full", n_epochs=1, max_seq_len=40)
+    _, report, _, _ = run(
+        folders, data, tmp_path, "gpt2", "prompt_completion", "full", n_epochs=1, max_seq_len=40
+    )
     e = report.epochs[0]
     assert e.truncated_examples > 0
     assert e.tokens <= 40 * 64

@@ -28,12 +28,29 @@ def setup(tmp_path_factory):
     }
 
 
-def spec_for(setup, out: Path, method: str, kind: str = "llama", fmt: str = "messages", **kwargs) -> TrainSpec:
-    hp = Hyperparameters(n_epochs=3, batch_size=4, learning_rate=1e-3, max_seq_len=128, rho=0.6,
-                         reselect_every=2, warmup_steps=5, weight_decay=0.01)
-    return TrainSpec(str(setup[kind]), str(setup[fmt]), str(out), method=method,
-                     valid_file=str(setup.get(fmt + "_valid")) if fmt + "_valid" in setup else None,
-                     hyperparameters=hp, seed=7, **kwargs)
+def spec_for(
+    setup, out: Path, method: str, kind: str = "llama", fmt: str = "messages", **kwargs
+) -> TrainSpec:
+    hp = Hyperparameters(
+        n_epochs=3,
+        batch_size=4,
+        learning_rate=1e-3,
+        max_seq_len=128,
+        rho=0.6,
+        reselect_every=2,
+        warmup_steps=5,
+        weight_decay=0.01,
+    )
+    return TrainSpec(
+        str(setup[kind]),
+        str(setup[fmt]),
+        str(out),
+        method=method,
+        valid_file=str(setup.get(fmt + "_valid")) if fmt + "_valid" in setup else None,
+        hyperparameters=hp,
+        seed=7,
+        **kwargs,
+    )
 
 
 def stop_at(epoch: int, step: int):
@@ -52,20 +69,37 @@ def stop_at(epoch: int, step: int):
 
 def comparable(report) -> list[dict]:
     """The parts of the epoch records that do not depend on time or paths."""
-    keep = ("epoch", "selected_tensors", "flops", "rho_achieved", "tokens", "train_loss", "valid_loss",
-            "valid_accuracy", "valid_token_accuracy", "steps", "selection")
+    keep = (
+        "epoch",
+        "selected_tensors",
+        "flops",
+        "rho_achieved",
+        "tokens",
+        "train_loss",
+        "valid_loss",
+        "valid_accuracy",
+        "valid_token_accuracy",
+        "steps",
+        "selection",
+    )
     return [{k: e.as_dict()[k] for k in keep} for e in report]
 
 
-@pytest.mark.parametrize(("method", "kind", "fmt"), [("green", "llama", "messages"), ("lora", "bert", "text_label")])
+@pytest.mark.parametrize(
+    ("method", "kind", "fmt"), [("green", "llama", "messages"), ("lora", "bert", "text_label")]
+)
 def test_interrupted_and_resumed_equals_uninterrupted(setup, tmp_path, method, kind, fmt):
     whole = train(spec_for(setup, tmp_path / "whole", method, kind, fmt))
     assert len(whole.epochs) == 3 and not whole.stopped
 
     should_stop, on_step = stop_at(epoch=2, step=5)
     seen = []
-    part = train(spec_for(setup, tmp_path / "part", method, kind, fmt), on_epoch=seen.append,
-                 should_stop=should_stop, on_step=on_step)
+    part = train(
+        spec_for(setup, tmp_path / "part", method, kind, fmt),
+        on_epoch=seen.append,
+        should_stop=should_stop,
+        on_step=on_step,
+    )
     assert part.stopped and part.final_checkpoint_dir is None
     assert [e.epoch for e in part.epochs] == [1] and seen == part.epochs
     out = tmp_path / "part"
@@ -102,8 +136,11 @@ def test_stop_is_checked_every_step(setup, tmp_path):
         return should_stop()
 
     steps = []
-    report = train(spec_for(setup, tmp_path / "o", "full"), should_stop=counted,
-                   on_step=lambda *a: (steps.append(a), on_step(*a)))
+    report = train(
+        spec_for(setup, tmp_path / "o", "full"),
+        should_stop=counted,
+        on_step=lambda *a: (steps.append(a), on_step(*a)),
+    )
     assert report.stopped and report.epochs == []
     assert [s for _, s, _ in steps] == [1, 2]  # stopped before the third step ran
 

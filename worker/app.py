@@ -30,12 +30,16 @@ class Recoverer:
         """One recovery; errors are logged (the database or the broker may be down: the next sweep retries)."""
         try:
             done = recover(self.sessions, self.settings, self.queue)
-        except Exception:  # noqa: BLE001 - a failed sweep must not stop the worker
+        except Exception:  # a failed sweep must not stop the worker
             log.exception("recovery failed; trying again in %g s", self.settings.recovery_interval_s)
             return None
         if done:
-            log.warning("recovery: requeued %s, failed %s, enqueued again %s", done.requeued, done.failed,
-                        done.reenqueued)
+            log.warning(
+                "recovery: requeued %s, failed %s, enqueued again %s",
+                done.requeued,
+                done.failed,
+                done.reenqueued,
+            )
         return done
 
     def close(self) -> None:

@@ -10,7 +10,8 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How libraries that do their own I/O report it: the C library's text (in C++ and Rust messages too) and Rust's
 # io::Error suffix, e.g. safetensors' "I/O error: No space left on device (os error 28)".
 DISK_FULL_TEXT = re.compile(
-    rf"no space left on device|disk quota exceeded|\(os error ({errno.ENOSPC}|{errno.EDQUOT})\)", re.IGNORECASE
+    rf"no space left on device|disk quota exceeded|\(os error ({errno.ENOSPC}|{errno.EDQUOT})\)",
+    re.IGNORECASE,
 )
 CPU_OOM_TEXT = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
 
@@ -77,7 +78,9 @@ def disk_full_message(exc: BaseException) -> str | None:
     where = next((f"checkpoint {e.folder}" for e in chain if isinstance(e, CheckpointWriteError)), None)
     where = where or next((str(e.filename) for e in chain if isinstance(e, OSError) and e.filename), None)
     where = where or "the job's output folder"
-    what = "disk quota exceeded" if isinstance(full, OSError) and full.errno == errno.EDQUOT else "no space left"
+    what = (
+        "disk quota exceeded" if isinstance(full, OSError) and full.errno == errno.EDQUOT else "no space left"
+    )
     return f"{what} on the device while writing {where}: free space on that volume, then submit the job again ({full})"
 
 

@@ -34,7 +34,9 @@ def _finite(value: float | None) -> float | None:
 class JobRecorder:
     """Persists one run of job ``job_id`` by ``worker``."""
 
-    def __init__(self, sessions: SessionFactory, job_id: str, worker: str, artifacts_dir: Path, poll_s: float):
+    def __init__(
+        self, sessions: SessionFactory, job_id: str, worker: str, artifacts_dir: Path, poll_s: float
+    ):
         self.sessions = sessions
         self.job_id = job_id
         self.worker = worker
@@ -64,7 +66,7 @@ class JobRecorder:
         while not self._done.wait(self.poll_s):
             try:
                 self.sync()
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the heartbeat; the next one retries
+            except Exception:  # a database hiccup must not end the heartbeat; the next one retries
                 log.exception("heartbeat of job %s failed", self.job_id)
 
     # -- called by the training loop every step -------------------------------------------------------------
@@ -100,63 +102,99 @@ class JobRecorder:
     def on_epoch(self, report: Any) -> None:
         """Record a greencore EpochReport, its selection and its checkpoint, in one transaction."""
         with self.sessions() as session:
-            existing = session.scalar(select(Epoch).where(Epoch.job_id == self.job_id, Epoch.epoch == report.epoch))
+            existing = session.scalar(
+                select(Epoch).where(Epoch.job_id == self.job_id, Epoch.epoch == report.epoch)
+            )
             if existing is not None:  # the epoch ran again after a resume: the new run is the truth
                 session.delete(existing)
                 session.flush()
             flops = {k: int(v) for k, v in report.flops.items()}
             session.add(
                 Epoch(
-                    job_id=self.job_id, epoch=report.epoch, selected_tensors=list(report.selected_tensors),
-                    flops=flops, rho_achieved=report.rho_achieved, tokens=report.tokens, steps=report.steps,
+                    job_id=self.job_id,
+                    epoch=report.epoch,
+                    selected_tensors=list(report.selected_tensors),
+                    flops=flops,
+                    rho_achieved=report.rho_achieved,
+                    tokens=report.tokens,
+                    steps=report.steps,
                     truncated_examples=report.truncated_examples,
                     dropped_examples=getattr(report, "dropped_examples", 0),
-                    selection=getattr(report, "selection", None) or None, wall_s=report.wall_s,
-                    train_loss=_finite(report.train_loss), valid_loss=_finite(report.valid_loss),
+                    selection=getattr(report, "selection", None) or None,
+                    wall_s=report.wall_s,
+                    train_loss=_finite(report.train_loss),
+                    valid_loss=_finite(report.valid_loss),
                     valid_accuracy=_finite(report.valid_accuracy),
-                    valid_token_accuracy=_finite(report.valid_token_accuracy), energy_j=report.energy_j,
-                    energy_method=report.energy_method, energy_inputs=getattr(report, "energy_inputs", None) or None,
-                    gco2e=report.gco2e, created_at=utcnow(),
+                    valid_token_accuracy=_finite(report.valid_token_accuracy),
+                    energy_j=report.energy_j,
+                    energy_method=report.energy_method,
+                    energy_inputs=getattr(report, "energy_inputs", None) or None,
+                    gco2e=report.gco2e,
+                    created_at=utcnow(),
                 )
             )
             n = len(report.selected_tensors)
             add_event(
-                session, self.job_id, "selection", f"epoch {report.epoch} trains {n} tensors",
-                {"epoch": report.epoch, "selected_tensors": list(report.selected_tensors),
-                 "selection": getattr(report, "selection", None) or None},
+                session,
+                self.job_id,
+                "selection",
+                f"epoch {report.epoch} trains {n} tensors",
+                {
+                    "epoch": report.epoch,
+                    "selected_tensors": list(report.selected_tensors),
+                    "selection": getattr(report, "selection", None) or None,
+                },
             )
             loss = f"{report.train_loss:.4f}" if report.train_loss is not None else "n/a"
             add_event(
-                session, self.job_id, "epoch",
+                session,
+                self.job_id,
+                "epoch",
                 f"epoch {report.epoch} done: {report.rho_achieved:.3f} of full fine-tuning FLOPs, "
                 f"train_loss {loss}, {report.wall_s:.1f} s, {report.energy_j:.1f} J",
                 {"epoch": report.epoch, "flops": flops, "rho_achieved": report.rho_achieved},
             )
             if report.checkpoint_dir:
-                self._add_checkpoint(session, Path(report.checkpoint_dir), f"epoch-{report.epoch}", report.epoch)
+                self._add_checkpoint(
+                    session, Path(report.checkpoint_dir), f"epoch-{report.epoch}", report.epoch
+                )
             session.flush()
             refresh_totals(session, self.job_id)
             session.execute(
-                update(Job).where(Job.id == self.job_id)
-                .values(current_epoch=report.epoch, current_step=report.steps, steps_in_epoch=report.steps,
-                        heartbeat_at=utcnow())
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(
+                    current_epoch=report.epoch,
+                    current_step=report.steps,
+                    steps_in_epoch=report.steps,
+                    heartbeat_at=utcnow(),
+                )
                 .execution_options(synchronize_session=False)
             )
             session.commit()
 
     def _add_checkpoint(self, session: Any, folder: Path, name: str, epoch: int | None) -> None:
         relative = folder.resolve().relative_to(self.artifacts_dir).as_posix()
-        old = session.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.name == name))
+        old = session.scalar(
+            select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.name == name)
+        )
         if old is not None:
             session.delete(old)
             session.flush()
         session.add(
             Checkpoint(
-                id=new_id("ckpt"), job_id=self.job_id, name=name, epoch=epoch, path=relative,
-                bytes=folder_bytes(folder), created_at=utcnow(),
+                id=new_id("ckpt"),
+                job_id=self.job_id,
+                name=name,
+                epoch=epoch,
+                path=relative,
+                bytes=folder_bytes(folder),
+                created_at=utcnow(),
             )
         )
-        add_event(session, self.job_id, "checkpoint", f"checkpoint {name} written", {"name": name, "epoch": epoch})
+        add_event(
+            session, self.job_id, "checkpoint", f"checkpoint {name} written", {"name": name, "epoch": epoch}
+        )
 
     # -- the end -------------------------------------------------------------------------------------------
 
@@ -170,8 +208,13 @@ class JobRecorder:
                 last = report.epochs[-1].epoch if report.epochs else job.current_epoch
                 self._add_checkpoint(session, Path(report.final_checkpoint_dir), "final", last)
             if report.stopped:
-                add_event(session, self.job_id, "info", f"training stopped at epoch {job.current_epoch}, step "
-                          f"{job.current_step}; the last checkpoint is kept")
+                add_event(
+                    session,
+                    self.job_id,
+                    "info",
+                    f"training stopped at epoch {job.current_epoch}, step "
+                    f"{job.current_step}; the last checkpoint is kept",
+                )
             else:
                 try:
                     transition(session, job, JobState.succeeded, message="job succeeded")

@@ -46,11 +46,14 @@ def _resume_point(session: Session, job: Job, artifacts_dir: Path) -> Checkpoint
     if output_dir.is_dir():
         remove_leftovers(output_dir)
     rows = session.scalars(
-        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.epoch.is_not(None))
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job.id, Checkpoint.epoch.is_not(None))
         .order_by(Checkpoint.epoch.desc())
     ).all()
-    best = next((r for r in rows if r.name.startswith("epoch-") and (artifacts_dir / r.path / STATE_FILE).is_file()),
-                None)
+    best = next(
+        (r for r in rows if r.name.startswith("epoch-") and (artifacts_dir / r.path / STATE_FILE).is_file()),
+        None,
+    )
     done = best.epoch if best is not None else 0
     session.execute(delete(Epoch).where(Epoch.job_id == job.id, Epoch.epoch > done))
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.name == "final"))
@@ -83,15 +86,20 @@ def build_spec(session: Session, job: Job, settings: Settings, resume_from: Path
         seed=job.seed,
         resume_from=str(resume_from) if resume_from else None,
         energy=EnergySettings(
-            carbon_intensity_g_per_kwh=settings.carbon_intensity_g_per_kwh, pue=settings.pue,
-            device_name=settings.device_name, peak_flops=settings.device_peak_flops,
-            utilization=settings.device_utilization, watts=settings.device_watts,
+            carbon_intensity_g_per_kwh=settings.carbon_intensity_g_per_kwh,
+            pue=settings.pue,
+            device_name=settings.device_name,
+            peak_flops=settings.device_peak_flops,
+            utilization=settings.device_utilization,
+            watts=settings.device_watts,
         ),
         device=settings.train_device,
     )
 
 
-def run_job(job_id: str, session_factory: SessionFactory, settings: Settings, worker: str | None = None) -> str:
+def run_job(
+    job_id: str, session_factory: SessionFactory, settings: Settings, worker: str | None = None
+) -> str:
     """Run job ``job_id`` to its end on this process; returns its status afterwards.
 
     A job that is not ``queued`` (nor ``running`` with a heartbeat older than GT_HEARTBEAT_STALE_S, or whose
@@ -120,8 +128,13 @@ def run_job(job_id: str, session_factory: SessionFactory, settings: Settings, wo
         resume = _resume_point(session, job, settings.artifacts_dir) if job.attempts > 1 else None
         if job.attempts > 1:
             where = f"from checkpoint {resume.name}" if resume else "from the start (no checkpoint yet)"
-            add_event(session, job_id, "info", f"attempt {job.attempts}: resuming {where}",
-                      {"attempt": job.attempts, "resume_from": resume.name if resume else None})
+            add_event(
+                session,
+                job_id,
+                "info",
+                f"attempt {job.attempts}: resuming {where}",
+                {"attempt": job.attempts, "resume_from": resume.name if resume else None},
+            )
         resume_dir = settings.artifacts_dir / resume.path if resume else None
         session.commit()
     recorder = JobRecorder(session_factory, job_id, worker, settings.artifacts_dir, settings.cancel_poll_s)
@@ -133,12 +146,14 @@ def run_job(job_id: str, session_factory: SessionFactory, settings: Settings, wo
             job = session.get(Job, job_id)
             assert job is not None
             spec = build_spec(session, job, settings, resume_dir)
-        report = train(spec, on_epoch=recorder.on_epoch, should_stop=recorder.should_stop, on_step=recorder.on_step)
-    except Exception as exc:  # noqa: BLE001 - every training error ends the job failed, with its code
+        report = train(
+            spec, on_epoch=recorder.on_epoch, should_stop=recorder.should_stop, on_step=recorder.on_step
+        )
+    except Exception as exc:  # every training error ends the job failed, with its code
         log.exception("job %s failed", job_id)
         try:
             code, message = error_of(exc)
-        except Exception:  # noqa: BLE001 - naming the error must not leave the job running
+        except Exception:  # naming the error must not leave the job running
             code, message = "training_error", f"{type(exc).__name__}: {exc}"
         return recorder.fail(code, message)
     finally:

@@ -15,7 +15,11 @@ router = APIRouter(prefix="/v1/estimates", tags=["estimates"], responses=ERROR_R
 
 @router.post("", response_model=EstimatePublic)
 def create_estimate(
-    body: EstimateCreate, catalog: CatalogDep, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
+    body: EstimateCreate,
+    catalog: CatalogDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
 ) -> EstimatePublic:
     """FLOPs, time, energy and carbon of full fine-tuning and of the chosen method and budget on this dataset,
     and ``rho_min``. A budget below ``rho_min`` answers 400 naming it, as job creation would."""

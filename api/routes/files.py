@@ -17,7 +17,9 @@ from api.schemas.common import ERROR_RESPONSES, MAX_PAGE, ErrorPublic, IdCursor
 from api.schemas.files import FilePublic, FilesPublic
 from api.tables import File, utcnow
 
-router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES, dependencies=[Depends(ids_in_path)])
+router = APIRouter(
+    prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES, dependencies=[Depends(ids_in_path)]
+)
 
 PURPOSES = ("fine-tune",)
 
@@ -39,7 +41,9 @@ def upload_file(
     """Upload a JSONL dataset; every line is checked, and a bad one answers 400 naming its line and field. A file
     over GT_MAX_UPLOAD_BYTES answers 413 (api.limits.UploadLimit refuses it as it streams in)."""
     if purpose not in PURPOSES:
-        raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}", param="purpose")
+        raise InvalidRequest(
+            f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}", param="purpose"
+        )
     tokenizer_model = model or (settings.demo_model if settings.demo_model in catalog.ids() else None)
     tokenizer = catalog.tokenizer(tokenizer_model) if tokenizer_model else None
     file_id = new_id("file")
@@ -47,13 +51,25 @@ def upload_file(
     assert settings.artifacts_dir is not None
     # The file is validated under a temporary name and renamed into place; the row follows it, and a failed
     # commit takes the file away again: a file without a row, or a row without its file, never stays.
-    stored = store_upload(file.file, settings.artifacts_dir / relative, settings.max_upload_bytes,
-                          validate=lambda path: inspect_dataset(path, tokenizer))
+    stored = store_upload(
+        file.file,
+        settings.artifacts_dir / relative,
+        settings.max_upload_bytes,
+        validate=lambda path: inspect_dataset(path, tokenizer),
+    )
     summary = stored.summary
     row = File(
-        id=file_id, tenant_id=tenant.id, filename=display_name(file.filename), purpose=purpose,
-        bytes=stored.bytes, sha256=stored.sha256, format=summary.format, examples=summary.examples,
-        tokens=summary.tokens, tokenizer=tokenizer_model if tokenizer is not None else None, path=relative,
+        id=file_id,
+        tenant_id=tenant.id,
+        filename=display_name(file.filename),
+        purpose=purpose,
+        bytes=stored.bytes,
+        sha256=stored.sha256,
+        format=summary.format,
+        examples=summary.examples,
+        tokens=summary.tokens,
+        tokenizer=tokenizer_model if tokenizer is not None else None,
+        path=relative,
         created_at=utcnow(),
     )
     session.add(row)

@@ -18,5 +18,7 @@ def health(session: SessionDep) -> JSONResponse:
     try:
         session.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        return JSONResponse({"status": "unavailable", "database": str(exc.__class__.__name__)}, status_code=503)
+        return JSONResponse(
+            {"status": "unavailable", "database": str(exc.__class__.__name__)}, status_code=503
+        )
     return JSONResponse({"status": "ok", "database": "ok"})

@@ -35,7 +35,9 @@ from api.schemas.records import (
 from api.states import JobState
 from api.tables import Checkpoint, Epoch, Event, Job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES, dependencies=[Depends(ids_in_path)])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES, dependencies=[Depends(ids_in_path)]
+)
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
@@ -43,13 +45,19 @@ Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 # The two routes clients call most are async, their blocking work one call on a DB thread (api.deps.run_and_close).
 @router.post("", response_model=JobPublic, responses={429: TOO_MANY_JOBS})
 async def create(
-    body: JobCreate, session: SessionDep, settings: SettingsDep, catalog: CatalogDep, queue: QueueDep,
+    body: JobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    catalog: CatalogDep,
+    queue: QueueDep,
     tenant: CurrentTenant,
 ) -> JobPublic:
     """Create a job. Unknown model or file ids, a bad dataset, or a budget below ``rho_min`` answer 400, and
     GT_MAX_ACTIVE_JOBS jobs of the tenant already active 429, storing nothing; otherwise the job is committed
     ``queued`` and sent to the workers."""
-    job = await run_and_close(session, create_job, session, settings, catalog, queue, tenant, body, limiter=CREATE_LIMITER)
+    job = await run_and_close(
+        session, create_job, session, settings, catalog, queue, tenant, body, limiter=CREATE_LIMITER
+    )
     return JobPublic.of(job)
 
 
@@ -83,8 +91,13 @@ def cancel(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPublic
 
 @router.get("/{job_id}/epochs", response_model=EpochsPublic)
 def list_epochs(
-    job_id: str, session: SessionDep, tenant: CurrentTenant, limit: Limit = MAX_PAGE,
-    after: Annotated[int | None, Query(ge=0, le=MAX_ROW_ID, description="the last epoch of the previous page")] = None,
+    job_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Limit = MAX_PAGE,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_ROW_ID, description="the last epoch of the previous page")
+    ] = None,
 ) -> EpochsPublic:
     """Per epoch: tensors trained, FLOPs against full fine-tuning, tokens, time, losses, energy, carbon."""
     owned_job(session, tenant.id, job_id)
@@ -94,8 +107,13 @@ def list_epochs(
 
 @router.get("/{job_id}/events", response_model=EventsPublic)
 def list_events(
-    job_id: str, session: SessionDep, tenant: CurrentTenant, limit: Limit = MAX_PAGE,
-    after: Annotated[int | None, Query(ge=0, le=MAX_ROW_ID, description="the last event id of the previous page")] = None,
+    job_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Limit = MAX_PAGE,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_ROW_ID, description="the last event id of the previous page")
+    ] = None,
 ) -> EventsPublic:
     """Status changes, selections, epochs, checkpoints and errors, oldest first."""
     owned_job(session, tenant.id, job_id)
@@ -105,7 +123,10 @@ def list_events(
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointsPublic)
 def list_checkpoints(
-    job_id: str, session: SessionDep, tenant: CurrentTenant, limit: Limit = MAX_PAGE,
+    job_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Limit = MAX_PAGE,
     after: IdCursor = None,
 ) -> CheckpointsPublic:
     """One checkpoint per epoch and the final one, oldest first."""
@@ -118,7 +139,9 @@ def list_checkpoints(
 @router.get(
     "/{job_id}/checkpoints/{checkpoint_id}/content",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/x-tar": {}}, "description": "a tar of the Hugging Face folder"}},
+    responses={
+        200: {"content": {"application/x-tar": {}}, "description": "a tar of the Hugging Face folder"}
+    },
 )
 def checkpoint_content(
     job_id: str, checkpoint_id: str, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
@@ -126,16 +149,22 @@ def checkpoint_content(
     """The checkpoint as a tar of its Hugging Face folder (config, safetensors, tokenizer) under one top folder
     named ``<job id>-<checkpoint name>``; the resume-only training state is left out."""
     owned_job(session, tenant.id, job_id)
-    row = session.scalar(select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job_id))
+    row = session.scalar(
+        select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job_id)
+    )
     assert settings.artifacts_dir is not None
     if row is None:
         raise NotFound(f"checkpoint {checkpoint_id!r} not found for job {job_id!r}")
     root = f"{job_id}-{row.name}"
     try:
         plan = plan_tar(settings.artifacts_dir / row.path, root, exclude=RESUME_ONLY)
-    except FileNotFoundError as exc:  # the files were removed (or the volume is not mounted): say so, not a 500
-        raise NotFound(f"checkpoint {checkpoint_id!r} ({row.name}) of job {job_id!r} is listed, but its files "
-                       "are no longer in storage") from exc
+    except (
+        FileNotFoundError
+    ) as exc:  # the files were removed (or the volume is not mounted): say so, not a 500
+        raise NotFound(
+            f"checkpoint {checkpoint_id!r} ({row.name}) of job {job_id!r} is listed, but its files "
+            "are no longer in storage"
+        ) from exc
     headers = {
         "Content-Length": str(plan.length),
         "Content-Disposition": f'attachment; filename="{root}.tar"',

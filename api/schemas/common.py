@@ -14,7 +14,9 @@ MAX_PAGE = 100  # the most objects one list answer holds
 MAX_ROW_ID = 2**31 - 1  # the largest epoch number or event id: both are 32-bit integer columns on PostgreSQL
 
 # Cursors of the lists: an object id, or (epochs, events) a number.
-IdCursor = Annotated[str | None, Query(pattern=ID_PATTERN, max_length=40, description="the last id of the previous page")]
+IdCursor = Annotated[
+    str | None, Query(pattern=ID_PATTERN, max_length=40, description="the last id of the previous page")
+]
 
 
 class ErrorBody(BaseModel):
@@ -25,7 +27,9 @@ class ErrorBody(BaseModel):
     line: int | None = Field(None, description="dataset errors: the 1-based line")
     field: str | None = Field(None, description="dataset errors: the field of that line")
     rho_min: float | None = Field(None, description="budget errors: the smallest rho that trains anything")
-    min_max_flops: float | None = Field(None, description="budget errors: the smallest whole-run FLOPs budget")
+    min_max_flops: float | None = Field(
+        None, description="budget errors: the smallest whole-run FLOPs budget"
+    )
     min_max_energy_kwh: float | None = Field(None, description="budget errors: the same budget in kWh")
     param: str | None = Field(None, description="request errors: the parameter at fault")
     max_upload_bytes: int | None = Field(None, description="413: the upload limit, bytes")
@@ -50,7 +54,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 TOO_MANY_JOBS: dict[str, object] = {
-    "model": ErrorPublic, "description": "the tenant has GT_MAX_ACTIVE_JOBS jobs validating, queued or running",
+    "model": ErrorPublic,
+    "description": "the tenant has GT_MAX_ACTIVE_JOBS jobs validating, queued or running",
 }
 
 

@@ -26,9 +26,15 @@ class FilePublic(BaseModel):
     @classmethod
     def of(cls, row: File) -> FilePublic:
         return cls(
-            id=row.id, filename=row.filename, purpose=row.purpose, bytes=row.bytes,
-            created_at=unix_s(row.created_at) or 0, format=row.format, examples=row.examples,
-            tokens=row.tokens, tokenizer=row.tokenizer,
+            id=row.id,
+            filename=row.filename,
+            purpose=row.purpose,
+            bytes=row.bytes,
+            created_at=unix_s(row.created_at) or 0,
+            format=row.format,
+            examples=row.examples,
+            tokens=row.tokens,
+            tokenizer=row.tokenizer,
         )
 
 

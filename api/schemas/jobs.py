@@ -17,14 +17,19 @@ BUDGET_FIELDS = ("rho", "max_flops", "max_energy_kwh")
 class Hyperparameters(BaseModel):
     """Training settings; defaults are greencore's (greencore.spec.Hyperparameters)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON has no Infinity or NaN to store them
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False
+    )  # JSON has no Infinity or NaN to store them
 
     n_epochs: int = Field(3, ge=1, le=1000, description="passes over the training file")
     batch_size: int = Field(8, ge=1, le=4096, description="sequences per optimizer step")
     learning_rate: float = Field(5e-5, gt=0, le=1, description="AdamW peak learning rate")
     max_seq_len: int = Field(512, ge=8, le=131072, description="tokens per example; longer ones are cut")
     rho: float | None = Field(
-        None, gt=0, le=1, description="share of full fine-tuning FLOPs allowed (green, topk); green default 0.5"
+        None,
+        gt=0,
+        le=1,
+        description="share of full fine-tuning FLOPs allowed (green, topk); green default 0.5",
     )
     max_flops: float | None = Field(None, gt=0, description="instead of rho: FLOPs allowed for the whole run")
     max_energy_kwh: float | None = Field(
@@ -35,9 +40,13 @@ class Hyperparameters(BaseModel):
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay")
     lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank (lora)")
     lora_alpha: int = Field(16, ge=1, le=65536, description="LoRA scaling numerator (lora)")
-    topk_layers: int | None = Field(None, ge=0, description="layers trained from the top (topk); 0: the head only")
+    topk_layers: int | None = Field(
+        None, ge=0, description="layers trained from the top (topk); 0: the head only"
+    )
     importance_batches: int = Field(1, ge=1, le=64, description="batches importance is measured on (green)")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping to this L2 norm; null: none")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="gradient clipping to this L2 norm; null: none"
+    )
     bf16: bool = Field(False, description="bf16 autocast on CUDA (weights stay float32); ignored on CPU")
 
     @model_validator(mode="after")
@@ -109,17 +118,30 @@ class JobPublic(BaseModel):
     def of(cls, job: Job) -> JobPublic:
         n_epochs = int(job.hyperparameters.get("n_epochs", 1))
         return cls(
-            id=job.id, model=job.model, training_file=job.training_file, validation_file=job.validation_file,
-            method=job.method, hyperparameters=job.hyperparameters, seed=job.seed, suffix=job.suffix,
-            status=JobState(job.status), rho=job.rho, rho_min=job.rho_min, created_at=unix_s(job.created_at) or 0,
-            started_at=unix_s(job.started_at), finished_at=unix_s(job.finished_at),
+            id=job.id,
+            model=job.model,
+            training_file=job.training_file,
+            validation_file=job.validation_file,
+            method=job.method,
+            hyperparameters=job.hyperparameters,
+            seed=job.seed,
+            suffix=job.suffix,
+            status=JobState(job.status),
+            rho=job.rho,
+            rho_min=job.rho_min,
+            created_at=unix_s(job.created_at) or 0,
+            started_at=unix_s(job.started_at),
+            finished_at=unix_s(job.finished_at),
             error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
             progress=_progress(job, n_epochs),
             flops=JobFlops(
-                total=job.flops_total or 0, full=job.flops_full or 0,
+                total=job.flops_total or 0,
+                full=job.flops_full or 0,
                 saved=1 - job.flops_total / job.flops_full if job.flops_full else None,
             ),
-            energy_j=job.energy_j or 0.0, gco2e=job.gco2e or 0.0, epochs_done=job.epochs_done or 0,
+            energy_j=job.energy_j or 0.0,
+            gco2e=job.gco2e or 0.0,
+            epochs_done=job.epochs_done or 0,
             estimate=job.estimate,
             attempts=job.attempts,
         )
@@ -141,8 +163,12 @@ def _progress(job: Job, n_epochs: int) -> JobProgress:
     elif job.status in TERMINAL:
         eta = 0.0
     return JobProgress(
-        epoch=job.current_epoch, n_epochs=n_epochs, step=job.current_step, steps_in_epoch=job.steps_in_epoch,
-        fraction=fraction, eta_s=eta,
+        epoch=job.current_epoch,
+        n_epochs=n_epochs,
+        step=job.current_step,
+        steps_in_epoch=job.steps_in_epoch,
+        fraction=fraction,
+        eta_s=eta,
     )
 
 

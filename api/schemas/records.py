@@ -39,7 +39,9 @@ class EpochPublic(BaseModel):
     valid_token_accuracy: float | None
     energy_j: float
     energy_method: str = Field(description="nvml, rapl or estimate")
-    energy_inputs: dict[str, Any] | None = Field(description="what the estimate used (energy_method estimate)")
+    energy_inputs: dict[str, Any] | None = Field(
+        description="what the estimate used (energy_method estimate)"
+    )
     gco2e: float
     created_at: int
 
@@ -48,12 +50,25 @@ class EpochPublic(BaseModel):
         keys = EpochFlops.model_fields
         flops = EpochFlops(**{k: int(row.flops.get(k, 0) or 0) for k in keys})
         return cls(
-            epoch=row.epoch, selected_tensors=row.selected_tensors, flops=flops, rho_achieved=row.rho_achieved,
-            tokens=row.tokens, steps=row.steps, truncated_examples=row.truncated_examples,
-            dropped_examples=row.dropped_examples, selection=row.selection, wall_s=row.wall_s,
-            train_loss=row.train_loss, valid_loss=row.valid_loss, valid_accuracy=row.valid_accuracy,
-            valid_token_accuracy=row.valid_token_accuracy, energy_j=row.energy_j,
-            energy_method=row.energy_method, energy_inputs=row.energy_inputs, gco2e=row.gco2e, created_at=unix_s(row.created_at) or 0,
+            epoch=row.epoch,
+            selected_tensors=row.selected_tensors,
+            flops=flops,
+            rho_achieved=row.rho_achieved,
+            tokens=row.tokens,
+            steps=row.steps,
+            truncated_examples=row.truncated_examples,
+            dropped_examples=row.dropped_examples,
+            selection=row.selection,
+            wall_s=row.wall_s,
+            train_loss=row.train_loss,
+            valid_loss=row.valid_loss,
+            valid_accuracy=row.valid_accuracy,
+            valid_token_accuracy=row.valid_token_accuracy,
+            energy_j=row.energy_j,
+            energy_method=row.energy_method,
+            energy_inputs=row.energy_inputs,
+            gco2e=row.gco2e,
+            created_at=unix_s(row.created_at) or 0,
         )
 
 
@@ -73,7 +88,11 @@ class EventPublic(BaseModel):
     @classmethod
     def of(cls, row: Event) -> EventPublic:
         return cls(
-            id=row.id, type=row.type, level=row.level, message=row.message, data=row.data,
+            id=row.id,
+            type=row.type,
+            level=row.level,
+            message=row.message,
+            data=row.data,
             created_at=unix_s(row.created_at) or 0,
         )
 
@@ -94,7 +113,11 @@ class CheckpointPublic(BaseModel):
     @classmethod
     def of(cls, row: Checkpoint) -> CheckpointPublic:
         return cls(
-            id=row.id, job_id=row.job_id, name=row.name, epoch=row.epoch, bytes=row.bytes,
+            id=row.id,
+            job_id=row.job_id,
+            name=row.name,
+            epoch=row.epoch,
+            bytes=row.bytes,
             created_at=unix_s(row.created_at) or 0,
         )
 

@@ -31,8 +31,14 @@ ARTIFACTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM = os.environ.get("GT_TEST_CHROMIUM", "/usr/bin/chromium")
 # Without the background-networking flags Chromium keeps calling out of this closed network.
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 DEMO = "demo-tiny"
 START_TIMEOUT_S = 120
@@ -43,7 +49,8 @@ HTTP_ERROR = re.compile(r"^Failed to load resource: the server responded with a 
 def dataset_lines(n: int) -> str:
     """``n`` prompt/completion lines the demo model's byte-level tokenizer encodes."""
     return "".join(
-        json.dumps({"prompt": f"What is {i} plus {i}? ", "completion": f"It is {2 * i}."}) + "\n" for i in range(n)
+        json.dumps({"prompt": f"What is {i} plus {i}? ", "completion": f"It is {2 * i}."}) + "\n"
+        for i in range(n)
     )
 
 
@@ -88,7 +95,9 @@ def browser() -> Iterator[object]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("playwright is not installed: `make test` installs the test extra (pip install -e '.[test]')")
+        pytest.fail(
+            "playwright is not installed: `make test` installs the test extra (pip install -e '.[test]')"
+        )
     with sync_playwright() as playwright:
         # Playwright gives each launch a fresh temporary --user-data-dir.
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -106,7 +115,7 @@ class ConsoleWatch:
     expected: list[str] = field(default_factory=list)
     _armed: list[tuple[int, str]] = field(default_factory=list)
 
-    def on_console(self, message) -> None:  # noqa: ANN001 - playwright.sync_api.ConsoleMessage
+    def on_console(self, message) -> None:  # playwright.sync_api.ConsoleMessage
         if message.type != "error":
             return
         text = f"{message.text} ({message.location.get('url', '')})"
@@ -115,10 +124,10 @@ class ConsoleWatch:
         else:
             self.errors.append(text)
 
-    def on_page_error(self, error) -> None:  # noqa: ANN001 - playwright's Error
+    def on_page_error(self, error) -> None:  # playwright's Error
         self.errors.append(f"uncaught: {error}")
 
-    def _is_armed(self, message) -> bool:  # noqa: ANN001
+    def _is_armed(self, message) -> bool:
         match = HTTP_ERROR.match(message.text)
         if not match:
             return False
@@ -163,7 +172,7 @@ class Dashboard:
 
 
 @contextmanager
-def dashboard_page(browser, service: Service, **context_options) -> Iterator[Dashboard]:  # noqa: ANN001
+def dashboard_page(browser, service: Service, **context_options) -> Iterator[Dashboard]:
     """A page in a fresh browser context (empty localStorage); fails on unexpected console or page errors."""
     context = browser.new_context(accept_downloads=True, **context_options)
     context.set_default_timeout(20_000)
@@ -180,15 +189,18 @@ def dashboard_page(browser, service: Service, **context_options) -> Iterator[Das
 
 
 @pytest.fixture
-def dashboard(browser, service: Service) -> Iterator[Dashboard]:  # noqa: ANN001
+def dashboard(browser, service: Service) -> Iterator[Dashboard]:
     with dashboard_page(browser, service, viewport={"width": 1280, "height": 900}) as d:
         yield d
 
 
 def upload_dataset(service: Service, n: int = EXAMPLES) -> str:
     with service.client() as client:
-        response = client.post("/v1/files", files={"file": ("api.jsonl", dataset_lines(n).encode())},
-                               data={"purpose": "fine-tune"})
+        response = client.post(
+            "/v1/files",
+            files={"file": ("api.jsonl", dataset_lines(n).encode())},
+            data={"purpose": "fine-tune"},
+        )
         assert response.status_code == 200, response.text
         return response.json()["id"]
 
@@ -200,7 +212,9 @@ def wait_job(service: Service, job_id: str, timeout_s: float = JOB_TIMEOUT_S) ->
             job = client.get(f"/v1/jobs/{job_id}").json()
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 return job
-            assert time.monotonic() < deadline, f"job {job_id} still {job['status']}:\n{service.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"job {job_id} still {job['status']}:\n{service.log.read_text()[-3000:]}"
+            )
             time.sleep(0.5)
 
 
@@ -209,7 +223,12 @@ def trained_job(service: Service) -> dict:
     """A green job on the demo model, created through the API and finished."""
     file_id = upload_dataset(service)
     with service.client() as client:
-        body = {"model": DEMO, "training_file": file_id, "method": "green", "hyperparameters": {**TINY_HP, "rho": 0.8}}
+        body = {
+            "model": DEMO,
+            "training_file": file_id,
+            "method": "green",
+            "hyperparameters": {**TINY_HP, "rho": 0.8},
+        }
         response = client.post("/v1/jobs", json=body)
         assert response.status_code == 200, response.text
     job = wait_job(service, response.json()["id"])

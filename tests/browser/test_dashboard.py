@@ -27,7 +27,7 @@ from tests.browser.conftest import (
 pytestmark = pytest.mark.timeout(300)
 
 
-def expect():  # noqa: ANN201 - playwright's expect, imported late so a missing playwright fails in a fixture
+def expect():  # playwright's expect, imported late so a missing playwright fails in a fixture
     from playwright.sync_api import expect as playwright_expect
 
     return playwright_expect
@@ -74,8 +74,15 @@ def test_upload_estimate_train_and_download(dashboard: Dashboard, tmp_path: Path
     check(estimate).to_contain_text(f"{TINY_HP['n_epochs']} epochs")
     check(estimate).to_have_attribute("data-state", "ok")
     with service.client() as client:
-        at_one = client.post("/v1/estimates", json={"model": DEMO, "training_file": file_id, "method": "green",
-                                                    "hyperparameters": {**TINY_HP, "rho": 1.0}}).json()
+        at_one = client.post(
+            "/v1/estimates",
+            json={
+                "model": DEMO,
+                "training_file": file_id,
+                "method": "green",
+                "hyperparameters": {**TINY_HP, "rho": 1.0},
+            },
+        ).json()
     rho_min = at_one["rho_min"]
     slider = page.locator("#rho")
     check(slider).to_have_attribute("data-rho-min", str(rho_min), timeout=5000)
@@ -140,7 +147,9 @@ def test_upload_estimate_train_and_download(dashboard: Dashboard, tmp_path: Path
     check(heat.locator(".hm-cell")).to_have_count(model["tensors"] * len(epochs))
     check(heat.locator(".hm-cell.on")).to_have_count(sum(len(e["selected_tensors"]) for e in epochs))
     first = epochs[0]["selected_tensors"][0]
-    check(heat.locator(f".hm-cell[data-tensor='{first}'][data-epoch='1']")).to_have_attribute("data-trained", "1")
+    check(heat.locator(f".hm-cell[data-tensor='{first}'][data-epoch='1']")).to_have_attribute(
+        "data-trained", "1"
+    )
     labels = heat.locator(".hm-label").evaluate_all("cells => cells.map(c => c.title)")
     assert labels == model["tensor_names"]  # model order
 
@@ -152,8 +161,10 @@ def test_upload_estimate_train_and_download(dashboard: Dashboard, tmp_path: Path
     assert chart["labels"] == ["epoch 1", "epoch 2"]
     sets = dict((label, data) for label, data in chart["sets"])
     assert sets["full fine-tuning"] == [e["flops"]["full"] for e in epochs]
-    spent = [sum(sets[k][i] for k in ("forward", "activation gradients", "weight gradients", "tensor selection"))
-             for i in range(2)]
+    spent = [
+        sum(sets[k][i] for k in ("forward", "activation gradients", "weight gradients", "tensor selection"))
+        for i in range(2)
+    ]
     assert spent == [e["flops"]["total"] for e in epochs]
     check(page.locator("#loss-chart")).to_be_visible()
     check(page.locator("#epochs-table tbody tr")).to_have_count(2)
@@ -184,8 +195,12 @@ def test_cancel_button_cancels_a_job(dashboard: Dashboard) -> None:
     check = expect()
     file_id = upload_dataset(service)
     with service.client() as client:
-        body = {"model": DEMO, "training_file": file_id, "method": "green",
-                "hyperparameters": {**TINY_HP, "n_epochs": 100, "rho": 0.8}}
+        body = {
+            "model": DEMO,
+            "training_file": file_id,
+            "method": "green",
+            "hyperparameters": {**TINY_HP, "n_epochs": 100, "rho": 0.8},
+        }
         job_id = client.post("/v1/jobs", json=body).json()["id"]
     dashboard.sign_in()
     dashboard.open(f"#/jobs/{job_id}")
@@ -214,12 +229,26 @@ def test_a_wrong_key_is_refused(dashboard: Dashboard) -> None:
 
 @pytest.mark.parametrize(
     "fragment,ready",
-    [("#/jobs", "#jobs-table"), ("#/jobs/{job}", "#heatmap"), ("#/new", "#estimate-table"), ("#/files", "#files-table")],
+    [
+        ("#/jobs", "#jobs-table"),
+        ("#/jobs/{job}", "#heatmap"),
+        ("#/new", "#estimate-table"),
+        ("#/files", "#files-table"),
+    ],
 )
 def test_phone_viewport_has_no_horizontal_overflow(
-    browser, service: Service, trained_job: dict, fragment: str, ready: str  # noqa: ANN001
+    browser,
+    service: Service,
+    trained_job: dict,
+    fragment: str,
+    ready: str,
 ) -> None:
-    options = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 2}
+    options = {
+        "viewport": {"width": 390, "height": 844},
+        "is_mobile": True,
+        "has_touch": True,
+        "device_scale_factor": 2,
+    }
     with dashboard_page(browser, service, **options) as phone:
         phone.sign_in()
         phone.open(fragment.format(job=trained_job["id"]))

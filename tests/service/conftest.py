@@ -20,7 +20,7 @@ from api.config import Settings
 from api.db import SessionFactory, make_session_factory
 from api.keys import create_key
 from api.migrate import upgrade
-from tests.backends import (  # noqa: F401 - re-exported to the service tests
+from tests.backends import (  # re-exported to the service tests
     REDIS_URL,
     create_pg_database,
     delete_redis_prefix,
@@ -60,13 +60,18 @@ def backend_settings(kind: str, data_dir: Path, models_dir: Path, request: pytes
     if kind == "embedded":
         return Settings(data_dir=data_dir, models_dir=models_dir)
     return Settings(
-        data_dir=data_dir, models_dir=models_dir, database_url=request.getfixturevalue("pg_url"),
-        broker_url=REDIS_URL, broker_prefix=request.getfixturevalue("redis_prefix"),
+        data_dir=data_dir,
+        models_dir=models_dir,
+        database_url=request.getfixturevalue("pg_url"),
+        broker_url=REDIS_URL,
+        broker_prefix=request.getfixturevalue("redis_prefix"),
     )
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
-def settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Settings:
+def settings(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> Settings:
     """Settings of one backend, its database migrated to head."""
     s = backend_settings(request.param, tmp_path_factory.mktemp(request.param), models_dir, request)
     s.ensure_dirs()
@@ -81,7 +86,7 @@ def sessions(settings: Settings) -> SessionFactory:
 
 
 @pytest.fixture(scope="session")
-def app(settings: Settings):  # noqa: ANN201 - a FastAPI app
+def app(settings: Settings):  # a FastAPI app
     return create_app(settings)
 
 
@@ -97,7 +102,7 @@ def key(sessions: SessionFactory) -> str:
 
 
 @pytest.fixture
-def client(app, key: str) -> TestClient:  # noqa: ANN001
+def client(app, key: str) -> TestClient:
     return TestClient(app, headers={"Authorization": f"Bearer {key}"})
 
 
@@ -125,8 +130,12 @@ SMALL_RHO = 0.75
 def create_job(client: TestClient, **hp: object) -> str:
     """A small green job (SMALL_HP, SMALL_RHO; ``hp`` overrides) on a new upload; returns its id."""
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    body = {"model": DEMO, "training_file": file_id, "method": "green",
-            "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO, **hp}}
+    body = {
+        "model": DEMO,
+        "training_file": file_id,
+        "method": "green",
+        "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO, **hp},
+    }
     response = client.post("/v1/jobs", json=body)
     assert response.status_code == 200, response.text
     return response.json()["id"]

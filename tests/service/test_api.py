@@ -25,9 +25,18 @@ from tests.service.conftest import (
 )
 
 DESIGN_PATHS = {
-    "/health", "/v1/files", "/v1/files/{file_id}", "/v1/models", "/v1/estimates", "/v1/jobs", "/v1/jobs/{job_id}",
-    "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/epochs", "/v1/jobs/{job_id}/events",
-    "/v1/jobs/{job_id}/checkpoints", "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content",
+    "/health",
+    "/v1/files",
+    "/v1/files/{file_id}",
+    "/v1/models",
+    "/v1/estimates",
+    "/v1/jobs",
+    "/v1/jobs/{job_id}",
+    "/v1/jobs/{job_id}/cancel",
+    "/v1/jobs/{job_id}/epochs",
+    "/v1/jobs/{job_id}/events",
+    "/v1/jobs/{job_id}/checkpoints",
+    "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content",
 }
 
 
@@ -59,7 +68,9 @@ def test_bootstrap_key_is_valid_for_tenant_default(settings: Settings) -> None:
     app = create_app(settings.model_copy(update={"bootstrap_api_key": SecretStr(bootstrap)}))
     ok = TestClient(app, headers={"Authorization": f"Bearer {bootstrap}"}).get("/v1/files")
     assert ok.status_code == 200
-    other = TestClient(create_app(settings), headers={"Authorization": f"Bearer {bootstrap}"}).get("/v1/files")
+    other = TestClient(create_app(settings), headers={"Authorization": f"Bearer {bootstrap}"}).get(
+        "/v1/files"
+    )
     assert other.status_code == 401  # without the setting the key means nothing
     with pytest.raises(ValueError, match="at least"):
         Settings(bootstrap_api_key="short")
@@ -121,7 +132,12 @@ def test_models_lists_the_demo_model(client: TestClient) -> None:
 
 def test_estimate_flops_time_energy_and_budget_units(client: TestClient, settings: Settings) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    body = {"model": DEMO, "training_file": file_id, "method": "green", "hyperparameters": {**SMALL_HP, "rho": 0.8}}
+    body = {
+        "model": DEMO,
+        "training_file": file_id,
+        "method": "green",
+        "hyperparameters": {**SMALL_HP, "rho": 0.8},
+    }
     est = client.post("/v1/estimates", json=body).json()
     assert est["rho"] == 0.8 and 0.34 < est["rho_min"] < 0.8
     assert est["flops"]["method"] == int(0.8 * est["flops"]["full"])
@@ -129,17 +145,23 @@ def test_estimate_flops_time_energy_and_budget_units(client: TestClient, setting
     flops_per_s = settings.device_peak_flops * settings.device_utilization
     assert est["time_s"]["full"] == pytest.approx(est["flops"]["full"] / flops_per_s)
     assert est["energy_j"]["method"] == pytest.approx(est["time_s"]["method"] * settings.device_watts)
-    assert est["gco2e"]["full"] == pytest.approx(est["energy_j"]["full"] / 3.6e6 * settings.carbon_intensity_g_per_kwh)
+    assert est["gco2e"]["full"] == pytest.approx(
+        est["energy_j"]["full"] / 3.6e6 * settings.carbon_intensity_g_per_kwh
+    )
 
     full = client.post("/v1/estimates", json={**body, "method": "full", "hyperparameters": SMALL_HP}).json()
     assert full["flops"]["method"] == full["flops"]["full"] == est["flops"]["full"] and full["rho"] is None
 
     # A whole-run budget in FLOPs or kWh is the rho it implies.
     half = 0.9 * est["flops"]["full"]
-    by_flops = client.post("/v1/estimates", json={**body, "hyperparameters": {**SMALL_HP, "max_flops": half}}).json()
+    by_flops = client.post(
+        "/v1/estimates", json={**body, "hyperparameters": {**SMALL_HP, "max_flops": half}}
+    ).json()
     assert by_flops["rho"] == pytest.approx(0.9)
     kwh = est["energy_j"]["full"] * 0.9 / 3.6e6
-    by_kwh = client.post("/v1/estimates", json={**body, "hyperparameters": {**SMALL_HP, "max_energy_kwh": kwh}})
+    by_kwh = client.post(
+        "/v1/estimates", json={**body, "hyperparameters": {**SMALL_HP, "max_energy_kwh": kwh}}
+    )
     assert by_kwh.json()["rho"] == pytest.approx(0.9)
 
     # Below the floor: refused, naming rho_min and the smallest budget in the user's units.
@@ -155,7 +177,12 @@ def test_estimates_of_every_method(client: TestClient) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
 
     def estimate(method: str, **hp: object) -> dict:
-        body = {"model": DEMO, "training_file": file_id, "method": method, "hyperparameters": {**SMALL_HP, **hp}}
+        body = {
+            "model": DEMO,
+            "training_file": file_id,
+            "method": method,
+            "hyperparameters": {**SMALL_HP, **hp},
+        }
         response = client.post("/v1/estimates", json=body)
         assert response.status_code == 200, response.text
         return response.json()
@@ -164,7 +191,10 @@ def test_estimates_of_every_method(client: TestClient) -> None:
     top1, top_rho = estimate("topk", topk_layers=1), estimate("topk", rho=0.9)
     assert full["basis"] == top1["basis"] == "profile" and lora["basis"] == "approximate"
     assert lora["flops"]["full"] == top1["flops"]["full"] == full["flops"]["full"]
-    assert top1["flops"]["method"] < full["flops"]["method"] and lora["flops"]["method"] < full["flops"]["method"]
+    assert (
+        top1["flops"]["method"] < full["flops"]["method"]
+        and lora["flops"]["method"] < full["flops"]["method"]
+    )
     assert top_rho["rho"] == 0.9 and top_rho["basis"] == "budget" and top_rho["rho_min"] < 0.9
 
 
@@ -194,7 +224,9 @@ def test_job_below_rho_min_is_refused_naming_rho_min(client: TestClient) -> None
         ({"method": "topk", "hyperparameters": {"topk_layers": 1, "rho": 0.9}}, 400, "not both"),
     ],
 )
-def test_job_creation_errors_are_clear_4xx(client: TestClient, change: dict, status: int, needle: str) -> None:
+def test_job_creation_errors_are_clear_4xx(
+    client: TestClient, change: dict, status: int, needle: str
+) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
     response = client.post("/v1/jobs", json={**job_body(file_id), **change})
     assert response.status_code == status, response.text
@@ -213,9 +245,13 @@ def broker_depth(settings: Settings) -> int:
     if not inspect(engine).has_table("kombu_message"):  # kombu creates its tables on first use
         return 0
     with engine.connect() as conn:
-        depth = conn.execute(text(
-            "SELECT count(*) FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
-            "WHERE q.name = :name AND m.visible"), {"name": JOBS_QUEUE}).scalar_one()
+        depth = conn.execute(
+            text(
+                "SELECT count(*) FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+                "WHERE q.name = :name AND m.visible"
+            ),
+            {"name": JOBS_QUEUE},
+        ).scalar_one()
     engine.dispose()
     return int(depth)
 
@@ -271,17 +307,24 @@ def test_jobs_list_paginates_and_filters_by_status(client: TestClient) -> None:
     assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["has_more"]
     rest = client.get("/v1/jobs", params={"limit": 2, "after": page["data"][-1]["id"]}).json()
     assert [j["id"] for j in rest["data"]] == [ids[0]] and not rest["has_more"]
-    assert [j["id"] for j in client.get("/v1/jobs", params={"status": "cancelled"}).json()["data"]] == [ids[0]]
+    assert [j["id"] for j in client.get("/v1/jobs", params={"status": "cancelled"}).json()["data"]] == [
+        ids[0]
+    ]
     assert client.get("/v1/jobs", params={"status": "nonsense"}).status_code == 422
 
 
-def test_another_tenants_objects_answer_404(app, client: TestClient, sessions) -> None:  # noqa: ANN001
+def test_another_tenants_objects_answer_404(app, client: TestClient, sessions) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
     job_id = client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO)).json()["id"]
     other = TestClient(app, headers={"Authorization": f"Bearer {new_key(sessions)}"})
-    for path in (f"/v1/files/{file_id}", f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/epochs",
-                 f"/v1/jobs/{job_id}/events", f"/v1/jobs/{job_id}/checkpoints",
-                 f"/v1/jobs/{job_id}/checkpoints/ckpt-x/content"):
+    for path in (
+        f"/v1/files/{file_id}",
+        f"/v1/jobs/{job_id}",
+        f"/v1/jobs/{job_id}/epochs",
+        f"/v1/jobs/{job_id}/events",
+        f"/v1/jobs/{job_id}/checkpoints",
+        f"/v1/jobs/{job_id}/checkpoints/ckpt-x/content",
+    ):
         assert other.get(path).status_code == 404, path
     assert other.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
     assert other.get("/v1/jobs").json()["data"] == [] and other.get("/v1/files").json()["data"] == []
@@ -298,8 +341,13 @@ def test_keys_create_prints_a_working_key_as_its_last_word(app, settings: Settin
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("GT_")}
     env.update(GT_DATABASE_URL=str(settings.database_url), GT_DATA_DIR=str(settings.data_dir))
-    done = subprocess.run([str(Path(sys.executable).parent / "greentrainer"), "keys", "create", "--tenant", "acme"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "greentrainer"), "keys", "create", "--tenant", "acme"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     key = done.stdout.split()[-1]
     assert TestClient(app, headers={"Authorization": f"Bearer {key}"}).get("/v1/jobs").status_code == 200
@@ -322,7 +370,7 @@ def test_schemas_follow_greencore() -> None:
     assert set(RESUME_ONLY) == {checkpoint.STATE_FILE, checkpoint.MASTER_FILE}
 
 
-def test_job_creations_never_hold_up_reads(app, key: str) -> None:  # noqa: ANN001
+def test_job_creations_never_hold_up_reads(app, key: str) -> None:
     """A creation may profile a new model for seconds (its estimate): creations take turns on threads of their
     own, so that with every one of them busy a job is still read at once, and the next creation waits."""
     import time

@@ -46,7 +46,13 @@ def post_raw(client: TestClient, path: str, body: str) -> Response:
 def test_dataset_mistakes_name_the_line_and_the_field(client: TestClient) -> None:
     deep = "[" * 100_000  # deeper than the JSON parser recurses
     cases = [  # (what, file bytes, line, field, words in the message)
-        ("not UTF-8 on line 2", lines(GOOD) + b'{"prompt": "caf\xe9", "completion": "b"}\n', 2, None, "UTF-8"),
+        (
+            "not UTF-8 on line 2",
+            lines(GOOD) + b'{"prompt": "caf\xe9", "completion": "b"}\n',
+            2,
+            None,
+            "UTF-8",
+        ),
         ("UTF-16", GOOD.encode("utf-16") + b"\n", 1, None, "UTF-8"),
         ("blank lines only", b"\n   \n\t\n", None, None, "empty"),
         ("a JSON array", lines([1, 2]), 1, None, "JSON object"),
@@ -58,21 +64,49 @@ def test_dataset_mistakes_name_the_line_and_the_field(client: TestClient) -> Non
         ("messages not a list", lines({"messages": "hi"}), 1, "messages", "list"),
         ("a message not an object", lines({"messages": ["hi"]}), 1, "messages[0]", "object"),
         ("a message without role", lines({"messages": [{"content": "x"}]}), 1, "messages[0].role", "one of"),
-        ("content not a string",
-         lines({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]}),
-         1, "messages[1].content", "string"),
-        ("no assistant message", lines({"messages": [{"role": "user", "content": "q"}]}), 1, "messages", "assistant"),
+        (
+            "content not a string",
+            lines({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]}),
+            1,
+            "messages[1].content",
+            "string",
+        ),
+        (
+            "no assistant message",
+            lines({"messages": [{"role": "user", "content": "q"}]}),
+            1,
+            "messages",
+            "assistant",
+        ),
         ("text missing", lines({"text": "a", "label": "x"}, {"label": "y"}), 2, "text", "missing"),
-        ("label a float", lines({"text": "a", "label": "x"}, {"text": "b", "label": 1.5}), 2, "label", "label"),
+        (
+            "label a float",
+            lines({"text": "a", "label": "x"}, {"text": "b", "label": 1.5}),
+            2,
+            "label",
+            "label",
+        ),
         ("label a boolean", lines({"text": "a", "label": True}), 1, "label", "label"),
-        ("a label set of one", lines(*[{"text": f"t{i}", "label": "spam"} for i in range(3)]), None, "label",
-         "at least 2 distinct labels"),
+        (
+            "a label set of one",
+            lines(*[{"text": f"t{i}", "label": "spam"} for i in range(3)]),
+            None,
+            "label",
+            "at least 2 distinct labels",
+        ),
         ("nested too deeply", lines(GOOD) + deep.encode() + b"\n", 2, None, "nested"),
-        ("an integer of 5000 digits", lines({"text": "a", "label": "x"}, '{"text": "b", "label": ' + "9" * 5000 + "}"),
-         2, None, "JSON"),
+        (
+            "an integer of 5000 digits",
+            lines({"text": "a", "label": "x"}, '{"text": "b", "label": ' + "9" * 5000 + "}"),
+            2,
+            None,
+            "JSON",
+        ),
     ]
     for what, body, line, field, words in cases:
-        response = client.post("/v1/files", files={"file": ("bad.jsonl", body)}, data={"purpose": "fine-tune"})
+        response = client.post(
+            "/v1/files", files={"file": ("bad.jsonl", body)}, data={"purpose": "fine-tune"}
+        )
         error = assert_error(response, 400, "invalid_dataset", what)
         assert (error["line"], error["field"]) == (line, field), (what, error)
         assert words in error["message"], (what, error["message"])
@@ -88,15 +122,25 @@ def test_dataset_mistakes_name_the_line_and_the_field(client: TestClient) -> Non
 def test_examples_longer_than_max_seq_len(client: TestClient) -> None:
     """Examples are cut at max_seq_len and counted; one left with nothing to learn from is refused, naming its line."""
     long = "word " * 100
-    short = [{"prompt": f"What is {i} plus {i}? ", "completion": f"It is {2 * i}."} for i in range(SMALL_EXAMPLES)]
-    chat = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(SMALL_EXAMPLES)]
+    short = [
+        {"prompt": f"What is {i} plus {i}? ", "completion": f"It is {2 * i}."} for i in range(SMALL_EXAMPLES)
+    ]
+    chat = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"It is {2 * i}."},
+            ]
+        }
+        for i in range(SMALL_EXAMPLES)
+    ]
     classes = [{"text": f"review {i}", "label": ["good", "bad"][i % 2]} for i in range(SMALL_EXAMPLES)]
     files = {
         "prompt cut": lines(*short[:2], {"prompt": long, "completion": "ok"}, *short[2:]),
         "completion cut": lines(*short[:2], {"prompt": "Say it: ", "completion": long}, *short[2:]),
-        "chat cut": lines(*chat[:4], {"messages": [{"role": "user", "content": long}, chat[0]["messages"][1]]},
-                          *chat[4:]),
+        "chat cut": lines(
+            *chat[:4], {"messages": [{"role": "user", "content": long}, chat[0]["messages"][1]]}, *chat[4:]
+        ),
         "text cut": lines(*classes[:1], {"text": long, "label": "good"}, *classes[1:]),
     }
     ids = {name: upload(client, body.decode(), f"{name}.jsonl")["id"] for name, body in files.items()}
@@ -151,7 +195,7 @@ def test_hyperparameters_out_of_range(client: TestClient, route: str) -> None:
     for fragment, param in cases:
         key = fragment.split(":")[0].strip('"')
         rest = ", ".join(p for p in hp.split(", ") if not p.startswith(f'"{key}"'))
-        response = post_raw(client, f"/v1/{route}", f"{start}, \"hyperparameters\": {{{rest}, {fragment}}}}}")
+        response = post_raw(client, f"/v1/{route}", f'{start}, "hyperparameters": {{{rest}, {fragment}}}}}')
         error = assert_error(response, 422, "invalid_request", fragment)
         assert error["param"] == param and key in error["message"], (fragment, error)
     # The whole-run budgets and the request's other fields.
@@ -166,8 +210,11 @@ def test_hyperparameters_out_of_range(client: TestClient, route: str) -> None:
         assert error["param"] == param, (body[-60:], error)
     for body in (f"{start}", "not json", "[]", "{" * 100_000, "[" * 100_000):  # not a JSON object at all
         response = post_raw(client, f"/v1/{route}", body)
-        assert 400 <= response.status_code < 500 and "error" in response.json(), (body[:40], response.text[:200])
-    assert post_raw(client, f"/v1/{route}", f"{start}, \"hyperparameters\": {{{hp}}}}}").status_code == 200
+        assert 400 <= response.status_code < 500 and "error" in response.json(), (
+            body[:40],
+            response.text[:200],
+        )
+    assert post_raw(client, f"/v1/{route}", f'{start}, "hyperparameters": {{{hp}}}}}').status_code == 200
     assert len(client.get("/v1/jobs").json()["data"]) == (1 if route == "jobs" else 0)  # only the good one
 
 
@@ -177,7 +224,9 @@ def test_rho_outside_zero_one_or_below_rho_min(client: TestClient, route: str) -
 
     def post(rho: object) -> Response:
         hp = {**SMALL_HP, "rho": rho}
-        return client.post(f"/v1/{route}", json={"model": DEMO, "training_file": file_id, "hyperparameters": hp})
+        return client.post(
+            f"/v1/{route}", json={"model": DEMO, "training_file": file_id, "hyperparameters": hp}
+        )
 
     for rho in (0, -0.5, 1.0000001, 1.5, "half"):
         error = assert_error(post(rho), 422, "invalid_request", rho)
@@ -189,7 +238,7 @@ def test_rho_outside_zero_one_or_below_rho_min(client: TestClient, route: str) -
 
 
 @pytest.fixture
-def other_tenants_objects(app, client: TestClient, sessions, settings: Settings) -> dict:  # noqa: ANN001
+def other_tenants_objects(app, client: TestClient, sessions, settings: Settings) -> dict:
     """Tenant A (``client``): a file, a job and a checkpoint of that job, with its folder in the artifacts."""
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
     body = {"model": DEMO, "training_file": file_id, "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO}}
@@ -201,54 +250,92 @@ def other_tenants_objects(app, client: TestClient, sessions, settings: Settings)
     (folder / "config.json").write_text("{}")
     checkpoint_id = new_id("ckpt")
     with sessions() as session:
-        session.add(Checkpoint(id=checkpoint_id, job_id=job_id, name="epoch-1", epoch=1, path=relative, bytes=2))
+        session.add(
+            Checkpoint(id=checkpoint_id, job_id=job_id, name="epoch-1", epoch=1, path=relative, bytes=2)
+        )
         session.commit()
     assert client.get(f"/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content").status_code == 200  # A's own
     return {"file": file_id, "job": job_id, "checkpoint": checkpoint_id}
 
 
-def test_unknown_and_foreign_ids(app, sessions, other_tenants_objects: dict) -> None:  # noqa: ANN001
+def test_unknown_and_foreign_ids(app, sessions, other_tenants_objects: dict) -> None:
     a = other_tenants_objects
     b = TestClient(app, headers={"Authorization": f"Bearer {new_key(sessions)}"})  # tenant B
     b_file = upload(b, dataset_lines(SMALL_EXAMPLES))["id"]
-    b_job = b.post("/v1/jobs", json={"model": DEMO, "training_file": b_file,
-                                     "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO}}).json()["id"]
+    b_job = b.post(
+        "/v1/jobs",
+        json={"model": DEMO, "training_file": b_file, "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO}},
+    ).json()["id"]
     unknown = {"file": new_id("file"), "job": new_id("ftjob"), "checkpoint": new_id("ckpt")}
     paths = []
     for ids in (unknown, a):  # ids that do not exist, and tenant A's
-        paths += [("GET", f"/v1/files/{ids['file']}"), ("GET", f"/v1/jobs/{ids['job']}"),
-                  ("POST", f"/v1/jobs/{ids['job']}/cancel"), ("GET", f"/v1/jobs/{ids['job']}/epochs"),
-                  ("GET", f"/v1/jobs/{ids['job']}/events"), ("GET", f"/v1/jobs/{ids['job']}/checkpoints"),
-                  ("GET", f"/v1/jobs/{ids['job']}/checkpoints/{ids['checkpoint']}/content"),
-                  ("GET", f"/v1/jobs/{b_job}/checkpoints/{ids['checkpoint']}/content")]  # B's job, not its checkpoint
+        paths += [
+            ("GET", f"/v1/files/{ids['file']}"),
+            ("GET", f"/v1/jobs/{ids['job']}"),
+            ("POST", f"/v1/jobs/{ids['job']}/cancel"),
+            ("GET", f"/v1/jobs/{ids['job']}/epochs"),
+            ("GET", f"/v1/jobs/{ids['job']}/events"),
+            ("GET", f"/v1/jobs/{ids['job']}/checkpoints"),
+            ("GET", f"/v1/jobs/{ids['job']}/checkpoints/{ids['checkpoint']}/content"),
+            ("GET", f"/v1/jobs/{b_job}/checkpoints/{ids['checkpoint']}/content"),
+        ]  # B's job, not its checkpoint
     for method, path in paths:
         assert_error(b.request(method, path), 404, "not_found", path)
     for route in ROUTES_WITH_IDS:  # ids named in a body: 400 naming the parameter
         for param in ("training_file", "validation_file"):
             for file_id in (unknown["file"], a["file"]):
-                body = {"model": DEMO, "training_file": b_file, param: file_id,
-                        "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO}}
+                body = {
+                    "model": DEMO,
+                    "training_file": b_file,
+                    param: file_id,
+                    "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO},
+                }
                 if route == "estimates" and param == "validation_file":
                     continue  # an estimate takes no validation file
-                error = assert_error(b.post(f"/v1/{route}", json=body), 400, "invalid_request", (route, param))
+                error = assert_error(
+                    b.post(f"/v1/{route}", json=body), 400, "invalid_request", (route, param)
+                )
                 assert error["param"] == param and "not found" in error["message"]
     assert [j["id"] for j in b.get("/v1/jobs").json()["data"]] == [b_job]
 
 
 TRICKS = [  # as they appear in a URL
-    "..%2F..%2Fetc%2Fpasswd", "..%2F..", "%2e%2e", "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "%2Fetc%2Fpasswd",
-    "..%5C..%5Cwindows%5Cwin.ini", "%00", "file-%00", "x" * 5000, "%C0%AE%C0%AE%2F",
+    "..%2F..%2Fetc%2Fpasswd",
+    "..%2F..",
+    "%2e%2e",
+    "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "%2Fetc%2Fpasswd",
+    "..%5C..%5Cwindows%5Cwin.ini",
+    "%00",
+    "file-%00",
+    "x" * 5000,
+    "%C0%AE%C0%AE%2F",
 ]
-BODY_TRICKS = ["../../etc/passwd", "/etc/passwd", "..", "\x00", "file-\x00", "x" * 5000, "C:\\windows\\win.ini"]
+BODY_TRICKS = [
+    "../../etc/passwd",
+    "/etc/passwd",
+    "..",
+    "\x00",
+    "file-\x00",
+    "x" * 5000,
+    "C:\\windows\\win.ini",
+]
 
 
-def test_path_tricks_in_ids_and_filenames(client: TestClient, settings: Settings, sessions,  # noqa: ANN001
-                                          other_tenants_objects: dict) -> None:
+def test_path_tricks_in_ids_and_filenames(
+    client: TestClient,
+    settings: Settings,
+    sessions,
+    other_tenants_objects: dict,
+) -> None:
     own = other_tenants_objects
     for trick in TRICKS:
         for method, path in [
-            ("GET", f"/v1/files/{trick}"), ("GET", f"/v1/jobs/{trick}"), ("POST", f"/v1/jobs/{trick}/cancel"),
-            ("GET", f"/v1/jobs/{trick}/epochs"), ("GET", f"/v1/jobs/{trick}/events"),
+            ("GET", f"/v1/files/{trick}"),
+            ("GET", f"/v1/jobs/{trick}"),
+            ("POST", f"/v1/jobs/{trick}/cancel"),
+            ("GET", f"/v1/jobs/{trick}/epochs"),
+            ("GET", f"/v1/jobs/{trick}/events"),
             ("GET", f"/v1/jobs/{trick}/checkpoints"),
             ("GET", f"/v1/jobs/{trick}/checkpoints/{own['checkpoint']}/content"),
             ("GET", f"/v1/jobs/{own['job']}/checkpoints/{trick}/content"),
@@ -269,9 +356,17 @@ def test_path_tricks_in_ids_and_filenames(client: TestClient, settings: Settings
     for route in ROUTES_WITH_IDS:  # in a body: ids and model names are looked up, never joined into a path
         for trick in BODY_TRICKS:
             for param in ("training_file", "model"):
-                body = {"model": DEMO, "training_file": own["file"], "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO}}
-                error = assert_error(client.post(f"/v1/{route}", json={**body, param: trick}), 400,
-                                     "invalid_request", (route, param, trick[:20]))
+                body = {
+                    "model": DEMO,
+                    "training_file": own["file"],
+                    "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO},
+                }
+                error = assert_error(
+                    client.post(f"/v1/{route}", json={**body, param: trick}),
+                    400,
+                    "invalid_request",
+                    (route, param, trick[:20]),
+                )
                 assert error["param"] == param and "not found" in error["message"]
     for trick in BODY_TRICKS:  # the model whose tokenizer counts an upload's tokens
         response = client.post("/v1/files", files={"file": ("t.jsonl", lines(GOOD))}, data={"model": trick})
@@ -282,12 +377,19 @@ def test_path_tricks_in_ids_and_filenames(client: TestClient, settings: Settings
     artifacts = settings.artifacts_dir.resolve()
     before = {p for p in artifacts.parent.rglob("*") if p.is_file()}
     names = {  # sent byte for byte (httpx would escape some), and the name the file is listed under
-        b"../../etc/passwd": "passwd", b"/etc/passwd": "passwd", b"..\\..\\evil.jsonl": "evil.jsonl",
-        b"..": "upload.jsonl", b"a\x00b\tc\x7f.jsonl": "abc.jsonl", b"x" * 1000: "x" * 255,
+        b"../../etc/passwd": "passwd",
+        b"/etc/passwd": "passwd",
+        b"..\\..\\evil.jsonl": "evil.jsonl",
+        b"..": "upload.jsonl",
+        b"a\x00b\tc\x7f.jsonl": "abc.jsonl",
+        b"x" * 1000: "x" * 255,
     }
     for sent, listed in names.items():
         response = raw_upload(client, sent, lines(GOOD))
-        assert response.status_code == 200 and response.json()["filename"] == listed, (sent[:20], response.text)
+        assert response.status_code == 200 and response.json()["filename"] == listed, (
+            sent[:20],
+            response.text,
+        )
     with sessions() as session:
         tenant = authenticate(session, client.headers["Authorization"].split()[1])
         assert tenant is not None
@@ -302,7 +404,16 @@ def test_path_tricks_in_ids_and_filenames(client: TestClient, settings: Settings
 def raw_upload(client: TestClient, filename: bytes, payload: bytes) -> Response:
     """A multipart upload written by hand, so that ``filename`` reaches the server byte for byte."""
     boundary = b"gtboundary"
-    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="' + filename + b'"\r\n'
-            b"Content-Type: application/octet-stream\r\n\r\n" + payload + b"\r\n--" + boundary + b"--\r\n")
-    return client.post("/v1/files", content=body,
-                       headers={"Content-Type": "multipart/form-data; boundary=" + boundary.decode()})
+    body = (
+        b"--"
+        + boundary
+        + b'\r\nContent-Disposition: form-data; name="file"; filename="'
+        + filename
+        + b'"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + payload + b"\r\n--" + boundary + b"--\r\n"
+    )
+    return client.post(
+        "/v1/files",
+        content=body,
+        headers={"Content-Type": "multipart/form-data; boundary=" + boundary.decode()},
+    )

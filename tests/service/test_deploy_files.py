@@ -41,7 +41,9 @@ def test_compose_runs_the_readme_commands() -> None:
 
 def test_compose_wiring() -> None:
     services = COMPOSE["services"]
-    assert services["postgres"]["image"].startswith("postgres") and services["redis"]["image"].startswith("redis")
+    assert services["postgres"]["image"].startswith("postgres") and services["redis"]["image"].startswith(
+        "redis"
+    )
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
@@ -53,7 +55,9 @@ def test_compose_wiring() -> None:
         assert env["GT_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["GT_BROKER_URL"].startswith("redis://")
     # The API and the workers share the artifacts (uploads, checkpoints) and the models.
-    assert {v.split(":")[0] for v in services["api"]["volumes"]} == {v.split(":")[0] for v in services["worker"]["volumes"]}
+    assert {v.split(":")[0] for v in services["api"]["volumes"]} == {
+        v.split(":")[0] for v in services["worker"]["volumes"]
+    }
 
 
 def test_dockerfile_installs_torch_first_and_serves_the_api() -> None:

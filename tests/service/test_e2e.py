@@ -74,8 +74,14 @@ def check_trained(client: Client, job_id: str, models_dir: Path, download_dir: P
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "greentrainer"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=JOB_TIMEOUT_S)
+    return subprocess.run(
+        [str(BIN / "greentrainer"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+    )
 
 
 def test_make_run_serves_the_demo_model_and_trains_a_job(tmp_path: Path) -> None:
@@ -100,10 +106,24 @@ def test_make_run_serves_the_demo_model_and_trains_a_job(tmp_path: Path) -> None
         assert uploaded.returncode == 0, uploaded.stderr
         file_id = uploaded.stdout.split()[-1]
         created = run_cli(
-            "jobs", "create", "--model", DEMO, "--training-file", file_id, "--rho", str(SMALL_RHO),
-            "--n-epochs", str(SMALL_HP["n_epochs"]), "--batch-size", str(SMALL_HP["batch_size"]),
-            "--max-seq-len", str(SMALL_HP["max_seq_len"]), "--learning-rate", str(SMALL_HP["learning_rate"]),
-            "--wait", env=cli_env,
+            "jobs",
+            "create",
+            "--model",
+            DEMO,
+            "--training-file",
+            file_id,
+            "--rho",
+            str(SMALL_RHO),
+            "--n-epochs",
+            str(SMALL_HP["n_epochs"]),
+            "--batch-size",
+            str(SMALL_HP["batch_size"]),
+            "--max-seq-len",
+            str(SMALL_HP["max_seq_len"]),
+            "--learning-rate",
+            str(SMALL_HP["learning_rate"]),
+            "--wait",
+            env=cli_env,
         )
         assert created.returncode == 0, created.stderr + log.read_text()[-3000:]
         job_id = created.stdout.split()[-1]
@@ -126,15 +146,22 @@ def test_production_processes_on_postgres_and_redis(tmp_path: Path, models_dir: 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = clean_env(
-        GT_DATABASE_URL=database, GT_BROKER_URL=REDIS_URL, GT_BROKER_PREFIX=prefix, GT_DATA_DIR=str(tmp_path / "data"),
-        GT_MODELS_DIR=str(models_dir), GT_BOOTSTRAP_API_KEY=key,
+        GT_DATABASE_URL=database,
+        GT_BROKER_URL=REDIS_URL,
+        GT_BROKER_PREFIX=prefix,
+        GT_DATA_DIR=str(tmp_path / "data"),
+        GT_MODELS_DIR=str(models_dir),
+        GT_BOOTSTRAP_API_KEY=key,
     )
     try:
         migrated = run_cli("migrate", env=env)
         assert migrated.returncode == 0, migrated.stderr
         with (
-            process([str(BIN / "greentrainer"), "serve", "--no-worker", "--port", str(port)], env,
-                    tmp_path / "api.log") as api,
+            process(
+                [str(BIN / "greentrainer"), "serve", "--no-worker", "--port", str(port)],
+                env,
+                tmp_path / "api.log",
+            ) as api,
             process([str(BIN / "greentrainer"), "worker"], env, tmp_path / "worker.log"),
         ):
             wait_healthy(url, api, tmp_path / "api.log")
@@ -142,8 +169,14 @@ def test_production_processes_on_postgres_and_redis(tmp_path: Path, models_dir: 
             dataset = tmp_path / "train.jsonl"
             dataset.write_text(dataset_lines(SMALL_EXAMPLES))
             file_id = client.upload_file(dataset)["id"]
-            job = client.create_job({"model": DEMO, "training_file": file_id, "method": "green",
-                                     "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO}})
+            job = client.create_job(
+                {
+                    "model": DEMO,
+                    "training_file": file_id,
+                    "method": "green",
+                    "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO},
+                }
+            )
             done = wait_job(client, job["id"], tmp_path / "worker.log")
             assert done["status"] == "succeeded", (done, (tmp_path / "worker.log").read_text()[-3000:])
             check_trained(client, job["id"], models_dir, tmp_path / "download")

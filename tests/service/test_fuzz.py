@@ -59,7 +59,9 @@ class RealObjects:
 def queued_job(client: TestClient) -> tuple[str, str]:
     """A training file and a job on it, queued (no worker takes it): (file id, job id)."""
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    created = client.post("/v1/jobs", json={"model": DEMO, "training_file": file_id, "hyperparameters": JOB_HP})
+    created = client.post(
+        "/v1/jobs", json={"model": DEMO, "training_file": file_id, "hyperparameters": JOB_HP}
+    )
     assert created.status_code == 200, created.text
     return file_id, created.json()["id"]
 
@@ -74,8 +76,17 @@ def add_checkpoint(sessions: SessionFactory, settings: Settings, job_id: str) ->
     (folder / "model.safetensors").write_bytes(b"\0" * 1000)
     checkpoint_id = new_id("ckpt")
     with sessions() as session:
-        session.add(Checkpoint(id=checkpoint_id, job_id=job_id, name="epoch-1", epoch=1, path=relative, bytes=1024,
-                               created_at=utcnow()))
+        session.add(
+            Checkpoint(
+                id=checkpoint_id,
+                job_id=job_id,
+                name="epoch-1",
+                epoch=1,
+                path=relative,
+                bytes=1024,
+                created_at=utcnow(),
+            )
+        )
         session.commit()
     return checkpoint_id
 
@@ -95,17 +106,31 @@ def at_existing(case: Case, real: RealObjects) -> Case | None:
             body["model"] = DEMO
     if not path and body is case.body:
         return None
-    return case.operation.Case(path_parameters=path, headers=case.headers, cookies=case.cookies, query=case.query,
-                               body=body, media_type=case.media_type)
+    return case.operation.Case(
+        path_parameters=path,
+        headers=case.headers,
+        cookies=case.cookies,
+        query=case.query,
+        body=body,
+        media_type=case.media_type,
+    )
 
 
-def fuzz(operation, mode: GenerationMode, real: RealObjects, headers: dict[str, str]) -> None:  # noqa: ANN001
+def fuzz(operation, mode: GenerationMode, real: RealObjects, headers: dict[str, str]) -> None:
     """Send MAX_EXAMPLES cases of ``operation`` (each also pointed at existing objects) and check every answer;
     raises what the first failure raised."""
 
-    @settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
-              phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure is reported as found, in bounded time
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        phases=[
+            Phase.explicit,
+            Phase.generate,
+        ],  # no shrinking: a failure is reported as found, in bounded time
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case: Case) -> None:
         case.call_and_validate(headers=headers, checks=CHECKS)
@@ -117,7 +142,11 @@ def fuzz(operation, mode: GenerationMode, real: RealObjects, headers: dict[str, 
 
 
 def test_fuzzed_requests_never_answer_5xx_and_match_the_schema(
-    app, client: TestClient, key: str, sessions: SessionFactory, settings: Settings  # noqa: ANN001
+    app,
+    client: TestClient,
+    key: str,
+    sessions: SessionFactory,
+    settings: Settings,
 ) -> None:
     file_id, job_id = queued_job(client)
     real = RealObjects(file_id, job_id, add_checkpoint(sessions, settings, job_id))
@@ -133,7 +162,7 @@ def test_fuzzed_requests_never_answer_5xx_and_match_the_schema(
         for mode in list(GenerationMode) if invalid else [GenerationMode.POSITIVE]:
             try:
                 fuzz(operation, mode, real, headers)
-            except Exception as exc:  # noqa: BLE001 - every operation is fuzzed, then every failure is shown
+            except Exception as exc:  # every operation is fuzzed, then every failure is shown
                 failures[f"{operation.label} ({mode.value})"] = exc
     elapsed = time.monotonic() - started
     assert {"POST /v1/files", "GET /v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content"} <= set(labels)
@@ -145,7 +174,7 @@ def test_fuzzed_requests_never_answer_5xx_and_match_the_schema(
 # Regression tests: the 5xx the fuzzer found, each as a plain request.
 
 
-def assert_error(response, status: int, case: object) -> dict:  # noqa: ANN001
+def assert_error(response, status: int, case: object) -> dict:
     """``response`` is ``status`` with the declared error body; returns the error."""
     assert response.status_code == status, (case, response.status_code, response.text[:300])
     return ErrorPublic.model_validate(response.json()).error.model_dump()
@@ -161,7 +190,7 @@ def test_number_cursors_past_the_32_bit_columns_answer_422(client: TestClient) -
             assert error["param"] == "query.after"
 
 
-def test_api_key_with_a_nul_answers_401(app) -> None:  # noqa: ANN001
+def test_api_key_with_a_nul_answers_401(app) -> None:
     """PostgreSQL refuses to compare a string holding NUL: the key's lookup failed (500)."""
     for key in ("gt-\x00", "gt-" + "a" * 9 + "\x00" + "b" * 30):
         response = TestClient(app).get("/v1/files", headers={"Authorization": f"Bearer {key}"})

@@ -33,7 +33,7 @@ def listed(settings: Settings, tenant: str) -> dict[str, list[str]]:
     return {line.split()[3]: line.split() for line in lines}
 
 
-def test_a_revoked_key_answers_401_on_the_very_next_request(app, settings: Settings, sessions) -> None:  # noqa: ANN001
+def test_a_revoked_key_answers_401_on_the_very_next_request(app, settings: Settings, sessions) -> None:
     tenant = f"tenant-{secrets.token_hex(4)}"
     key, other = new_key(sessions, tenant), new_key(sessions, tenant)
     client = TestClient(app, headers={"Authorization": f"Bearer {key}"})

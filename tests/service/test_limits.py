@@ -27,14 +27,19 @@ BOUNDARY = "gtboundary"
 
 
 def job_body(file_id: str) -> dict:
-    return {"model": DEMO, "training_file": file_id, "method": "green", "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO}}
+    return {
+        "model": DEMO,
+        "training_file": file_id,
+        "method": "green",
+        "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO},
+    }
 
 
-def keyed(app, sessions) -> TestClient:  # noqa: ANN001
+def keyed(app, sessions) -> TestClient:
     return TestClient(app, headers={"Authorization": f"Bearer {new_key(sessions)}"})
 
 
-def test_active_jobs_beyond_the_cap_answer_429_naming_the_limit(settings: Settings, sessions) -> None:  # noqa: ANN001
+def test_active_jobs_beyond_the_cap_answer_429_naming_the_limit(settings: Settings, sessions) -> None:
     app = create_app(settings.model_copy(update={"max_active_jobs": CAP}))
     client = keyed(app, sessions)
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
@@ -59,7 +64,7 @@ def test_active_jobs_beyond_the_cap_answer_429_naming_the_limit(settings: Settin
     assert client.post("/v1/jobs", json=job_body(file_id)).status_code == 429
 
 
-def test_two_creators_at_the_cap_minus_one_cannot_both_pass(settings: Settings, sessions) -> None:  # noqa: ANN001
+def test_two_creators_at_the_cap_minus_one_cannot_both_pass(settings: Settings, sessions) -> None:
     """The first creator holds the tenant's lock until it commits; the second waits, then counts its job."""
     client = keyed(create_app(settings), sessions)
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
@@ -68,7 +73,9 @@ def test_two_creators_at_the_cap_minus_one_cannot_both_pass(settings: Settings, 
         tenant = first.get(Tenant, first.get(File, file_id).tenant_id)
         check_active_jobs(first, tenant, CAP)  # one active of two: passes, and locks
         source = first.get(Job, existing)
-        first.add(Job(**{c.key: getattr(source, c.key) for c in Job.__table__.columns} | {"id": new_id("ftjob")}))
+        first.add(
+            Job(**{c.key: getattr(source, c.key) for c in Job.__table__.columns} | {"id": new_id("ftjob")})
+        )
         first.flush()
         outcome: list[BaseException | None] = []
 
@@ -76,7 +83,7 @@ def test_two_creators_at_the_cap_minus_one_cannot_both_pass(settings: Settings, 
             try:
                 check_active_jobs(second, second.get(Tenant, tenant.id), CAP)
                 outcome.append(None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            except BaseException as exc:  # handed to the test's thread
                 outcome.append(exc)
             finally:
                 second.rollback()
@@ -93,9 +100,11 @@ def test_two_creators_at_the_cap_minus_one_cannot_both_pass(settings: Settings, 
 
 def multipart(filename: str = "train.jsonl") -> tuple[bytes, bytes]:
     """What comes before and after the file's bytes in a multipart/form-data body."""
-    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     return head, f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
@@ -109,7 +118,9 @@ def jsonl_of(size: int) -> bytes:
 @pytest.fixture
 def small_uploads(settings: Settings, tmp_path: Path) -> tuple:
     """An app with a 100 kB upload limit and an artifacts folder of its own."""
-    limited = settings.model_copy(update={"max_upload_bytes": UPLOAD_LIMIT, "artifacts_dir": tmp_path / "artifacts"})
+    limited = settings.model_copy(
+        update={"max_upload_bytes": UPLOAD_LIMIT, "artifacts_dir": tmp_path / "artifacts"}
+    )
     return create_app(limited), limited
 
 
@@ -120,20 +131,27 @@ def assert_names_the_limit(response_status: int, body: dict) -> None:
     assert f"{UPLOAD_LIMIT} bytes" in error["message"] and "0.1 MB" in error["message"]
 
 
-def test_uploads_over_the_limit_answer_413_and_leave_nothing(small_uploads, sessions) -> None:  # noqa: ANN001
+def test_uploads_over_the_limit_answer_413_and_leave_nothing(small_uploads, sessions) -> None:
     app, limited = small_uploads
     client = keyed(app, sessions)
     cases = [
         ("Content-Length past the limit", UPLOAD_LIMIT + MULTIPART_OVERHEAD_BYTES + 1, False),
         ("streamed, no Content-Length, far past the limit", 3 * UPLOAD_LIMIT, True),
-        ("streamed, no Content-Length, one byte past (inside the multipart allowance)", UPLOAD_LIMIT + 1, True),
+        (
+            "streamed, no Content-Length, one byte past (inside the multipart allowance)",
+            UPLOAD_LIMIT + 1,
+            True,
+        ),
     ]
     for name, size, streamed in cases:
         head, tail = multipart()
         body = head + jsonl_of(size) + tail
         content = (body[i : i + 8192] for i in range(0, len(body), 8192)) if streamed else body
-        response = client.post("/v1/files", content=content,
-                               headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        response = client.post(
+            "/v1/files",
+            content=content,
+            headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+        )
         assert ("content-length" in response.request.headers) is not streamed, name
         assert_names_the_limit(response.status_code, response.json())
     assert client.get("/v1/files").json()["data"] == []
@@ -143,7 +161,7 @@ def test_uploads_over_the_limit_answer_413_and_leave_nothing(small_uploads, sess
     assert at_limit.status_code == 200 and at_limit.json()["bytes"] == UPLOAD_LIMIT
 
 
-def test_an_endless_upload_is_cut_off_as_it_streams_in(small_uploads, sessions) -> None:  # noqa: ANN001
+def test_an_endless_upload_is_cut_off_as_it_streams_in(small_uploads, sessions) -> None:
     """Driven at the ASGI level, to count what the app read: it stops soon after the limit, not at the end."""
     app, limited = small_uploads
     key = new_key(sessions)
@@ -163,12 +181,23 @@ def test_an_endless_upload_is_cut_off_as_it_streams_in(small_uploads, sessions) 
         sent.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/files", "raw_path": b"/v1/files", "root_path": "", "query_string": b"",
-        "headers": [(b"host", b"test"), (b"authorization", f"Bearer {key}".encode()),
-                    (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
-                    (b"transfer-encoding", b"chunked")],
-        "client": ("127.0.0.1", 50000), "server": ("test", 80),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/files",
+        "raw_path": b"/v1/files",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"test"),
+            (b"authorization", f"Bearer {key}".encode()),
+            (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
+            (b"transfer-encoding", b"chunked"),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
     }
     asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=60))
     assert read <= UPLOAD_LIMIT + MULTIPART_OVERHEAD_BYTES + len(chunk)

@@ -68,7 +68,9 @@ class Service:
     def backdate(self, job_id: str) -> None:
         """Make a job look created a minute ago (recovery leaves jobs younger than ENQUEUE_GRACE_S alone)."""
         with self.sessions() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(created_at=utcnow() - timedelta(minutes=1)))
+            session.execute(
+                update(Job).where(Job.id == job_id).values(created_at=utcnow() - timedelta(minutes=1))
+            )
             session.commit()
 
     def wait_for(self, job_id: str, status: str, log: Path) -> Job:
@@ -77,9 +79,15 @@ class Service:
             job = self.job(job_id)
             if job.status == status:
                 return job
-            assert job.status in ("queued", "running"), (job.status, job.error_message, log.read_text()[-3000:])
+            assert job.status in ("queued", "running"), (
+                job.status,
+                job.error_message,
+                log.read_text()[-3000:],
+            )
             time.sleep(0.2)
-        raise AssertionError(f"job {job_id} is {self.job(job_id).status}, not {status}:\n{log.read_text()[-3000:]}")
+        raise AssertionError(
+            f"job {job_id} is {self.job(job_id).status}, not {status}:\n{log.read_text()[-3000:]}"
+        )
 
 
 @pytest.fixture(params=BACKENDS)
@@ -90,8 +98,14 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, models_dir: Path) ->
     if request.param == "production":
         database, prefix = create_pg_database(), new_redis_prefix()
         env |= {"GT_DATABASE_URL": database, "GT_BROKER_URL": REDIS_URL, "GT_BROKER_PREFIX": prefix}
-    settings = Settings(data_dir=data, models_dir=models_dir, database_url=database,
-                        broker_url=REDIS_URL if prefix else None, broker_prefix=prefix or "", cancel_poll_s=0.2)
+    settings = Settings(
+        data_dir=data,
+        models_dir=models_dir,
+        database_url=database,
+        broker_url=REDIS_URL if prefix else None,
+        broker_prefix=prefix or "",
+        cancel_poll_s=0.2,
+    )
     settings.ensure_dirs()
     assert settings.database_url is not None
     upgrade(settings.database_url)
@@ -111,7 +125,7 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, models_dir: Path) ->
             delete_redis_prefix(prefix)
 
 
-def worker(service: Service, log: Path):  # noqa: ANN201 - a context manager of a worker process
+def worker(service: Service, log: Path):  # a context manager of a worker process
     """A real Celery worker (``python -m worker``, prefork pool) in its own process group."""
     return process([sys.executable, "-m", "worker"], service.env, log)
 
@@ -171,8 +185,11 @@ def test_a_silent_running_job_is_queued_again_then_failed_after_max_attempts(ser
     with service.sessions() as session:
         old, fresh = utcnow() - timedelta(minutes=5), utcnow()
         for job_id, beat in ((silent, old), (alive, fresh)):
-            session.execute(update(Job).where(Job.id == job_id).values(
-                status="running", worker="elsewhere:1", heartbeat_at=beat, attempts=1))
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(status="running", worker="elsewhere:1", heartbeat_at=beat, attempts=1)
+            )
         session.commit()
     forget_broker(service.settings)
     queue = JobQueue(settings)
@@ -182,13 +199,20 @@ def test_a_silent_running_job_is_queued_again_then_failed_after_max_attempts(ser
         assert service.job(silent).status == "queued" and service.job(silent).worker is None
         assert service.job(alive).status == "running"  # its heartbeat is fresh: its worker is alive
         assert broker_job_ids(settings) in (None, {silent})
-        assert any("no heartbeat from worker elsewhere:1" in m and "GT_HEARTBEAT_STALE_S=60" in m
-                   and "queued again" in m for m in service.events(silent))
+        assert any(
+            "no heartbeat from worker elsewhere:1" in m
+            and "GT_HEARTBEAT_STALE_S=60" in m
+            and "queued again" in m
+            for m in service.events(silent)
+        )
 
         # Started twice already (GT_MAX_ATTEMPTS=2) and silent again: it ends failed, saying why.
         with service.sessions() as session:
-            session.execute(update(Job).where(Job.id == silent).values(
-                status="running", worker="elsewhere:2", heartbeat_at=old, attempts=2))
+            session.execute(
+                update(Job)
+                .where(Job.id == silent)
+                .values(status="running", worker="elsewhere:2", heartbeat_at=old, attempts=2)
+            )
             session.commit()
         done = recover(service.sessions, settings, queue)
         assert done.failed == [silent] and not done.requeued
@@ -204,7 +228,9 @@ def test_a_silent_running_job_is_queued_again_then_failed_after_max_attempts(ser
 def test_the_heartbeat_goes_on_between_steps_and_sees_a_cancel(service: Service) -> None:
     job_id = service.create_job()
     with service.sessions() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(status="running", worker="me:1", attempts=1))
+        session.execute(
+            update(Job).where(Job.id == job_id).values(status="running", worker="me:1", attempts=1)
+        )
         session.commit()
     recorder = JobRecorder(service.sessions, job_id, "me:1", service.settings.artifacts_dir or Path(), 0.1)
     recorder.start()

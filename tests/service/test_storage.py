@@ -51,19 +51,25 @@ def tmpfs(folder: Path, size: str) -> Iterator[Path]:
     mounting is not permitted."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except FileNotFoundError:
         pytest.skip("no mount command here: cannot make a small volume to fill up")
     if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+        pytest.skip(
+            f"mounting a tmpfs is not permitted here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}"
+        )
     try:
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True, timeout=30)
 
 
-def tenant_folder(sessions, settings: Settings, key: str) -> Path:  # noqa: ANN001
+def tenant_folder(sessions, settings: Settings, key: str) -> Path:
     """Where the uploads of ``key``'s tenant go."""
     with sessions() as session:
         tenant = authenticate(session, key)
@@ -71,7 +77,7 @@ def tenant_folder(sessions, settings: Settings, key: str) -> Path:  # noqa: ANN0
         return settings.artifacts_dir / "files" / tenant.id
 
 
-def file_rows(sessions, folder: Path) -> int:  # noqa: ANN001
+def file_rows(sessions, folder: Path) -> int:
     with sessions() as session:
         return session.scalar(select(func.count()).select_from(File).where(File.tenant_id == folder.name))
 
@@ -104,7 +110,7 @@ class BrokenSource(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # noqa: ANN001
+    def readinto(self, buffer) -> int:
         if self.left <= 0:
             raise ConnectionResetError(errno.ECONNRESET, "the client went away")
         n = min(len(buffer), self.left, 4096)
@@ -140,20 +146,28 @@ def test_temporary_files_of_killed_uploads_are_swept(tmp_path: Path) -> None:
     assert sorted(os.listdir(folder)) == sorted([fresh.name, "file-1.jsonl"])  # another upload's is kept
 
 
-def test_a_rejected_upload_leaves_neither_file_nor_row(client: TestClient, sessions, settings: Settings, key: str) -> None:  # noqa: ANN001
+def test_a_rejected_upload_leaves_neither_file_nor_row(
+    client: TestClient, sessions, settings: Settings, key: str
+) -> None:
     folder = tenant_folder(sessions, settings, key)
     text = dataset_lines(2) + '{"prompt": "a", "completion": 3}\n'
-    response = client.post("/v1/files", files={"file": ("bad.jsonl", text.encode())}, data={"purpose": "fine-tune"})
+    response = client.post(
+        "/v1/files", files={"file": ("bad.jsonl", text.encode())}, data={"purpose": "fine-tune"}
+    )
     assert response.status_code == 400 and response.json()["error"]["line"] == 3
     assert not folder.exists() or os.listdir(folder) == []
     assert file_rows(sessions, folder) == 0
 
 
-def test_a_client_gone_mid_upload_leaves_neither_file_nor_row(app, sessions, settings: Settings, key: str) -> None:  # noqa: ANN001
+def test_a_client_gone_mid_upload_leaves_neither_file_nor_row(
+    app, sessions, settings: Settings, key: str
+) -> None:
     folder = tenant_folder(sessions, settings, key)
     boundary = "gtboundary"
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="train.jsonl"\r\n'
-            f"Content-Type: application/jsonl\r\n\r\n{dataset_lines(200)}\r\n--{boundary}--\r\n").encode()
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="train.jsonl"\r\n'
+        f"Content-Type: application/jsonl\r\n\r\n{dataset_lines(200)}\r\n--{boundary}--\r\n"
+    ).encode()
     half = body[: len(body) // 2]
     messages = [{"type": "http.request", "body": half, "more_body": True}]
     sent: list[dict] = []
@@ -165,12 +179,23 @@ def test_a_client_gone_mid_upload_leaves_neither_file_nor_row(app, sessions, set
         sent.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/files", "raw_path": b"/v1/files", "query_string": b"", "root_path": "",
-        "server": ("testserver", 80), "client": ("testclient", 50000),
-        "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {key}".encode()),
-                    (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
-                    (b"content-length", str(len(body)).encode())],
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/files",
+        "raw_path": b"/v1/files",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("testserver", 80),
+        "client": ("testclient", 50000),
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {key}".encode()),
+            (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
     }
     anyio.run(app, scope, receive, send)
     start = next((m for m in sent if m["type"] == "http.response.start"), None)
@@ -180,7 +205,10 @@ def test_a_client_gone_mid_upload_leaves_neither_file_nor_row(app, sessions, set
 
 
 def test_an_upload_onto_a_full_disk_answers_507_and_leaves_nothing(
-    client: TestClient, sessions, settings: Settings, key: str  # noqa: ANN001
+    client: TestClient,
+    sessions,
+    settings: Settings,
+    key: str,
 ) -> None:
     folder = tenant_folder(sessions, settings, key)
     with tmpfs(folder, "64k"):
@@ -201,7 +229,9 @@ def test_an_upload_onto_a_full_disk_answers_507_and_leaves_nothing(
 
 
 def test_a_checkpoint_whose_files_are_gone_answers_404_and_a_partial_one_is_never_served(
-    client: TestClient, sessions, settings: Settings  # noqa: ANN001
+    client: TestClient,
+    sessions,
+    settings: Settings,
 ) -> None:
     job_id = create_job(client)
     assert settings.artifacts_dir is not None
@@ -211,8 +241,17 @@ def test_a_checkpoint_whose_files_are_gone_answers_404_and_a_partial_one_is_neve
     (partial / "model.safetensors").write_bytes(b"\0" * 100)
     ckpt_id = new_id("ckpt")
     with sessions() as session:  # the row of epoch-1, whose folder was since removed from storage
-        session.add(Checkpoint(id=ckpt_id, job_id=job_id, name="epoch-1", epoch=1, path=f"jobs/{job_id}/epoch-1",
-                               bytes=100, created_at=utcnow()))
+        session.add(
+            Checkpoint(
+                id=ckpt_id,
+                job_id=job_id,
+                name="epoch-1",
+                epoch=1,
+                path=f"jobs/{job_id}/epoch-1",
+                bytes=100,
+                created_at=utcnow(),
+            )
+        )
         session.commit()
     response = client.get(f"/v1/jobs/{job_id}/checkpoints/{ckpt_id}/content")
     assert response.status_code == 404
@@ -222,7 +261,9 @@ def test_a_checkpoint_whose_files_are_gone_answers_404_and_a_partial_one_is_neve
 
 
 def test_a_write_killed_midway_is_never_resumed_from_and_is_removed_by_the_next_save(
-    client: TestClient, sessions, settings: Settings  # noqa: ANN001
+    client: TestClient,
+    sessions,
+    settings: Settings,
 ) -> None:
     job_id = create_job(client, n_epochs=1)
     assert settings.artifacts_dir is not None
@@ -232,9 +273,17 @@ def test_a_write_killed_midway_is_never_resumed_from_and_is_removed_by_the_next_
     (partial / "config.json").write_text("{}")
     (partial / "model.safetensors").write_bytes(b"\0" * 100)
     with sessions() as session:  # ... and its heartbeat stopped long ago
-        session.execute(update(Job).where(Job.id == job_id).values(
-            status="running", worker="lost-host:1", attempts=1, started_at=utcnow(),
-            heartbeat_at=datetime(2000, 1, 1, tzinfo=UTC)))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                status="running",
+                worker="lost-host:1",
+                attempts=1,
+                started_at=utcnow(),
+                heartbeat_at=datetime(2000, 1, 1, tzinfo=UTC),
+            )
+        )
         session.commit()
     assert client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"] == []
 
@@ -245,12 +294,16 @@ def test_a_write_killed_midway_is_never_resumed_from_and_is_removed_by_the_next_
     assert sorted(os.listdir(output)) == ["epoch-1", "final"]  # the leftover is gone
     for ckpt in client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]:
         response = client.get(f"/v1/jobs/{job_id}/checkpoints/{ckpt['id']}/content")
-        assert response.status_code == 200 and int(response.headers["content-length"]) == len(response.content)
+        assert response.status_code == 200 and int(response.headers["content-length"]) == len(
+            response.content
+        )
         with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
             assert f"{job_id}-{ckpt['name']}/model.safetensors" in tar.getnames()
 
 
-def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_nothing(tmp_path: Path, models_dir: Path) -> None:
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_nothing(
+    tmp_path: Path, models_dir: Path
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(models_dir / DEMO)
@@ -261,8 +314,9 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_nothing(tmp
         checkpoint.save_checkpoint(folder, model, tokenizer, dtypes, torch.float32, {"epoch": 1})
         # A rewrite of epoch-1 whose training state does not fit: the model does, torch.save of the state fails.
         with pytest.raises(checkpoint.CheckpointWriteError) as failure:
-            checkpoint.save_checkpoint(folder, model, tokenizer, dtypes, torch.float32,
-                                       {"epoch": 2, "big": torch.zeros(1 << 20)})
+            checkpoint.save_checkpoint(
+                folder, model, tokenizer, dtypes, torch.float32, {"epoch": 2, "big": torch.zeros(1 << 20)}
+            )
         assert failure.value.folder == folder
         assert any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain(failure.value))
         assert os.listdir(out) == ["epoch-1"]  # no temporary folder left
@@ -338,7 +392,9 @@ def test_planning_a_missing_folder_fails_rather_than_archiving_nothing(tmp_path:
 # -- a full disk during a job ------------------------------------------------------------------------------------
 
 
-def test_a_job_whose_disk_fills_up_fails_with_disk_full(client: TestClient, sessions, settings: Settings) -> None:  # noqa: ANN001
+def test_a_job_whose_disk_fills_up_fails_with_disk_full(
+    client: TestClient, sessions, settings: Settings
+) -> None:
     job_id = create_job(client)
     assert settings.artifacts_dir is not None
     output = settings.artifacts_dir / "jobs" / job_id

@@ -29,7 +29,9 @@ from tests.service.conftest import (
 from worker.runner import run_job
 
 
-def test_run_job_records_epochs_events_and_checkpoints(client: TestClient, sessions, settings: Settings) -> None:  # noqa: ANN001
+def test_run_job_records_epochs_events_and_checkpoints(
+    client: TestClient, sessions, settings: Settings
+) -> None:
     job_id = create_job(client)
     assert run_job(job_id, sessions, settings) == "succeeded"
 
@@ -54,7 +56,11 @@ def test_run_job_records_epochs_events_and_checkpoints(client: TestClient, sessi
     events = client.get(f"/v1/jobs/{job_id}/events").json()["data"]
     types = [e["type"] for e in events]
     assert [e["data"]["status"] for e in events if e["type"] == "status"] == [
-        "validating", "queued", "running", "succeeded"]
+        "validating",
+        "queued",
+        "running",
+        "succeeded",
+    ]
     assert types.index("selection") < types.index("checkpoint") < len(types) - 1
     assert [e["id"] for e in events] == sorted(e["id"] for e in events)
 
@@ -70,7 +76,7 @@ def test_run_job_records_epochs_events_and_checkpoints(client: TestClient, sessi
     assert not any(n.endswith("training_state.pt") for n in names)
 
 
-def test_cancel_stops_a_running_job_within_a_step(client: TestClient, sessions, settings: Settings) -> None:  # noqa: ANN001
+def test_cancel_stops_a_running_job_within_a_step(client: TestClient, sessions, settings: Settings) -> None:
     fast = settings.model_copy(update={"cancel_poll_s": 0.1})
     job_id = create_job(client, n_epochs=50)
     result: list[str] = []
@@ -87,13 +93,15 @@ def test_cancel_stops_a_running_job_within_a_step(client: TestClient, sessions, 
     thread.join(60)
     assert not thread.is_alive()
     assert result == ["cancelled"]
-    assert time.monotonic() - cancelled_at < 10  # a step of this model is milliseconds; a checkpoint write less
+    assert (
+        time.monotonic() - cancelled_at < 10
+    )  # a step of this model is milliseconds; a checkpoint write less
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["epochs_done"] < 50
     assert "training stopped" in client.get(f"/v1/jobs/{job_id}/events").json()["data"][-1]["message"]
 
 
-def test_a_cancelled_queued_job_never_starts(client: TestClient, sessions, settings: Settings) -> None:  # noqa: ANN001
+def test_a_cancelled_queued_job_never_starts(client: TestClient, sessions, settings: Settings) -> None:
     job_id = create_job(client)
     client.post(f"/v1/jobs/{job_id}/cancel")
     assert run_job(job_id, sessions, settings) == "cancelled"
@@ -101,7 +109,7 @@ def test_a_cancelled_queued_job_never_starts(client: TestClient, sessions, setti
     assert job["attempts"] == 0 and job["started_at"] is None
 
 
-def test_a_training_error_ends_the_job_failed(client: TestClient, sessions, settings: Settings) -> None:  # noqa: ANN001
+def test_a_training_error_ends_the_job_failed(client: TestClient, sessions, settings: Settings) -> None:
     job_id = create_job(client)
     with sessions() as session:  # the model folder vanished from this worker's disk
         session.execute(update(Job).where(Job.id == job_id).values(model="gone-model"))
@@ -113,7 +121,7 @@ def test_a_training_error_ends_the_job_failed(client: TestClient, sessions, sett
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
 
 
-def test_transitions_are_checked_and_race_free(client: TestClient, sessions) -> None:  # noqa: ANN001
+def test_transitions_are_checked_and_race_free(client: TestClient, sessions) -> None:
     job_id = create_job(client)
     with sessions() as a, sessions() as b:
         job_a, job_b = a.get(Job, job_id), b.get(Job, job_id)
@@ -136,11 +144,16 @@ run_job(sys.argv[1], make_session_factory(settings), settings)
 """
 
 
-def test_a_killed_worker_resumes_from_its_last_checkpoint(client: TestClient, sessions, settings: Settings) -> None:  # noqa: ANN001
+def test_a_killed_worker_resumes_from_its_last_checkpoint(
+    client: TestClient, sessions, settings: Settings
+) -> None:
     job_id = create_job(client, n_epochs=4)
     payload = settings.model_dump_json()
-    proc = subprocess.Popen([sys.executable, "-c", RUN_AND_WAIT, job_id, payload], start_new_session=True,
-                            cwd=Path(__file__).parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_AND_WAIT, job_id, payload],
+        start_new_session=True,
+        cwd=Path(__file__).parents[2],
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -174,11 +187,16 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(client: TestClient, se
     assert sorted(names) == ["epoch-1", "epoch-2", "epoch-3", "epoch-4", "final"]
 
 
-def test_a_running_job_with_a_fresh_heartbeat_is_not_taken_twice(client: TestClient, sessions, settings: Settings) -> None:  # noqa: ANN001
+def test_a_running_job_with_a_fresh_heartbeat_is_not_taken_twice(
+    client: TestClient, sessions, settings: Settings
+) -> None:
     job_id = create_job(client)
     with sessions() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(status="running", worker="elsewhere:1",
-                                                                  heartbeat_at=Job.created_at, attempts=1))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status="running", worker="elsewhere:1", heartbeat_at=Job.created_at, attempts=1)
+        )
         session.commit()
     assert run_job(job_id, sessions, settings.model_copy(update={"heartbeat_stale_s": 3600})) == "running"
     assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 1
