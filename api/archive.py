@@ -12,8 +12,8 @@ from pathlib import Path
 
 BLOCK = 512
 CHUNK = 1 << 20
-# Files of a checkpoint folder that only a resumed run needs (optimizer state, float32 master weights): left out
-# of downloads and of a checkpoint's `bytes`.
+# Files of a checkpoint folder that only a resumed run needs (optimizer state, float32 master weights): left
+# out of downloads and of a checkpoint's `bytes`.
 RESUME_ONLY = (
     "training_state.pt",
     "master_weights.safetensors",
@@ -21,9 +21,9 @@ RESUME_ONLY = (
 
 
 class ArchiveChanged(OSError):
-    """A file of a planned archive vanished or changed before it was sent in full. Raised mid-stream, after the
-    headers promised ``Content-Length``: the connection is cut short, so the client sees a failed download,
-    never a shorter archive that looks complete."""
+    """A file of a planned archive vanished or changed before it was sent in full. Raised mid-stream, after
+    the headers promised ``Content-Length``: the connection is cut short, so the client sees a failed
+    download, never a shorter archive that looks complete."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""A small HTTP client of the API (httpx), used by the ``greentrainer`` client commands, tests and benchmarks."""
+"""A small HTTP client of the API (httpx), used by the ``greentrainer`` client commands, tests and
+benchmarks."""
 
 from __future__ import annotations
 

@@ -37,8 +37,8 @@ def store_upload(
     source: BinaryIO, target: Path, max_bytes: int, validate: Callable[[Path], Any] = lambda _path: None
 ) -> StoredUpload:
     """Copy ``source`` to a temporary file beside ``target``, fsync it, ``validate`` it (given the temporary
-    path), and only then rename it to ``target`` (and fsync the folder): ``target`` never holds a partial or an
-    invalid file.
+    path), and only then rename it to ``target`` (and fsync the folder): ``target`` never holds a partial or
+    an invalid file.
 
     Raises PayloadTooLarge (413) past ``max_bytes``, InsufficientStorage (507) when the volume is full, and
     whatever ``validate`` raises (or reading ``source`` raises: a client gone); nothing is left behind then.
@@ -73,8 +73,8 @@ def store_upload(
             raise
         log.error("no space left to store an upload in %s: %s", folder, exc)
         raise InsufficientStorage(
-            "no space left on the service's storage for this upload; nothing was stored. Try again later, or ask "
-            "the operator to free space on the artifacts volume"
+            "no space left on the service's storage for this upload; nothing was stored. Try again later, "
+            "or ask the operator to free space on the artifacts volume"
         ) from exc
     finally:
         if tmp is not None:
@@ -94,8 +94,8 @@ def _remove_stale_temps(folder: Path) -> None:
 
 
 def inspect_dataset(path: Path, tokenizer: Any | None = None) -> Any:
-    """greencore's summary of a dataset (examples, format, labels, tokens); DatasetInvalid (400) naming the line
-    and the field of the first bad line."""
+    """greencore's summary of a dataset (examples, format, labels, tokens); DatasetInvalid (400) naming the
+    line and the field of the first bad line."""
     from greencore.data import DatasetError, validate_dataset
 
     try:

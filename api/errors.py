@@ -1,8 +1,8 @@
 """Errors a user can cause, each mapped to one HTTP status here and nowhere else.
 
 Every error answers ``{"error": {"code", "message", ...}}``; dataset errors add ``line`` and ``field``, budget
-errors ``rho_min`` (and the smallest budget in the user's units), limit errors the limit. Starlette's own errors
-(an unknown path, a method not allowed, a body that cannot be parsed) answer in the same shape.
+errors ``rho_min`` (and the smallest budget in the user's units), limit errors the limit. Starlette's own
+errors (an unknown path, a method not allowed, a body that cannot be parsed) answer in the same shape.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class Conflict(UserError):
 
 
 class TooManyJobs(UserError):
-    """The tenant already has GT_MAX_ACTIVE_JOBS jobs validating, queued or running; ``retry_after_s`` is a hint."""
+    """The tenant already has GT_MAX_ACTIVE_JOBS jobs validating, queued or running; ``retry_after_s`` is a
+    hint."""
 
     code = "too_many_jobs"
 

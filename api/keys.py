@@ -114,8 +114,9 @@ def find_key(session: Session, ref: str) -> ApiKey:
 
 
 def revoke_key(session: Session, ref: str) -> tuple[ApiKey, bool]:
-    """Revoke the key ``ref`` names (see :func:`find_key`): from the next request on it answers 401. Returns the
-    key and whether this call revoked it (False: it was revoked already, and its time is kept). Commits."""
+    """Revoke the key ``ref`` names (see :func:`find_key`): from the next request on it answers 401. Returns
+    the key and whether this call revoked it (False: it was revoked already, and its time is kept).
+    Commits."""
     row = find_key(session, ref)
     if row.revoked_at is not None:
         return row, False

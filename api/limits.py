@@ -40,9 +40,9 @@ def check_active_jobs(session: Session, tenant: Tenant, limit: int) -> None:
     active = session.scalar(select(func.count()).select_from(active_ids.subquery())) or 0
     if active >= limit:
         raise TooManyJobs(
-            f"too many active jobs: this tenant already has {limit} jobs validating, queued or running, the limit "
-            f"(GT_MAX_ACTIVE_JOBS={limit}). Wait for one to end, or cancel one with POST /v1/jobs/{{id}}/cancel, "
-            "then try again",
+            f"too many active jobs: this tenant already has {limit} jobs validating, queued or running, "
+            f"the limit (GT_MAX_ACTIVE_JOBS={limit}). Wait for one to end, or cancel one with "
+            "POST /v1/jobs/{id}/cancel, then try again",
             retry_after_s=RETRY_AFTER_S,
             max_active_jobs=limit,
         )

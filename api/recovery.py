@@ -3,11 +3,11 @@
 ``recover`` runs when the API starts, when a worker starts, and every GT_RECOVERY_INTERVAL_S in every worker:
 
 - A ``running`` job whose heartbeat is older than GT_HEARTBEAT_STALE_S (or whose process on this host is gone)
-  lost its worker: it goes back to ``queued`` and is enqueued again, with an event saying why, or ends ``failed``
-  with ``worker_lost`` once it has been started GT_MAX_ATTEMPTS times. Its next run resumes from its last epoch
-  checkpoint (worker/runner.py).
-- A ``queued`` job that the broker no longer holds (Redis restarted with nothing on disk, the embedded broker's
-  file lost, a worker killed after it took the message) is enqueued again.
+  lost its worker: it goes back to ``queued`` and is enqueued again, with an event saying why, or ends
+  ``failed`` with ``worker_lost`` once it has been started GT_MAX_ATTEMPTS times. Its next run resumes from
+  its last epoch checkpoint (worker/runner.py).
+- A ``queued`` job that the broker no longer holds (Redis restarted with nothing on disk, the embedded
+  broker's file lost, a worker killed after it took the message) is enqueued again.
 
 Several processes may recover at once: every change is a conditional UPDATE through :mod:`api.states`, so one
 of them wins and only the winner enqueues. An extra message for a job is harmless anyway: a worker runs a job

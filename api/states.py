@@ -80,8 +80,8 @@ def transition(
     condition: Any = None,
 ) -> None:
     """Move ``job`` to ``target`` or raise :class:`InvalidTransition` (nothing changed). ``error``: (code,
-    message) of a failure; ``condition``: an extra SQL condition the row must meet (checked in the same UPDATE).
-    The caller commits."""
+    message) of a failure; ``condition``: an extra SQL condition the row must meet (checked in the same
+    UPDATE). The caller commits."""
     now = utcnow()
     values: dict[str, Any] = {"status": str(target)}
     if target in TERMINAL:
@@ -109,9 +109,9 @@ def transition(
 
 
 def admit(session: Session, job: Job, events: list[tuple[str, str, dict[str, Any] | None]]) -> None:
-    """Add a new, validated job: it enters ``validating`` and leaves it for ``queued`` in the same transaction,
-    both status events written (nobody can see or race on a row not yet committed). ``events``: more
-    (type, message, data) to log between the two. The caller commits, then enqueues."""
+    """Add a new, validated job: it enters ``validating`` and leaves it for ``queued`` in the same
+    transaction, both status events written (nobody can see or race on a row not yet committed). ``events``:
+    more (type, message, data) to log between the two. The caller commits, then enqueues."""
     job.status = str(JobState.queued)
     session.add(job)
     session.flush()  # the job's row first: events refer to it
@@ -129,7 +129,8 @@ def admit(session: Session, job: Job, events: list[tuple[str, str, dict[str, Any
 
 def claim(session: Session, job_id: str, worker: str, stale_before: datetime) -> bool:
     """Take a job for ``worker``: ``queued -> running``, or a ``running`` job whose heartbeat is older than
-    ``stale_before`` (its worker died; the broker delivered it again). Counts an attempt. The caller commits."""
+    ``stale_before`` (its worker died; the broker delivered it again). Counts an attempt. The caller
+    commits."""
     now = utcnow()
     result = session.execute(
         update(Job)

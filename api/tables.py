@@ -117,8 +117,8 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # times a worker started (or resumed) it
     worker: Mapped[str | None] = mapped_column(String(255))  # the worker running it now
-    # Sums over its epochs, kept with them in the same transaction (api.queries.refresh_totals): a job reads in
-    # one query.
+    # Sums over its epochs, kept with them in the same transaction (api.queries.refresh_totals): a job reads
+    # in one query.
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
     flops_total: Mapped[int] = mapped_column(BigInteger, default=0)
     flops_full: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,12 +1,12 @@
 """Preparing a serving process: fill what requests would import and cache, then freeze the heap out of the
 garbage collector.
 
-torch and transformers leave a few hundred thousand long-lived objects; every full collection walks all of them
-(100-150 ms here, more on a busy machine), and the objects each request allocates trigger one every few hundred
-requests: a p99 spike. ``gc.freeze()`` moves everything alive at start-up to a generation the collector skips.
-It only helps if start-up has already done what the first requests would: transformers imports lazily, and a
-model's first tokenizer and first build (its modeling code, torch's tracing stack, sympy, scipy) add some 180k
-long-lived objects that a freeze taken before them leaves in the collector's way.
+torch and transformers leave a few hundred thousand long-lived objects; every full collection walks all of
+them (100-150 ms here, more on a busy machine), and the objects each request allocates trigger one every few
+hundred requests: a p99 spike. ``gc.freeze()`` moves everything alive at start-up to a generation the
+collector skips. It only helps if start-up has already done what the first requests would: transformers
+imports lazily, and a model's first tokenizer and first build (its modeling code, torch's tracing stack,
+sympy, scipy) add some 180k long-lived objects that a freeze taken before them leaves in the collector's way.
 
 The GIL's switch interval is also shortened: request threads mostly wait on the database, and a thread whose
 round trip has returned waits for the GIL until the thread holding it blocks or is made to yield after the

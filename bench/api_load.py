@@ -4,8 +4,8 @@ Starts ``greentrainer serve --no-worker`` on a fresh PostgreSQL database and a R
 worker runs: jobs stay queued, which is the state clients poll most), uploads one dataset, and runs clients
 that each loop: ``POST /v1/jobs``, then ``GET /v1/jobs/{id}`` every ``--poll-s`` seconds, ``--polls`` times.
 Runs: *paced* (clients poll like ``greentrainer jobs create --wait``, every second, then every 0.5 s) and
-*saturated* (no pause at all: the server's capacity on this machine). Reports p50/p90/p99/max latency per route, measured at
-the client, and writes ``bench/results/api_load.md``.
+*saturated* (no pause at all: the server's capacity on this machine). Reports p50/p90/p99/max latency per
+route, measured at the client, and writes ``bench/results/api_load.md``.
 
     .venv/bin/python bench/api_load.py            # about 2 minutes
 """
@@ -138,10 +138,10 @@ def summary_rows(
         p99 = percentile(ms, 99)
         rows.append(
             f"| {name} | `{route}` | {len(ms)} | {len(ms) / elapsed:.0f} | {statistics.median(ms):.1f} | "
-            f"{percentile(ms, 90):.1f} | {p99:.1f} | {max(ms):.1f} | {'yes' if p99 < TARGET_P99_MS else 'no'} | "
-            f"{statistics.median(server):.1f} / {percentile(server, 99):.1f} | "
-            f"{100 * api_cpu / elapsed:.0f}% / {100 * client_cpu / elapsed:.0f}% | {os.getloadavg()[0]:.1f} / "
-            f"{cpu_pressure()} |"
+            f"{percentile(ms, 90):.1f} | {p99:.1f} | {max(ms):.1f} | "
+            f"{'yes' if p99 < TARGET_P99_MS else 'no'} | {statistics.median(server):.1f} / "
+            f"{percentile(server, 99):.1f} | {100 * api_cpu / elapsed:.0f}% / "
+            f"{100 * client_cpu / elapsed:.0f}% | {os.getloadavg()[0]:.1f} / {cpu_pressure()} |"
         )
     return rows
 
@@ -269,53 +269,53 @@ def main() -> int:
     header = [
         "# API load: 50 concurrent clients creating and polling jobs (PostgreSQL + Redis)",
         "",
-        f"Written by `bench/api_load.py` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPU cores "
-        f"({platform.processor() or platform.machine()}), shared by the API, PostgreSQL, Redis and the load "
-        f"generator. `greentrainer serve --no-worker` with {args.api_workers} uvicorn process(es); every job is "
-        f"committed to PostgreSQL and sent to Redis before `POST /v1/jobs` answers (no worker runs, so jobs stay "
-        f"queued). {args.clients} clients, one keep-alive connection each, {args.seconds:g} s per run; each "
-        f"client creates a job, then reads it {args.polls} times, then creates the next. Latency is measured at "
-        f"the client. Target: p99 under {TARGET_P99_MS:.0f} ms.",
+        f"Written by `bench/api_load.py` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPU "
+        f"cores ({platform.processor() or platform.machine()}), shared by the API, PostgreSQL, Redis and the "
+        f"load generator. `greentrainer serve --no-worker` with {args.api_workers} uvicorn process(es); "
+        "every job is committed to PostgreSQL and sent to Redis before `POST /v1/jobs` answers (no worker "
+        f"runs, so jobs stay queued). {args.clients} clients, one keep-alive connection each, "
+        f"{args.seconds:g} s per run; each client creates a job, then reads it {args.polls} times, then "
+        f"creates the next. Latency is measured at the client. Target: p99 under {TARGET_P99_MS:.0f} ms.",
         "",
-        "| run | route | requests | per s | p50 ms | p90 ms | p99 ms | max ms | p99 < 100 ms | server p50 / p99 ms "
-        "| CPU: API / clients | load avg / CPU pressure |",
+        "| run | route | requests | per s | p50 ms | p90 ms | p99 ms | max ms | p99 < 100 ms | "
+        "server p50 / p99 ms | CPU: API / clients | load avg / CPU pressure |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"Errors: {len(all_errors)}" + (f" (first: {all_errors[0]})" if all_errors else "") + ". Server "
-        "p50 / p99 is the API process's own time per request (its `Server-Timing` header: from the request parsed "
-        "to the answer started), without the time spent in sockets and in the load generator. CPU is the "
-        "share of one core the API process(es) and the load generator used during the run; load avg is the "
-        "machine's 1-minute load average at the end of the run and CPU pressure the share of the last minute in "
-        "which some task was waiting for a CPU (other engineers' work on the machine included).",
+        "p50 / p99 is the API process's own time per request (its `Server-Timing` header: from the request "
+        "parsed to the answer started), without the time spent in sockets and in the load generator. CPU is "
+        "the share of one core the API process(es) and the load generator used during the run; load avg is "
+        "the machine's 1-minute load average at the end of the run and CPU pressure the share of the last "
+        "minute in which some task was waiting for a CPU (other engineers' work on the machine included).",
         "",
         "The paced runs are the service's intended load: each client polls its job every second, as "
-        "`greentrainer jobs create --wait` does, or twice as often. The saturated run sends the next request the moment "
-        "the previous answer arrives; its latency is queueing behind the other 49 clients on 2 cores, and its "
-        "throughput is the capacity of one API process here.",
+        "`greentrainer jobs create --wait` does, or twice as often. The saturated run sends the next request "
+        "the moment the previous answer arrives; its latency is queueing behind the other 49 clients on 2 "
+        "cores, and its throughput is the capacity of one API process here.",
         "",
-        "`POST /v1/jobs` does the most work (it reads the file, locks the tenant's row and counts its active jobs "
-        "for `GT_MAX_ACTIVE_JOBS`, inserts the job and its events, commits, and publishes to Redis: nine round "
-        "trips to PostgreSQL, one to Redis, about 3 ms of the API's CPU), and its tail follows what the machine "
-        "leaves it: CPU (the pressure column) and the disk PostgreSQL's commits wait on. The tenant's lock is "
-        "held until the commit, so one tenant's jobs are created one at a time; the bench's clients all use one "
-        "key, so a slow commit delays every `POST` behind it. A bare commit of a 3 KB row (a job's size), "
-        f"measured just before the runs, took {commits}; while other work wrote model checkpoints, single commits "
-        "took up to 470 ms. The API does not relax that (`synchronous_commit` stays on): a job it acknowledged "
-        "survives a database crash.",
+        "`POST /v1/jobs` does the most work (it reads the file, locks the tenant's row and counts its active "
+        "jobs for `GT_MAX_ACTIVE_JOBS`, inserts the job and its events, commits, and publishes to Redis: "
+        "nine round trips to PostgreSQL, one to Redis, about 3 ms of the API's CPU), and its tail follows "
+        "what the machine leaves it: CPU (the pressure column) and the disk PostgreSQL's commits wait on. "
+        "The tenant's lock is held until the commit, so one tenant's jobs are created one at a time; the "
+        "bench's clients all use one key, so a slow commit delays every `POST` behind it. A bare commit of a "
+        f"3 KB row (a job's size), measured just before the runs, took {commits}; while other work wrote "
+        "model checkpoints, single commits took up to 470 ms. The API does not relax that "
+        "(`synchronous_commit` stays on): a job it acknowledged survives a database crash.",
         "",
-        "What the API process does about its own tail: uvicorn's access log is off by default (`GT_ACCESS_LOG`), "
-        "since a log line written from the event loop stalls every request in flight whenever the disk is busy; "
-        "each process loads every model's tokenizer and description before it freezes its heap out of the "
-        "garbage collector (`api/warmup.py`), since torch and transformers leave some 500k long-lived objects "
-        "that every full collection walks (100-150 ms pauses, each stalling every request; a freeze taken before "
-        "the first model was loaded left 200k of them in the way); dependencies that do no I/O are `async`, "
-        "and the two routes measured here do their blocking work in one call on a few threads kept for it "
-        "(`api/deps.py`: two for reads, one for job creations, whose estimate may profile a new model for "
-        "seconds and must not hold up reads): one thread hop per request where there were seven to nine, and "
-        "three threads taking turns at the GIL where there were up to 40 (each thread back from a round trip "
-        "queues for it behind the others); and the GIL's switch interval is 1 ms, not 5, so that a thread back "
-        "from a round trip waits less for it.",
+        "What the API process does about its own tail: uvicorn's access log is off by default "
+        "(`GT_ACCESS_LOG`), since a log line written from the event loop stalls every request in flight "
+        "whenever the disk is busy; each process loads every model's tokenizer and description before it "
+        "freezes its heap out of the garbage collector (`api/warmup.py`), since torch and transformers leave "
+        "some 500k long-lived objects that every full collection walks (100-150 ms pauses, each stalling "
+        "every request; a freeze taken before the first model was loaded left 200k of them in the way); "
+        "dependencies that do no I/O are `async`, and the two routes measured here do their blocking work in "
+        "one call on a few threads kept for it (`api/deps.py`: two for reads, one for job creations, whose "
+        "estimate may profile a new model for seconds and must not hold up reads): one thread hop per "
+        "request where there were seven to nine, and three threads taking turns at the GIL where there were "
+        "up to 40 (each thread back from a round trip queues for it behind the others); and the GIL's switch "
+        "interval is 1 ms, not 5, so that a thread back from a round trip waits less for it.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

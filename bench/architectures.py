@@ -2,8 +2,8 @@
 
 Run: .venv/bin/python bench/architectures.py   (writes bench/results/architectures.md)
 
-For each tiny config: the worst relative error of profile.step_flops(mask).total against FlopCounterMode's count
-of a real forward+backward (full mask, every single-tensor mask, 4 random masks; batch 2 x 24 tokens).
+For each tiny config: the worst relative error of profile.step_flops(mask).total against FlopCounterMode's
+count of a real forward+backward (full mask, every single-tensor mask, 4 random masks; batch 2 x 24 tokens).
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def main() -> None:
         [
             "# FLOPs profile on architectures beyond the test suite",
             "",
-            "Command: `.venv/bin/python bench/architectures.py`. Worst relative error of `step_flops(mask).total`",
+            "Command: `.venv/bin/python bench/architectures.py`. Worst relative error of "
+            "`step_flops(mask).total`",
             "against FlopCounterMode on a real step (batch 2 x 24, eager attention).",
             "",
             "| architecture | tensors | masks | worst_rel_error |",

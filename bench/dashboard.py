@@ -6,9 +6,9 @@ Run: .venv/bin/python bench/dashboard.py [--runs 20]   (writes bench/results/das
 uploaded through the API, then 200 jobs are written through the persistence layer (api.tables) with the states
 a busy tenant has: most succeeded with 3 epochs each (FLOPs, energy, selected tensors), some running, queued,
 failed or cancelled. Each run opens the dashboard in a new browser context (empty cache, the key already in
-localStorage, as after the first visit) and measures, in the page, the time from navigation start until the jobs
-table holds as many rows as the API's first page (GET /v1/jobs?limit=100: 100 rows). A warm series reloads in
-one context (cached static files). Target: under 1 s.
+localStorage, as after the first visit) and measures, in the page, the time from navigation start until the
+jobs table holds as many rows as the API's first page (GET /v1/jobs?limit=100: 100 rows). A warm series
+reloads in one context (cached static files). Target: under 1 s.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from api.config import Settings  # noqa: E402
 from api.db import make_session_factory  # noqa: E402
 from api.ids import new_id  # noqa: E402
 from api.tables import Epoch, Job  # noqa: E402
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, DEMO, dataset_lines  # noqa: E402
+from tests.browser.pages import CHROMIUM, CHROMIUM_ARGS, DEMO, dataset_lines  # noqa: E402
 from tests.processes import free_port, stop_group, wait_healthy  # noqa: E402
 
 JOBS = 200
@@ -260,11 +260,14 @@ def write(times: dict[str, list[float]], chromium: str, runs: int, expected: int
     text = f"""# Dashboard load time with {JOBS} jobs
 
 Command: `.venv/bin/python bench/dashboard.py --runs {runs}` on {platform.machine()}, {os.cpu_count()} CPUs,
-Python {platform.python_version()}, Chromium {chromium} (headless, Playwright {version("playwright")}); load average
-{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the end: the machine is shared, so the spread is wide.
+Python {platform.python_version()}, Chromium {chromium} (headless, Playwright {version("playwright")}); \
+load average
+{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the end: the machine is shared, so the \
+spread is wide.
 
 The embedded default (`greentrainer serve --no-worker`, SQLite) holds {JOBS} jobs of one tenant, about 3 in 4
-succeeded with {EPOCHS} epochs each. Load time: from navigation start to the jobs table holding the {expected} rows
+succeeded with {EPOCHS} epochs each. Load time: from navigation start to the jobs table holding the \
+{expected} rows
 of the API's first page (GET /v1/jobs?limit=100; the rest behind "Show older jobs"), measured in the page
 (`performance.now()` when a MutationObserver sees the rows). Target: under {1000 * TARGET_S:.0f} ms.
 

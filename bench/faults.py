@@ -3,12 +3,13 @@ everything once.
 
 For each backend (the embedded default, and PostgreSQL + Redis), on a database and broker of its own: start
 the API (``greentrainer serve --no-worker``) and ``--workers`` Celery workers (``python -m worker``), submit
-``--jobs`` green jobs on the demo model, then ``--kills`` times at random moments pick a job that is running and
-SIGKILL either its whole worker (main process and pool child: the worker is started again) or only the pool
-child running it (Celery starts another); once, at the first kill, delete every message of the broker (as a
-Redis restarted with nothing on disk would). Then wait until every job has ended and read the database: jobs submitted, succeeded, resumed
-(started more than once), epochs recorded twice (must be 0), epochs that ran again after a kill (work redone,
-not recorded twice), and lost jobs (not succeeded at the end; must be 0). Writes ``bench/results/faults.md``.
+``--jobs`` green jobs on the demo model, then ``--kills`` times at random moments pick a job that is running
+and SIGKILL either its whole worker (main process and pool child: the worker is started again) or only the
+pool child running it (Celery starts another); once, at the first kill, delete every message of the broker (as
+a Redis restarted with nothing on disk would). Then wait until every job has ended and read the database: jobs
+submitted, succeeded, resumed (started more than once), epochs recorded twice (must be 0), epochs that ran
+again after a kill (work redone, not recorded twice), and lost jobs (not succeeded at the end; must be 0).
+Writes ``bench/results/faults.md``.
 
     .venv/bin/python bench/faults.py            # about 10 minutes on 2 cores
 """
@@ -265,18 +266,18 @@ def run_backend(
 
 def report(outcomes: list[Outcome], args: argparse.Namespace, command: str, load: tuple[str, str]) -> str:
     rows = [
-        "| backend | jobs | succeeded | lost | failed | resumed (from a checkpoint) | max attempts | epochs recorded "
-        "twice | succeeded jobs with epochs not exactly 1..n | epochs run again | final checkpoint missing | "
-        "workers killed | pool children killed | broker flushed at | wall time |",
+        "| backend | jobs | succeeded | lost | failed | resumed (from a checkpoint) | max attempts | "
+        "epochs recorded twice | succeeded jobs with epochs not exactly 1..n | epochs run again | "
+        "final checkpoint missing | workers killed | pool children killed | broker flushed at | wall time |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         failed = ", ".join(f"{k}: {v}" for k, v in o.failed.items()) or "0"
         rows.append(
             f"| {o.backend} | {o.submitted} | {o.succeeded} | {o.lost} | {failed} | {o.resumed} "
-            f"({o.resumed_from_checkpoint}) | {o.attempts_max} | {o.epochs_recorded_twice} | {o.epochs_wrong} | "
-            f"{o.epochs_redone} | {o.final_missing} | {o.kills_worker} | {o.kills_child} | "
-            f"{o.broker_flushed_at_s} s | {o.wall_s:.0f} s |"
+            f"({o.resumed_from_checkpoint}) | {o.attempts_max} | {o.epochs_recorded_twice} | "
+            f"{o.epochs_wrong} | {o.epochs_redone} | {o.final_missing} | {o.kills_worker} | "
+            f"{o.kills_child} | {o.broker_flushed_at_s} s | {o.wall_s:.0f} s |"
         )
     verdicts = []
     for o in outcomes:
@@ -291,18 +292,21 @@ def report(outcomes: list[Outcome], args: argparse.Namespace, command: str, load
             "",
             f"Command: `{command}`",
             "",
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores; load average {load[0]} at start, {load[1]} at the "
-            f"end (the machine is shared). {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores; load average {load[0]} at start, "
+            f"{load[1]} at the end (the machine is shared). {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
             "",
-            f"Per backend: {args.jobs} green jobs on the demo model ({args.examples} examples, {args.epochs} epochs, "
-            f"batch 2), {args.workers} Celery workers (prefork, one job at a time), {args.kills} kills at random "
-            f"moments (exponential gaps, mean {args.kill_every_s:g} s; each picks a running job and kills its whole "
-            f"worker, which is started again, or only the pool child running it, at even odds), and the broker's messages deleted once, at the first kill. "
-            f"GT_HEARTBEAT_STALE_S={args.stale_s:g}, GT_RECOVERY_INTERVAL_S={args.recovery_s:g}, GT_MAX_ATTEMPTS=100 "
-            "(so that a job killed many times is never given up: every job must end `succeeded`).",
+            f"Per backend: {args.jobs} green jobs on the demo model ({args.examples} examples, {args.epochs} "
+            f"epochs, batch 2), {args.workers} Celery workers (prefork, one job at a time), {args.kills} "
+            f"kills at random moments (exponential gaps, mean {args.kill_every_s:g} s; each picks a running "
+            "job and kills its whole worker, which is started again, or only the pool child running it, at "
+            "even odds), and the broker's messages deleted once, at the first kill. "
+            f"GT_HEARTBEAT_STALE_S={args.stale_s:g}, GT_RECOVERY_INTERVAL_S={args.recovery_s:g}, "
+            "GT_MAX_ATTEMPTS=100 (so that a job killed many times is never given up: every job must end "
+            "`succeeded`).",
             "",
-            "`lost` = submitted - succeeded. `epochs run again`: epochs whose first run died with its worker and ran "
-            "again after the resume (work redone, recorded once). `resumed`: jobs started more than once.",
+            "`lost` = submitted - succeeded. `epochs run again`: epochs whose first run died with its worker "
+            "and ran again after the resume (work redone, recorded once). `resumed`: jobs started more than "
+            "once.",
             "",
             *rows,
             "",

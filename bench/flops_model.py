@@ -3,8 +3,8 @@
 Run: .venv/bin/python bench/flops_model.py   (writes bench/results/flops_model.md)
 
 Part 1: for tiny configs of every supported architecture, at two sequence lengths, the worst relative error of
-profile.step_flops(mask).total against FlopCounterMode's count of a real forward+backward with exactly that mask
-(full mask, every single-tensor mask, 6 random masks).
+profile.step_flops(mask).total against FlopCounterMode's count of a real forward+backward with exactly that
+mask (full mask, every single-tensor mask, 6 random masks).
 Part 2: 7B-shaped Llama and OPT built on the meta device: profile time at batch 4 x 512, tensors, rho_min, and
 the time of one step_flops call (selection calls it often).
 """
@@ -110,8 +110,8 @@ def main() -> None:
     lines = [
         "# FLOPs profile: exactness and speed",
         "",
-        f"Command: `.venv/bin/python bench/flops_model.py` on {platform.machine()}, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}.",
+        f"Command: `.venv/bin/python bench/flops_model.py` on {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}.",
         "",
         "## Exactness against FlopCounterMode (tiny configs, batch 2, eager attention)",
         "",
@@ -119,7 +119,8 @@ def main() -> None:
         "forward+backward with exactly that mask trainable, over the full mask, every single-tensor mask and",
         "6 random masks.",
         "",
-        "| architecture | seq_len | tensors | masks | profile_s | worst_rel_error | bwd_act_share | rho_min |",
+        "| architecture | seq_len | tensors | masks | profile_s | worst_rel_error | bwd_act_share | "
+        "rho_min |",
         "|---|---|---|---|---|---|---|---|",
         *exact,
         "",

@@ -145,7 +145,8 @@ def main() -> None:
         all_runs += [(name, r) for r in runs]
     rows = summarize([r for _, r in all_runs])
     lines = [
-        "| factory | method | FLOPs / full | accuracy | valid loss | tensors trained per epoch | train time (s) |",
+        "| factory | method | FLOPs / full | accuracy | valid loss | tensors trained per epoch | "
+        "train time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for (name, run), row in zip(all_runs, rows, strict=True):

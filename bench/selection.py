@@ -132,8 +132,9 @@ def speed_table() -> list[str]:
                 bound = selection_upper_bound(profile, importance, rho)
                 greedy = greedy_by_importance(profile, importance, rho)
                 row = (
-                    f"| {label} | {len(profile.names)} | {rho} | {signs} sign | {seconds:.3f} | {peak_mb:.1f} "
-                    f"| {len(sel.names)} | {sel.exact} | {sel.objective / bound:.4f} | {greedy / bound:.4f} |"
+                    f"| {label} | {len(profile.names)} | {rho} | {signs} sign | {seconds:.3f} | "
+                    f"{peak_mb:.1f} | {len(sel.names)} | {sel.exact} | {sel.objective / bound:.4f} | "
+                    f"{greedy / bound:.4f} |"
                 )
                 rows.append(row)
                 print(row, flush=True)
@@ -207,9 +208,12 @@ def main() -> None:
         "",
         "## Speed and memory against the number of tensors (meta-device profiles, batch 4 x 512 tokens)",
         "",
-        "time_s: median of 3 calls of `select_tensors`; peak_MB: tracemalloc peak of one call. objective / bound:",
-        "the selection's summed importance over an upper bound on any feasible mask's (fractional knapsack over",
-        "the tensors reached no deeper than the deepest one, under the cost lower bound fwd + A_d + own weight",
+        "time_s: median of 3 calls of `select_tensors`; peak_MB: tracemalloc peak of one call. "
+        "objective / bound:",
+        "the selection's summed importance over an upper bound on any feasible mask's "
+        "(fractional knapsack over",
+        "the tensors reached no deeper than the deepest one, under the cost lower bound "
+        "fwd + A_d + own weight",
         "gradients); the bound's own slack is in it, so 1.0 is out of reach. greedy / bound: a selector that",
         "adds tensors most important first while the exact cost fits. exact: the search proved optimality",
         "(no rounded costs, no sibling set past the enumeration limit).",

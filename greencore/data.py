@@ -35,7 +35,8 @@ PLAIN_HEADER = "<|{role}|>\n"
 
 
 class DatasetError(ValueError):
-    """A dataset line that cannot be used: ``line`` is 1-based (None for the file as a whole), ``field`` the key."""
+    """A dataset line that cannot be used: ``line`` is 1-based (None for the file as a whole), ``field`` the
+    key."""
 
     def __init__(self, line: int | None, field: str | None, message: str) -> None:
         self.line = line
@@ -129,7 +130,8 @@ def _json_line(text: str, line: int) -> Any:
 
 
 def label_names(labels: Sequence[str | int]) -> list[str]:
-    """Label names in id order: integers in numeric order when every label is an integer, else sorted names."""
+    """Label names in id order: integers in numeric order when every label is an integer, else sorted
+    names."""
     unique = set(labels)
     if all(isinstance(x, int) for x in unique):
         return [str(x) for x in sorted(unique)]
@@ -355,8 +357,8 @@ def encode_dataset(
 
 
 def padded_len(n: int, max_seq_len: int) -> int:
-    """Length a batch whose longest example has ``n <= max_seq_len`` tokens is padded to: the next multiple of 8,
-    at most ``max_seq_len``."""
+    """Length a batch whose longest example has ``n <= max_seq_len`` tokens is padded to: the next multiple of
+    8, at most ``max_seq_len``."""
     return min(-(-n // PAD_MULTIPLE) * PAD_MULTIPLE, max_seq_len)
 
 

@@ -1,7 +1,7 @@
 """A tiny model and tokenizer built offline, for the service's demo and for tests.
 
-No hub download: the tokenizer is a byte-level BPE trained on a few sentences with the `tokenizers` library and
-wrapped in a transformers fast tokenizer; the model is randomly initialised from a config.
+No hub download: the tokenizer is a byte-level BPE trained on a few sentences with the `tokenizers` library
+and wrapped in a transformers fast tokenizer; the model is randomly initialised from a config.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ def build_tokenizer(
     add_eos: bool = False,
     chat_template: str | None = DEMO_CHAT_TEMPLATE,
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer of at most ``vocab_size`` ids (256 bytes, 4 specials, merges) trained on ``corpus``.
+    """A byte-level BPE tokenizer of at most ``vocab_size`` ids (256 bytes, 4 specials, merges) trained on
+    ``corpus``.
 
-    ``add_bos``/``add_eos``: whether encoding adds ``<s>``/``</s>`` around each text (as T5-like tokenizers add
-    ``</s>``). Ids 0-3 are ``<pad>``, ``<s>``, ``</s>``, ``<unk>``.
+    ``add_bos``/``add_eos``: whether encoding adds ``<s>``/``</s>`` around each text (as T5-like tokenizers
+    add ``</s>``). Ids 0-3 are ``<pad>``, ``<s>``, ``</s>``, ``<unk>``.
     """
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -69,7 +70,8 @@ def build_tokenizer(
 
 
 def make_demo_model(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Llama-style causal LM (2 layers, hidden 64, ~0.1M parameters) and its tokenizer to ``folder``.
+    """Write a tiny Llama-style causal LM (2 layers, hidden 64, ~0.1M parameters) and its tokenizer to
+    ``folder``.
 
     Returns the folder, a Hugging Face model folder (config.json, model.safetensors, tokenizer files).
     """

@@ -2,8 +2,8 @@
 
 In order of preference:
 
-- ``nvml``: the GPU's own energy counter (``nvmlDeviceGetTotalEnergyConsumption``, millijoules since the driver
-  loaded; Volta and later), read through nvidia-ml-py when training runs on CUDA.
+- ``nvml``: the GPU's own energy counter (``nvmlDeviceGetTotalEnergyConsumption``, millijoules since the
+  driver loaded; Volta and later), read through nvidia-ml-py when training runs on CUDA.
 - ``rapl``: the CPU packages' RAPL counters under ``/sys/class/powercap/intel-rapl:N/energy_uj`` (microjoules,
   wrapping at ``max_energy_range_uj``) when training runs on the CPU and they are readable. They count the
   whole package, other processes included.
@@ -74,8 +74,8 @@ class RaplCounter:
     method = "rapl"
 
     def __init__(self, root: Path = POWERCAP) -> None:
-        # Top-level package zones only (intel-rapl:0, intel-rapl:1): their sub-zones (cores, dram) are parts of
-        # them, and adding both would count twice.
+        # Top-level package zones only (intel-rapl:0, intel-rapl:1): their sub-zones (cores, dram) are parts
+        # of them, and adding both would count twice.
         self._zones = [z for z in sorted(root.glob("intel-rapl:*")) if z.name.count(":") == 1]
         if not self._zones:
             raise OSError(f"no RAPL package zone under {root}")
@@ -113,7 +113,8 @@ def open_counter(device: str, powercap_root: Path = POWERCAP) -> EnergyCounter |
 
 
 def estimate_j(flops: float, settings: EnergySettings) -> EnergyReading:
-    """Energy of ``flops`` on the declared device: the time it takes at ``utilization`` of peak, times watts."""
+    """Energy of ``flops`` on the declared device: the time it takes at ``utilization`` of peak, times
+    watts."""
     seconds = flops / (settings.peak_flops * settings.utilization)
     inputs = {
         "flops": flops,

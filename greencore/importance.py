@@ -1,18 +1,19 @@
 """Tensor importance: how much the loss drops because a tensor is updated, measured and then undone.
 
-GreenTrainer's importance of tensor k is the loss reduction its update buys: take one tentative optimizer step on
-the batches (``dw = w_new - w_old``), with the gradients ``g0`` at the old weights and ``g1`` at the new ones, and
+GreenTrainer's importance of tensor k is the loss reduction its update buys: take one tentative optimizer step
+on the batches (``dw = w_new - w_old``), with the gradients ``g0`` at the old weights and ``g1`` at the new
+ones, and
 
     I_k = -sum((g0_k + g1_k) / 2 * dw_k)
 
-(the trapezoid rule along the step; positive: the update helped). The paper's code reads ``-sum(g1_k * dw_k)``,
-the first-order loss increase of undoing k's update at the new weights. That estimate is low by about
-``dw_k . H . dw_k / 2``, which grows with the square of the step: once the joint step of all candidates passes
-the minimum along its line (a large learning rate, or a model already fitted by earlier epochs), ``g1`` points
-back and every tensor reads as harmful although the loss fell, so the selection trains nothing or next to
-nothing. The trapezoid rule is exact for a quadratic loss (the importances then sum to ``L(w_old) - L(w_new)``),
-agrees with the paper's value to first order, and costs nothing more: ``g0`` is the first pass's gradient.
-``rule="first_order"`` gives the paper's estimate.
+(the trapezoid rule along the step; positive: the update helped). The paper's code reads
+``-sum(g1_k * dw_k)``, the first-order loss increase of undoing k's update at the new weights. That estimate
+is low by about ``dw_k . H . dw_k / 2``, which grows with the square of the step: once the joint step of all
+candidates passes the minimum along its line (a large learning rate, or a model already fitted by earlier
+epochs), ``g1`` points back and every tensor reads as harmful although the loss fell, so the selection trains
+nothing or next to nothing. The trapezoid rule is exact for a quadratic loss (the importances then sum to
+``L(w_old) - L(w_new)``), agrees with the paper's value to first order, and costs nothing more: ``g0`` is the
+first pass's gradient. ``rule="first_order"`` gives the paper's estimate.
 
 The tentative step is meant to be the training optimizer's next step: :func:`tentative_optimizer_factory`
 builds a copy of it (its moments, step counts and scheduled learning rate), as the paper's code steps its
@@ -56,9 +57,9 @@ def _accumulate_gradients(model: nn.Module, batches: Sequence[Mapping[str, torch
 class ImportancePass:
     """What one importance measurement found: the scores, and the first pass's loss and gradients.
 
-    ``gradients`` are the candidates' gradients of the mean loss at the weights as they were (``g0``), which is
-    what a training step on the same batches computes for those tensors (in eval mode, float32): the trainer
-    takes the epoch's first step from them instead of computing it again.
+    ``gradients`` are the candidates' gradients of the mean loss at the weights as they were (``g0``), which
+    is what a training step on the same batches computes for those tensors (in eval mode, float32): the
+    trainer takes the epoch's first step from them instead of computing it again.
     """
 
     scores: dict[str, float]
@@ -107,8 +108,8 @@ def tensor_importance(
     names: Iterable[str] | None = None,
     rule: Literal["trapezoid", "first_order"] = "trapezoid",
 ) -> dict[str, float]:
-    """Importance (loss reduction, in loss units) of each candidate tensor, from one tentative step: the scores
-    of :func:`importance_pass`, which documents the arguments."""
+    """Importance (loss reduction, in loss units) of each candidate tensor, from one tentative step: the
+    scores of :func:`importance_pass`, which documents the arguments."""
     return importance_pass(model, batches, optimizer_factory, names, rule).scores
 
 
@@ -125,8 +126,8 @@ def importance_pass(
     ``batches``: dicts of tensors passed as ``model(**batch)``, whose output has ``.loss``; their mean loss is
     used. ``optimizer_factory(params)`` builds the optimizer of the tentative step: in training,
     ``tentative_optimizer_factory(training_optimizer)``; any factory works (e.g.
-    ``lambda ps: torch.optim.AdamW(ps, lr=lr)``, a fresh optimizer). ``names``: the candidate tensors (names as
-    ``model.named_parameters()`` gives them; a tied weight once); default every parameter that requires a
+    ``lambda ps: torch.optim.AdamW(ps, lr=lr)``, a fresh optimizer). ``names``: the candidate tensors (names
+    as ``model.named_parameters()`` gives them; a tied weight once); default every parameter that requires a
     gradient. Only candidates are made trainable, copied and stepped. ``rule``: ``"trapezoid"``
     (``-(g0 + g1) / 2 . dw``) or the paper's ``"first_order"`` (``-g1 . dw``); see the module's docstring.
 

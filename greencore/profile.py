@@ -2,13 +2,13 @@
 
 How it works, in one pass over the model on fake tensors (no weights touched, no FLOPs spent):
 
-1. Every parameter is replaced by a fake twin (shapes, no data) that requires a gradient, attention is switched to
-   the eager implementation, and one forward runs under ``FlopCounterMode`` (that is ``fwd``) and under a
-   dispatch recorder that notes every op FlopCounterMode would count (mm, addmm, bmm, convolutions, fused
-   attention, ...), with the shapes of its inputs and the autograd node each input comes from.
+1. Every parameter is replaced by a fake twin (shapes, no data) that requires a gradient, attention is
+   switched to the eager implementation, and one forward runs under ``FlopCounterMode`` (that is ``fwd``) and
+   under a dispatch recorder that notes every op FlopCounterMode would count (mm, addmm, bmm, convolutions,
+   fused attention, ...), with the shapes of its inputs and the autograd node each input comes from.
 2. A small leaf is added to the output of the input embeddings, so that every tensor that depends on the data
-   is marked: an input gradient that flows towards the data is an *activation* gradient; one that flows only to
-   parameters is a *weight* gradient.
+   is marked: an input gradient that flows towards the data is an *activation* gradient; one that flows only
+   to parameters is a *weight* gradient.
 3. For each recorded op reached from the loss, the backward cost of each of its inputs is measured by running
    that op alone, on meta tensors of the same shapes and strides, under FlopCounterMode with only that input
    requiring a gradient. This is what autograd will run, counted the way FlopCounterMode counts it.
@@ -87,9 +87,9 @@ class _Recorder(TorchDispatchMode):
         self._pending: list[_OpRecord] = []
 
     def resolve(self) -> None:
-        # Autograd attaches grad_fn to an op's outputs only after the op returns from dispatch (and may dispatch
-        # a few ops of its own first), so a record's node is read at a later dispatched op: the first one that
-        # sees it set, always before any in-place op could replace the output's grad_fn.
+        # Autograd attaches grad_fn to an op's outputs only after the op returns from dispatch (and may
+        # dispatch a few ops of its own first), so a record's node is read at a later dispatched op: the first
+        # one that sees it set, always before any in-place op could replace the output's grad_fn.
         still = []
         for rec in self._pending:
             rec.node = next((o.grad_fn for o in rec.outputs if o.grad_fn is not None), None)
@@ -355,7 +355,8 @@ class TensorProfile:
         return self.step_flops_bits(self.bits(mask))
 
     def tensor_flops(self, name: str) -> StepFlops:
-        """One step in which only ``name`` trains: its weight gradient and the activation gradients to reach it."""
+        """One step in which only ``name`` trains: its weight gradient and the activation gradients to reach
+        it."""
         return self.step_flops_bits(1 << self._index[name])
 
     @classmethod
@@ -433,9 +434,9 @@ def profile_model(
     """Profile one training step of ``model`` on ``batch_size`` sequences of ``seq_len`` tokens.
 
     The model can hold real weights (on any device) or live on the meta device; it is traced on fake tensors
-    and left exactly as it was. ``target_len`` is the decoder length of encoder-decoder models (default ``seq_len``).
-    Attention is counted as the eager implementation runs it (full N^2), whatever the model's own setting.
-    Returns a :class:`TensorProfile`; FLOPs are FlopCounterMode's (a multiply-add is 2).
+    and left exactly as it was. ``target_len`` is the decoder length of encoder-decoder models (default
+    ``seq_len``). Attention is counted as the eager implementation runs it (full N^2), whatever the model's
+    own setting. Returns a :class:`TensorProfile`; FLOPs are FlopCounterMode's (a multiply-add is 2).
     """
     if batch_size < 1 or seq_len < 1:
         raise ValueError("batch_size and seq_len must be positive")
@@ -445,8 +446,8 @@ def profile_model(
     data_leaves: list[torch.Tensor] = []
 
     def mark_data(_module, _args, output):
-        # The data marker: a zero leaf added to the input embeddings' output, so that every tensor depending on
-        # the data has it upstream. Adds cost nothing in FlopCounterMode.
+        # The data marker: a zero leaf added to the input embeddings' output, so that every tensor depending
+        # on the data has it upstream. Adds cost nothing in FlopCounterMode.
         leaf = torch.zeros_like(output, requires_grad=True)
         data_leaves.append(leaf)
         return output + leaf

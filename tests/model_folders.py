@@ -1,4 +1,5 @@
-"""Hugging Face model folders and JSONL datasets for the training tests, all built offline in a temp folder."""
+"""Hugging Face model folders and JSONL datasets for the training tests, all built offline in a temp
+folder."""
 
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def dataset(fmt: str, n: int, seed: int = 0, long_every: int = 0) -> list[dict]:
     """``n`` rows of format ``fmt`` (messages, prompt_completion, text_label) with varied lengths.
 
-    Completions follow from prompts (reversed word order), labels from the text (its first word's length mod 3),
-    so there is something to learn. Every ``long_every``-th row is long (to exercise truncation).
+    Completions follow from prompts (reversed word order), labels from the text (its first word's length mod
+    3), so there is something to learn. Every ``long_every``-th row is long (to exercise truncation).
     """
     rng = random.Random(seed)
     rows = []

@@ -1,4 +1,5 @@
-"""Datasets as users bring them: validation names the line and field; encoding puts loss on completions only."""
+"""Datasets as users bring them: validation names the line and field; encoding puts loss on completions
+only."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""tensor_importance: the paper's loss-reduction measure, with the model and the training optimizer left exactly
-as they were."""
+"""tensor_importance: the paper's loss-reduction measure, with the model and the training optimizer left
+exactly as they were."""
 
 from __future__ import annotations
 
@@ -123,7 +123,8 @@ def test_only_candidates_are_trainable_stepped_and_copied() -> None:
 
 def test_importance_agrees_with_the_loss_change_of_undoing_each_update() -> None:
     # With a small SGD step in double precision (where the trapezoid rule and the paper's first-order reading
-    # agree), undoing tensor k's update alone must raise the loss by I_k, and undoing all of them by their sum.
+    # agree), undoing tensor k's update alone must raise the loss by I_k, and undoing all of them by their
+    # sum.
     model = tiny_model("llama").double()
     model.eval()
     batches = [batch_for(model, BATCH, SEQ, seed=s) for s in range(2)]
@@ -212,10 +213,11 @@ class _Regression(torch.nn.Module):
 
 
 def test_an_update_that_passes_the_minimum_still_counts_as_the_loss_it_saved() -> None:
-    # Every weight 0.1 from its optimum (orthonormal inputs: the loss is a sum of independent parabolas); a fresh
-    # AdamW's first step moves each by lr = 0.15 toward it, ending 0.05 past it: the loss falls to a quarter.
-    # The gradient at the new weights points back, so the paper's first-order reading -g1.dw calls every update
-    # harmful; the trapezoid rule recovers each tensor's share of the drop exactly (the loss is quadratic).
+    # Every weight 0.1 from its optimum (orthonormal inputs: the loss is a sum of independent parabolas); a
+    # fresh AdamW's first step moves each by lr = 0.15 toward it, ending 0.05 past it: the loss falls to a
+    # quarter. The gradient at the new weights points back, so the paper's first-order reading -g1.dw calls
+    # every update harmful; the trapezoid rule recovers each tensor's share of the drop exactly (the loss is
+    # quadratic).
     torch.manual_seed(0)
     x = torch.linalg.qr(torch.randn(64, 8, dtype=torch.float64))[0] * 8  # x^T x / 64 = I
     w_star = torch.randn(8, dtype=torch.float64)
@@ -275,8 +277,8 @@ def test_the_tentative_step_is_the_training_optimizers_next_step() -> None:
 
 
 def test_the_pass_returns_the_first_gradients_and_loss_at_the_weights_as_they_were() -> None:
-    # The trainer takes the epoch's first step from them: they must be those of the mean loss at the old weights,
-    # for exactly the candidates, whatever the tentative step did afterwards.
+    # The trainer takes the epoch's first step from them: they must be those of the mean loss at the old
+    # weights, for exactly the candidates, whatever the tentative step did afterwards.
     model, _, batches = trained_llama()
     names = ["model.layers.1.self_attn.v_proj.weight", "lm_head.weight", "model.norm.weight"]
     reference = copy.deepcopy(model)

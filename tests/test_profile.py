@@ -1,4 +1,5 @@
-"""The FLOPs profile against FlopCounterMode's count of real training steps, on every architecture we support."""
+"""The FLOPs profile against FlopCounterMode's count of real training steps, on every architecture we
+support."""
 
 from __future__ import annotations
 

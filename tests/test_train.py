@@ -143,7 +143,8 @@ def test_green_trains_nothing_when_no_tensor_has_positive_importance(folders, da
 
 def test_green_importance_steps_a_copy_of_the_training_optimizer(folders, data, tmp_path, monkeypatch):
     # The tentative step is the step training would take next (the paper's code steps its training optimizer):
-    # the scheduled learning rate and the Adam moments of the tensors trained so far, not a fresh AdamW at the peak.
+    # the scheduled learning rate and the Adam moments of the tensors trained so far, not a fresh AdamW at the
+    # peak.
     import greencore.methods
 
     real = greencore.methods.importance_pass
@@ -177,9 +178,9 @@ def test_green_importance_steps_a_copy_of_the_training_optimizer(folders, data, 
 
 def test_green_takes_the_first_step_from_the_importance_pass(folders, data, tmp_path, monkeypatch):
     # The importance pass's first gradients (at the current weights, on the epoch's first batch) are what a
-    # training step on that batch computes for the chosen tensors: the trainer applies them as the epoch's first
-    # step and its loop runs the other batches, so the budget pays one step less. The tiny Llama has no dropout,
-    # so eval and train mode compute the same loss.
+    # training step on that batch computes for the chosen tensors: the trainer applies them as the epoch's
+    # first step and its loop runs the other batches, so the budget pays one step less. The tiny Llama has no
+    # dropout, so eval and train mode compute the same loss.
     import copy
 
     import greencore.methods
@@ -218,7 +219,8 @@ def test_green_takes_the_first_step_from_the_importance_pass(folders, data, tmp_
     check_records(report, seen, steps, rho=0.6)
     _, full, _, _ = run(folders, data, tmp_path / "full", "llama", "messages", "full")
 
-    # The first step: the chosen tensors' gradient on the first batch, clipped, through AdamW at the scheduled lr.
+    # The first step: the chosen tensors' gradient on the first batch, clipped, through AdamW at the scheduled
+    # lr.
     chosen = report.epochs[0].selected_tensors
     ref, batch = before[0]
     for n, p in ref.named_parameters():

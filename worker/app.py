@@ -27,7 +27,8 @@ class Recoverer:
         self.queue = JobQueue(settings)
 
     def sweep(self) -> Recovery | None:
-        """One recovery; errors are logged (the database or the broker may be down: the next sweep retries)."""
+        """One recovery; errors are logged (the database or the broker may be down: the next sweep
+        retries)."""
         try:
             done = recover(self.sessions, self.settings, self.queue)
         except Exception:  # a failed sweep must not stop the worker

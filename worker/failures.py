@@ -7,8 +7,8 @@ import re
 from collections.abc import Iterator
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# How libraries that do their own I/O report it: the C library's text (in C++ and Rust messages too) and Rust's
-# io::Error suffix, e.g. safetensors' "I/O error: No space left on device (os error 28)".
+# How libraries that do their own I/O report it: the C library's text (in C++ and Rust messages too) and
+# Rust's io::Error suffix, e.g. safetensors' "I/O error: No space left on device (os error 28)".
 DISK_FULL_TEXT = re.compile(
     rf"no space left on device|disk quota exceeded|\(os error ({errno.ENOSPC}|{errno.EDQUOT})\)",
     re.IGNORECASE,
@@ -54,7 +54,8 @@ def error_of(exc: BaseException) -> tuple[str, str]:
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and every exception in its chain (``__cause__`` and ``__context__``), outermost first, once each."""
+    """``exc`` and every exception in its chain (``__cause__`` and ``__context__``), outermost first, once
+    each."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -81,7 +82,10 @@ def disk_full_message(exc: BaseException) -> str | None:
     what = (
         "disk quota exceeded" if isinstance(full, OSError) and full.errno == errno.EDQUOT else "no space left"
     )
-    return f"{what} on the device while writing {where}: free space on that volume, then submit the job again ({full})"
+    return (
+        f"{what} on the device while writing {where}: free space on that volume, then submit the job again "
+        f"({full})"
+    )
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -1,5 +1,5 @@
-"""The dashboard in headless Chromium against the real service: key, upload, estimate, job, heat map, FLOPs chart,
-download, cancel, and a phone-sized screen. Screenshots go to test-artifacts/browser/."""
+"""The dashboard in headless Chromium against the real service: key, upload, estimate, job, heat map, FLOPs
+chart, download, cancel, and a phone-sized screen. Screenshots go to test-artifacts/browser/."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import (
+from tests.browser.pages import (
     ARTIFACTS,
     DEMO,
     EXAMPLES,
@@ -255,7 +255,8 @@ def test_phone_viewport_has_no_horizontal_overflow(
         phone.page.wait_for_selector(ready)
         phone.page.wait_for_timeout(300)  # charts and late rows
         width = phone.page.evaluate(
-            "() => ({inner: window.innerWidth, doc: document.documentElement.scrollWidth, body: document.body.scrollWidth})"
+            "() => ({inner: window.innerWidth, doc: document.documentElement.scrollWidth, "
+            "body: document.body.scrollWidth})"
         )
         assert width["inner"] == 390
         assert width["doc"] <= width["inner"] and width["body"] <= width["inner"], width

@@ -7,8 +7,6 @@ dropped at the end. Redis: every key under a random prefix, deleted at the end.
 
 from __future__ import annotations
 
-import json
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,18 +16,15 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.config import Settings
 from api.db import SessionFactory, make_session_factory
-from api.keys import create_key
 from api.migrate import upgrade
-from tests.backends import (  # re-exported to the service tests
+from tests.backends import (
     REDIS_URL,
     create_pg_database,
     delete_redis_prefix,
     drop_pg_database,
     new_redis_prefix,
 )
-
-DEMO = "demo-tiny"
-BACKENDS = ("embedded", "production")
+from tests.service.service_calls import BACKENDS, DEMO, new_key
 
 
 @pytest.fixture(scope="session")
@@ -90,11 +85,6 @@ def app(settings: Settings):  # a FastAPI app
     return create_app(settings)
 
 
-def new_key(sessions: SessionFactory, tenant: str | None = None) -> str:
-    with sessions() as session:
-        return create_key(session, tenant or f"tenant-{secrets.token_hex(4)}")
-
-
 @pytest.fixture
 def key(sessions: SessionFactory) -> str:
     """A key of a tenant of its own: tests never see each other's objects."""
@@ -104,38 +94,3 @@ def key(sessions: SessionFactory) -> str:
 @pytest.fixture
 def client(app, key: str) -> TestClient:
     return TestClient(app, headers={"Authorization": f"Bearer {key}"})
-
-
-def dataset_lines(n: int, start: int = 0) -> str:
-    """``n`` prompt/completion lines of arithmetic."""
-    return "".join(
-        json.dumps({"prompt": f"What is {i} plus {i}? ", "completion": f"It is {2 * i}."}) + "\n"
-        for i in range(start, start + n)
-    )
-
-
-def upload(client: TestClient, text: str, name: str = "train.jsonl") -> dict:
-    response = client.post("/v1/files", files={"file": (name, text.encode())}, data={"purpose": "fine-tune"})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-# A green job small enough for a CPU test: 24 examples in batches of 2 (12 steps, so that the importance
-# passes leave room in the budget), 2 epochs.
-SMALL_HP = {"n_epochs": 2, "batch_size": 2, "max_seq_len": 32, "learning_rate": 1e-3}
-SMALL_EXAMPLES = 24
-SMALL_RHO = 0.75
-
-
-def create_job(client: TestClient, **hp: object) -> str:
-    """A small green job (SMALL_HP, SMALL_RHO; ``hp`` overrides) on a new upload; returns its id."""
-    file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    body = {
-        "model": DEMO,
-        "training_file": file_id,
-        "method": "green",
-        "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO, **hp},
-    }
-    response = client.post("/v1/jobs", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()["id"]

@@ -20,7 +20,15 @@ from api.config import Settings
 from api.ids import new_id
 from api.keys import authenticate
 from api.tables import Checkpoint, File
-from tests.service.conftest import DEMO, SMALL_EXAMPLES, SMALL_HP, SMALL_RHO, dataset_lines, new_key, upload
+from tests.service.service_calls import (
+    DEMO,
+    SMALL_EXAMPLES,
+    SMALL_HP,
+    SMALL_RHO,
+    dataset_lines,
+    new_key,
+    upload,
+)
 
 ROUTES_WITH_IDS = ("estimates", "jobs")
 GOOD = json.dumps({"prompt": "What is 1 plus 1? ", "completion": "It is 2."})
@@ -120,7 +128,8 @@ def test_dataset_mistakes_name_the_line_and_the_field(client: TestClient) -> Non
 
 
 def test_examples_longer_than_max_seq_len(client: TestClient) -> None:
-    """Examples are cut at max_seq_len and counted; one left with nothing to learn from is refused, naming its line."""
+    """Examples are cut at max_seq_len and counted; one left with nothing to learn from is refused, naming its
+    line."""
     long = "word " * 100
     short = [
         {"prompt": f"What is {i} plus {i}? ", "completion": f"It is {2 * i}."} for i in range(SMALL_EXAMPLES)

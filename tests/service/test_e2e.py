@@ -16,19 +16,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from api.client import Client
-from tests.processes import clean_env, free_port, process, wait_healthy
-from tests.service.conftest import (
-    DEMO,
+from tests.backends import (
     REDIS_URL,
-    SMALL_EXAMPLES,
-    SMALL_HP,
-    SMALL_RHO,
     create_pg_database,
-    dataset_lines,
     delete_redis_prefix,
     drop_pg_database,
     new_redis_prefix,
 )
+from tests.processes import clean_env, free_port, process, wait_healthy
+from tests.service.service_calls import DEMO, SMALL_EXAMPLES, SMALL_HP, SMALL_RHO, dataset_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -1,6 +1,6 @@
-"""The API fuzzed from its own OpenAPI schema with schemathesis, in process (ASGI, no server), on both backends:
-whatever a client sends, valid or not, the answer is never a 5xx, and its status, content type and body are
-the ones the schema declares.
+"""The API fuzzed from its own OpenAPI schema with schemathesis, in process (ASGI, no server), on both
+backends: whatever a client sends, valid or not, the answer is never a 5xx, and its status, content type and
+body are the ones the schema declares.
 
 The run is bounded and reproducible: MAX_EXAMPLES cases per operation and generation mode (positive: requests
 the schema allows; negative: requests it does not), derandomized, no deadline, no shrinking. Every case that
@@ -39,7 +39,7 @@ from api.db import SessionFactory
 from api.ids import new_id
 from api.schemas.common import ErrorPublic
 from api.tables import Checkpoint, utcnow
-from tests.service.conftest import DEMO, SMALL_EXAMPLES, SMALL_HP, SMALL_RHO, dataset_lines, upload
+from tests.service.service_calls import DEMO, SMALL_EXAMPLES, SMALL_HP, SMALL_RHO, dataset_lines, upload
 
 MAX_EXAMPLES = 25  # per operation and generation mode: about 13 s per backend on this 2-core machine
 RUN_LIMIT_S = 120  # one backend's fuzz run; far above what it takes, so only a real slowdown trips it
@@ -67,7 +67,8 @@ def queued_job(client: TestClient) -> tuple[str, str]:
 
 
 def add_checkpoint(sessions: SessionFactory, settings: Settings, job_id: str) -> str:
-    """A checkpoint of ``job_id`` with a small folder behind it, recorded as the worker records one; its id."""
+    """A checkpoint of ``job_id`` with a small folder behind it, recorded as the worker records one; its
+    id."""
     assert settings.artifacts_dir is not None
     relative = f"checkpoints/{job_id}/epoch-1"
     folder = settings.artifacts_dir / relative
@@ -117,8 +118,8 @@ def at_existing(case: Case, real: RealObjects) -> Case | None:
 
 
 def fuzz(operation, mode: GenerationMode, real: RealObjects, headers: dict[str, str]) -> None:
-    """Send MAX_EXAMPLES cases of ``operation`` (each also pointed at existing objects) and check every answer;
-    raises what the first failure raised."""
+    """Send MAX_EXAMPLES cases of ``operation`` (each also pointed at existing objects) and check every
+    answer; raises what the first failure raised."""
 
     @settings(
         max_examples=MAX_EXAMPLES,

@@ -1,5 +1,5 @@
-"""API keys from the command line (`greentrainer keys list|revoke`), run as real processes against the database
-of an app that is already serving."""
+"""API keys from the command line (`greentrainer keys list|revoke`), run as real processes against the
+database of an app that is already serving."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from api.config import Settings
 from api.keys import key_sha256
-from tests.service.conftest import new_key
+from tests.service.service_calls import new_key
 
 
 def greentrainer(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,5 +1,5 @@
-"""Per-tenant limits on both backends: jobs active at once (429) and the size of an upload (413), each answered
-with a message that says the limit, and leaving nothing stored."""
+"""Per-tenant limits on both backends: jobs active at once (429) and the size of an upload (413), each
+answered with a message that says the limit, and leaving nothing stored."""
 
 from __future__ import annotations
 
@@ -19,7 +19,15 @@ from api.ids import new_id
 from api.keys import authenticate
 from api.limits import MULTIPART_OVERHEAD_BYTES, check_active_jobs
 from api.tables import File, Job, Tenant
-from tests.service.conftest import DEMO, SMALL_EXAMPLES, SMALL_HP, SMALL_RHO, dataset_lines, new_key, upload
+from tests.service.service_calls import (
+    DEMO,
+    SMALL_EXAMPLES,
+    SMALL_HP,
+    SMALL_RHO,
+    dataset_lines,
+    new_key,
+    upload,
+)
 
 CAP = 2
 UPLOAD_LIMIT = 100_000  # bytes

@@ -1,4 +1,5 @@
-"""Alembic migrations up and down on SQLite and PostgreSQL; the migrated schema is exactly the tables' metadata."""
+"""Alembic migrations up and down on SQLite and PostgreSQL; the migrated schema is exactly the tables'
+metadata."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlalchemy import create_engine, inspect
 
 from api.migrate import downgrade, upgrade
 from api.tables import Base
-from tests.service.conftest import create_pg_database, drop_pg_database
+from tests.backends import create_pg_database, drop_pg_database
 
 TABLES = {"tenants", "api_keys", "files", "jobs", "epochs", "events", "checkpoints"}
 

@@ -1,5 +1,5 @@
-"""No job lost: real Celery worker processes killed with SIGKILL, a broker that forgets its messages, workers that
-go silent. The database is the truth, and api/recovery.py makes the broker and the workers agree with it.
+"""No job lost: real Celery worker processes killed with SIGKILL, a broker that forgets its messages, workers
+that go silent. The database is the truth, and api/recovery.py makes the broker and the workers agree with it.
 
 Every test here has a database and a broker of its own (a new PostgreSQL database and Redis prefix, or a new
 embedded folder): the workers it starts recover every job they find, and must find only this test's.
@@ -27,18 +27,16 @@ from api.migrate import upgrade
 from api.queue import JobQueue
 from api.recovery import broker_job_ids, recover
 from api.tables import Checkpoint, Job, utcnow
-from tests.backends import forget_broker
-from tests.processes import clean_env, process
-from tests.service.conftest import (
-    BACKENDS,
+from tests.backends import (
     REDIS_URL,
-    create_job,
     create_pg_database,
     delete_redis_prefix,
     drop_pg_database,
-    new_key,
+    forget_broker,
     new_redis_prefix,
 )
+from tests.processes import clean_env, process
+from tests.service.service_calls import BACKENDS, create_job, new_key
 from worker.recorder import JobRecorder
 
 JOB_TIMEOUT_S = 240
@@ -46,7 +44,8 @@ JOB_TIMEOUT_S = 240
 
 @dataclass
 class Service:
-    """One backend of this test's own: settings, sessions, an API client and the environment of its workers."""
+    """One backend of this test's own: settings, sessions, an API client and the environment of its
+    workers."""
 
     settings: Settings
     sessions: SessionFactory

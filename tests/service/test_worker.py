@@ -1,5 +1,6 @@
-"""The worker's plain function ``run_job`` on both backends, without a broker: records written as the run goes,
-the budget kept, cancellation within a step, failures ending ``failed``, and resuming after a killed worker."""
+"""The worker's plain function ``run_job`` on both backends, without a broker: records written as the run
+goes, the budget kept, cancellation within a step, failures ending ``failed``, and resuming after a killed
+worker."""
 
 from __future__ import annotations
 
@@ -20,12 +21,7 @@ from sqlalchemy import select, update
 from api.config import Settings
 from api.states import InvalidTransition, JobState, transition
 from api.tables import Checkpoint, Epoch, Job
-from tests.service.conftest import (
-    DEMO,
-    SMALL_HP,
-    SMALL_RHO,
-    create_job,
-)
+from tests.service.service_calls import DEMO, SMALL_HP, SMALL_RHO, create_job
 from worker.runner import run_job
 
 
