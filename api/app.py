@@ -18,7 +18,7 @@ from api.db import make_session_factory
 from api.limits import UploadLimit
 from api.queue import JobQueue
 from api.recovery import recover
-from api.routes import estimates, files, health, jobs, models
+from api.routes import health, v1
 from api.timing import ServerTiming
 from api.warmup import warm_up
 
@@ -40,7 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        # The database is the truth: jobs queued there but lost by the broker are sent again (api/recovery.py).
+        # The database is the truth: jobs queued there but lost by the broker are sent again
+        # (api/recovery.py).
         try:
             recover(session_factory, settings, queue)
         except Exception:  # the API serves even when the broker is down; workers retry
@@ -54,13 +55,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = session_factory
     app.state.queue = queue
     app.state.bootstrap_tenant = None  # resolved on first use of GT_BOOTSTRAP_API_KEY
-    assert settings.models_dir is not None
     app.state.catalog = ModelCatalog(settings.models_dir)
     errors.install(app)
     app.add_middleware(ServerTiming)
     app.add_middleware(UploadLimit, max_upload_bytes=settings.max_upload_bytes)
-    for module in (health, files, models, estimates, jobs):
-        app.include_router(module.router)
+    app.include_router(health.router)
+    app.include_router(v1)
     # The dashboard: its page at `/`, its files under /static; neither shadows /v1, /docs or /health.
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_api_route("/", dashboard_page, include_in_schema=False)

@@ -6,16 +6,12 @@ only be unknown. Facts about a model (parameters, tensors, tokenizer) are cached
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from api.errors import InvalidRequest
-
-# Tracing a model (profile_model) swaps its parameters and enters dispatch modes: one trace at a time.
-TRACE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -78,8 +74,7 @@ def _describe(path: str, _mtime_ns: int) -> ModelInfo:
     from greencore.models import load_config, meta_model
 
     config = load_config(path)
-    with TRACE_LOCK:
-        model = meta_model(path)
+    model = meta_model(path)  # under greencore.models.TRACE_LOCK
     named = list(model.named_parameters())  # a tied weight once
     params = [p for _, p in named]
     return ModelInfo(

@@ -1,5 +1,6 @@
-"""The ``greentrainer`` command: the service (serve, worker, migrate, keys), the client (files, models, estimate,
-jobs) and ``profile``. Imports stay inside the commands, so that ``--help`` and ``migrate`` start fast."""
+"""The ``greentrainer`` command: the service (serve, worker, migrate, keys), the client (files, models,
+estimate, jobs) and ``profile``. Imports stay inside the commands, so that ``--help`` and ``migrate`` start
+fast."""
 
 from __future__ import annotations
 
@@ -63,7 +64,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from api.migrate import downgrade, upgrade
 
     settings = get_settings()
-    assert settings.database_url is not None
     settings.ensure_dirs()
     if args.downgrade:
         downgrade(settings.database_url, args.revision or "base")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 
@@ -71,20 +71,10 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def _job_body(args: argparse.Namespace) -> dict[str, Any]:
+    from api.schemas.jobs import Hyperparameters
+
     hp = {
-        name: getattr(args, name)
-        for name in (
-            "n_epochs",
-            "batch_size",
-            "learning_rate",
-            "max_seq_len",
-            "rho",
-            "max_flops",
-            "max_energy_kwh",
-            "reselect_every",
-            "topk_layers",
-        )
-        if getattr(args, name) is not None
+        name: getattr(args, name) for name in Hyperparameters.model_fields if getattr(args, name) is not None
     }
     body: dict[str, Any] = {
         "model": args.model,
@@ -266,19 +256,27 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _job_options(p: argparse.ArgumentParser) -> None:
+    """A job's options, from the API's schema: the methods registered in greencore, and one option per
+    hyperparameter (``--n-epochs`` for ``n_epochs``) with its meaning; unset ones take the service's
+    default."""
+    from api.schemas.jobs import Hyperparameters
+    from greencore.registry import DEFAULT_METHOD, METHODS
+    from greencore.spec import BUDGET_FIELDS
+
     p.add_argument("--model", required=True, help="a base model id (greentrainer models list)")
     p.add_argument("--training-file", required=True, help="a file id (greentrainer files upload)")
-    p.add_argument("--method", default="green", choices=("green", "full", "lora", "topk"))
+    p.add_argument(
+        "--method", default=DEFAULT_METHOD, choices=list(METHODS), help=f"default {DEFAULT_METHOD}"
+    )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--rho", type=float, help="share of full fine-tuning FLOPs allowed")
-    budget.add_argument("--max-flops", type=float, help="FLOPs allowed for the whole run")
-    budget.add_argument("--max-energy-kwh", type=float, help="energy allowed for the whole run, kWh")
-    p.add_argument("--n-epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--max-seq-len", type=int)
-    p.add_argument("--reselect-every", type=int)
-    p.add_argument("--topk-layers", type=int)
+    for name, f in Hyperparameters.model_fields.items():
+        group = budget if name in BUDGET_FIELDS else p
+        flag = "--" + name.replace("_", "-")
+        kind = next(t for t in get_args(f.annotation) or (f.annotation,) if t is not type(None))
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.description)
+        else:
+            group.add_argument(flag, type=kind, default=None, help=f.description)
     p.add_argument("--seed", type=int, default=0)
 
 

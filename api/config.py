@@ -1,8 +1,8 @@
 """The service's settings: one object, read once from ``GT_*`` environment variables.
 
-Defaults are the embedded ones (SQLite and kombu's SQLAlchemy transport under ``GT_DATA_DIR``); production sets
-``GT_DATABASE_URL=postgresql+psycopg://...`` and ``GT_BROKER_URL=redis://...``. Nothing else in the project
-reads ``os.environ``.
+Defaults are the embedded ones (SQLite and kombu's SQLAlchemy transport under ``GT_DATA_DIR``); production
+sets ``GT_DATABASE_URL=postgresql+psycopg://...`` and ``GT_BROKER_URL=redis://...``. Nothing else in the
+project reads ``os.environ``.
 """
 
 from __future__ import annotations
@@ -13,27 +13,37 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from greencore.spec import EnergySettings
+
+# Settings whose default is derived from others (None given for one means that default).
+DERIVED = ("models_dir", "artifacts_dir", "database_url", "broker_url", "api_url")
 MIN_KEY_CHARS = 24  # a bootstrap key shorter than this is refused at start: it would be guessable
 
 
 class Settings(BaseSettings):
-    """Every setting of the service and of the ``greentrainer`` command; env var = ``GT_`` + upper-case name."""
+    """Every setting of the service and of the ``greentrainer`` command; env var = ``GT_`` + upper-case
+    name."""
 
     model_config = SettingsConfigDict(env_prefix="GT_", extra="ignore")
 
     # Where things live.
     data_dir: Path = Field(Path(".greentrainer"), description="root of the embedded default's files")
-    models_dir: Path | None = Field(
-        None, description="base models, one Hugging Face folder each (default DATA_DIR/models)"
+    # Unset, the paths and URLs below are derived from the settings declared above them (validated first).
+    models_dir: Path = Field(
+        default_factory=lambda s: s["data_dir"] / "models",
+        description="base models, one Hugging Face folder each (default DATA_DIR/models)",
     )
-    artifacts_dir: Path | None = Field(
-        None, description="uploads and checkpoints (default DATA_DIR/artifacts)"
+    artifacts_dir: Path = Field(
+        default_factory=lambda s: s["data_dir"] / "artifacts",
+        description="uploads and checkpoints (default DATA_DIR/artifacts)",
     )
-    database_url: str | None = Field(
-        None, description="SQLAlchemy URL (default sqlite:///DATA_DIR/greentrainer.db)"
+    database_url: str = Field(
+        default_factory=lambda s: f"sqlite:///{s['data_dir'] / 'greentrainer.db'}",
+        description="SQLAlchemy URL (default sqlite:///DATA_DIR/greentrainer.db)",
     )
-    broker_url: str | None = Field(
-        None, description="Celery broker (default sqla+sqlite:///DATA_DIR/broker.db)"
+    broker_url: str = Field(
+        default_factory=lambda s: f"sqla+sqlite:///{s['data_dir'] / 'broker.db'}",
+        description="Celery broker (default sqla+sqlite:///DATA_DIR/broker.db)",
     )
     broker_prefix: str = Field(
         "", description="prefix of every Redis key, to share one Redis between deployments"
@@ -54,8 +64,9 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
 
     # The client commands (`greentrainer files|jobs ...`).
-    api_url: str | None = Field(
-        None, description="base URL the client commands call (default http://HOST:PORT)"
+    api_url: str = Field(
+        default_factory=lambda s: f"http://{_reachable(s['host'])}:{s['port']}",
+        description="base URL the client commands call (default http://HOST:PORT)",
     )
     api_key: SecretStr | None = Field(None, description="API key the client commands send")
 
@@ -107,19 +118,30 @@ class Settings(BaseSettings):
             raise ValueError("GT_WORKER_POOL must be 'prefork' or 'solo'")
         return value
 
-    @model_validator(mode="after")
-    def _derive_paths(self) -> Settings:
-        self.data_dir = self.data_dir.expanduser().resolve()
-        self.models_dir = (self.models_dir or self.data_dir / "models").expanduser().resolve()
-        self.artifacts_dir = (self.artifacts_dir or self.data_dir / "artifacts").expanduser().resolve()
-        if self.database_url is None:
-            self.database_url = f"sqlite:///{self.data_dir / 'greentrainer.db'}"
-        if self.broker_url is None:
-            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
-        if self.api_url is None:
-            host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-            self.api_url = f"http://{host}:{self.port}"
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _none_is_derived(cls, values: object) -> object:
+        # Settings(database_url=None) means "the default", as leaving it out does.
+        if isinstance(values, dict):
+            return {k: v for k, v in values.items() if not (k in DERIVED and v is None)}
+        return values
+
+    @field_validator("data_dir", "models_dir", "artifacts_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def energy(self) -> EnergySettings:
+        """The device profile and carbon settings as greencore takes them, whole (training and estimates)."""
+        return EnergySettings(
+            carbon_intensity_g_per_kwh=self.carbon_intensity_g_per_kwh,
+            pue=self.pue,
+            device_name=self.device_name,
+            peak_flops=self.device_peak_flops,
+            utilization=self.device_utilization,
+            watts=self.device_watts,
+        )
 
     @property
     def embedded(self) -> bool:
@@ -129,8 +151,12 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         """Create the data, models and artifacts folders."""
         for path in (self.data_dir, self.models_dir, self.artifacts_dir):
-            assert path is not None
             path.mkdir(parents=True, exist_ok=True)
+
+
+def _reachable(host: str) -> str:
+    """An address clients on this machine reach a server bound to ``host`` at."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
 
 
 @lru_cache(maxsize=1)

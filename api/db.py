@@ -38,6 +38,5 @@ def make_engine(url: str, pool_size: int = 10, pooled: bool = True) -> Engine:
 
 def make_session_factory(settings: Settings, pooled: bool = True) -> SessionFactory:
     """Sessions on the settings' database; objects stay readable after commit."""
-    assert settings.database_url is not None
     engine = make_engine(settings.database_url, settings.db_pool_size, pooled)
     return sessionmaker(engine, expire_on_commit=False)

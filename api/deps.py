@@ -1,8 +1,8 @@
 """Dependencies that handlers take through typed aliases: ``SessionDep``, ``CurrentTenant``, ``SettingsDep``.
 
-They are ``async def`` wherever they do no I/O: FastAPI runs a sync dependency in its threadpool, and each such
-hop costs two GIL hand-overs between the event loop and a worker thread, which under load queue behind every
-other request (bench/results/api_load.md). What blocks (a query, a rollback) runs on a thread.
+They are ``async def`` wherever they do no I/O: FastAPI runs a sync dependency in its threadpool, and each
+such hop costs two GIL hand-overs between the event loop and a worker thread, which under load queue behind
+every other request (bench/results/api_load.md). What blocks (a query, a rollback) runs on a thread.
 """
 
 from __future__ import annotations
@@ -54,16 +54,13 @@ async def get_catalog(request: Request) -> ModelCatalog:
 
 # Request work that blocks on the database runs on at most this many threads at once, not on FastAPI's pool of
 # 40: the work holds the GIL between round trips, and with dozens of threads at once each thread back from a
-# round trip queues for the GIL behind all the others. bench/api_load.py's 50 clients polling every 0.5 s on 2
-# cores, POST /v1/jobs p99: 230 ms with 40 threads, 73 with 4, 54 with 2, 52 with 1. Two rather than one, so
+# round trip queues for the GIL behind all the others (bench/results/api_threads.md). Two rather than one, so
 # that one slow call (a stalled commit) does not hold up every other read.
 DB_THREADS = 2
 DB_LIMITER = anyio.CapacityLimiter(DB_THREADS)
-# Creating a job may compute its estimate first (a profile of the model: seconds when the model and the dataset
-# are new to this process): creations take turns on a thread of their own, so that reads never wait behind one
-# (one tenant's creations take turns on its row lock anyway). Measured side by side with bench/api_load.py
-# (paced 1 s / 0.5 s, POST p99): creations sharing the 2 threads 44.7 / 58.5 ms, on 1 thread of their own
-# 54.0 / 73.4 ms, on 2 of their own 75.2 / 80.8 ms.
+# Creating a job may compute its estimate first (a profile of the model: seconds when the model and the
+# dataset are new to this process): creations take turns on a thread of their own, so that reads never wait
+# behind one (one tenant's creations take turns on its row lock anyway; bench/results/api_threads.md).
 CREATE_LIMITER = anyio.CapacityLimiter(1)
 
 
@@ -75,9 +72,9 @@ async def on_db_thread(work: Callable[..., T], *args: Any, limiter: anyio.Capaci
 async def run_and_close(
     session: Session, work: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter = DB_LIMITER
 ) -> T:
-    """``work(*args)``, which blocks on ``session``, on a DB thread, then ``session`` closed there too: an async
-    handler that does its work through this takes one hop where a sync handler takes three (the handler, the
-    check of its answer, the session's rollback). What ``work`` returns stays readable: closing a session
+    """``work(*args)``, which blocks on ``session``, on a DB thread, then ``session`` closed there too: an
+    async handler that does its work through this takes one hop where a sync handler takes three (the handler,
+    the check of its answer, the session's rollback). What ``work`` returns stays readable: closing a session
     detaches its objects without expiring them."""
 
     def run() -> T:
@@ -128,8 +125,8 @@ CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
 
 
 async def ids_in_path(request: Request, _tenant: CurrentTenant) -> None:
-    """404 for an id in the path that no object can have (a path trick, a NUL byte, a very long string), before
-    any query sees it; after the key is checked, so that a request without one still answers 401."""
+    """404 for an id in the path that no object can have (a path trick, a NUL byte, a very long string),
+    before any query sees it; after the key is checked, so that a request without one still answers 401."""
     for name, value in request.path_params.items():
         if name.endswith("_id") and not is_id(value):
             raise NotFound(f"{name.removesuffix('_id')} {value[:64]!r} not found")

@@ -18,8 +18,8 @@ WORKER_STOP_S = 15.0  # a worker gets this long to hand back its job before it i
 
 
 def ensure_demo_model(settings: Settings) -> Path | None:
-    """Create the demo model in GT_MODELS_DIR when it holds no model; returns its folder (None: not needed)."""
-    assert settings.models_dir is not None
+    """Create the demo model in GT_MODELS_DIR when it holds no model; returns its folder (None: not
+    needed)."""
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     if any((p / "config.json").is_file() for p in settings.models_dir.iterdir() if p.is_dir()):
         return None
@@ -80,7 +80,6 @@ def serve(settings: Settings, host: str, port: int, with_worker: bool = True, wo
     import uvicorn
 
     settings.ensure_dirs()
-    assert settings.database_url is not None
     upgrade(settings.database_url)
     demo = ensure_demo_model(settings)
     if demo is not None:
@@ -93,12 +92,13 @@ def serve(settings: Settings, host: str, port: int, with_worker: bool = True, wo
         print(f"API key (tenant {DEFAULT_TENANT}): {key}", flush=True)
     else:
         print("create an API key with: greentrainer keys create --tenant NAME", flush=True)
-    # uvicorn handles SIGTERM, then raises it again once it has stopped: make that an exit that runs `finally`.
+    # uvicorn handles SIGTERM, then raises it again once it has stopped: make that an exit that runs
+    # `finally`.
     signal.signal(signal.SIGTERM, _exit)
     worker = start_worker() if with_worker else None
     try:
-        # Off by default: a log line written from the event loop per request stalls every request when the disk
-        # is busy (bench/results/api_load.md); a proxy in front logs requests better.
+        # Off by default: a log line written from the event loop per request stalls every request when the
+        # disk is busy (bench/results/api_load.md); a proxy in front logs requests better.
         options = {"host": host, "port": port, "access_log": settings.access_log}
         if workers > 1:
             uvicorn.run("api.app:create_app", factory=True, workers=workers, **options)

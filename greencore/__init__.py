@@ -1,29 +1,42 @@
-"""GreenTrainer's method as a library: exact FLOPs profile, tensor importance, selection and training."""
+"""GreenTrainer's method as a library: exact FLOPs profile, tensor importance, selection and training.
 
-from greencore.flops import StepFlops
-from greencore.importance import importance_flops, tensor_importance, tentative_optimizer_factory
-from greencore.profile import ProfileError, TensorProfile, profile_model
-from greencore.select import BudgetTooSmall, Selection, reachable_tensors, select_tensors
-from greencore.spec import EnergySettings, EpochReport, Hyperparameters, SpecError, TrainReport, TrainSpec
-from greencore.train import train
+The names below are imported on first use, so that ``import greencore.spec`` or ``greencore.registry`` (plain
+dataclasses, what the service's settings and schemas need) does not load torch.
+"""
 
-__all__ = [
-    "BudgetTooSmall",
-    "EnergySettings",
-    "EpochReport",
-    "Hyperparameters",
-    "ProfileError",
-    "Selection",
-    "SpecError",
-    "StepFlops",
-    "TensorProfile",
-    "TrainReport",
-    "TrainSpec",
-    "importance_flops",
-    "profile_model",
-    "reachable_tensors",
-    "select_tensors",
-    "tensor_importance",
-    "tentative_optimizer_factory",
-    "train",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BudgetTooSmall": "greencore.select",
+    "EnergySettings": "greencore.spec",
+    "EpochReport": "greencore.spec",
+    "Hyperparameters": "greencore.spec",
+    "ProfileError": "greencore.profile",
+    "Selection": "greencore.select",
+    "SpecError": "greencore.spec",
+    "StepFlops": "greencore.flops",
+    "TensorProfile": "greencore.profile",
+    "TrainReport": "greencore.spec",
+    "TrainSpec": "greencore.spec",
+    "importance_flops": "greencore.importance",
+    "profile_model": "greencore.profile",
+    "reachable_tensors": "greencore.select",
+    "run_costs": "greencore.estimate",
+    "select_tensors": "greencore.select",
+    "tensor_importance": "greencore.importance",
+    "tentative_optimizer_factory": "greencore.importance",
+    "train": "greencore.train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'greencore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # importing greencore.train bound the submodule to this name: the function wins
+    return value

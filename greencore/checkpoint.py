@@ -10,20 +10,20 @@ Layout of ``output_dir/epoch-N`` (and of ``output_dir/final``, hard links to the
     training_state.pt                       optimizer, scheduler, RNG, selection, epoch, step, reports
     master_weights.safetensors              trained tensors in float32, where the base dtype is narrower
 
-A folder is written under a temporary name (``.epoch-N.tmp-<pid>``), fsync'd, and renamed into place, so a reader
-(or a resumed run) sees either the previous checkpoint or the complete new one, never half of one. A run killed
-mid-write leaves only such a temporary folder, which nothing lists, serves or resumes from; the next save in that
-output folder removes it. A failed write (a full disk) raises CheckpointWriteError and leaves nothing behind.
+A folder is written under a temporary name (``.epoch-N.tmp-<pid>``), fsync'd, and renamed into place, so a
+reader (or a resumed run) sees either the previous checkpoint or the complete new one, never half of one. A
+run killed mid-write leaves only such a temporary folder, which nothing lists, serves or resumes from; the
+next save in that output folder removes it. A failed write (a full disk) raises CheckpointWriteError and
+leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -31,6 +31,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from greencore.durable import fsync_dir
+
+if TYPE_CHECKING:
+    from greencore.methods import ModelExport
 
 STATE_FILE = "training_state.pt"
 MASTER_FILE = "master_weights.safetensors"
@@ -56,7 +59,8 @@ def epoch_dir(output_dir: str | Path, epoch: int) -> Path:
 
 
 def base_dtypes(model_dir: str | Path) -> dict[str, torch.dtype]:
-    """The dtype of every tensor in the base folder's safetensors files, by name (empty without safetensors)."""
+    """The dtype of every tensor in the base folder's safetensors files, by name (empty without
+    safetensors)."""
     found: dict[str, torch.dtype] = {}
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -78,11 +82,13 @@ _DTYPES = {
 }
 
 
-def _cast_state_dict(model: nn.Module, dtypes: dict[str, torch.dtype], default: torch.dtype) -> dict:
-    """The model's state dict in the base's dtypes; tensors that share storage (tied weights) stay shared."""
+def _cast_state_dict(
+    tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype], default: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """``tensors`` in the base's dtypes, on the CPU; tensors that share storage (tied weights) stay shared."""
     cast: dict[tuple[int, torch.dtype], torch.Tensor] = {}
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in tensors.items():
         dtype = dtypes.get(name, default if tensor.is_floating_point() else tensor.dtype)
         key = (tensor.data_ptr(), dtype)
         if key not in cast:
@@ -92,11 +98,12 @@ def _cast_state_dict(model: nn.Module, dtypes: dict[str, torch.dtype], default: 
 
 
 def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write`` on a temporary folder beside ``folder``, fsync what it wrote, and rename it to ``folder``.
+    """Run ``write`` on a temporary folder beside ``folder``, fsync what it wrote, and rename it to
+    ``folder``.
 
-    Leftovers of a run killed mid-write (``.*.tmp-*``, ``.*.old-*`` beside ``folder``) are removed first: a job's
-    output folder is written by one run at a time, so they are never another live run's. A failed write removes
-    its temporary folder and raises CheckpointWriteError naming ``folder`` (its cause attached).
+    Leftovers of a run killed mid-write (``.*.tmp-*``, ``.*.old-*`` beside ``folder``) are removed first: a
+    job's output folder is written by one run at a time, so they are never another live run's. A failed write
+    removes its temporary folder and raises CheckpointWriteError naming ``folder`` (its cause attached).
     """
     parent = folder.parent
     tmp = parent / f".{folder.name}.tmp-{os.getpid()}"
@@ -155,29 +162,28 @@ def _fsync_tree(folder: Path) -> None:
 
 def save_checkpoint(
     folder: Path,
-    model: nn.Module,
+    export: ModelExport,
     tokenizer: Any,
     dtypes: dict[str, torch.dtype],
     default_dtype: torch.dtype,
     state: dict[str, Any],
     master_names: Iterable[str] = (),
 ) -> Path:
-    """Write ``folder`` atomically: the model (merged, if it is a peft model), the tokenizer, the training state.
+    """Write ``folder`` atomically: the model as its method exports it (``Method.export``: a Hugging Face
+    model, its tensors under the base's names, anything else it keeps), the tokenizer, the training state.
 
-    ``dtypes``: the base's dtype of each tensor (others get ``default_dtype``). ``master_names``: trained tensors
-    whose float32 values are kept beside the narrower saved ones, so that a resume is exact.
+    ``dtypes``: the base's dtype of each tensor (others get ``default_dtype``). ``master_names``: trained
+    tensors whose float32 values are kept beside the narrower saved ones, so that a resume is exact.
     """
-    adapter_model = model if hasattr(model, "peft_config") else None
 
     def write(tmp: Path) -> None:
-        hf_model = model
-        if adapter_model is not None:
-            adapter_model.save_pretrained(tmp / ADAPTER_DIR)
-            hf_model = copy.deepcopy(adapter_model).merge_and_unload()
-        hf_model.save_pretrained(tmp, state_dict=_cast_state_dict(hf_model, dtypes, default_dtype))
+        if export.write_extra is not None:
+            export.write_extra(tmp)
+        export.hf_model.save_pretrained(
+            tmp, state_dict=_cast_state_dict(export.tensors, dtypes, default_dtype)
+        )
         tokenizer.save_pretrained(tmp)
-        params = dict(model.named_parameters())
-        master = {n: params[n].detach().to("cpu", torch.float32).contiguous() for n in master_names}
+        master = {n: export.tensors[n].detach().to("cpu", torch.float32).contiguous() for n in master_names}
         if master:
             save_file(master, str(tmp / MASTER_FILE))
         with open(

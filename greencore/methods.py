@@ -1,30 +1,33 @@
-"""The training methods a job can ask for, each one small class behind one interface, registered by name.
+"""The training methods, each one small class behind one interface (:class:`Method`), registered by name in
+``greencore.registry``.
 
-A method decides which tensors train. ``prepare`` may wrap the model (LoRA) and returns the parameters the
-optimizer holds; ``choose`` is called at the start of every epoch and returns the tensors to train in it, with
-the FLOPs spent choosing them (GreenTrainer's importance passes), or None to keep the previous choice.
-Everything else (FLOPs accounting, the loop, checkpoints) is the same for every method.
+A method owns everything that is its own: which tensors train each epoch (``choose``), how it wraps the model
+and puts a checkpoint back (``prepare``, ``weights_source``, ``restore``), what full fine-tuning of the same
+model is (``full_baseline``), what a checkpoint of it holds (``export``), which budgets it takes (``check``,
+``default_rho``) and what a run of it costs before it runs (``cost``). The trainer and the service never ask a
+method's name.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from greencore import checkpoint
 from greencore.importance import importance_flops, importance_pass
 from greencore.profile import TensorProfile
+from greencore.registry import MethodError, MethodInfo, budgeted_methods, method_info
 from greencore.select import BudgetTooSmall, reachable_tensors, select_tensors
-from greencore.spec import Hyperparameters
+from greencore.spec import BUDGET_FIELDS, DEFAULT_RHO, Hyperparameters, SpecError
 
-DEFAULT_RHO = 0.5  # share of full fine-tuning FLOPs green and topk get when the job names neither rho nor k
-
-
-class MethodError(ValueError):
-    """A method that cannot run as asked (unknown name, a budget it cannot meet)."""
+__all__ = ["MethodError"]  # re-exported: callers catch it from here
 
 
 @dataclass
@@ -56,18 +59,75 @@ class EpochContext:
     epoch: int  # 1-based
     model: nn.Module
     profile: TensorProfile  # the epoch's steps combined: step_flops(mask) is the whole epoch's training FLOPs
-    rest_profile: TensorProfile | None  # the epoch's steps after the first, combined; None when the epoch has
-    # one batch or importance runs on several (the first step cannot then come from the importance pass)
     full_flops: int  # what full fine-tuning of the base model spends on the epoch's steps
+    # True when the first step may come from the importance pass (one importance batch, and more steps after
+    # it); ``loop_profile(True)`` is then the steps the trainer's loop runs after it, ``loop_profile(False)``
+    # all of them.
+    first_step_reusable: bool
+    loop_profile: Callable[[bool], TensorProfile]
     later: Callable[[], list[tuple[TensorProfile, int]]]  # (combined profile, full FLOPs) of the later epochs
     # this choice covers (until the next selection)
     importance_batches: list[dict[str, torch.Tensor]]  # the epoch's first batches, on the training device
-    importance_profiles: list[TensorProfile]  # the profile of each of those batches' shape
+    importance_profile: TensorProfile  # those batches' steps combined
     optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
+@dataclass(frozen=True)
+class RunCosting:
+    """What a method's cost is computed from, before the run: the base model (on the meta device) and the
+    profiles of the run's planned epochs (``greencore.estimate``)."""
+
+    model: nn.Module
+    epochs: list[TensorProfile]  # per epoch: its steps combined
+    importance: list[TensorProfile]  # per epoch: its importance batches combined
+    hp: Hyperparameters
+
+    @property
+    def full(self) -> int:
+        """FLOPs of full fine-tuning over the whole run."""
+        return sum(p.full.total for p in self.epochs)
+
+    @property
+    def rho_min(self) -> float:
+        """The smallest rho that trains one tensor in every epoch, importance not counted."""
+        return max(p.rho_min for p in self.epochs)
+
+
+@dataclass(frozen=True)
+class MethodCost:
+    """A run's FLOPs for a method: ``flops`` None when it spends what its budget allows (rho x full)."""
+
+    flops: int | None
+    rho_min: float
+    basis: str  # "profile": exact FLOPs of a fixed set; "budget": rho x full; "approximate"
+
+
+@dataclass
+class ModelExport:
+    """What a checkpoint saves of the trained model: a Hugging Face model (its config, its save_pretrained),
+    every tensor under the base's names, and anything else the method keeps (LoRA's adapter folder)."""
+
+    hf_model: nn.Module
+    tensors: dict[str, torch.Tensor]
+    write_extra: Callable[[Path], None] | None = None
+
+
 class Method(Protocol):
-    name: str
+    info: MethodInfo
+
+    def check(self) -> None:
+        """Raise SpecError for hyperparameters this method cannot take (a budget for a fixed tensor set)."""
+        ...
+
+    @property
+    def default_rho(self) -> float | None:
+        """The rho it trains within when the job names no budget; None: it trains a fixed set of tensors."""
+        ...
+
+    @property
+    def rho(self) -> float | None:
+        """The rho it trains within: the job's, else its default."""
+        ...
 
     def prepare(self, model: nn.Module, new_modules: list[str]) -> tuple[nn.Module, list[nn.Parameter]]:
         """The model to train (wrapped or not) and the parameters the optimizer holds.
@@ -76,35 +136,99 @@ class Method(Protocol):
         """
         ...
 
+    def weights_source(self, model_dir: str, resume_from: str | None) -> str:
+        """The folder the model's weights are loaded from (a resumed run may continue from its
+        checkpoint's)."""
+        ...
+
+    def restore(self, model: nn.Module, folder: str) -> None:
+        """Put back, into the prepared model, what a checkpoint of this method holds beyond its weights."""
+        ...
+
+    def full_baseline(self, model: nn.Module) -> AbstractContextManager[None] | None:
+        """A context in which ``model`` is the base model that full fine-tuning would train, for the FLOPs
+        baseline; None when the trained model is that model already."""
+        ...
+
     def choose(self, ctx: EpochContext) -> Choice | None:
         """The tensors to train this epoch, or None to keep the last choice."""
         ...
 
+    def export(self, model: nn.Module) -> ModelExport:
+        """The trained model as a checkpoint holds it: under the base's tensor names."""
+        ...
 
-def _all_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.parameters())
+    def cost(self, run: RunCosting) -> MethodCost:
+        """The run's FLOPs and rho_min, before it runs."""
+        ...
 
 
-class FullMethod:
-    """Every tensor trains."""
+def make_method(name: str, hp: Hyperparameters) -> Method:
+    """The method registered under ``name``; unknown names are refused (MethodError)."""
+    info = method_info(name)
+    module, _, cls = info.implementation.partition(":")
+    return getattr(importlib.import_module(module), cls)(info, hp)
 
-    name = "full"
 
-    def __init__(self, hp: Hyperparameters) -> None:
+def _refuse_budget(info: MethodInfo, hp: Hyperparameters, why: str | None = None) -> None:
+    """SpecError when ``hp`` names a budget (rho, max_flops, max_energy_kwh): ``info``'s method trains a fixed
+    set of tensors."""
+    if any(getattr(hp, name) is not None for name in BUDGET_FIELDS):
+        methods = " and ".join(budgeted_methods())
+        generic = f"rho, max_flops and max_energy_kwh apply to methods {methods}, not {info.name}"
+        raise SpecError("hyperparameters", why or generic)
+
+
+class _InPlace:
+    """What the methods that train the base's own tensors share (full, green, topk): the model as loaded,
+    every parameter held by the optimizer (only the chosen ones get gradients), checkpoints of the model
+    itself."""
+
+    info: MethodInfo
+
+    def __init__(self, info: MethodInfo, hp: Hyperparameters) -> None:
+        self.info = info
         self.hp = hp
 
+    def check(self) -> None:
+        if not self.info.budgeted:
+            _refuse_budget(self.info, self.hp)
+
+    @property
+    def default_rho(self) -> float | None:
+        return DEFAULT_RHO if self.info.budgeted else None
+
+    @property
+    def rho(self) -> float | None:
+        return self.hp.rho if self.hp.rho is not None else self.default_rho
+
     def prepare(self, model: nn.Module, new_modules: list[str]) -> tuple[nn.Module, list[nn.Parameter]]:
-        return model, _all_parameters(model)
+        return model, list(model.parameters())
+
+    def weights_source(self, model_dir: str, resume_from: str | None) -> str:
+        return resume_from or model_dir
+
+    def restore(self, model: nn.Module, folder: str) -> None:
+        checkpoint.restore_master_weights(model, folder)
+
+    def full_baseline(self, model: nn.Module) -> AbstractContextManager[None] | None:
+        return None
+
+    def export(self, model: nn.Module) -> ModelExport:
+        return ModelExport(model, model.state_dict())
+
+
+class FullMethod(_InPlace):
+    """Every tensor trains."""
 
     def choose(self, ctx: EpochContext) -> Choice | None:
         return Choice(ctx.profile.names) if ctx.epoch == 1 else None
 
+    def cost(self, run: RunCosting) -> MethodCost:
+        return MethodCost(run.full, run.rho_min, "profile")
 
-def rho_of(hp: Hyperparameters) -> float:
-    return hp.rho if hp.rho is not None else DEFAULT_RHO
 
-
-class GreenMethod:
+class GreenMethod(_InPlace):
     """GreenTrainer: at the start and every ``reselect_every`` epochs, measure each tensor's importance on the
     epoch's first batch(es) (of median size: ``greencore.data.epoch_batches``) and train the tensors that
     maximise it within ``rho`` of full fine-tuning FLOPs, the importance passes included.
@@ -115,20 +239,11 @@ class GreenMethod:
     epoch's other steps. It differs from a loop step only in running without dropout, in float32.
     """
 
-    name = "green"
-
-    def __init__(self, hp: Hyperparameters) -> None:
-        self.hp = hp
-        self.rho = rho_of(hp)
-
-    def prepare(self, model: nn.Module, new_modules: list[str]) -> tuple[nn.Module, list[nn.Parameter]]:
-        return model, _all_parameters(model)
-
     def choose(self, ctx: EpochContext) -> Choice | None:
         if (ctx.epoch - 1) % self.hp.reselect_every:
             return None
-        keep_first = ctx.rest_profile is not None
-        loop = ctx.rest_profile if keep_first else ctx.profile  # the steps the trainer's loop will run
+        keep_first = ctx.first_step_reusable
+        loop = ctx.loop_profile(keep_first)  # the steps the trainer's loop will run
         # Budgets on ``loop`` are shares of its own full FLOPs; the job's rho is a share of the whole epoch's.
         scale = ctx.full_flops / loop.full.total
         target = min(1.0, self.rho * scale)
@@ -140,9 +255,9 @@ class GreenMethod:
                 ctx.model, ctx.importance_batches, ctx.optimizer_factory, names=candidates
             )
             importance = measured.scores
-            spent = sum(importance_flops(p, candidates, 1).total for p in ctx.importance_profiles)
-            # The choice must fit every epoch it covers. Epochs differ a little in their shapes, so a choice that
-            # fits the first may overrun a later one by a hair: tighten the target until all fit.
+            spent = importance_flops(ctx.importance_profile, candidates, 1).total
+            # The choice must fit every epoch it covers. Epochs differ a little in their shapes, so a choice
+            # that fits the first may overrun a later one by a hair: tighten the target until all fit.
             epochs = [(loop, ctx.full_flops, spent)] + [(p, f, 0) for p, f in ctx.later()]
             for _ in range(20):
                 sel = select_tensors(loop, importance, target, reserved_flops=spent)
@@ -161,20 +276,30 @@ class GreenMethod:
         if keep_first and chosen:
             first = FirstStep({n: measured.gradients[n] for n in chosen}, measured.loss)
         ranked = sorted(importance.items(), key=lambda kv: -kv[1])
-        return Choice(
-            chosen,
-            spent,
-            {"objective": sel.objective, "target_rho": target / scale, "importance_top": ranked[:5]},
-            first,
+        details = {"objective": sel.objective, "target_rho": target / scale, "importance_top": ranked[:5]}
+        return Choice(chosen, spent, details, first)
+
+    def cost(self, run: RunCosting) -> MethodCost:
+        # Epochs that select also pay the importance passes, inside the same budget.
+        rho_min = max(
+            (_cheapest(p) + (importance_flops(imp, None, 1).total if i % self.hp.reselect_every == 0 else 0))
+            / p.full.total
+            for i, (p, imp) in enumerate(zip(run.epochs, run.importance, strict=True))
         )
+        return MethodCost(None, rho_min, "budget")
+
+
+def _cheapest(profile: TensorProfile) -> int:
+    """FLOPs of the cheapest step that trains one tensor."""
+    return min(profile.step_flops_bits(1 << i).total for i in range(len(profile.names)))
 
 
 def transformer_layers(model: nn.Module) -> list[list[str]]:
     """Parameter names of each repeated block (transformer layer), in model order.
 
     A layer list is an ``nn.ModuleList`` of two or more modules of one class holding parameters; lists inside
-    such a layer (or inside another list) are parts of it. Encoder-decoders give the encoder's blocks, then the
-    decoder's.
+    such a layer (or inside another list) are parts of it. Encoder-decoders give the encoder's blocks, then
+    the decoder's.
     """
     lists: list[str] = []
     for name, module in model.named_modules():
@@ -207,22 +332,25 @@ def top_layers(profile: TensorProfile, layers: list[list[str]], k: int) -> tuple
     return tuple(n for n in profile.names if n in set(chosen) | set(head))
 
 
-class TopKMethod:
-    """The paper's baseline: train the top k transformer layers and the head; k from the hyperparameters, or the
-    largest k whose FLOPs fit rho."""
+class TopKMethod(_InPlace):
+    """The paper's baseline: train the top k transformer layers and the head; k from the hyperparameters, or
+    the largest k whose FLOPs fit rho."""
 
-    name = "topk"
+    def check(self) -> None:
+        if self.hp.topk_layers is not None:
+            _refuse_budget(
+                self.info,
+                self.hp,
+                "topk takes topk_layers or a budget (rho, max_flops, max_energy_kwh), not both",
+            )
 
-    def __init__(self, hp: Hyperparameters) -> None:
-        self.hp = hp
+    @property
+    def default_rho(self) -> float | None:
+        return DEFAULT_RHO if self.hp.topk_layers is None else None
 
     def prepare(self, model: nn.Module, new_modules: list[str]) -> tuple[nn.Module, list[nn.Parameter]]:
-        self.layers = transformer_layers(model)
-        if not self.layers:
-            raise MethodError(
-                "topk needs a model with repeated layers (an nn.ModuleList of blocks); none found"
-            )
-        return model, _all_parameters(model)
+        self.layers = _layers_of(model)
+        return model, list(model.parameters())
 
     def choose(self, ctx: EpochContext) -> Choice | None:
         if ctx.epoch != 1:
@@ -231,7 +359,7 @@ class TopKMethod:
         if self.hp.topk_layers is not None:
             k = min(self.hp.topk_layers, n)
             return Choice(top_layers(ctx.profile, self.layers, k), 0, {"k": k, "layers": n})
-        rho = rho_of(self.hp)
+        rho = self.rho
         for k in range(n, -1, -1):
             chosen = top_layers(ctx.profile, self.layers, k)
             if chosen and ctx.profile.step_flops(chosen).total <= rho * ctx.full_flops:
@@ -239,6 +367,22 @@ class TopKMethod:
         head = top_layers(ctx.profile, self.layers, 0)
         rho_min = ctx.profile.step_flops(head).total / ctx.full_flops if head else 1.0
         raise BudgetTooSmall(rho, rho_min)
+
+    def cost(self, run: RunCosting) -> MethodCost:
+        layers = transformer_layers(run.model)
+        head = top_layers(run.epochs[0], layers, 0) if layers else ()
+        rho_min = max(p.step_flops(head).total / p.full.total for p in run.epochs) if head else 1.0
+        if self.hp.topk_layers is None:
+            return MethodCost(None, rho_min, "budget")
+        chosen = top_layers(run.epochs[0], layers, min(self.hp.topk_layers, len(layers)))
+        return MethodCost(sum(p.step_flops(chosen).total for p in run.epochs), rho_min, "profile")
+
+
+def _layers_of(model: nn.Module) -> list[list[str]]:
+    layers = transformer_layers(model)
+    if not layers:
+        raise MethodError("topk needs a model with repeated layers (an nn.ModuleList of blocks); none found")
+    return layers
 
 
 def attention_projections(model: nn.Module) -> list[str]:
@@ -262,13 +406,25 @@ def attention_projections(model: nn.Module) -> list[str]:
 
 
 class LoraMethod:
-    """LoRA (peft): rank-``lora_r`` adapters with scaling ``lora_alpha / lora_r`` on the attention projections;
-    only the adapters (and a fresh classification head) train."""
+    """LoRA (peft): rank-``lora_r`` adapters with scaling ``lora_alpha / lora_r`` on the attention
+    projections; only the adapters (and a fresh classification head) train. A checkpoint holds the base with
+    the adapters merged (computed out of place: the trained model is never copied nor changed) and the adapter
+    folder."""
 
-    name = "lora"
-
-    def __init__(self, hp: Hyperparameters) -> None:
+    def __init__(self, info: MethodInfo, hp: Hyperparameters) -> None:
+        self.info = info
         self.hp = hp
+
+    def check(self) -> None:
+        _refuse_budget(self.info, self.hp)
+
+    @property
+    def default_rho(self) -> float | None:
+        return None
+
+    @property
+    def rho(self) -> float | None:
+        return self.hp.rho  # None, where check() was asked (the service asks)
 
     def prepare(self, model: nn.Module, new_modules: list[str]) -> tuple[nn.Module, list[nn.Parameter]]:
         from peft import LoraConfig, get_peft_model
@@ -289,18 +445,67 @@ class LoraMethod:
         wrapped = get_peft_model(model, config)
         return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
 
+    def weights_source(self, model_dir: str, resume_from: str | None) -> str:
+        return model_dir  # the base: the adapter is put back after wrapping
+
+    def restore(self, model: nn.Module, folder: str) -> None:
+        checkpoint.restore_adapter(model, folder)
+
+    def full_baseline(self, model: nn.Module) -> AbstractContextManager[None] | None:
+        return model.disable_adapter()  # the same model with its adapters switched off
+
     def choose(self, ctx: EpochContext) -> Choice | None:
         if ctx.epoch != 1:
             return None
         trainable = {n for n, p in ctx.model.named_parameters() if p.requires_grad}
         return Choice(tuple(n for n in ctx.profile.names if n in trainable))
 
+    def export(self, model: nn.Module) -> ModelExport:
+        base = model.get_base_model()
+        adapter = model
 
-METHODS: dict[str, type] = {m.name: m for m in (GreenMethod, FullMethod, LoraMethod, TopKMethod)}
+        def write_adapter(folder: Path) -> None:
+            adapter.save_pretrained(folder / checkpoint.ADAPTER_DIR)
+
+        return ModelExport(base, merged_tensors(base), write_adapter)
+
+    def cost(self, run: RunCosting) -> MethodCost:
+        # Adapters are tiny: the run pays the forward and the activation gradients down to the lowest
+        # projection; the adapters' own FLOPs are not in the base model's profile.
+        names = [f"{m}.weight" for m in attention_projections(run.model)]
+        names = [n for n in names if n in run.epochs[0].names]
+        flops = sum(p.fwd + p.step_flops(names).bwd_act for p in run.epochs) if names else run.full
+        return MethodCost(flops, run.rho_min, "approximate")
 
 
-def make_method(name: str, hp: Hyperparameters) -> Method:
-    """The method registered under ``name``; unknown names are refused."""
-    if name not in METHODS:
-        raise MethodError(f"unknown method {name!r}; one of {', '.join(METHODS)}")
-    return METHODS[name](hp)
+def merged_tensors(base: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of a peft-wrapped model with its LoRA adapters merged, under the base's names: what
+    ``merge_and_unload`` would leave, computed out of place (``W + delta`` equals peft's in-place
+    ``W += delta`` bit for bit), so the trained model is neither copied nor changed. Merging in place and
+    unmerging after would leave ``W + delta - delta``, which is not ``W`` in floating point."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    lora = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    wrappers = {name: m for name, m in base.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, value in base.state_dict().items():
+            parts = key.split(".")
+            if any(p.startswith("lora_") for p in parts):
+                continue  # the adapter itself: merged below
+            module = key.rsplit(".", 1)[0]
+            owner = next((w for w in wrappers if key.startswith(w + ".")), None)
+            if owner is not None:  # a module trained whole (a fresh head): the trained copy replaces it
+                active = f"{owner}.modules_to_save.{wrappers[owner].active_adapter}."
+                if not key.startswith(active):
+                    continue
+                key = owner + "." + key[len(active) :]
+            elif module.endswith(".base_layer") and module[: -len(".base_layer")] in lora:
+                layer = lora[module[: -len(".base_layer")]]
+                key = key.replace(".base_layer.", ".")
+                if key.endswith(".weight"):
+                    for name in layer.active_adapters:
+                        value = value + layer.get_delta_weight(name)
+            out[key] = value
+    return out

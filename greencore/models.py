@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
+
+# Building a model on the meta device and tracing one (profile_model) swap parameters and enter dispatch
+# modes, which threads must not do at once: meta_model and greencore.estimate take this lock.
+TRACE_LOCK = threading.RLock()
 
 
 class ModelFolderError(ValueError):
@@ -36,5 +41,5 @@ def meta_model(model_dir: str | Path) -> torch.nn.Module:
     """The folder's model on the meta device: shapes only, instant, for profiling."""
     config = load_config(model_dir)
     cls = model_class(config)
-    with torch.device("meta"):
+    with TRACE_LOCK, torch.device("meta"):
         return cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)

@@ -6,9 +6,9 @@ training step allowed. Out: a :class:`Selection`, whose step costs at most ``rho
 (``reserved_flops`` included) and whose importance is the largest any mask reaches under the profile's exact
 cost model.
 
-The cost of a mask is ``fwd + c(union of T_k over the mask) + sum of w_k over the mask``: ``T_k`` is the set of
-shared terms tensor k pays for (activation gradients, a weight gradient several tensors need), ``w_k`` its own
-weight gradient. Fix ``d``, the mask's tensor whose shared terms cost most (``A_d = c(T_d)``); every other
+The cost of a mask is ``fwd + c(union of T_k over the mask) + sum of w_k over the mask``: ``T_k`` is the set
+of shared terms tensor k pays for (activation gradients, a weight gradient several tensors need), ``w_k`` its
+own weight gradient. Fix ``d``, the mask's tensor whose shared terms cost most (``A_d = c(T_d)``); every other
 tensor ``k`` with ``T_k`` inside ``T_d`` then adds only ``w_k``: a 0/1 knapsack. Sweeping ``d`` in increasing
 ``A`` keeps one knapsack table growing; the few tensors not covered by ``d`` (its parallel siblings: q/k/v of
 one layer, the other branch of a parallel block, an encoder-decoder's cross-attention k/v beside the decoder)
@@ -18,8 +18,8 @@ the cost), which keeps those sets small.
 
 The knapsack runs over FLOPs in units of the greatest common divisor of the costs (exact: a transformer's
 gradients share a large power of two); only when that grid would exceed ``MAX_BUCKETS`` are costs
-rounded *up* to a coarser grid (never over budget, possibly below the optimum; ``Selection.exact`` says which).
-Every answer is checked against ``profile.step_flops`` before it is returned.
+rounded *up* to a coarser grid (never over budget, possibly below the optimum; ``Selection.exact`` says
+which). Every answer is checked against ``profile.step_flops`` before it is returned.
 """
 
 from __future__ import annotations
@@ -39,14 +39,17 @@ MAX_ENUM = 12  # uncovered siblings enumerated exactly per deepest tensor (2**12
 
 
 class BudgetTooSmall(ValueError):
-    """``rho`` cannot pay for one step that trains any tensor: ``rho < rho_min`` (the message names both)."""
+    """``rho`` cannot pay for one step that trains any tensor: ``rho < rho_min`` (the message names both).
+    ``message`` replaces the default message (a budget given as FLOPs or energy says so)."""
 
-    def __init__(self, rho: float, rho_min: float, detail: str = "") -> None:
+    def __init__(self, rho: float, rho_min: float, detail: str = "", message: str | None = None) -> None:
         self.rho = rho
         self.rho_min = rho_min
         self.detail = detail
-        message = f"rho {rho:.3f} is below rho_min {rho_min:.3f} for this model and batch shape"
-        super().__init__(f"{message}: {detail}" if detail else message)
+        if message is None:
+            message = f"rho {rho:.3f} is below rho_min {rho_min:.3f} for this model and batch shape"
+            message = f"{message}: {detail}" if detail else message
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ def _check(profile: TensorProfile, rho: float, reserved_flops: int) -> int:
 
 
 def _clean(importance: Mapping[str, float], names: tuple[str, ...]) -> dict[int, float]:
-    """Finite, positive importances by profile index; anything else (absent, <= 0, NaN, inf) is not trained."""
+    """Finite, positive importances by profile index; anything else (absent, <= 0, NaN, inf) is not
+    trained."""
     values = {}
     for i, name in enumerate(names):
         v = importance.get(name)
@@ -307,8 +311,8 @@ def _search(prob: _Problem, knap: _Knapsack) -> tuple[list[int], bool]:
             entangled.sort(key=lambda k: -prob.value[k])
             enumerated, charged = entangled[:MAX_ENUM], entangled[MAX_ENUM:]
             # Covered pending items cost only their own weight gradient; a sibling sharing none of its extra
-            # terms with another costs them exactly on top. Entangled siblings beyond the enumeration limit are
-            # charged their extra terms each, as if unshared: an over-estimate, never over budget.
+            # terms with another costs them exactly on top. Entangled siblings beyond the enumeration limit
+            # are charged their extra terms each, as if unshared: an over-estimate, never over budget.
             extension = [(k, prob.weight[k]) for k in pending if not uncovered[k]]
             extension += [
                 (k, prob.weight[k] + _bit_cost(uncovered[k], prob.term_costs)) for k in alone + charged
@@ -379,7 +383,8 @@ def select_tensors(
     *,
     reserved_flops: int = 0,
 ) -> Selection:
-    """The mask that maximises summed importance with ``step_flops(mask).total + reserved_flops <= rho * full``.
+    """The mask that maximises summed importance with
+    ``step_flops(mask).total + reserved_flops <= rho * full``.
 
     ``importance``: tensor name -> loss reduction (any sign). Only tensors with a finite, positive importance
     are trained; names the profile does not hold (parameters the loss does not use) are ignored. When no

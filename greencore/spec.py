@@ -6,10 +6,13 @@ so the worker can store them as JSON without knowing torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-METHODS = ("green", "full", "lora", "topk")
+from greencore.registry import DEFAULT_METHOD
+
+DEFAULT_RHO = 0.5  # share of full fine-tuning FLOPs a budgeted method gets when the job names no budget
+BUDGET_FIELDS = ("rho", "max_flops", "max_energy_kwh")  # one budget at most; the last two resolve to a rho
 
 
 class SpecError(ValueError):
@@ -21,27 +24,71 @@ class SpecError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    limit: float | None = None,
+) -> Any:
+    """A hyperparameter: its default, what it means (the API's and CLI's help) and its bounds. ``ge``, ``gt``
+    and ``le`` bound what can run at all (checked everywhere); ``limit`` is the largest value the service
+    accepts (its schema's maximum), which a run of greencore alone may exceed."""
+    return field(default=default, metadata={"doc": doc, "ge": ge, "gt": gt, "le": le, "limit": limit})
+
+
 @dataclass
 class Hyperparameters:
-    n_epochs: int = 3  # passes over the training file
-    batch_size: int = 8  # sequences per optimizer step
-    learning_rate: float = 5e-5  # AdamW peak learning rate
-    max_seq_len: int = 512  # tokens per example; longer ones are truncated (and counted)
-    rho: float | None = None  # share of full fine-tuning FLOPs allowed (green, topk); None: 0.5
-    reselect_every: int = 1  # epochs between tensor selections (green)
-    warmup_steps: int = 0  # linear warmup steps, then linear decay to 0
-    weight_decay: float = 0.0  # AdamW weight decay
-    lora_r: int = 8  # LoRA rank (lora)
-    lora_alpha: int = 16  # LoRA scaling numerator (lora)
-    topk_layers: int | None = None  # layers trained from the top (topk); None: the most that fit rho
-    importance_batches: int = (
-        1  # batches at the start of a selecting epoch that importance is measured on (green)
+    """Every training setting, with its bounds: the one list the API's schema and the CLI's options derive
+    from (``api.schemas.jobs``), checked by :meth:`check`."""
+
+    n_epochs: int = setting(3, "passes over the training file", ge=1, limit=1000)
+    batch_size: int = setting(8, "sequences per optimizer step", ge=1, limit=4096)
+    learning_rate: float = setting(5e-5, "AdamW peak learning rate", gt=0, limit=1)
+    max_seq_len: int = setting(512, "tokens per example; longer ones are cut", ge=8, limit=131072)
+    rho: float | None = setting(
+        None,
+        f"share of full fine-tuning FLOPs allowed (methods that take a budget); default {DEFAULT_RHO}",
+        gt=0,
+        le=1,
     )
-    max_grad_norm: float | None = 1.0  # gradients clipped to this global L2 norm; None: no clipping
-    bf16: bool = False  # bf16 autocast on CUDA (weights and optimizer stay float32); ignored on CPU
+    max_flops: float | None = setting(None, "instead of rho: FLOPs allowed for the whole run", gt=0)
+    max_energy_kwh: float | None = setting(
+        None, "instead of rho: energy allowed for the whole run, kWh on the device profile", gt=0
+    )
+    reselect_every: int = setting(1, "epochs between tensor selections (green)", ge=1, limit=1000)
+    warmup_steps: int = setting(0, "linear warmup steps, then linear decay to 0", ge=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0, limit=1)
+    lora_r: int = setting(8, "LoRA rank (lora)", ge=1, limit=1024)
+    lora_alpha: int = setting(16, "LoRA scaling numerator (lora)", ge=1, limit=65536)
+    topk_layers: int | None = setting(None, "layers trained from the top (topk); 0: the head only", ge=0)
+    importance_batches: int = setting(1, "batches importance is measured on (green)", ge=1, limit=64)
+    max_grad_norm: float | None = setting(1.0, "gradient clipping to this L2 norm; null: none", gt=0)
+    bf16: bool = setting(False, "bf16 autocast on CUDA (weights stay float32); ignored on CPU")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self) -> None:
+        """Raise :class:`SpecError` on a value out of its bounds, or on more than one budget."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            bounds = f.metadata
+            if bounds["ge"] is not None and value < bounds["ge"]:
+                raise SpecError(f.name, f"must be at least {bounds['ge']}")
+            if bounds["gt"] is not None and value <= bounds["gt"]:
+                raise SpecError(
+                    f.name, "must be positive" if bounds["gt"] == 0 else f"must exceed {bounds['gt']}"
+                )
+            if bounds["le"] is not None and value > bounds["le"]:
+                raise SpecError(f.name, f"must be at most {bounds['le']}")
+        given = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise SpecError("hyperparameters", f"give one budget, not {' and '.join(given)}")
 
 
 @dataclass
@@ -60,7 +107,7 @@ class TrainSpec:
     model_dir: str  # a Hugging Face model folder (config, weights, tokenizer)
     train_file: str  # JSONL dataset
     output_dir: str  # checkpoints go to output_dir/epoch-N and output_dir/final
-    method: str = "green"  # one of METHODS
+    method: str = DEFAULT_METHOD  # a name in greencore.registry.METHODS
     valid_file: str | None = None  # JSONL dataset for validation
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     seed: int = 0  # seeds initialisation, data order and dropout; CPU runs are bit-reproducible
@@ -69,30 +116,13 @@ class TrainSpec:
     device: str | None = None  # "cuda", "cpu"; None: CUDA when present
 
     def check(self) -> None:
-        """Raise :class:`SpecError` on a setting out of range (files and model are checked when loaded)."""
-        hp = self.hyperparameters
+        """Raise :class:`SpecError` on a setting out of range or a method that cannot take it (files and model
+        are checked when loaded)."""
+        from greencore.registry import METHODS
+
         if self.method not in METHODS:
             raise SpecError("method", f"unknown method {self.method!r}; one of {', '.join(METHODS)}")
-        for name in (
-            "n_epochs",
-            "batch_size",
-            "max_seq_len",
-            "reselect_every",
-            "lora_r",
-            "importance_batches",
-        ):
-            if getattr(hp, name) < 1:
-                raise SpecError(name, "must be at least 1")
-        if hp.learning_rate <= 0:
-            raise SpecError("learning_rate", "must be positive")
-        if hp.warmup_steps < 0 or hp.weight_decay < 0:
-            raise SpecError("warmup_steps" if hp.warmup_steps < 0 else "weight_decay", "must not be negative")
-        if hp.rho is not None and not 0 < hp.rho <= 1:
-            raise SpecError("rho", "must be in (0, 1]")
-        if hp.topk_layers is not None and hp.topk_layers < 0:
-            raise SpecError("topk_layers", "must not be negative")
-        if hp.max_grad_norm is not None and hp.max_grad_norm <= 0:
-            raise SpecError("max_grad_norm", "must be positive")
+        self.hyperparameters.check()
 
 
 @dataclass

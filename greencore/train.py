@@ -1,13 +1,12 @@
 """The training run behind a job: ``train(spec, on_epoch, should_stop, on_step) -> TrainReport``.
 
-One loop for every method (green, full, lora, topk) and every task (causal LM, seq2seq, classification):
+One recipe for every method (``greencore.methods``) and every task (causal LM, seq2seq, classification):
 
-1. Read and validate the data; the task follows from its format and the model's config.
-2. Load the model in float32 (saved back in the base's dtypes), let the method prepare it (LoRA wraps it).
-3. Each epoch: plan its batches (a pure function of seed and epoch), profile each batch shape once, let the
-   method choose the tensors to train (GreenTrainer: importance + selection within rho), train only those,
-   measure the first step with FlopCounterMode beside the profile's prediction, validate, meter energy,
-   checkpoint atomically, and hand the EpochReport to ``on_epoch``.
+    run = _setup(spec)                       data, model, method, optimizer, schedule, resume state
+    for epoch in the epochs left:
+        report = _train_epoch(run, epoch)    plan the batches, the method chooses the tensors, train them,
+                                             measure the first step's FLOPs, validate, meter energy
+        _save(run, report)                   checkpoint atomically, then hand the report to on_epoch
 
 FLOPs are FlopCounterMode's (a multiply-add is 2). On CPU the model runs eager attention, which is what the
 profile counts (FlopCounterMode counts 0 for CPU SDPA); on CUDA the model keeps its own attention kernel.
@@ -20,9 +19,9 @@ import hashlib
 import json
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,28 +31,34 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from greencore import checkpoint
-from greencore.data import (
-    IGNORE,
-    DatasetError,
-    Encoded,
-    batch_shape,
-    collate,
-    encode_dataset,
-    epoch_batches,
-    task_for,
-    validate_dataset,
-)
+from greencore.data import IGNORE, DatasetError, Encoded, collate, encode_dataset, task_for, validate_dataset
 from greencore.energy import EnergyMeter, grams_co2e
+from greencore.estimate import run_costs
 from greencore.flops import StepFlops
 from greencore.importance import tentative_optimizer_factory
-from greencore.methods import Choice, EpochContext, make_method, rho_of
+from greencore.methods import Choice, EpochContext, FirstStep, Method, make_method
 from greencore.models import ModelFolderError, load_config
-from greencore.profile import TensorProfile, eager_attention, profile_model
-from greencore.spec import EpochReport, TrainReport, TrainSpec
+from greencore.plan import EpochPlan, ShapeProfiles, plan_epoch
+from greencore.profile import eager_attention
+from greencore.spec import EpochReport, Hyperparameters, TrainReport, TrainSpec
+
+__all__ = ["LossNotFinite", "auto_class", "evaluate", "linear_schedule", "train"]
+
+OnEpoch = Callable[[EpochReport], None]
+ShouldStop = Callable[[], bool]
+OnStep = Callable[[int, int, int], None]
+Batch = dict[str, torch.Tensor]
+
+LOSS_CHECK_EVERY = 16  # steps between checks that the training loss is still finite
+
+
+class LossNotFinite(RuntimeError):
+    """The training loss became NaN or infinite: the run stops before it saves weights that are garbage."""
 
 
 def auto_class(task: str) -> type:
-    """The transformers Auto class that loads a model for ``task`` (imported here: `import greencore` stays light)."""
+    """The transformers Auto class that loads a model for ``task`` (imported here: `import greencore` stays
+    light)."""
     import transformers
 
     return {
@@ -63,9 +68,72 @@ def auto_class(task: str) -> type:
     }[task]
 
 
-OnEpoch = Callable[[EpochReport], None]
-ShouldStop = Callable[[], bool]
-OnStep = Callable[[int, int, int], None]
+@dataclass
+class TrainingState:
+    """What a checkpoint's ``training_state.pt`` holds to resume a run exactly after ``epoch``."""
+
+    fingerprint: str  # what the run was given (_fingerprint): another job's checkpoint is refused
+    epoch: int
+    global_step: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]  # "torch", "cuda" (None on CPU)
+    selection: list[str]  # the tensors the last epoch trained
+    trained: list[str]  # every tensor trained so far (their saved values differ from the base)
+    reports: list[dict[str, Any]]  # the EpochReports so far
+    selection_details: dict[str, Any] = field(default_factory=dict)  # how the last selection was made
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> TrainingState:
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+@dataclass
+class _Hooks:
+    on_epoch: OnEpoch | None
+    should_stop: ShouldStop | None
+    on_step: OnStep | None
+
+    def stop(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
+
+
+@dataclass
+class _Run:
+    """Everything a run holds: what ``_setup`` built, and what changes epoch by epoch."""
+
+    spec: TrainSpec
+    hp: Hyperparameters
+    device: torch.device
+    task: str
+    labels: list[str] | None
+    tokenizer: Any
+    train_data: Encoded
+    valid_data: Encoded | None
+    method: Method
+    model: nn.Module
+    params: list[nn.Parameter]  # what the optimizer holds
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    profiles: ShapeProfiles
+    meter: EnergyMeter
+    autocast: AbstractContextManager[Any]
+    dtypes: dict[str, torch.dtype]  # the base's dtype of each tensor, kept in checkpoints
+    default_dtype: torch.dtype
+    fingerprint: str
+    start_epoch: int
+    choice: Choice | None = None  # the tensors the last epoch trained
+    trained: set[str] = field(default_factory=set)
+    reports: list[EpochReport] = field(default_factory=list)
+    last_dir: Path | None = None  # the latest checkpoint
+
+    def batch(self, indices: list[int]) -> Batch:
+        return _to(
+            collate(self.train_data, indices, self.tokenizer.pad_token_id, self.hp.max_seq_len), self.device
+        )
 
 
 def train(
@@ -76,20 +144,104 @@ def train(
 ) -> TrainReport:
     """Fine-tune ``spec.model_dir`` on ``spec.train_file`` with ``spec.method``; checkpoint every epoch.
 
-    ``on_epoch(report)`` gets each EpochReport as soon as its epoch is checkpointed. ``should_stop()`` is asked
-    before every step: True ends the run at once, keeping the last checkpoint (``TrainReport.stopped``).
+    ``on_epoch(report)`` gets each EpochReport as soon as its epoch is checkpointed. ``should_stop()`` is
+    asked before every step: True ends the run at once, keeping the last checkpoint (``TrainReport.stopped``).
     ``on_step(epoch, step, steps_in_epoch)`` follows progress (1-based). With ``spec.resume_from`` (an
     ``epoch-N`` folder of an earlier run of the same spec) the run continues after epoch N exactly as if it
     had never stopped; the report then holds the earlier epochs too.
     Raises SpecError, DatasetError, ModelFolderError, MethodError, CheckpointError or BudgetTooSmall on bad
     input, before anything trains.
     """
+    hooks = _Hooks(on_epoch, should_stop, on_step)
+    run = _setup(spec)
+    stopped = False
+    attention = eager_attention(run.model) if run.device.type == "cpu" else contextlib.nullcontext()
+    with attention:
+        for epoch in range(run.start_epoch, run.hp.n_epochs + 1):
+            report = None if hooks.stop() else _train_epoch(run, epoch, hooks)
+            if report is None:  # asked to stop: the last checkpoint stays the run's
+                stopped = True
+                break
+            _save(run, report)
+            if hooks.on_epoch is not None:
+                hooks.on_epoch(report)
+    final = None
+    if not stopped and run.last_dir is not None:
+        final = str(checkpoint.link_final(spec.output_dir, run.last_dir))
+    return TrainReport(
+        run.reports, final, stopped, run.task, run.method.info.name, run.method.rho, run.labels
+    )
+
+
+# -- setup ---------------------------------------------------------------------------------------------------
+
+
+def _setup(spec: TrainSpec) -> _Run:
+    """Check the spec, read the data, load the model as the method wants it, build the optimizer and schedule,
+    and put back a checkpoint's state when resuming."""
     spec.check()
-    hp = spec.hyperparameters
     device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = load_config(spec.model_dir)
     tokenizer = _load_tokenizer(spec.model_dir)
+    task, labels, train_data, valid_data = _setup_data(spec, config, tokenizer)
+    hp = _resolve_budget(spec, train_data, labels)
+    method = make_method(spec.method, hp)
 
+    fingerprint = _fingerprint(spec, hp)
+    state = TrainingState.from_dict(checkpoint.load_state(spec.resume_from)) if spec.resume_from else None
+    if state is not None and state.fingerprint != fingerprint:
+        raise checkpoint.CheckpointError(
+            f"{spec.resume_from} was written by a different job "
+            "(model, data, method or hyperparameters differ)"
+        )
+
+    torch.manual_seed(spec.seed)
+    source = method.weights_source(spec.model_dir, spec.resume_from if state is not None else None)
+    model, new_modules = _load_model(source, task, labels, tokenizer, device)
+    model, params = method.prepare(model, new_modules)
+    if state is not None and spec.resume_from is not None:
+        method.restore(model, spec.resume_from)  # what the checkpoint holds beyond the weights loaded
+    model.to(device)
+
+    total_steps = math.ceil(len(train_data) / hp.batch_size) * hp.n_epochs
+    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(hp.warmup_steps, total_steps))
+    default_dtype = getattr(config, "dtype", None) or torch.float32
+    default_dtype = getattr(torch, default_dtype) if isinstance(default_dtype, str) else default_dtype
+    use_bf16 = hp.bf16 and device.type == "cuda"
+    run = _Run(
+        spec=spec,
+        hp=hp,
+        device=device,
+        task=task,
+        labels=labels,
+        tokenizer=tokenizer,
+        train_data=train_data,
+        valid_data=valid_data,
+        method=method,
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        profiles=ShapeProfiles(model, baseline=lambda: method.full_baseline(model)),
+        meter=EnergyMeter(str(device), spec.energy),
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext(),
+        dtypes=checkpoint.base_dtypes(spec.model_dir),
+        default_dtype=default_dtype,
+        fingerprint=fingerprint,
+        start_epoch=1,
+        last_dir=Path(spec.resume_from) if spec.resume_from else None,
+    )
+    if state is not None:
+        _resume(run, state)
+    return run
+
+
+def _setup_data(
+    spec: TrainSpec, config: Any, tokenizer: Any
+) -> tuple[str, list[str] | None, Encoded, Encoded | None]:
+    """The task, the label names (classification), and the training and validation data, tokenized."""
+    hp = spec.hyperparameters
     train_summary = validate_dataset(spec.train_file)
     valid_summary = validate_dataset(spec.valid_file) if spec.valid_file else None
     if valid_summary is not None and valid_summary.format != train_summary.format:
@@ -107,227 +259,32 @@ def train(
     )
     if not len(train_data):
         raise DatasetError(None, None, "no example keeps a completion token within max_seq_len")
-
-    fingerprint = _fingerprint(spec)
-    state = checkpoint.load_state(spec.resume_from) if spec.resume_from else None
-    if state is not None and state["fingerprint"] != fingerprint:
-        raise checkpoint.CheckpointError(
-            f"{spec.resume_from} was written by a different job (model, data, method or hyperparameters differ)"
-        )
-
-    torch.manual_seed(spec.seed)
-    method = make_method(spec.method, hp)
-    model, new_modules = _load_model(spec, task, labels, tokenizer, state, device, method.name)
-    model, params = method.prepare(model, new_modules)
-    if state is not None and method.name == "lora":
-        checkpoint.restore_adapter(model, spec.resume_from)
-    model.to(device)
-
-    steps_per_epoch = math.ceil(len(train_data) / hp.batch_size)
-    total_steps = steps_per_epoch * hp.n_epochs
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(hp.warmup_steps, total_steps))
-    dtypes = checkpoint.base_dtypes(spec.model_dir)
-    default_dtype = getattr(config, "dtype", None) or torch.float32
-    default_dtype = getattr(torch, default_dtype) if isinstance(default_dtype, str) else default_dtype
-
-    reports: list[EpochReport] = []
-    choice: Choice | None = None
-    trained: set[str] = set()  # every tensor trained so far (their saved values differ from the base)
-    start_epoch = 1
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        choice = Choice(tuple(state["selection"]), 0, state.get("selection_details", {}))
-        trained = set(state["trained"])
-        reports = [EpochReport(**r) for r in state["reports"]]
-        start_epoch = state["epoch"] + 1
-
-    profiles = _ShapeProfiles(model, lora=method.name == "lora")
-    meter = EnergyMeter(str(device), spec.energy)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if hp.bf16 and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    attention = eager_attention(model) if device.type == "cpu" else contextlib.nullcontext()
-    pad_id = tokenizer.pad_token_id
-    last_dir = Path(spec.resume_from) if spec.resume_from else None
-    stopped = False
-
-    def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
-        return _to(collate(train_data, indices, pad_id, hp.max_seq_len), device)
-
-    def shapes_of(epoch: int) -> list[tuple[int, ...]]:
-        return [batch_shape(train_data, idx, hp.max_seq_len) for idx in _order(train_data, spec, epoch)]
-
-    def steps_profile(shapes: list[tuple[int, ...]]) -> tuple[TensorProfile, int]:
-        """Steps of these batch shapes combined, and what full fine-tuning of the base would spend on them."""
-        counts = {s: shapes.count(s) for s in dict.fromkeys(shapes)}
-        combined = TensorProfile.combine([(profiles.get(s), n) for s, n in counts.items()])
-        return combined, sum(profiles.full(s) * n for s, n in counts.items())
-
-    with attention:
-        for epoch in range(start_epoch, hp.n_epochs + 1):
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
-            started = time.perf_counter()
-            meter.start()
-            order = _order(train_data, spec, epoch)
-            shapes = [batch_shape(train_data, idx, hp.max_seq_len) for idx in order]
-            profile, full_flops = steps_profile(shapes)
-            n_imp = min(hp.importance_batches, len(order))
-            ctx = EpochContext(
-                epoch=epoch,
-                model=model,
-                profile=profile,
-                rest_profile=steps_profile(shapes[1:])[0] if n_imp == 1 and len(order) > 1 else None,
-                full_flops=full_flops,
-                later=lambda e0=epoch: [
-                    steps_profile(shapes_of(e))
-                    for e in range(e0 + 1, min(e0 + hp.reselect_every, hp.n_epochs + 1))
-                ],
-                importance_batches=[make_batch(idx) for idx in order[:n_imp]],
-                importance_profiles=[profiles.get(s) for s in shapes[:n_imp]],
-                # The tentative step of the importance pass is the training optimizer's next step (a copy of it:
-                # its moments and the scheduled learning rate), as in the paper's code.
-                optimizer_factory=tentative_optimizer_factory(optimizer),
-            )
-            new_choice = method.choose(ctx)
-            selection_flops = new_choice.selection_flops if new_choice is not None else 0
-            choice = new_choice or choice
-            assert choice is not None, "every method chooses in the first epoch"
-            chosen = set(choice.names)
-            for name, param in model.named_parameters():
-                param.requires_grad_(name in chosen)
-            trained |= chosen
-
-            first = new_choice.first_step if new_choice is not None else None
-            if first is not None:  # the importance pass computed the first batch's step: take it
-                named = dict(model.named_parameters())
-                for name, grad in first.gradients.items():
-                    named[name].grad = grad
-                _optimizer_step(params, optimizer, scheduler, hp)
-            steps = _run_steps(
-                model,
-                params,
-                optimizer,
-                scheduler,
-                order,
-                make_batch,
-                task,
-                epoch,
-                bool(chosen),
-                hp,
-                autocast,
-                should_stop,
-                on_step,
-                first=(first.loss, ctx.importance_batches[0]) if first else None,
-            )
-            if steps.stopped:
-                stopped = True
-                break
-
-            # An epoch that trains nothing runs no step, not even a forward: it costs only its selection. The
-            # loop's steps are the epoch's, less the first when the importance pass took it.
-            looped = ctx.rest_profile if first is not None else profile
-            train_flops = looped.step_flops(choice.names) if chosen else StepFlops(0, 0, 0)
-            first_looped = shapes[1] if first is not None else shapes[0]
-            total = train_flops.total + selection_flops
-            valid_started = time.perf_counter()
-            valid_loss, valid_acc = _evaluate(model, valid_data, pad_id, hp, device, autocast)
-            wall_s = time.perf_counter() - started
-            valid_wall_s = time.perf_counter() - valid_started
-            energy = meter.stop(total)
-            report = EpochReport(
-                epoch=epoch,
-                selected_tensors=list(choice.names),
-                flops={
-                    "fwd": train_flops.fwd,
-                    "bwd_act": train_flops.bwd_act,
-                    "bwd_weight": train_flops.bwd_weight,
-                    "selection": selection_flops,
-                    "total": total,
-                    "full": full_flops,
-                    "predicted_step": profiles.get(first_looped).step_flops(choice.names).total
-                    if chosen
-                    else 0,
-                    "measured_step": steps.measured_flops,
-                },
-                rho_achieved=total / full_flops,
-                tokens=steps.tokens,
-                wall_s=wall_s,
-                valid_wall_s=valid_wall_s,
-                train_loss=steps.mean_loss,
-                valid_loss=valid_loss,
-                valid_accuracy=valid_acc if task == "classification" else None,
-                valid_token_accuracy=valid_acc if task != "classification" else None,
-                energy_j=energy.energy_j,
-                energy_method=energy.method,
-                gco2e=grams_co2e(energy.energy_j, spec.energy),
-                steps=steps.steps,
-                truncated_examples=train_data.truncated,
-                energy_inputs=energy.inputs,
-                selection={**_plain(choice.details), "reselected": new_choice is not None},
-                dropped_examples=train_data.dropped,
-            )
-            last_dir = checkpoint.epoch_dir(spec.output_dir, epoch)
-            report.checkpoint_dir = str(last_dir)
-            reports.append(report)
-            state = {
-                "fingerprint": fingerprint,
-                "epoch": epoch,
-                "global_step": epoch * steps_per_epoch,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                },
-                "selection": list(choice.names),
-                "selection_details": _plain(choice.details),
-                "trained": sorted(trained),
-                "reports": [_plain(asdict(r)) for r in reports],
-            }
-            narrow = [n for n in sorted(trained) if _saved_dtype(n, dtypes, default_dtype) != torch.float32]
-            checkpoint.save_checkpoint(
-                last_dir,
-                model,
-                tokenizer,
-                dtypes,
-                default_dtype,
-                state,
-                master_names=narrow if method.name != "lora" else (),
-            )
-            if on_epoch is not None:
-                on_epoch(report)
-
-    final = None
-    if not stopped and last_dir is not None:
-        final = str(checkpoint.link_final(spec.output_dir, last_dir))
-    rho = (
-        rho_of(hp) if method.name == "green" or (method.name == "topk" and hp.topk_layers is None) else hp.rho
-    )
-    return TrainReport(reports, final, stopped, task, method.name, rho, labels)
+    return task, labels, train_data, valid_data
 
 
-LOSS_CHECK_EVERY = 16  # steps between checks that the training loss is still finite
+def _resolve_budget(spec: TrainSpec, data: Encoded, labels: list[str] | None) -> Hyperparameters:
+    """The hyperparameters with the budget as a rho: ``max_flops`` or ``max_energy_kwh`` are converted by the
+    estimate's rule (``greencore.estimate.resolve_rho``) on the run's own plan."""
+    hp = spec.hyperparameters
+    if hp.max_flops is None and hp.max_energy_kwh is None:
+        return hp
+    costs = run_costs(spec.model_dir, data, spec.method, hp, spec.seed, len(labels) if labels else None)
+    return replace(hp, rho=costs.resolve_rho(hp, spec.energy), max_flops=None, max_energy_kwh=None)
 
 
-class LossNotFinite(RuntimeError):
-    """The training loss became NaN or infinite: the run stops before it saves weights that are garbage."""
+def _resume(run: _Run, state: TrainingState) -> None:
+    run.optimizer.load_state_dict(state.optimizer)
+    run.scheduler.load_state_dict(state.scheduler)
+    torch.set_rng_state(state.rng["torch"])
+    if run.device.type == "cuda" and state.rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(state.rng["cuda"], run.device)
+    run.choice = Choice(tuple(state.selection), 0, state.selection_details)
+    run.trained = set(state.trained)
+    run.reports = [EpochReport(**r) for r in state.reports]
+    run.start_epoch = state.epoch + 1
 
 
-def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
-    if not bool(torch.isfinite(loss_sum)):
-        raise LossNotFinite(
-            f"the training loss became {loss_sum.item()} in epoch {epoch} (by step {step}): training diverged; "
-            "lower learning_rate (or use bf16/fp32 weights); the checkpoints of earlier epochs are kept"
-        )
+# -- one epoch -----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -335,71 +292,204 @@ class _EpochSteps:
     steps: int  # optimizer steps taken
     tokens: int  # real tokens in the epoch's batches
     mean_loss: float | None  # None when nothing trained
-    measured_flops: int  # FlopCounterMode's count of the first step
-    stopped: bool  # should_stop() said so before the epoch ended
+    measured_flops: int  # FlopCounterMode's count of the loop's first step
+
+
+def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
+    """Choose the epoch's tensors, train them on the epoch's batches, validate; None when asked to stop."""
+    hp = run.hp
+    started = time.perf_counter()
+    run.meter.start()
+    plan = plan_epoch(run.train_data, hp, run.spec.seed, epoch)
+    importance_batches = [run.batch(idx) for idx in plan.batches[: plan.importance]]
+    full_flops = run.profiles.full(plan.shapes)
+    ctx = EpochContext(
+        epoch=epoch,
+        model=run.model,
+        profile=run.profiles.steps(plan.shapes),
+        full_flops=full_flops,
+        first_step_reusable=plan.importance == 1 and len(plan.batches) > 1,
+        loop_profile=lambda after_first: run.profiles.steps(plan.shapes[1:] if after_first else plan.shapes),
+        later=lambda: _later_epochs(run, epoch),
+        importance_batches=importance_batches,
+        importance_profile=run.profiles.steps(plan.shapes[: plan.importance]),
+        # The tentative step of the importance pass is the training optimizer's next step (a copy of it: its
+        # moments and the scheduled learning rate), as in the paper's code.
+        optimizer_factory=tentative_optimizer_factory(run.optimizer),
+    )
+    new_choice = run.method.choose(ctx)
+    run.choice = new_choice or run.choice
+    assert run.choice is not None, "every method chooses in the first epoch"
+    names = run.choice.names
+    for name, param in run.model.named_parameters():
+        param.requires_grad_(name in names)
+    run.trained |= set(names)
+
+    # The one place that knows the importance pass may have computed the epoch's first step: the loop then
+    # starts at the second batch, and the FLOPs below are the loop's steps plus the importance passes.
+    first = new_choice.first_step if new_choice is not None else None
+    skip = 0 if first is None else 1
+    steps = _run_steps(run, plan, epoch, hooks, first, importance_batches[0] if first else None)
+    if steps is None:
+        return None
+
+    # An epoch that trains nothing runs no step, not even a forward: it costs only its selection.
+    train_flops = run.profiles.steps(plan.shapes[skip:]).step_flops(names) if names else StepFlops(0, 0, 0)
+    selection_flops = new_choice.selection_flops if new_choice is not None else 0
+    total = train_flops.total + selection_flops
+    valid_started = time.perf_counter()
+    valid_loss, valid_acc = evaluate(
+        run.model, run.valid_data, run.tokenizer.pad_token_id, hp, run.device, run.autocast
+    )
+    wall_s = time.perf_counter() - started
+    energy = run.meter.stop(total)
+    return EpochReport(
+        epoch=epoch,
+        selected_tensors=list(names),
+        flops={
+            "fwd": train_flops.fwd,
+            "bwd_act": train_flops.bwd_act,
+            "bwd_weight": train_flops.bwd_weight,
+            "selection": selection_flops,
+            "total": total,
+            "full": full_flops,
+            "predicted_step": run.profiles.steps([plan.shapes[skip]]).step_flops(names).total if names else 0,
+            "measured_step": steps.measured_flops,
+        },
+        rho_achieved=total / full_flops,
+        tokens=steps.tokens,
+        wall_s=wall_s,
+        valid_wall_s=time.perf_counter() - valid_started,
+        train_loss=steps.mean_loss,
+        valid_loss=valid_loss,
+        valid_accuracy=valid_acc if run.task == "classification" else None,
+        valid_token_accuracy=valid_acc if run.task != "classification" else None,
+        energy_j=energy.energy_j,
+        energy_method=energy.method,
+        gco2e=grams_co2e(energy.energy_j, run.spec.energy),
+        steps=steps.steps,
+        truncated_examples=run.train_data.truncated,
+        energy_inputs=energy.inputs,
+        selection={**_plain(run.choice.details), "reselected": new_choice is not None},
+        dropped_examples=run.train_data.dropped,
+    )
+
+
+def _later_epochs(run: _Run, epoch: int) -> list[tuple[Any, int]]:
+    """(combined profile, full FLOPs) of the epochs after ``epoch`` that its selection covers."""
+    last = min(epoch + run.hp.reselect_every, run.hp.n_epochs + 1)
+    plans = [plan_epoch(run.train_data, run.hp, run.spec.seed, e) for e in range(epoch + 1, last)]
+    return [(run.profiles.steps(p.shapes), run.profiles.full(p.shapes)) for p in plans]
 
 
 def _run_steps(
-    model: nn.Module,
-    params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    order: list[list[int]],
-    make_batch: Callable[[list[int]], dict[str, torch.Tensor]],
-    task: str,
-    epoch: int,
-    trains: bool,
-    hp: Any,
-    autocast: Any,
-    should_stop: ShouldStop | None,
-    on_step: OnStep | None,
-    first: tuple[float, dict[str, torch.Tensor]] | None = None,
-) -> _EpochSteps:
-    """One epoch's optimizer steps over the batches of ``order``; the first the loop runs is measured under
-    FlopCounterMode. ``first``: (loss, batch) of the first batch, whose step was already taken (from the
-    importance pass); the loop starts at the second."""
+    run: _Run, plan: EpochPlan, epoch: int, hooks: _Hooks, first: FirstStep | None, first_batch: Batch | None
+) -> _EpochSteps | None:
+    """The epoch's optimizer steps over ``plan``'s batches; the first the loop runs is measured under
+    FlopCounterMode. ``first``: the first batch's step, computed by the importance pass: applied here, and the
+    loop starts at the second batch. None when ``should_stop`` said so before the epoch ended."""
+    model, n = run.model, len(plan.batches)
+    trains = bool(run.choice and run.choice.names)  # else nothing fits the budget: the epoch trains nothing
     model.train()
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
     tokens = measured = 0
-    skip = 0
-    if first is not None:
-        skip = 1
-        loss_sum += first[0]
-        tokens += _tokens(first[1], task)
-        if on_step is not None:
-            on_step(epoch, 1, len(order))
-    for step, idx in enumerate(order[skip:], start=1 + skip):
-        if should_stop is not None and should_stop():
-            return _EpochSteps(step - 1, tokens, None, measured, stopped=True)
-        batch = make_batch(idx)
-        tokens += _tokens(batch, task)
-        if trains:  # else nothing fits the budget: the epoch trains nothing
-            counter = FlopCounterMode(display=False) if step == 1 + skip else contextlib.nullcontext()
+    if first is not None and first_batch is not None:
+        named = dict(model.named_parameters())
+        for name, grad in first.gradients.items():
+            named[name].grad = grad
+        _optimizer_step(run)
+        loss_sum += first.loss
+        tokens += _tokens(first_batch, run.task)
+        if hooks.on_step is not None:
+            hooks.on_step(epoch, 1, n)
+    start = 2 if first is not None else 1
+    for step, idx in enumerate(plan.batches[start - 1 :], start=start):
+        if hooks.stop():
+            return None
+        batch = run.batch(idx)
+        tokens += _tokens(batch, run.task)
+        if trains:
+            # forward and backward (the loop's first step under FlopCounterMode), then clip, step, schedule
+            counter = FlopCounterMode(display=False) if step == start else contextlib.nullcontext()
             with counter:
-                with autocast:
+                with run.autocast:
                     loss = model(**batch).loss
                 loss.backward()
-            if step == 1 + skip:
+            if step == start:
                 measured = int(counter.get_total_flops())
-            _optimizer_step(params, optimizer, scheduler, hp)
+            _optimizer_step(run)
             loss_sum += loss.detach().float()
-            if step % LOSS_CHECK_EVERY == 0 or step == len(order):  # a read syncs a GPU: not every step
+            if step % LOSS_CHECK_EVERY == 0 or step == n:  # a read syncs a GPU: not every step
                 _check_finite(loss_sum, epoch, step)
-        if on_step is not None:
-            on_step(epoch, step, len(order))
-    mean = loss_sum.item() / len(order) if trains else None
-    return _EpochSteps(len(order) if trains else 0, tokens, mean, measured, stopped=False)
+        if hooks.on_step is not None:
+            hooks.on_step(epoch, step, n)
+    mean = loss_sum.item() / n if trains else None
+    return _EpochSteps(n if trains else 0, tokens, mean, measured)
 
 
-def _optimizer_step(
-    params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any, hp: Any
-) -> None:
+def _optimizer_step(run: _Run) -> None:
     """One training step from the gradients in ``.grad``: clip, step, schedule, clear."""
-    if hp.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], hp.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    if run.hp.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in run.params if p.grad is not None], run.hp.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    if not bool(torch.isfinite(loss_sum)):
+        raise LossNotFinite(
+            f"the training loss became {loss_sum.item()} in epoch {epoch} (by step {step}): "
+            "training diverged; "
+            "lower learning_rate (or use bf16/fp32 weights); the checkpoints of earlier epochs are kept"
+        )
+
+
+# -- checkpoint ----------------------------------------------------------------------------------------------
+
+
+def _save(run: _Run, report: EpochReport) -> None:
+    """Write the epoch's checkpoint (the model as its method exports it, and the state to resume from)."""
+    assert run.choice is not None
+    run.last_dir = checkpoint.epoch_dir(run.spec.output_dir, report.epoch)
+    report.checkpoint_dir = str(run.last_dir)
+    run.reports.append(report)
+    device = run.device
+    state = TrainingState(
+        fingerprint=run.fingerprint,
+        epoch=report.epoch,
+        global_step=report.epoch * math.ceil(len(run.train_data) / run.hp.batch_size),
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict(),
+        rng={
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        },
+        selection=list(run.choice.names),
+        selection_details=_plain(run.choice.details),
+        trained=sorted(run.trained),
+        reports=[_plain(asdict(r)) for r in run.reports],
+    )
+    export = run.method.export(run.model)
+    # Trained tensors saved in a dtype narrower than float32 keep their float32 values beside, for an exact
+    # resume (a method's own tensors, such as LoRA's adapters, are not among the exported ones).
+    narrow = [
+        n
+        for n in sorted(run.trained)
+        if n in export.tensors and run.dtypes.get(n, run.default_dtype) != torch.float32
+    ]
+    checkpoint.save_checkpoint(
+        run.last_dir,
+        export,
+        run.tokenizer,
+        run.dtypes,
+        run.default_dtype,
+        state.to_dict(),
+        master_names=narrow,
+    )
+
+
+# -- loading -------------------------------------------------------------------------------------------------
 
 
 def _load_tokenizer(model_dir: str) -> Any:
@@ -419,24 +509,15 @@ def _load_tokenizer(model_dir: str) -> Any:
 
 
 def _load_model(
-    spec: TrainSpec,
-    task: str,
-    labels: list[str] | None,
-    tokenizer: Any,
-    state: dict | None,
-    device: torch.device,
-    method: str,
+    source: str, task: str, labels: list[str] | None, tokenizer: Any, device: torch.device
 ) -> tuple[nn.Module, list[str]]:
-    """The model to train, in float32 (eager attention on CPU), and the modules the base did not have.
-
-    A resumed full/green/topk run loads the checkpoint's weights (and the float32 master copies of trained
-    tensors); a resumed LoRA run loads the base, and the adapter is restored after wrapping.
-    """
-    source = spec.resume_from if state is not None and method != "lora" else spec.model_dir
+    """The model in ``source`` (a base folder or a checkpoint), in float32 (eager attention on CPU), and the
+    modules the folder did not have (a fresh classification head)."""
     kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
     if device.type == "cpu":
         kwargs["attn_implementation"] = "eager"
     if task == "classification":
+        assert labels is not None
         kwargs.update(
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
@@ -452,8 +533,6 @@ def _load_model(
         SafetensorError,
     ) as exc:  # SafetensorError: a weights file cut short
         raise ModelFolderError(f"cannot load {source} as a {task} model: {exc}") from exc
-    if state is not None and method != "lora":
-        checkpoint.restore_master_weights(model, spec.resume_from)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # classifiers find the last real token by it
     fresh = list(info.get("missing_keys", [])) + [k for k, *_ in info.get("mismatched_keys", [])]
@@ -461,73 +540,12 @@ def _load_model(
     return model, new_modules
 
 
-def _order(data: Encoded, spec: TrainSpec, epoch: int) -> list[list[int]]:
-    hp = spec.hyperparameters
-    return epoch_batches(data, hp.batch_size, spec.seed, epoch, hp.max_seq_len, hp.importance_batches)
+# -- shared pieces -------------------------------------------------------------------------------------------
 
 
-# Profiles by model structure and batch shape, kept across runs in this process: a profile depends on the
-# architecture, the config and the shape, never on the weights, so a worker training one base model job after
-# job traces each shape once.
-_PROFILE_CACHE: OrderedDict[tuple, TensorProfile] = OrderedDict()
-PROFILE_CACHE_SIZE = 512  # profiles kept (each holds a few hundred cost terms)
-
-
-def clear_profile_cache() -> None:
-    """Forget every cached profile (a benchmark charging each run its own profiling)."""
-    _PROFILE_CACHE.clear()
-
-
-def _structure(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    params = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
-    return hashlib.sha256(
-        repr(
-            (
-                type(model).__qualname__,
-                repr(model),
-                params,
-                config.to_json_string() if config is not None else None,
-            )
-        ).encode()
-    ).hexdigest()
-
-
-def _profile(model: nn.Module, structure: str, shape: tuple[int, ...]) -> TensorProfile:
-    key = (structure, shape)
-    if key in _PROFILE_CACHE:
-        _PROFILE_CACHE.move_to_end(key)
-        return _PROFILE_CACHE[key]
-    profile = profile_model(model, shape[0], shape[1], shape[2] if len(shape) > 2 else None)
-    _PROFILE_CACHE[key] = profile
-    while len(_PROFILE_CACHE) > PROFILE_CACHE_SIZE:
-        _PROFILE_CACHE.popitem(last=False)
-    return profile
-
-
-class _ShapeProfiles:
-    """Profiles of the training model by batch shape, and full fine-tuning's step FLOPs of the base model."""
-
-    def __init__(self, model: nn.Module, lora: bool) -> None:
-        self.model = model
-        self.lora = lora
-        self.structure = _structure(model)
-        self._base_structure: str | None = None
-
-    def get(self, shape: tuple[int, ...]) -> TensorProfile:
-        return _profile(self.model, self.structure, shape)
-
-    def full(self, shape: tuple[int, ...]) -> int:
-        if not self.lora:
-            return self.get(shape).full.total
-        # Full fine-tuning of the base: the same model with its adapters switched off.
-        with self.model.disable_adapter():
-            self._base_structure = self._base_structure or "base:" + self.structure
-            return _profile(self.model, self._base_structure, shape).full.total
-
-
-def _linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warmup over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup over ``warmup_steps``, then linear decay to 0 at
+    ``total_steps``."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -537,11 +555,11 @@ def _linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], flo
     return factor
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _tokens(batch: dict[str, torch.Tensor], task: str) -> int:
+def _tokens(batch: Batch, task: str) -> int:
     """Real (unpadded) tokens of a batch: inputs, plus targets for seq2seq."""
     n = int(batch["attention_mask"].sum())
     if task == "seq2seq":
@@ -550,8 +568,13 @@ def _tokens(batch: dict[str, torch.Tensor], task: str) -> int:
 
 
 @torch.no_grad()
-def _evaluate(
-    model: nn.Module, data: Encoded | None, pad_id: int, hp: Any, device: torch.device, autocast: Any
+def evaluate(
+    model: nn.Module,
+    data: Encoded | None,
+    pad_id: int,
+    hp: Hyperparameters,
+    device: torch.device,
+    autocast: AbstractContextManager[Any],
 ) -> tuple[float | None, float | None]:
     """Validation loss (mean per example for classification, per target token otherwise) and accuracy
     (share of examples, or of target tokens predicted right). (None, None) without validation data."""
@@ -584,10 +607,6 @@ def _evaluate(
     return loss_sum / max(count, 1), right / max(count, 1)
 
 
-def _saved_dtype(name: str, dtypes: dict[str, torch.dtype], default: torch.dtype) -> torch.dtype:
-    return dtypes.get(name, default)
-
-
 def _plain(value: Any) -> Any:
     """Only plain JSON-able values (so training_state.pt loads with weights_only=True)."""
     return json.loads(json.dumps(value, default=str))
@@ -603,14 +622,16 @@ def _digest(path: str | None) -> str | None:
     return h.hexdigest()
 
 
-def _fingerprint(spec: TrainSpec) -> str:
-    """What a checkpoint must have been trained with to be resumed by ``spec``."""
+def _fingerprint(spec: TrainSpec, hp: Hyperparameters) -> str:
+    """What a checkpoint must have been trained with to be resumed by ``spec`` (``hp``: its hyperparameters
+    with the budget resolved to a rho)."""
+    settings = {k: v for k, v in hp.as_dict().items() if k not in ("max_flops", "max_energy_kwh")}
     what = {
         "model": str(Path(spec.model_dir).resolve()),
         "train": _digest(spec.train_file),
         "valid": _digest(spec.valid_file),
         "method": spec.method,
-        "hyperparameters": spec.hyperparameters.as_dict(),
+        "hyperparameters": settings,
         "seed": spec.seed,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()

@@ -1,7 +1,7 @@
 """What a running job writes as it goes: progress and heartbeat, epochs, events, checkpoints, the end.
 
-The training loop calls ``on_step`` and ``should_stop`` every step; both only read or write memory. A thread of
-the recorder's own (``start`` / ``stop``) writes progress and the heartbeat every GT_CANCEL_POLL_S, in one
+The training loop calls ``on_step`` and ``should_stop`` every step; both only read or write memory. A thread
+of the recorder's own (``start`` / ``stop``) writes progress and the heartbeat every GT_CANCEL_POLL_S, in one
 UPDATE that also tells whether the job is still this worker's running job: a job cancelled (or taken from this
 worker) stops at the next step after that. The heartbeat goes on while the run profiles, measures importance,
 evaluates or saves a checkpoint, so only a worker that is gone stops it (api/recovery.py acts on that).
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from api.archive import folder_bytes
 from api.db import SessionFactory
@@ -22,6 +23,7 @@ from api.ids import new_id
 from api.queries import refresh_totals
 from api.states import InvalidTransition, JobState, add_event, transition
 from api.tables import Checkpoint, Epoch, Job, utcnow
+from greencore.spec import EpochReport, TrainReport
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class JobRecorder:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- the heartbeat ----------------------------------------------------------------------------------------
+    # -- the heartbeat ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the heartbeat thread (a first heartbeat is written before this returns)."""
@@ -99,7 +101,7 @@ class JobRecorder:
 
     # -- called by the training loop at the end of every epoch ----------------------------------------------
 
-    def on_epoch(self, report: Any) -> None:
+    def on_epoch(self, report: EpochReport) -> None:
         """Record a greencore EpochReport, its selection and its checkpoint, in one transaction."""
         with self.sessions() as session:
             existing = session.scalar(
@@ -119,8 +121,8 @@ class JobRecorder:
                     tokens=report.tokens,
                     steps=report.steps,
                     truncated_examples=report.truncated_examples,
-                    dropped_examples=getattr(report, "dropped_examples", 0),
-                    selection=getattr(report, "selection", None) or None,
+                    dropped_examples=report.dropped_examples,
+                    selection=report.selection or None,
                     wall_s=report.wall_s,
                     train_loss=_finite(report.train_loss),
                     valid_loss=_finite(report.valid_loss),
@@ -128,7 +130,7 @@ class JobRecorder:
                     valid_token_accuracy=_finite(report.valid_token_accuracy),
                     energy_j=report.energy_j,
                     energy_method=report.energy_method,
-                    energy_inputs=getattr(report, "energy_inputs", None) or None,
+                    energy_inputs=report.energy_inputs or None,
                     gco2e=report.gco2e,
                     created_at=utcnow(),
                 )
@@ -142,7 +144,7 @@ class JobRecorder:
                 {
                     "epoch": report.epoch,
                     "selected_tensors": list(report.selected_tensors),
-                    "selection": getattr(report, "selection", None) or None,
+                    "selection": report.selection or None,
                 },
             )
             loss = f"{report.train_loss:.4f}" if report.train_loss is not None else "n/a"
@@ -173,7 +175,7 @@ class JobRecorder:
             )
             session.commit()
 
-    def _add_checkpoint(self, session: Any, folder: Path, name: str, epoch: int | None) -> None:
+    def _add_checkpoint(self, session: Session, folder: Path, name: str, epoch: int | None) -> None:
         relative = folder.resolve().relative_to(self.artifacts_dir).as_posix()
         old = session.scalar(
             select(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.name == name)
@@ -198,9 +200,9 @@ class JobRecorder:
 
     # -- the end -------------------------------------------------------------------------------------------
 
-    def finish(self, report: Any) -> str:
-        """Record the final checkpoint and end the job ``succeeded`` (a stopped run keeps the state that stopped
-        it). Returns the job's status."""
+    def finish(self, report: TrainReport) -> str:
+        """Record the final checkpoint and end the job ``succeeded`` (a stopped run keeps the state that
+        stopped it). Returns the job's status."""
         with self.sessions() as session:
             job = session.get(Job, self.job_id)
             assert job is not None

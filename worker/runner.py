@@ -2,9 +2,9 @@
 call it without a broker).
 
 Claim the job (``queued -> running``, or a ``running`` one whose worker died), resume from its last epoch
-checkpoint if it has one, run ``greencore.train`` with callbacks that persist epochs, events and checkpoints as
-they happen and that stop the run within a step of a cancel, and end the job ``succeeded`` or ``failed`` with
-``error: {code, message}``: never left ``running`` by a training error.
+checkpoint if it has one, run ``greencore.train`` with callbacks that persist epochs, events and checkpoints
+as they happen and that stop the run within a step of a cancel, and end the job ``succeeded`` or ``failed``
+with ``error: {code, message}``: never left ``running`` by a training error.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import socket
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -26,6 +25,7 @@ from api.queries import refresh_totals
 from api.recovery import give_up_or_requeue, process_gone
 from api.states import add_event, claim
 from api.tables import Checkpoint, Epoch, File, Job, utcnow
+from greencore.spec import TrainSpec
 from worker.failures import error_of
 from worker.recorder import JobRecorder
 
@@ -65,17 +65,17 @@ def _resume_point(session: Session, job: Job, artifacts_dir: Path) -> Checkpoint
     return best
 
 
-def build_spec(session: Session, job: Job, settings: Settings, resume_from: Path | None) -> Any:
-    """The greencore TrainSpec of a job (paths on this worker)."""
-    from greencore.spec import EnergySettings, Hyperparameters, TrainSpec
+def build_spec(session: Session, job: Job, settings: Settings, resume_from: Path | None) -> TrainSpec:
+    """The greencore TrainSpec of a job (paths on this worker); its budget is the rho the job was created
+    with (a max_flops or max_energy_kwh already converted)."""
+    from greencore.spec import Hyperparameters
 
-    assert settings.artifacts_dir is not None and settings.models_dir is not None
     known = {f.name for f in dataclasses.fields(Hyperparameters)}
-    hp = Hyperparameters(**{k: v for k, v in job.hyperparameters.items() if k in known})
-    hp.rho = job.rho  # the budget in force (max_flops and max_energy_kwh already converted)
+    stored = {k: v for k, v in job.hyperparameters.items() if k in known}
+    hp = Hyperparameters(**{**stored, "rho": job.rho, "max_flops": None, "max_energy_kwh": None})
     train_file = session.get(File, job.training_file)
     valid_file = session.get(File, job.validation_file) if job.validation_file else None
-    assert train_file is not None
+    assert train_file is not None  # a job's files cannot be deleted while it exists
     return TrainSpec(
         model_dir=str(settings.models_dir / job.model),
         train_file=str(settings.artifacts_dir / train_file.path),
@@ -85,14 +85,7 @@ def build_spec(session: Session, job: Job, settings: Settings, resume_from: Path
         hyperparameters=hp,
         seed=job.seed,
         resume_from=str(resume_from) if resume_from else None,
-        energy=EnergySettings(
-            carbon_intensity_g_per_kwh=settings.carbon_intensity_g_per_kwh,
-            pue=settings.pue,
-            device_name=settings.device_name,
-            peak_flops=settings.device_peak_flops,
-            utilization=settings.device_utilization,
-            watts=settings.device_watts,
-        ),
+        energy=settings.energy,
         device=settings.train_device,
     )
 
@@ -103,10 +96,10 @@ def run_job(
     """Run job ``job_id`` to its end on this process; returns its status afterwards.
 
     A job that is not ``queued`` (nor ``running`` with a heartbeat older than GT_HEARTBEAT_STALE_S, or whose
-    process on this host is gone) is left as it is: cancelled before it started, finished, or running elsewhere.
+    process on this host is gone) is left as it is: cancelled before it started, finished, or running
+    elsewhere.
     """
     worker = worker or worker_name()
-    assert settings.artifacts_dir is not None
     with session_factory() as session:
         stale_before = utcnow() - timedelta(seconds=settings.heartbeat_stale_s)
         previous = session.scalar(select(Job.worker).where(Job.id == job_id))

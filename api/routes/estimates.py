@@ -7,10 +7,11 @@ from fastapi import APIRouter
 from api.deps import CatalogDep, CurrentTenant, SessionDep, SettingsDep
 from api.estimates import estimate
 from api.queries import owned_file
-from api.schemas.common import ERROR_RESPONSES
 from api.schemas.estimates import EstimateCreate, EstimatePublic
 
-router = APIRouter(prefix="/v1/estimates", tags=["estimates"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/estimates", tags=["estimates"]
+)  # mounted under /v1 by api.routes (auth, id checks, errors)
 
 
 @router.post("", response_model=EstimatePublic)

@@ -5,21 +5,21 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 from sqlalchemy import select
 
 from api.datasets import inspect_dataset, store_upload
-from api.deps import CatalogDep, CurrentTenant, SessionDep, SettingsDep, ids_in_path
+from api.deps import CatalogDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import InvalidRequest
 from api.ids import new_id
 from api.queries import owned_file, page
-from api.schemas.common import ERROR_RESPONSES, MAX_PAGE, ErrorPublic, IdCursor
+from api.schemas.common import MAX_PAGE, ErrorPublic, IdCursor
 from api.schemas.files import FilePublic, FilesPublic
 from api.tables import File, utcnow
 
 router = APIRouter(
-    prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES, dependencies=[Depends(ids_in_path)]
-)
+    prefix="/files", tags=["files"]
+)  # mounted under /v1 by api.routes (auth, id checks, errors)
 
 PURPOSES = ("fine-tune",)
 
@@ -38,8 +38,8 @@ def upload_file(
     purpose: Annotated[str, Form()] = "fine-tune",
     model: Annotated[str | None, Form(description="count tokens with this model's tokenizer")] = None,
 ) -> FilePublic:
-    """Upload a JSONL dataset; every line is checked, and a bad one answers 400 naming its line and field. A file
-    over GT_MAX_UPLOAD_BYTES answers 413 (api.limits.UploadLimit refuses it as it streams in)."""
+    """Upload a JSONL dataset; every line is checked, and a bad one answers 400 naming its line and field. A
+    file over GT_MAX_UPLOAD_BYTES answers 413 (api.limits.UploadLimit refuses it as it streams in)."""
     if purpose not in PURPOSES:
         raise InvalidRequest(
             f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}", param="purpose"
@@ -48,7 +48,6 @@ def upload_file(
     tokenizer = catalog.tokenizer(tokenizer_model) if tokenizer_model else None
     file_id = new_id("file")
     relative = f"files/{tenant.id}/{file_id}.jsonl"
-    assert settings.artifacts_dir is not None
     # The file is validated under a temporary name and renamed into place; the row follows it, and a failed
     # commit takes the file away again: a file without a row, or a row without its file, never stays.
     stored = store_upload(
@@ -82,9 +81,9 @@ def upload_file(
 
 
 def display_name(filename: str | None) -> str:
-    """The name an upload is listed under: the last part of the name the client sent (which may be a path, even
-    ``../../etc/passwd``), without control characters, at most 255 characters. Only a label: the file is stored
-    as ``files/<tenant id>/<file id>.jsonl``."""
+    """The name an upload is listed under: the last part of the name the client sent (which may be a path,
+    even ``../../etc/passwd``), without control characters, at most 255 characters. Only a label: the file is
+    stored as ``files/<tenant id>/<file id>.jsonl``."""
     name = "".join(ch for ch in re.split(r"[/\\]", filename or "")[-1] if ch.isprintable())[:255].strip()
     return name if name not in ("", ".", "..") else "upload.jsonl"
 

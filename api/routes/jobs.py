@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
@@ -16,13 +16,12 @@ from api.deps import (
     QueueDep,
     SessionDep,
     SettingsDep,
-    ids_in_path,
     run_and_close,
 )
 from api.errors import NotFound
 from api.jobs import cancel_job, create_job
 from api.queries import owned_job, page
-from api.schemas.common import ERROR_RESPONSES, MAX_PAGE, MAX_ROW_ID, TOO_MANY_JOBS, IdCursor
+from api.schemas.common import MAX_PAGE, MAX_ROW_ID, TOO_MANY_JOBS, IdCursor
 from api.schemas.jobs import JobCreate, JobPublic, JobsPublic
 from api.schemas.records import (
     CheckpointPublic,
@@ -35,14 +34,13 @@ from api.schemas.records import (
 from api.states import JobState
 from api.tables import Checkpoint, Epoch, Event, Job
 
-router = APIRouter(
-    prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES, dependencies=[Depends(ids_in_path)]
-)
+router = APIRouter(prefix="/jobs", tags=["jobs"])  # mounted under /v1 by api.routes (auth, id checks, errors)
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
 
-# The two routes clients call most are async, their blocking work one call on a DB thread (api.deps.run_and_close).
+# The two routes clients call most are async, their blocking work one call on a DB thread
+# (api.deps.run_and_close).
 @router.post("", response_model=JobPublic, responses={429: TOO_MANY_JOBS})
 async def create(
     body: JobCreate,
@@ -146,13 +144,12 @@ def list_checkpoints(
 def checkpoint_content(
     job_id: str, checkpoint_id: str, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
 ) -> StreamingResponse:
-    """The checkpoint as a tar of its Hugging Face folder (config, safetensors, tokenizer) under one top folder
-    named ``<job id>-<checkpoint name>``; the resume-only training state is left out."""
+    """The checkpoint as a tar of its Hugging Face folder (config, safetensors, tokenizer) under one top
+    folder named ``<job id>-<checkpoint name>``; the resume-only training state is left out."""
     owned_job(session, tenant.id, job_id)
     row = session.scalar(
         select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_id == job_id)
     )
-    assert settings.artifacts_dir is not None
     if row is None:
         raise NotFound(f"checkpoint {checkpoint_id!r} not found for job {job_id!r}")
     root = f"{job_id}-{row.name}"

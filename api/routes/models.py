@@ -7,10 +7,11 @@ import logging
 from fastapi import APIRouter
 
 from api.deps import CatalogDep, CurrentTenant
-from api.schemas.common import ERROR_RESPONSES
 from api.schemas.models import ModelPublic, ModelsPublic
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/models", tags=["models"]
+)  # mounted under /v1 by api.routes (auth, id checks, errors)
 log = logging.getLogger(__name__)
 
 

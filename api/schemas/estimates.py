@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.schemas.jobs import Hyperparameters, Method
+from greencore.registry import DEFAULT_METHOD
 
 
 class EstimateCreate(BaseModel):
@@ -14,7 +15,7 @@ class EstimateCreate(BaseModel):
 
     model: str
     training_file: str
-    method: Method = "green"
+    method: Method = DEFAULT_METHOD
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="the seed shuffles batches, which sets their shapes")
 

@@ -2,59 +2,74 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
 from api.schemas.common import Page, unix_s
 from api.states import TERMINAL, JobState
 from api.tables import Job, utcnow
+from greencore import spec as core
+from greencore.registry import DEFAULT_METHOD, METHODS, method_info
+from greencore.spec import BUDGET_FIELDS
 
-Method = Literal["green", "full", "lora", "topk"]  # greencore.spec.METHODS
-BUDGET_FIELDS = ("rho", "max_flops", "max_energy_kwh")
 
-
-class Hyperparameters(BaseModel):
-    """Training settings; defaults are greencore's (greencore.spec.Hyperparameters)."""
-
-    model_config = ConfigDict(
-        extra="forbid", allow_inf_nan=False
-    )  # JSON has no Infinity or NaN to store them
-
-    n_epochs: int = Field(3, ge=1, le=1000, description="passes over the training file")
-    batch_size: int = Field(8, ge=1, le=4096, description="sequences per optimizer step")
-    learning_rate: float = Field(5e-5, gt=0, le=1, description="AdamW peak learning rate")
-    max_seq_len: int = Field(512, ge=8, le=131072, description="tokens per example; longer ones are cut")
-    rho: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="share of full fine-tuning FLOPs allowed (green, topk); green default 0.5",
+def _hyperparameters_schema() -> type[BaseModel]:
+    """The API's Hyperparameters: greencore's fields (``greencore.spec.Hyperparameters``) with their defaults,
+    bounds and meanings, refused when unknown, infinite or NaN (JSON has no Infinity or NaN to store them)."""
+    fields: dict[str, Any] = {}
+    hints = get_type_hints(core.Hyperparameters)
+    for f in dataclasses.fields(core.Hyperparameters):
+        bounds = {k: f.metadata[k] for k in ("ge", "gt", "le") if f.metadata[k] is not None}
+        if f.metadata["limit"] is not None:  # the service's own limit
+            bounds["le"] = f.metadata["limit"]
+        fields[f.name] = (hints[f.name], Field(f.default, description=f.metadata["doc"], **bounds))
+    return create_model(
+        "Hyperparameters",
+        __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+        __doc__="Training settings; defaults and bounds are greencore's (greencore.spec.Hyperparameters).",
+        __validators__={"one_budget": model_validator(mode="after")(_one_budget)},
+        **fields,
     )
-    max_flops: float | None = Field(None, gt=0, description="instead of rho: FLOPs allowed for the whole run")
-    max_energy_kwh: float | None = Field(
-        None, gt=0, description="instead of rho: energy allowed for the whole run, kWh on the device profile"
-    )
-    reselect_every: int = Field(1, ge=1, le=1000, description="epochs between tensor selections (green)")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup steps, then linear decay to 0")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay")
-    lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank (lora)")
-    lora_alpha: int = Field(16, ge=1, le=65536, description="LoRA scaling numerator (lora)")
-    topk_layers: int | None = Field(
-        None, ge=0, description="layers trained from the top (topk); 0: the head only"
-    )
-    importance_batches: int = Field(1, ge=1, le=64, description="batches importance is measured on (green)")
-    max_grad_norm: float | None = Field(
-        1.0, gt=0, description="gradient clipping to this L2 norm; null: none"
-    )
-    bf16: bool = Field(False, description="bf16 autocast on CUDA (weights stay float32); ignored on CPU")
 
-    @model_validator(mode="after")
-    def _one_budget(self) -> Hyperparameters:
-        given = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one budget, not {' and '.join(given)}")
-        return self
+
+def _one_budget(hp: BaseModel) -> BaseModel:
+    given = [name for name in BUDGET_FIELDS if getattr(hp, name) is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one budget, not {' and '.join(given)}")
+    return hp
+
+
+Hyperparameters = _hyperparameters_schema()
+
+
+def to_core(hp: BaseModel) -> core.Hyperparameters:
+    """The greencore Hyperparameters of a validated API body."""
+    return core.Hyperparameters(**hp.model_dump())
+
+
+def _known_method(name: str) -> str:
+    method_info(name)  # MethodError (a ValueError: 422 naming the known methods) for an unknown name
+    return name
+
+
+def _methods_schema(schema: dict[str, Any]) -> None:
+    # Read when the schema is generated (not at import): a method registered later is listed too.
+    schema["enum"] = list(METHODS)
+    schema["x-methods"] = [
+        {"name": m.name, "title": m.title, "summary": m.summary, "budgeted": m.budgeted}
+        for m in METHODS.values()
+    ]
+
+
+Method = Annotated[
+    str,
+    AfterValidator(_known_method),
+    Field(
+        description="a method of greencore.registry (x-methods lists them)", json_schema_extra=_methods_schema
+    ),
+]
 
 
 class JobCreate(BaseModel):
@@ -63,7 +78,7 @@ class JobCreate(BaseModel):
     model: str = Field(description="a base model id from GET /v1/models")
     training_file: str = Field(description="a file id from POST /v1/files")
     validation_file: str | None = Field(None, description="a file id, for validation loss and accuracy")
-    method: Method = "green"
+    method: Method = DEFAULT_METHOD
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")

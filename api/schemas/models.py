@@ -16,7 +16,9 @@ class ModelPublic(BaseModel):
     tensors: int = Field(description="number of parameter tensors (a tied weight once)")
     is_encoder_decoder: bool
     tensor_names: list[str] = Field(
-        description="trainable tensors in model order (a tied weight once), as epochs' selected_tensors name them"
+        description=(
+            "trainable tensors in model order (a tied weight once), as epochs' selected_tensors name them"
+        )
     )
 
 

@@ -1,8 +1,8 @@
 """Storage on both backends: uploads and checkpoints are written atomically, a partial file is never served or
 resumed from, and a full disk fails a job with `disk_full` and an upload with 507, leaving nothing behind.
 
-Full disks are real: a small tmpfs mounted over the folder that fills up (this needs root or CAP_SYS_ADMIN; the
-tests that need one are skipped, saying so, where mounting is not permitted).
+Full disks are real: a small tmpfs mounted over the folder that fills up (this needs root or CAP_SYS_ADMIN;
+the tests that need one are skipped, saying so, where mounting is not permitted).
 """
 
 from __future__ import annotations
@@ -34,13 +34,8 @@ from api.ids import new_id
 from api.keys import authenticate
 from api.tables import Checkpoint, File, Job, utcnow
 from greencore import checkpoint
-from tests.service.conftest import (
-    DEMO,
-    SMALL_EXAMPLES,
-    create_job,
-    dataset_lines,
-    upload,
-)
+from greencore.methods import ModelExport
+from tests.service.service_calls import DEMO, SMALL_EXAMPLES, create_job, dataset_lines, upload
 from worker.failures import error_of
 from worker.runner import run_job
 
@@ -82,7 +77,7 @@ def file_rows(sessions, folder: Path) -> int:
         return session.scalar(select(func.count()).select_from(File).where(File.tenant_id == folder.name))
 
 
-# -- uploads ----------------------------------------------------------------------------------------------------
+# -- uploads -------------------------------------------------------------------------------------------------
 
 
 def test_an_upload_is_validated_under_a_temporary_name_then_renamed(tmp_path: Path) -> None:
@@ -225,7 +220,7 @@ def test_an_upload_onto_a_full_disk_answers_507_and_leaves_nothing(
         assert (folder / f"{kept['id']}.jsonl").read_text() == dataset_lines(SMALL_EXAMPLES)
 
 
-# -- checkpoints ------------------------------------------------------------------------------------------------
+# -- checkpoints ---------------------------------------------------------------------------------------------
 
 
 def test_a_checkpoint_whose_files_are_gone_answers_404_and_a_partial_one_is_never_served(
@@ -309,10 +304,12 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_nothing(
     model = AutoModelForCausalLM.from_pretrained(models_dir / DEMO)
     tokenizer = AutoTokenizer.from_pretrained(models_dir / DEMO)
     dtypes = checkpoint.base_dtypes(models_dir / DEMO)
+    model = ModelExport(model, model.state_dict())  # what full fine-tuning's checkpoint holds
     with tmpfs(tmp_path / "out", "1m") as out:
         folder = checkpoint.epoch_dir(out, 1)
         checkpoint.save_checkpoint(folder, model, tokenizer, dtypes, torch.float32, {"epoch": 1})
-        # A rewrite of epoch-1 whose training state does not fit: the model does, torch.save of the state fails.
+        # A rewrite of epoch-1 whose training state does not fit: the model does, torch.save of the state
+        # fails.
         with pytest.raises(checkpoint.CheckpointWriteError) as failure:
             checkpoint.save_checkpoint(
                 folder, model, tokenizer, dtypes, torch.float32, {"epoch": 2, "big": torch.zeros(1 << 20)}
@@ -344,7 +341,7 @@ def test_leftovers_of_a_killed_write_are_removed_by_the_next_save(tmp_path: Path
     assert (final / "model.safetensors").read_bytes() == b"weights"
 
 
-# -- archives: Content-Length is promised up front, so a file that changes must break the download -------------
+# -- archives: Content-Length is promised up front, so a file that changes must break the download -----------
 
 
 @pytest.fixture
@@ -389,7 +386,7 @@ def test_planning_a_missing_folder_fails_rather_than_archiving_nothing(tmp_path:
         plan_tar(tmp_path / "gone", "root")
 
 
-# -- a full disk during a job ------------------------------------------------------------------------------------
+# -- a full disk during a job --------------------------------------------------------------------------------
 
 
 def test_a_job_whose_disk_fills_up_fails_with_disk_full(

@@ -7,13 +7,21 @@ import { h, replace } from '../dom.js';
 import { duration, flops, grams, integer, joules, percent } from '../format.js';
 import { debounce } from '../live.js';
 
-const METHODS = [
-  ['green', 'GreenTrainer', 'trains the tensors that buy the most loss reduction per FLOP, within rho'],
-  ['full', 'Full fine-tuning', 'trains every tensor; the baseline the savings are measured against'],
-  ['lora', 'LoRA', 'low-rank adapters on the attention projections'],
-  ['topk', 'Top layers', 'trains the top layers that fit within rho'],
-];
-const BUDGETED = new Set(['green', 'topk']); // methods that take rho
+let schema = null; // the API's OpenAPI schema, read once: the methods and the hyperparameters' bounds come from it
+
+async function jobSchema() {
+  if (!schema) {
+    schema = fetch('/openapi.json').then((response) => {
+      if (!response.ok) throw new Error(`/openapi.json answered HTTP ${response.status}`);
+      return response.json();
+    });
+    schema.catch(() => { schema = null; }); // the next visit asks again
+  }
+  const components = (await schema).components.schemas;
+  const method = components.JobCreate.properties.method;
+  return { methods: method['x-methods'], defaultMethod: method.default, hyperparameters: components.Hyperparameters.properties };
+}
+
 const DEFAULT_RHO = 0.7;
 const ESTIMATE_WAIT_MS = 250;
 
@@ -41,15 +49,13 @@ export function render(root, params) {
   const rhoField = h('fieldset', { id: 'rho-field' }, h('legend', {}, 'Budget'),
     h('label', { for: 'rho' }, 'rho (share of full fine-tuning FLOPs)'),
     h('div', { class: 'rho-row' }, rhoRange, rhoNumber), rhoSummary, rhoHelp);
-  const methodInputs = METHODS.map(([value, title, text]) => h('label', { class: 'method-option' },
-    h('input', { type: 'radio', name: 'method', value, checked: value === 'green' }),
-    h('span', {}, h('b', {}, `${title} (${value})`), h('span', { class: 'muted small' }, text))));
-  const hp = {
-    n_epochs: numberField('n_epochs', 'Epochs', 3, { min: '1', max: '1000', step: '1' }),
-    batch_size: numberField('batch_size', 'Batch size (sequences)', 8, { min: '1', max: '4096', step: '1' }),
-    learning_rate: numberField('learning_rate', 'Learning rate', 5e-5, { min: '0', max: '1', step: 'any' }),
-    max_seq_len: numberField('max_seq_len', 'Max sequence length (tokens)', 512, { min: '8', step: '1' },
-      'longer examples are cut'),
+  const methodInputs = h('div', { class: 'methods', id: 'methods' }, h('p', { class: 'muted' }, 'loading…'));
+  let budgeted = new Set(); // methods that take rho (x-methods' budgeted)
+  const hp = { // defaults and bounds: showBounds, from the API's schema
+    n_epochs: numberField('n_epochs', 'Epochs', '', { step: '1' }),
+    batch_size: numberField('batch_size', 'Batch size (sequences)', '', { step: '1' }),
+    learning_rate: numberField('learning_rate', 'Learning rate', '', { step: 'any' }),
+    max_seq_len: numberField('max_seq_len', 'Max sequence length (tokens)', '', { step: '1' }, 'longer examples are cut'),
   };
   const seed = numberField('seed', 'Seed', 0, { min: '0', step: '1' });
   const suffix = h('div', { class: 'field' }, h('label', { for: 'suffix' }, 'Suffix (optional)'),
@@ -62,7 +68,7 @@ export function render(root, params) {
       h('div', { class: 'field' }, h('label', { for: 'training-file' }, 'Training file'), trainingFile,
         h('span', { class: 'hint' }, h('a', { href: '#/files' }, 'Upload a dataset'))),
       h('div', { class: 'field' }, h('label', { for: 'validation-file' }, 'Validation file (optional)'), validationFile)),
-    h('fieldset', {}, h('legend', {}, 'Method'), h('div', { class: 'methods' }, methodInputs)),
+    h('fieldset', {}, h('legend', {}, 'Method'), methodInputs),
     rhoField,
     h('fieldset', {}, h('legend', {}, 'Training'), h('div', { class: 'form-grid' }, Object.values(hp), seed, suffix)),
     submitError,
@@ -75,7 +81,7 @@ export function render(root, params) {
 
   replace(root, h('h1', {}, 'New job'), h('div', { class: 'new-job' }, h('section', { class: 'card' }, form), estimateCard));
 
-  const method = () => form.querySelector('input[name=method]:checked').value;
+  const method = () => form.querySelector('input[name=method]:checked')?.value;
   let sequence = 0; // answers that arrive after a newer request are dropped
 
   function body() {
@@ -85,7 +91,7 @@ export function render(root, params) {
       learning_rate: Number(hp.learning_rate.querySelector('input').value),
       max_seq_len: Number(hp.max_seq_len.querySelector('input').value),
     };
-    if (BUDGETED.has(method())) hyperparameters.rho = Number(rhoNumber.value);
+    if (budgeted.has(method())) hyperparameters.rho = Number(rhoNumber.value);
     const out = { model: model.value, training_file: trainingFile.value, method: method(), hyperparameters };
     out.seed = Number(seed.querySelector('input').value) || 0;
     return out;
@@ -180,7 +186,7 @@ export function render(root, params) {
   const estimateSoon = debounce(estimate, ESTIMATE_WAIT_MS);
 
   function methodChanged() {
-    rhoField.hidden = !BUDGETED.has(method());
+    rhoField.hidden = !budgeted.has(method());
     estimateSoon();
   }
 
@@ -192,7 +198,6 @@ export function render(root, params) {
     if (rhoNumber.value !== '') rhoRange.value = rhoNumber.value;
     estimateSoon();
   });
-  for (const input of form.querySelectorAll('input[name=method]')) input.addEventListener('change', methodChanged);
   for (const element of [model, trainingFile, ...Object.values(hp).map((f) => f.querySelector('input')), seed.querySelector('input')]) {
     element.addEventListener('change', estimateSoon);
   }
@@ -215,9 +220,32 @@ export function render(root, params) {
     }
   });
 
+  function showMethods(methods, defaultMethod) {
+    budgeted = new Set(methods.filter((m) => m.budgeted).map((m) => m.name));
+    replace(methodInputs, methods.map((m) => h('label', { class: 'method-option' },
+      h('input', { type: 'radio', name: 'method', value: m.name, checked: m.name === defaultMethod }),
+      h('span', {}, h('b', {}, `${m.title} (${m.name})`), h('span', { class: 'muted small' }, m.summary)))));
+    for (const input of methodInputs.querySelectorAll('input[name=method]')) input.addEventListener('change', methodChanged);
+    rhoField.hidden = !budgeted.has(method());
+  }
+
+  function showBounds(properties) {
+    // The training fields take the API's defaults and bounds (greencore.spec.Hyperparameters).
+    for (const [name, field] of Object.entries(hp)) {
+      const property = properties[name];
+      const input = field.querySelector('input');
+      if (property.default !== undefined) input.value = String(property.default);
+      const min = property.minimum ?? property.exclusiveMinimum;
+      if (min !== undefined) input.min = String(min);
+      if (property.maximum !== undefined) input.max = String(property.maximum);
+    }
+  }
+
   async function loadChoices() {
     try {
-      const [models, files] = await Promise.all([api('/v1/models'), api('/v1/files?limit=100')]);
+      const [models, files, choices] = await Promise.all([api('/v1/models'), api('/v1/files?limit=100'), jobSchema()]);
+      showMethods(choices.methods, choices.defaultMethod);
+      showBounds(choices.hyperparameters);
       replace(model, models.data.length ? null : h('option', { value: '' }, 'no model in GT_MODELS_DIR'),
         models.data.map((m) => h('option', { value: m.id },
           `${m.id} (${m.architecture}, ${integer(m.parameters)} parameters, ${m.tensors} tensors)`)));

@@ -1,0 +1,219 @@
+"""What a run costs before it runs, and the budget its hyperparameters put in force.
+
+``run_costs`` plans the run's epochs with the training run's own planner (``greencore.plan``), profiles each
+row shape once on the base model built on the meta device, and asks the method what it spends
+(``Method.cost``). ``RunCosts.estimate`` then resolves the budget (``rho``, ``max_flops`` or
+``max_energy_kwh``) and prices the FLOPs on a device profile: ``time_s = flops / (peak * utilization)``,
+``energy_j = time_s * watts``, ``gco2e = kWh * intensity * PUE``. The split lets a caller cache the costs
+(planning and profiling) and price many budgets against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from torch import nn
+
+from greencore.data import Encoded
+from greencore.energy import J_PER_KWH, grams_co2e
+from greencore.methods import RunCosting, make_method
+from greencore.models import TRACE_LOCK, load_config, meta_model
+from greencore.plan import ShapeProfiles, plan_epoch
+from greencore.select import BudgetTooSmall
+from greencore.spec import EnergySettings, Hyperparameters
+
+
+@dataclass(frozen=True)
+class FullAndMethod:
+    full: float  # full fine-tuning
+    method: float  # the method at the budget in force
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """A run's cost before it runs, on the device profile of ``energy``."""
+
+    method: str
+    task: str
+    n_epochs: int
+    examples: int  # trained per epoch
+    tokens: int  # per epoch, after cutting at max_seq_len
+    truncated_examples: int
+    steps_per_epoch: int
+    rho: float | None  # the budget in force; None for a fixed tensor set
+    rho_min: float
+    flops_full: int  # the whole run
+    flops_method: int
+    basis: str  # "budget", "profile" or "approximate" (Method.cost)
+    time_s: FullAndMethod
+    energy_j: FullAndMethod
+    gco2e: FullAndMethod
+    min_max_flops: float  # the smallest whole-run FLOPs budget that trains anything
+    min_max_energy_kwh: float  # the same as energy on the device profile
+
+    @property
+    def flops_saved(self) -> float:
+        return 1 - self.flops_method / self.flops_full if self.flops_full else 0.0
+
+
+@dataclass(frozen=True)
+class RunCosts:
+    """The FLOPs of a run planned on a dataset, full fine-tuning's and the method's (no budget applied)."""
+
+    method: str
+    task: str
+    n_epochs: int
+    examples: int
+    tokens: int
+    truncated_examples: int
+    steps_per_epoch: int
+    full: int  # FLOPs of full fine-tuning over the whole run
+    flops: int | None  # the method's; None: what its budget allows (rho x full)
+    rho_min: float
+    basis: str
+
+    def resolve_rho(self, hp: Hyperparameters, energy: EnergySettings) -> float | None:
+        """The rho ``hp`` puts in force (see :func:`resolve_rho`)."""
+        return resolve_rho(self.method, hp, self.full, self.rho_min, energy)
+
+    def estimate(self, hp: Hyperparameters, energy: EnergySettings) -> RunEstimate:
+        """The run's cost at the budget of ``hp``; BudgetTooSmall or SpecError when that budget is refused."""
+        rho = self.resolve_rho(hp, energy)
+        method_flops = self.flops if self.flops is not None else int((rho or 1.0) * self.full)
+        seconds = 1 / (energy.peak_flops * energy.utilization)
+
+        def pair(of: float) -> FullAndMethod:
+            return FullAndMethod(of * self.full, of * method_flops)
+
+        joules = pair(seconds * energy.watts)
+        min_flops = self.rho_min * self.full
+        return RunEstimate(
+            method=self.method,
+            task=self.task,
+            n_epochs=self.n_epochs,
+            examples=self.examples,
+            tokens=self.tokens,
+            truncated_examples=self.truncated_examples,
+            steps_per_epoch=self.steps_per_epoch,
+            rho=rho,
+            rho_min=self.rho_min,
+            flops_full=self.full,
+            flops_method=method_flops,
+            basis=self.basis,
+            time_s=pair(seconds),
+            energy_j=joules,
+            gco2e=FullAndMethod(grams_co2e(joules.full, energy), grams_co2e(joules.method, energy)),
+            min_max_flops=min_flops,
+            min_max_energy_kwh=min_flops / flops_per_kwh(energy),
+        )
+
+
+def run_costs(
+    model_dir: str | Path,
+    data: Encoded,
+    method: str,
+    hp: Hyperparameters,
+    seed: int,
+    num_labels: int | None = None,
+) -> RunCosts:
+    """The FLOPs of training ``data`` (encoded for ``model_dir``'s tokenizer) with ``method`` and ``hp``:
+    the run's own batches (seeded), each row shape profiled once (cached by model structure). ``num_labels``:
+    the classifier's classes (classification data). The budget fields of ``hp`` do not enter."""
+    costed = make_method(method, hp)
+    model = _meta_model(str(model_dir), _mtime(model_dir), data.task, num_labels)
+    profiles = ShapeProfiles(model)
+    epochs, importance = [], []
+    with TRACE_LOCK:
+        for epoch in range(1, hp.n_epochs + 1):
+            plan = plan_epoch(data, hp, seed, epoch)
+            epochs.append(profiles.steps(plan.shapes))
+            importance.append(profiles.steps(plan.shapes[: plan.importance]))
+        cost = costed.cost(RunCosting(model, epochs, importance, hp))
+    return RunCosts(
+        method=method,
+        task=data.task,
+        n_epochs=hp.n_epochs,
+        examples=len(data),
+        tokens=sum(len(ids) for ids in data.input_ids),
+        truncated_examples=data.truncated,
+        steps_per_epoch=-(-len(data) // hp.batch_size),
+        full=sum(p.full.total for p in epochs),
+        flops=cost.flops,
+        rho_min=cost.rho_min,
+        basis=cost.basis,
+    )
+
+
+def flops_per_kwh(energy: EnergySettings) -> float:
+    """FLOPs the device profile does per kWh."""
+    return energy.peak_flops * energy.utilization * J_PER_KWH / energy.watts
+
+
+def resolve_rho(
+    method: str, hp: Hyperparameters, full_run_flops: int, rho_min: float, energy: EnergySettings
+) -> float | None:
+    """The rho a run's hyperparameters put in force, or BudgetTooSmall naming the smallest budget.
+
+    ``rho`` as given; ``max_flops`` / ``max_energy_kwh`` (whole run) converted to the share of full
+    fine-tuning they allow (1 at most); none: the method's default (None for a method that trains a fixed set
+    of tensors, which refuses a budget: SpecError).
+    """
+    costed = make_method(method, hp)
+    costed.check()
+    if costed.default_rho is None:
+        return None
+    min_flops = rho_min * full_run_flops
+    min_kwh = min_flops / flops_per_kwh(energy)
+    smallest = (
+        f"the smallest budget that trains anything is rho_min={rho_min:.4f} of full fine-tuning, "
+        f"max_flops={min_flops:.4g} or max_energy_kwh={min_kwh:.4g}"
+    )
+    if hp.rho is not None:
+        rho, asked = hp.rho, f"rho={hp.rho:g}"
+    elif hp.max_flops is not None:
+        implied = hp.max_flops / full_run_flops
+        rho, asked = min(1.0, implied), f"max_flops={hp.max_flops:.4g} (rho {implied:.4f})"
+    elif hp.max_energy_kwh is not None:
+        allowed = hp.max_energy_kwh * flops_per_kwh(energy)
+        implied = allowed / full_run_flops
+        rho = min(1.0, implied)
+        asked = (
+            f"max_energy_kwh={hp.max_energy_kwh:.4g} ({allowed:.4g} FLOPs on {energy.device_name}, "
+            f"rho {implied:.4f})"
+        )
+    else:
+        rho, asked = costed.default_rho, f"the default rho={costed.default_rho}"
+    if rho_min > 1:
+        raise BudgetTooSmall(
+            rho,
+            rho_min,
+            message=f"{method} cannot train on this dataset within any budget: choosing the tensors "
+            f"(importance passes) and training one tensor cost {rho_min:.4f} of full fine-tuning "
+            "(rho_min > 1); "
+            "give more steps per epoch (more examples or a smaller batch_size) or fewer importance_batches",
+        )
+    if rho < rho_min:
+        raise BudgetTooSmall(rho, rho_min, message=f"{asked} is below rho_min={rho_min:.4f}: {smallest}")
+    return rho
+
+
+def _mtime(model_dir: str | Path) -> int:
+    return (Path(model_dir) / "config.json").stat().st_mtime_ns
+
+
+@lru_cache(maxsize=32)
+def _meta_model(model_dir: str, _mtime_ns: int, task: str, num_labels: int | None) -> nn.Module:
+    """The base model on the meta device, as the run builds it for ``task`` (a classifier of
+    ``num_labels``)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    with TRACE_LOCK:
+        if task != "classification":
+            return meta_model(model_dir)
+        config = load_config(model_dir)
+        config.num_labels = num_labels or 2
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config)

@@ -1,0 +1,113 @@
+"""How a run is cut into steps, and what those steps cost: the one planner the training run and its estimate
+share, so the two cannot drift.
+
+An epoch's batches are a pure function of the data, the hyperparameters, the seed and the epoch
+(``greencore.data.epoch_batches``); each batch is padded to a shape (``batch_shape``). FLOPs are linear in the
+batch dimension, so a batch of shape ``(b, seq[, target])`` costs ``b`` times a batch of one row of that
+shape: profiles are taken per row shape (``profile_model`` with batch 1, cached by model structure) and an
+epoch's profile is the sum of its rows' (``TensorProfile.combine``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from torch import nn
+
+from greencore.data import Encoded, batch_shape, epoch_batches
+from greencore.profile import TensorProfile, profile_model
+from greencore.spec import Hyperparameters
+
+Shape = tuple[int, ...]  # a padded batch: (batch, seq) or, for seq2seq, (batch, seq, target)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch's steps, in training order."""
+
+    epoch: int  # 1-based
+    batches: list[list[int]]  # example indices of each step
+    shapes: list[Shape]  # each step's padded shape
+    importance: int  # the leading batches importance is measured on (green)
+
+
+def plan_epoch(data: Encoded, hp: Hyperparameters, seed: int, epoch: int) -> EpochPlan:
+    """The steps of epoch ``epoch``: the same for the run, for a resumed run and for the estimate."""
+    batches = epoch_batches(data, hp.batch_size, seed, epoch, hp.max_seq_len, hp.importance_batches)
+    shapes = [batch_shape(data, idx, hp.max_seq_len) for idx in batches]
+    return EpochPlan(epoch, batches, shapes, min(hp.importance_batches, len(batches)))
+
+
+# Profiles by model structure and row shape, kept across runs in this process: a profile depends on the
+# architecture, the config and the shape, never on the weights, so a worker training one base model job after
+# job traces each shape once.
+_PROFILE_CACHE: OrderedDict[tuple[str, Shape], TensorProfile] = OrderedDict()
+PROFILE_CACHE_SIZE = 512  # profiles kept (each holds a few hundred cost terms)
+
+
+def clear_profile_cache() -> None:
+    """Forget every cached profile (a benchmark charging each run its own profiling)."""
+    _PROFILE_CACHE.clear()
+
+
+def model_structure(model: nn.Module) -> str:
+    """A digest of what a profile depends on: the model's classes, modules, parameter shapes and config."""
+    config = getattr(model, "config", None)
+    params = [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
+    what = (
+        type(model).__qualname__,
+        repr(model),
+        params,
+        config.to_json_string() if config is not None else None,
+    )
+    return hashlib.sha256(repr(what).encode()).hexdigest()
+
+
+class ShapeProfiles:
+    """Profiles of one model's training steps by batch shape, and full fine-tuning's FLOPs of its base.
+
+    ``baseline``: a context in which the model is the base that full fine-tuning would train (LoRA's adapters
+    switched off: ``Method.full_baseline``); None when the model is that base.
+    """
+
+    def __init__(
+        self, model: nn.Module, baseline: Callable[[], AbstractContextManager[None] | None] | None = None
+    ) -> None:
+        self.model = model
+        self.structure = model_structure(model)
+        self.baseline = baseline
+
+    def _row(self, structure: str, row: Shape) -> TensorProfile:
+        key = (structure, row)
+        if key in _PROFILE_CACHE:
+            _PROFILE_CACHE.move_to_end(key)
+            return _PROFILE_CACHE[key]
+        profile = profile_model(self.model, 1, row[0], row[1] if len(row) > 1 else None)
+        _PROFILE_CACHE[key] = profile
+        while len(_PROFILE_CACHE) > PROFILE_CACHE_SIZE:
+            _PROFILE_CACHE.popitem(last=False)
+        return profile
+
+    def steps(self, shapes: Sequence[Shape]) -> TensorProfile:
+        """The profile of these steps together: ``step_flops(mask)`` is their summed FLOPs with that mask."""
+        return TensorProfile.combine((self._row(self.structure, row), n) for row, n in _rows(shapes))
+
+    def full(self, shapes: Sequence[Shape]) -> int:
+        """FLOPs of full fine-tuning of the base model over these steps."""
+        context = self.baseline() if self.baseline is not None else None
+        if context is None:
+            return self.steps(shapes).full.total
+        with context:
+            return sum(self._row("base:" + self.structure, row).full.total * n for row, n in _rows(shapes))
+
+
+def _rows(shapes: Sequence[Shape]) -> list[tuple[Shape, int]]:
+    """(row shape, rows of it) over these batches, in a fixed order."""
+    rows: Counter[Shape] = Counter()
+    for shape in shapes:
+        rows[shape[1:]] += shape[0]
+    return sorted(rows.items())
