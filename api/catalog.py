@@ -56,13 +56,22 @@ class ModelCatalog:
 
     def describe(self, model_id: str) -> ModelInfo:
         """Architecture, parameters and tensors of a model (built on the meta device, no weights read)."""
-        path = self.path(model_id)
-        return _describe(str(path), _mtime(path))
+        return describe_folder(self.path(model_id))
+
+    def created(self, model_id: str) -> int:
+        """When the model's folder was written, seconds since 1970."""
+        return int((self.path(model_id) / "config.json").stat().st_mtime)
 
     def tokenizer(self, model_id: str) -> Any:
         """The model's tokenizer (cached)."""
         path = self.path(model_id)
         return tokenizer_at(str(path), _mtime(path))
+
+
+def describe_folder(path: Path) -> ModelInfo:
+    """What :meth:`ModelCatalog.describe` says, of any Hugging Face folder (a fine-tuned model's checkpoint);
+    its id is the folder's name (callers name fine-tuned models themselves)."""
+    return _describe(str(path), _mtime(path))
 
 
 def _mtime(path: Path) -> int:

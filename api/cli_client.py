@@ -76,11 +76,10 @@ def _job_body(args: argparse.Namespace) -> dict[str, Any]:
     hp = {
         name: getattr(args, name) for name in Hyperparameters.model_fields if getattr(args, name) is not None
     }
-    body: dict[str, Any] = {
+    body: dict[str, Any] = {  # OpenAI's body: the hyperparameters under the method object
         "model": args.model,
         "training_file": args.training_file,
-        "method": args.method,
-        "hyperparameters": hp,
+        "method": {"type": args.method, args.method: {"hyperparameters": hp}},
         "seed": args.seed,
     }
     if getattr(args, "validation_file", None):
@@ -123,7 +122,8 @@ def cmd_jobs_create(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.create_job(_job_body(args))
         print(
-            f"created job {job['id']} ({job['method']}, rho {job['rho']}): {job['status']}", file=sys.stderr
+            f"created job {job['id']} ({job['method']['type']}, rho {job['rho']}): {job['status']}",
+            file=sys.stderr,
         )
         if args.wait:
             job = watch(client, job["id"], sys.stderr)
@@ -156,7 +156,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
                 j["id"],
                 j["status"],
                 j["model"],
-                j["method"],
+                j["method"]["type"],
                 j["rho"],
                 f"{100 * saved:.1f}%" if saved is not None else "",
                 f"{j['energy_j']:.1f}",
@@ -217,7 +217,7 @@ def cmd_jobs_get(args: argparse.Namespace) -> int:
         rho = f"{job['rho']:.4g}" if job["rho"] is not None else "--"
         rho_min = f"{job['rho_min']:.4f}" if job["rho_min"] is not None else "--"
         print(
-            f"job {job['id']}: {job['status']}  model {job['model']}  method {job['method']}  "
+            f"job {job['id']}: {job['status']}  model {job['model']}  method {job['method']['type']}  "
             f"rho {rho} (rho_min {rho_min})"
         )
         print(progress_line(job))
@@ -236,7 +236,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 def cmd_jobs_download(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        checkpoints = client.checkpoints(args.job_id)["data"]
+        checkpoints = client.all_checkpoints(args.job_id)
         chosen = [c for c in checkpoints if args.checkpoint in (c["id"], c["name"])]
         if not chosen:
             names = ", ".join(c["name"] for c in checkpoints) or "none yet"

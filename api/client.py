@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 
+JOBS = "/v1/fine_tuning/jobs"  # OpenAI's path of the fine-tuning jobs
+
 
 class ApiError(Exception):
     """An error answer: HTTP ``status`` and the body's ``code`` and ``message``."""
@@ -74,33 +76,47 @@ class Client:
         return self.request("POST", "/v1/estimates", json=body)
 
     def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", "/v1/jobs", json=body)
+        """``body``: OpenAI's creation body; ``method`` is ``{"type": T, T: {"hyperparameters": {...}}}``."""
+        return self.request("POST", JOBS, json=body)
 
     def list_jobs(
         self, limit: int = 20, after: str | None = None, status: str | None = None
     ) -> dict[str, Any]:
-        return self.request("GET", "/v1/jobs", params=_params(limit=limit, after=after, status=status))
+        return self.request("GET", JOBS, params=_params(limit=limit, after=after, status=status))
 
     def get_job(self, job_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{job_id}")
+        return self.request("GET", f"{JOBS}/{job_id}")
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/jobs/{job_id}/cancel")
+        return self.request("POST", f"{JOBS}/{job_id}/cancel")
 
     def epochs(self, job_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{job_id}/epochs")
+        return self.request("GET", f"{JOBS}/{job_id}/epochs")
 
-    def events(self, job_id: str, after: int | None = None) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{job_id}/events", params=_params(after=after))
+    def events(self, job_id: str, after: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        """A page of the job's events, newest first; ``after`` an event id: the events before it."""
+        return self.request("GET", f"{JOBS}/{job_id}/events", params=_params(after=after, limit=limit))
 
-    def checkpoints(self, job_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{job_id}/checkpoints")
+    def checkpoints(self, job_id: str, after: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        """A page of the job's checkpoints, newest first; ``after`` a checkpoint id: the ones before it."""
+        return self.request("GET", f"{JOBS}/{job_id}/checkpoints", params=_params(after=after, limit=limit))
+
+    def all_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """Every checkpoint of the job, newest first (every page)."""
+        found: list[dict[str, Any]] = []
+        after = None
+        while True:
+            page = self.checkpoints(job_id, after=after, limit=100)
+            found += page["data"]
+            if not page["has_more"] or not page["data"]:
+                return found
+            after = page["data"][-1]["id"]
 
     def download_checkpoint(self, job_id: str, checkpoint_id: str, dest: str | Path) -> Path:
         """Stream a checkpoint's tar and unpack it into ``dest``; returns the Hugging Face folder."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        url = f"/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content"
+        url = f"{JOBS}/{job_id}/checkpoints/{checkpoint_id}/content"
         with tempfile.TemporaryFile() as tmp:
             with self.http.stream("GET", url) as response:
                 if response.status_code >= 400:

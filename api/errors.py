@@ -1,8 +1,12 @@
 """Errors a user can cause, each mapped to one HTTP status here and nowhere else.
 
-Every error answers ``{"error": {"code", "message", ...}}``; dataset errors add ``line`` and ``field``, budget
-errors ``rho_min`` (and the smallest budget in the user's units), limit errors the limit. Starlette's own
-errors (an unknown path, a method not allowed, a body that cannot be parsed) answer in the same shape.
+Every error answers in OpenAI's shape, ``{"error": {"message", "type", "param", "code", ...}}``: ``type`` is
+OpenAI's class of error (``invalid_request_error``, ``authentication_error``, ...), ``code`` this service's
+machine-readable reason; dataset errors add ``line`` and ``field``, budget errors ``rho_min`` (and the
+smallest budget in the user's units), limit errors the limit. A body that does not validate is a 400, as
+OpenAI answers it. An error that retrying cannot fix carries ``x-should-retry: false``, which OpenAI's
+clients obey. Starlette's own errors (an unknown path, a method not allowed, a body that cannot be parsed)
+answer in the same shape.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ from starlette.exceptions import HTTPException
 
 from api.states import InvalidTransition
 
+NO_RETRY = {"x-should-retry": "false"}  # OpenAI's clients retry 409, 429 and 5xx unless told not to
+
 
 class UserError(Exception):
     """A mistake in a request; ``code`` is machine-readable, the message says what and where."""
 
     code = "invalid_request"
+    error_type = "invalid_request_error"  # OpenAI's class of error
+    retry = True  # False: the same request can only fail again (x-should-retry: false)
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -28,15 +36,22 @@ class UserError(Exception):
         self.details = details
 
     def body(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, **self.details}
+        return {
+            "message": self.message,
+            "type": self.error_type,
+            "param": None,
+            "code": self.code,
+            **self.details,
+        }
 
     def headers(self) -> dict[str, str] | None:
         """HTTP headers the answer carries."""
-        return None
+        return None if self.retry else dict(NO_RETRY)
 
 
 class NotAuthenticated(UserError):
     code = "invalid_api_key"
+    error_type = "authentication_error"
 
     def headers(self) -> dict[str, str] | None:
         return {"WWW-Authenticate": "Bearer"}
@@ -73,10 +88,12 @@ class BudgetTooSmallError(UserError):
 
 class PayloadTooLarge(UserError):
     code = "payload_too_large"
+    retry = False
 
 
 class Conflict(UserError):
     code = "conflict"
+    retry = False
 
 
 class TooManyJobs(UserError):
@@ -84,15 +101,19 @@ class TooManyJobs(UserError):
     hint."""
 
     code = "too_many_jobs"
+    error_type = "rate_limit_error"
+    retry = False  # not within a client's few quick retries: when the tenant's jobs end
 
     def headers(self) -> dict[str, str] | None:
-        return {"Retry-After": str(self.details["retry_after_s"])}
+        return {"Retry-After": str(self.details["retry_after_s"]), **NO_RETRY}
 
 
 class InsufficientStorage(UserError):
     """The service's storage has no space left for what the request would write; nothing was stored."""
 
     code = "insufficient_storage"
+    error_type = "server_error"
+    retry = False
 
 
 STATUS: dict[type[Exception], int] = {
@@ -121,34 +142,68 @@ def status_of(exc: Exception) -> int:
     return 400
 
 
+WHERE = ("body", "query", "path", "header", "cookie")  # where FastAPI found the value: not a field's name
+
+
+def _location(loc: tuple[Any, ...], body: Any) -> list[str]:
+    """A validation error's place as the user wrote it: the field's path, without FastAPI's source (``body``,
+    ``query``) and pydantic's union members (``constrained-int``, ``literal['auto']``); ``method.settings.x``
+    is ``method.<type>.x``."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in WHERE:
+        parts = parts[1:]
+    parts = [p for p in parts if p.isidentifier() or p.isdigit()]
+    if (
+        parts[:2] == ["method", "settings"]
+        and isinstance(body, dict)
+        and isinstance(body.get("method"), dict)
+    ):
+        parts[1] = str(body["method"].get("type", "settings"))
+    return parts
+
+
+def _problems(exc: RequestValidationError) -> list[tuple[str, str]]:
+    """(field path, message) of each problem, one per field: a value that fits no member of a union (a number
+    or "auto") is one problem, the first member's."""
+    found: dict[str, str] = {}
+    for err in exc.errors():
+        where = ".".join(_location(err.get("loc", ()), exc.body))
+        found.setdefault(where, str(err.get("msg", "")).removeprefix("Value error, "))
+    return list(found.items())
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn user errors and request validation errors into JSON answers."""
 
     async def user_error(_request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, InvalidTransition):
-            body = {"code": "invalid_state", "message": str(exc), "status": exc.status}
-        else:
-            assert isinstance(exc, UserError)
-            body = exc.body()
-        headers = exc.headers() if isinstance(exc, UserError) else None
-        return JSONResponse({"error": body}, status_code=status_of(exc), headers=headers)
+        if isinstance(exc, InvalidTransition):  # a job's state does not allow it: asking again cannot help
+            body = {
+                "message": str(exc),
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_state",
+            }
+            return JSONResponse({"error": {**body, "status": exc.status}}, status_code=409, headers=NO_RETRY)
+        assert isinstance(exc, UserError)
+        return JSONResponse({"error": exc.body()}, status_code=status_of(exc), headers=exc.headers())
 
     async def http_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        body = {"code": code, "message": str(exc.detail)}
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        body = {"message": str(exc.detail), "type": kind, "param": None, "code": code}
         return JSONResponse({"error": body}, status_code=exc.status_code, headers=exc.headers)
 
     async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        body = {"code": "invalid_request", "message": "; ".join(problems), "param": param}
-        return JSONResponse({"error": body}, status_code=422)
+        problems = _problems(exc)
+        body = {
+            "message": "; ".join(f"{where}: {msg}" if where else msg for where, msg in problems),
+            "type": "invalid_request_error",
+            "param": (problems[0][0] or None) if problems else None,
+            "code": "invalid_request",
+        }
+        return JSONResponse({"error": body}, status_code=400, headers=NO_RETRY)
 
     app.add_exception_handler(UserError, user_error)
     app.add_exception_handler(InvalidTransition, user_error)

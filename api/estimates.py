@@ -14,7 +14,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from api.catalog import ModelCatalog, tokenizer_at
+from pydantic import BaseModel
+
+from api.catalog import tokenizer_at
 from api.config import Settings
 from api.datasets import inspect_dataset
 from api.errors import BudgetTooSmallError, DatasetInvalid, InvalidRequest
@@ -75,24 +77,26 @@ def _run_costs(
 
 
 def estimate(
-    catalog: ModelCatalog,
     settings: Settings,
+    model_path: Path,
     model_id: str,
     file: File,
     method: str,
-    hp: Hyperparameters,
+    hp: BaseModel,
     seed: int,
 ) -> EstimatePublic:
-    """The cost of a job before it runs; raises BudgetTooSmallError / InvalidRequest / DatasetInvalid."""
+    """The cost of a job before it runs (``model_path``: the folder of ``model_id``, base or fine-tuned;
+    ``hp``: validated ``api.schemas.jobs.Hyperparameters``); raises BudgetTooSmallError / InvalidRequest /
+    DatasetInvalid."""
     from greencore.estimate import flops_per_kwh
     from greencore.select import BudgetTooSmall
     from greencore.spec import SpecError
 
-    path = catalog.path(model_id)
-    shape_hp = hp.model_dump_json(exclude=set(BUDGET_FIELDS))  # a budget does not change the plan
+    # A budget does not change the plan; the multiplier is in learning_rate already.
+    shape_hp = hp.model_dump_json(exclude={*BUDGET_FIELDS, "learning_rate_multiplier"})
     costs = _run_costs(
-        str(path),
-        (path / "config.json").stat().st_mtime_ns,
+        str(model_path),
+        (model_path / "config.json").stat().st_mtime_ns,
         str(settings.artifacts_dir / file.path),
         file.sha256,
         method,

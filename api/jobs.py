@@ -12,7 +12,7 @@ from api.errors import InvalidRequest
 from api.estimates import estimate
 from api.ids import new_id
 from api.limits import check_active_jobs
-from api.queries import owned_file
+from api.queries import model_folder, owned_file
 from api.queue import JobQueue
 from api.schemas.jobs import JobCreate
 from api.states import JobState, add_event, admit, transition
@@ -42,21 +42,23 @@ def create_job(
                 f"validation_file is {valid.format} but training_file is {train.format}: use one format",
                 param="validation_file",
             )
-    hp = body.hyperparameters
-    cost = estimate(catalog, settings, body.model, train, body.method, hp, body.seed)
+    hp = body.hp
+    folder = model_folder(session, catalog, settings.artifacts_dir, tenant.id, body.model)
+    cost = estimate(settings, folder, body.model, train, body.method_type, hp, body.seed)
     job = Job(
         id=new_id("ftjob"),
         tenant_id=tenant.id,
         model=body.model,
         training_file=train.id,
         validation_file=valid.id if valid else None,
-        method=body.method,
+        method=body.method_type,
         hyperparameters=hp.model_dump(),
         rho=cost.rho,
         rho_min=cost.rho_min,
         estimate=cost.model_dump(mode="json"),
         seed=body.seed,
         suffix=body.suffix,
+        user_metadata=body.metadata,
         status=JobState.validating,
         attempts=0,
         created_at=utcnow(),
@@ -65,6 +67,7 @@ def create_job(
         flops_full=0,
         energy_j=0.0,
         gco2e=0.0,
+        trained_tokens=0,
     )
     notes = []
     budget = None
@@ -92,7 +95,7 @@ def create_job(
             job.id,
             "error",
             f"the broker could not be reached ({exc}); the job stays queued",
-            level="warning",
+            level="warn",
         )
         session.commit()
     return job

@@ -42,7 +42,7 @@ def check_active_jobs(session: Session, tenant: Tenant, limit: int) -> None:
         raise TooManyJobs(
             f"too many active jobs: this tenant already has {limit} jobs validating, queued or running, "
             f"the limit (GT_MAX_ACTIVE_JOBS={limit}). Wait for one to end, or cancel one with "
-            "POST /v1/jobs/{id}/cancel, then try again",
+            "POST /v1/fine_tuning/jobs/{id}/cancel, then try again",
             retry_after_s=RETRY_AFTER_S,
             max_active_jobs=limit,
         )

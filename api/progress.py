@@ -41,14 +41,36 @@ def progress_line(job: dict[str, Any], width: int = 24) -> str:
     )
 
 
+def _event_number(event_id: str) -> int:
+    """The order of an event: ``ftevent-N`` is the N-th event the service recorded."""
+    return int(event_id.rsplit("-", 1)[-1])
+
+
+def new_events(client: Client, job_id: str, last: str | None) -> list[dict[str, Any]]:
+    """The job's events recorded after event ``last`` (None: every event), oldest first. The API lists them
+    newest first, a page ``after`` an event holding the older ones: pages are read back to ``last``."""
+    seen = _event_number(last) if last is not None else -1
+    found: list[dict[str, Any]] = []
+    after = None
+    while True:
+        page = client.events(job_id, after=after, limit=100)
+        for event in page["data"]:
+            if _event_number(event["id"]) <= seen:
+                return found[::-1]
+            found.append(event)
+        if not page["has_more"] or not page["data"]:
+            return found[::-1]
+        after = page["data"][-1]["id"]
+
+
 def watch(client: Client, job_id: str, out: TextIO, interval_s: float = 1.0) -> dict[str, Any]:
     """Follow a job until it ends, printing its events and redrawing the bar; returns the job."""
     live = out.isatty()
-    last_event: int | None = None
+    last_event: str | None = None
     last_line = ""
     while True:
         job = client.get_job(job_id)
-        events = client.events(job_id, after=last_event)["data"]
+        events = new_events(client, job_id, last_event)
         if events and live:
             out.write("\r\x1b[2K")
         for event in events:

@@ -1,9 +1,10 @@
 """Job states and the only ways a job moves between them; the API and the worker both go through here.
 
-``validating -> queued -> running -> succeeded | failed | cancelled``, and ``cancelled`` from any non-terminal
-state. ``running -> queued`` hands a job back (its worker went away). Every change is a conditional UPDATE
-(``WHERE status IN (states allowed to move there)``), so that two processes racing (a cancel and the worker's
-success) cannot both win, and every change writes a ``status`` event in the same transaction.
+``validating_files -> queued -> running -> succeeded | failed | cancelled`` (OpenAI's names), and
+``cancelled`` from any non-terminal state. ``running -> queued`` hands a job back (its worker went away).
+Every change is a conditional UPDATE (``WHERE status IN (states allowed to move there)``), so that two
+processes racing (a cancel and the worker's success) cannot both win, and every change writes a ``status``
+event in the same transaction.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from api.tables import Event, Job, utcnow
 
 
 class JobState(StrEnum):
-    validating = "validating"
+    validating = "validating_files"  # OpenAI's name
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -109,7 +110,7 @@ def transition(
 
 
 def admit(session: Session, job: Job, events: list[tuple[str, str, dict[str, Any] | None]]) -> None:
-    """Add a new, validated job: it enters ``validating`` and leaves it for ``queued`` in the same
+    """Add a new, validated job: it enters ``validating_files`` and leaves it for ``queued`` in the same
     transaction, both status events written (nobody can see or race on a row not yet committed). ``events``:
     more (type, message, data) to log between the two. The caller commits, then enqueues."""
     job.status = str(JobState.queued)

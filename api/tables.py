@@ -81,6 +81,8 @@ class File(Base):
     tokenizer: Mapped[str | None] = mapped_column(String(255))  # a model id
     path: Mapped[str] = mapped_column(String(500))  # relative to the artifacts folder
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Deleted while finished jobs still name it: the bytes are gone, the row stays for those jobs' records.
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_files_tenant_id_id", "tenant_id", "id"),)
 
@@ -124,6 +126,9 @@ class Job(Base):
     flops_full: Mapped[int] = mapped_column(BigInteger, default=0)
     energy_j: Mapped[float] = mapped_column(Float, default=0.0)
     gco2e: Mapped[float] = mapped_column(Float, default=0.0)
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # OpenAI's metadata: up to 16 string pairs the user attaches (the attribute "metadata" is SQLAlchemy's).
+    user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
 
     __table_args__ = (Index("ix_jobs_tenant_id_id", "tenant_id", "id"),)
 
@@ -166,7 +171,7 @@ class Event(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     type: Mapped[str] = mapped_column(String(20))  # status | selection | epoch | checkpoint | error | info
-    level: Mapped[str] = mapped_column(String(10), default="info")  # info | warning | error
+    level: Mapped[str] = mapped_column(String(10), default="info")  # info | warn | error (OpenAI's)
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -2,7 +2,8 @@
 
 Starts ``greentrainer serve --no-worker`` on a fresh PostgreSQL database and a Redis key prefix of its own (no
 worker runs: jobs stay queued, which is the state clients poll most), uploads one dataset, and runs clients
-that each loop: ``POST /v1/jobs``, then ``GET /v1/jobs/{id}`` every ``--poll-s`` seconds, ``--polls`` times.
+that each loop: ``POST /v1/fine_tuning/jobs``, then ``GET /v1/fine_tuning/jobs/{id}`` every ``--poll-s``
+seconds, ``--polls`` times.
 Runs: *paced* (clients poll like ``greentrainer jobs create --wait``, every second, then every 0.5 s) and
 *saturated* (no pause at all: the server's capacity on this machine). Reports p50/p90/p99/max latency per
 route, measured at the client, and writes ``bench/results/api_load.md``.
@@ -62,9 +63,9 @@ async def client_loop(
 ) -> None:
     while time.perf_counter() < deadline:
         start = time.perf_counter()
-        response = await http.post("/v1/jobs", json=body)
-        record["POST /v1/jobs"].append(time.perf_counter() - start)
-        record["server POST /v1/jobs"].append(server_s(response))
+        response = await http.post("/v1/fine_tuning/jobs", json=body)
+        record["POST /v1/fine_tuning/jobs"].append(time.perf_counter() - start)
+        record["server POST /v1/fine_tuning/jobs"].append(server_s(response))
         if response.status_code != 200:
             errors.append(f"POST {response.status_code} {response.text[:200]}")
             await asyncio.sleep(poll_s)
@@ -76,9 +77,9 @@ async def client_loop(
             if time.perf_counter() >= deadline:
                 return
             start = time.perf_counter()
-            response = await http.get(f"/v1/jobs/{job_id}")
-            record["GET /v1/jobs/{id}"].append(time.perf_counter() - start)
-            record["server GET /v1/jobs/{id}"].append(server_s(response))
+            response = await http.get(f"/v1/fine_tuning/jobs/{job_id}")
+            record["GET /v1/fine_tuning/jobs/{id}"].append(time.perf_counter() - start)
+            record["server GET /v1/fine_tuning/jobs/{id}"].append(server_s(response))
             if response.status_code != 200:
                 errors.append(f"GET {response.status_code} {response.text[:200]}")
 
@@ -87,10 +88,10 @@ async def run_load(
     url: str, key: str, body: dict, clients: int, seconds: float, polls: int, poll_s: float
 ) -> tuple[dict[str, list[float]], list[str], float]:
     record: dict[str, list[float]] = {
-        "POST /v1/jobs": [],
-        "GET /v1/jobs/{id}": [],
-        "server POST /v1/jobs": [],
-        "server GET /v1/jobs/{id}": [],
+        "POST /v1/fine_tuning/jobs": [],
+        "GET /v1/fine_tuning/jobs/{id}": [],
+        "server POST /v1/fine_tuning/jobs": [],
+        "server GET /v1/fine_tuning/jobs/{id}": [],
     }
     errors: list[str] = []
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
@@ -132,7 +133,7 @@ def summary_rows(
     name: str, record: dict[str, list[float]], elapsed: float, api_cpu: float, client_cpu: float
 ) -> list[str]:
     rows = []
-    for route in ("POST /v1/jobs", "GET /v1/jobs/{id}"):
+    for route in ("POST /v1/fine_tuning/jobs", "GET /v1/fine_tuning/jobs/{id}"):
         ms = [v * 1000 for v in record[route]]
         server = [v * 1000 for v in record[f"server {route}"]]
         p99 = percentile(ms, 99)
@@ -237,9 +238,14 @@ def main() -> int:
         file_id = httpx.post(
             f"{url}/v1/files", headers=headers, files={"file": ("train.jsonl", lines.encode())}, timeout=60
         ).json()["id"]
-        body = {"model": "demo-tiny", "training_file": file_id, "method": "green", "hyperparameters": HP}
+        body = {  # OpenAI's body: the hyperparameters under the method object
+            "model": "demo-tiny",
+            "training_file": file_id,
+            "method": {"type": "green", "green": {"hyperparameters": HP}},
+        }
         for _ in range(4 * args.api_workers):  # warm every API process's estimate cache
-            assert httpx.post(f"{url}/v1/jobs", headers=headers, json=body, timeout=60).status_code == 200
+            created = httpx.post(f"{url}/v1/fine_tuning/jobs", headers=headers, json=body, timeout=60)
+            assert created.status_code == 200, created.text
 
         commits = probe_commits(database)
         rows: list[str] = []
@@ -272,8 +278,8 @@ def main() -> int:
         f"Written by `bench/api_load.py` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPU "
         f"cores ({platform.processor() or platform.machine()}), shared by the API, PostgreSQL, Redis and the "
         f"load generator. `greentrainer serve --no-worker` with {args.api_workers} uvicorn process(es); "
-        "every job is committed to PostgreSQL and sent to Redis before `POST /v1/jobs` answers (no worker "
-        f"runs, so jobs stay queued). {args.clients} clients, one keep-alive connection each, "
+        "every job is committed to PostgreSQL and sent to Redis before `POST /v1/fine_tuning/jobs` answers "
+        f"(no worker runs, so jobs stay queued). {args.clients} clients, one keep-alive connection each, "
         f"{args.seconds:g} s per run; each client creates a job, then reads it {args.polls} times, then "
         f"creates the next. Latency is measured at the client. Target: p99 under {TARGET_P99_MS:.0f} ms.",
         "",
@@ -294,10 +300,11 @@ def main() -> int:
         "the moment the previous answer arrives; its latency is queueing behind the other 49 clients on 2 "
         "cores, and its throughput is the capacity of one API process here.",
         "",
-        "`POST /v1/jobs` does the most work (it reads the file, locks the tenant's row and counts its active "
-        "jobs for `GT_MAX_ACTIVE_JOBS`, inserts the job and its events, commits, and publishes to Redis: "
-        "nine round trips to PostgreSQL, one to Redis, about 3 ms of the API's CPU), and its tail follows "
-        "what the machine leaves it: CPU (the pressure column) and the disk PostgreSQL's commits wait on. "
+        "`POST /v1/fine_tuning/jobs` does the most work (it reads the file, locks the tenant's row and "
+        "counts its active jobs for `GT_MAX_ACTIVE_JOBS`, inserts the job and its events, commits, and "
+        "publishes to Redis: nine round trips to PostgreSQL, one to Redis, about 3 ms of the API's CPU), and "
+        "its tail follows what the machine leaves it: CPU (the pressure column) and the disk PostgreSQL's "
+        "commits wait on. "
         "The tenant's lock is held until the commit, so one tenant's jobs are created one at a time; the "
         "bench's clients all use one key, so a slow commit delays every `POST` behind it. A bare commit of a "
         f"3 KB row (a job's size), measured just before the runs, took {commits}; while other work wrote "

@@ -7,8 +7,8 @@ uploaded through the API, then 200 jobs are written through the persistence laye
 a busy tenant has: most succeeded with 3 epochs each (FLOPs, energy, selected tensors), some running, queued,
 failed or cancelled. Each run opens the dashboard in a new browser context (empty cache, the key already in
 localStorage, as after the first visit) and measures, in the page, the time from navigation start until the
-jobs table holds as many rows as the API's first page (GET /v1/jobs?limit=100: 100 rows). A warm series
-reloads in one context (cached static files). Target: under 1 s.
+jobs table holds as many rows as the API's first page (GET /v1/fine_tuning/jobs?limit=100: 100 rows). A warm
+series reloads in one context (cached static files). Target: under 1 s.
 """
 
 from __future__ import annotations
@@ -93,7 +93,11 @@ def insert_jobs(data_dir: Path, client: httpx.Client) -> None:
     hp = {"n_epochs": EPOCHS, "batch_size": 8, "max_seq_len": 32, "learning_rate": 1e-3, "rho": 0.7}
     estimate = client.post(
         "/v1/estimates",
-        json={"model": DEMO, "training_file": file_id, "method": "green", "hyperparameters": hp},
+        json={
+            "model": DEMO,
+            "training_file": file_id,
+            "method": {"type": "green", "green": {"hyperparameters": hp}},
+        },
     )
     estimate.raise_for_status()
     names = next(m for m in client.get("/v1/models").json()["data"] if m["id"] == DEMO)["tensor_names"]
@@ -215,7 +219,7 @@ def measure(url: str, key: str, expected: int, runs: int) -> tuple[dict[str, lis
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as client:
         for _ in range(runs):
             start = time.perf_counter()
-            client.get("/v1/jobs", params={"limit": 100}).raise_for_status()
+            client.get("/v1/fine_tuning/jobs", params={"limit": 100}).raise_for_status()
             times["api"].append(time.perf_counter() - start)
     return times, version
 
@@ -231,7 +235,7 @@ def main() -> None:
         try:
             with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
                 insert_jobs(data_dir, client)
-                first = client.get("/v1/jobs", params={"limit": 100}).json()
+                first = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()
             expected = len(first["data"])
             assert expected == 100 and first["has_more"], (expected, first["has_more"])
             times, chromium = measure(url, key, expected, args.runs)
@@ -249,7 +253,7 @@ def write(times: dict[str, list[float]], chromium: str, runs: int, expected: int
     for name, label in (
         ("cold", "cold: new context, empty cache"),
         ("warm", "warm: same tab, cached files"),
-        ("api", "GET /v1/jobs?limit=100 alone (httpx)"),
+        ("api", "GET /v1/fine_tuning/jobs?limit=100 alone (httpx)"),
     ):
         values = times[name]
         verdict = "" if name == "api" else ("yes" if p95(values) < TARGET_S else "NO")
@@ -268,8 +272,8 @@ spread is wide.
 The embedded default (`greentrainer serve --no-worker`, SQLite) holds {JOBS} jobs of one tenant, about 3 in 4
 succeeded with {EPOCHS} epochs each. Load time: from navigation start to the jobs table holding the \
 {expected} rows
-of the API's first page (GET /v1/jobs?limit=100; the rest behind "Show older jobs"), measured in the page
-(`performance.now()` when a MutationObserver sees the rows). Target: under {1000 * TARGET_S:.0f} ms.
+of the API's first page (GET /v1/fine_tuning/jobs?limit=100; the rest behind "Show older jobs"), measured in
+the page (`performance.now()` when a MutationObserver sees the rows). Target: under {1000 * TARGET_S:.0f} ms.
 
 | load | runs | median_ms | p95_ms | max_ms | p95 under target |
 |---|---|---|---|---|---|

@@ -196,10 +196,9 @@ def run_backend(
         hp = {"n_epochs": args.epochs, "batch_size": 2, "max_seq_len": 32, "learning_rate": 1e-3, "rho": 0.75}
         start = time.monotonic()
         workers = Workers(args.workers, env, data)
+        method = {"type": "green", "green": {"hyperparameters": hp}}  # OpenAI's method object
         jobs = [
-            client.create_job(
-                {"model": DEMO, "training_file": file_id, "method": "green", "hyperparameters": hp, "seed": i}
-            )["id"]
+            client.create_job({"model": DEMO, "training_file": file_id, "method": method, "seed": i})["id"]
             for i in range(args.jobs)
         ]
         out.submitted = len(jobs)

@@ -63,6 +63,8 @@ def base_dtypes(model_dir: str | Path) -> dict[str, torch.dtype]:
     safetensors)."""
     found: dict[str, torch.dtype] = {}
     for file in sorted(Path(model_dir).glob("*.safetensors")):
+        if file.name == MASTER_FILE:  # a checkpoint used as a base: its float32 copies are not the model's
+            continue
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # safe_open is not a mapping
                 found[key] = _DTYPES.get(f.get_slice(key).get_dtype(), torch.float32)

@@ -2,8 +2,10 @@
 
 Three formats, one per file (every line the same):
 
-- ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``: a chat; the loss is on the
-  assistant messages only.
+- ``{"messages": [{"role": "system"|"user"|"assistant", "content": str | [text parts]}, ...]}``: a chat in
+  OpenAI's fine-tuning format; the loss is on the assistant messages only, and only on those without
+  ``"weight": 0`` (a weight of 0 makes a turn context only). Text parts ``{"type": "text", "text": str}`` are
+  joined into one string; images, audio, files and tools are refused.
 - ``{"prompt": str, "completion": str}``: the loss is on the completion only.
 - ``{"text": str, "label": str | int}``: sequence classification; the head is sized by the labels found.
 
@@ -26,6 +28,11 @@ import torch
 MESSAGES, PROMPT_COMPLETION, TEXT_LABEL = "messages", "prompt_completion", "text_label"
 FORMATS = (MESSAGES, PROMPT_COMPLETION, TEXT_LABEL)
 ROLES = ("system", "user", "assistant")
+# OpenAI's tool use (tool and function roles, calls in assistant messages, tool definitions on the line) is
+# refused by name, so that a user learns why rather than reading that the role is unknown.
+TOOL_ROLES = ("tool", "function")
+TOOL_MESSAGE_KEYS = ("tool_calls", "function_call")
+TOOL_LINE_KEYS = ("tools", "functions", "parallel_tool_calls")
 IGNORE = -100  # label of a position that carries no loss (PyTorch's cross-entropy ignore_index)
 PAD_MULTIPLE = 8  # batches are padded to a multiple of this many tokens, so few distinct shapes are profiled
 
@@ -54,7 +61,8 @@ class DatasetSummary:
     format: str  # one of FORMATS
     labels: list[str] | None = None  # text_label: the label names found, in id order
     tokens: int | None = None  # tokens of all examples, when a tokenizer was given
-    records: list[dict] = field(default_factory=list, repr=False)  # the parsed lines, for encode_dataset
+    # The parsed lines, for encode_dataset; a chat's content is its text (text parts joined).
+    records: list[dict] = field(default_factory=list, repr=False)
 
 
 def _format_of(record: dict, line: int) -> str:
@@ -101,20 +109,86 @@ def _check_record(record: dict, fmt: str, line: int) -> None:
         ):
             raise DatasetError(line, "label", "must be a non-empty string or an integer")
     else:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DatasetError(line, "messages", "must be a non-empty list of {role, content} objects")
-        for i, message in enumerate(messages):
-            where = f"messages[{i}]"
-            if not isinstance(message, dict):
-                raise DatasetError(line, where, "must be an object with role and content")
-            role = message.get("role")
-            if role not in ROLES:
-                raise DatasetError(line, f"{where}.role", f"must be one of {', '.join(ROLES)}, not {role!r}")
-            if not isinstance(message.get("content"), str):
-                raise DatasetError(line, f"{where}.content", "must be a string")
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-            raise DatasetError(line, "messages", "has no non-empty assistant message to learn from")
+        record["messages"] = _check_messages(record, line)
+
+
+def _absent(value: Any) -> bool:
+    """Whether a tool key's value says nothing (as exported chats write ``"tool_calls": null``)."""
+    return value is None or value == []
+
+
+def _content_text(content: Any, line: int, where: str) -> str:
+    """A message's text: the string, or its text parts joined in order with no separator."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DatasetError(line, where, "must be a string or a list of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise DatasetError(line, at, 'must be an object {"type": "text", "text": ...}')
+        kind = part.get("type")
+        if kind != "text":
+            if not isinstance(kind, str):
+                raise DatasetError(line, f"{at}.type", f"must be 'text', not {kind!r}")
+            raise DatasetError(
+                line,
+                f"{at}.type",
+                f"a {kind!r} part: images, audio and files are not supported, only text parts",
+            )
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise DatasetError(line, f"{at}.text", f"must be a string, not {type(text).__name__}")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _check_messages(record: dict, line: int) -> list[dict]:
+    """The line's messages, each with its content as one string; raises DatasetError for what is not a chat
+    this service trains on."""
+    for key in TOOL_LINE_KEYS:
+        if not _absent(record.get(key)):
+            raise DatasetError(line, key, "tools are not supported: only chats of text messages")
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError(line, "messages", "must be a non-empty list of {role, content} objects")
+    checked = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise DatasetError(line, where, "must be an object with role and content")
+        role = message.get("role")
+        if role in TOOL_ROLES:
+            raise DatasetError(line, f"{where}.role", f"tools are not supported: role {role!r}")
+        if role not in ROLES:
+            raise DatasetError(line, f"{where}.role", f"must be one of {', '.join(ROLES)}, not {role!r}")
+        for key in TOOL_MESSAGE_KEYS:  # before the content: a tool call's content is often null
+            if not _absent(message.get(key)):
+                raise DatasetError(line, f"{where}.{key}", "tools are not supported: only text messages")
+        text = _content_text(message.get("content"), line, f"{where}.content")
+        if "weight" in message:
+            weight = message["weight"]
+            if role != "assistant":
+                raise DatasetError(
+                    line, f"{where}.weight", f"only assistant messages have a weight, not {role}"
+                )
+            if type(weight) is not int or weight not in (0, 1):  # not True/False, not 1.0: OpenAI's 0 or 1
+                raise DatasetError(line, f"{where}.weight", f"must be 0 or 1, not {json.dumps(weight)[:40]}")
+        checked.append({**message, "content": text})
+    trained = [m for m in checked if _trained(m)]
+    if not any(m["content"].strip() for m in trained):
+        if not trained and any(m["role"] == "assistant" for m in checked):
+            raise DatasetError(
+                line, "messages", "every assistant message has weight 0: nothing to learn from"
+            )
+        raise DatasetError(line, "messages", "has no non-empty assistant message to learn from")
+    return checked
+
+
+def _trained(message: dict) -> bool:
+    """Whether a message carries loss: an assistant message without ``"weight": 0``."""
+    return message["role"] == "assistant" and message.get("weight", 1) == 1
 
 
 def _json_line(text: str, line: int) -> Any:
@@ -237,8 +311,11 @@ def _chat_with_template(tokenizer: Any, messages: list[dict]) -> tuple[list[int]
     """Token ids of a chat rendered by the tokenizer's chat template, and which of them carry loss.
 
     An assistant message's span is the text between the chat rendered up to it (with the generation prompt)
-    and the chat rendered through it; tokens starting inside a span carry loss.
+    and the chat rendered through it; tokens starting inside the span of a trained message (see
+    :func:`_trained`) carry loss. The text does not depend on the weights.
     """
+    trained = [_trained(m) for m in messages]
+    messages = _rendered(messages)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans: list[tuple[int, int]] = []
     search_from = 0
@@ -251,13 +328,15 @@ def _chat_with_template(tokenizer: Any, messages: list[dict]) -> tuple[list[int]
         except Exception:  # a template that refuses a partial chat: fall back to a text search
             before = through = None
         if before is not None and text.startswith(through) and through.startswith(before):
-            spans.append((len(before), len(through)))
+            span = (len(before), len(through))
         else:
             start = text.find(message["content"], search_from)
             if start < 0:
                 continue
-            spans.append((start, start + len(message["content"])))
-        search_from = spans[-1][1]
+            span = (start, start + len(message["content"]))
+        search_from = span[1]  # past weight-0 turns too, so that a later turn's search does not find them
+        if trained[i]:
+            spans.append(span)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     mask = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
@@ -275,11 +354,17 @@ def _chat_plain(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[i
         if message["role"] == "assistant":
             content = _with_eos(tokenizer, content)
             ids += header + content + newline
-            labels += [IGNORE] * len(header) + content + [IGNORE] * len(newline)
+            loss = content if _trained(message) else [IGNORE] * len(content)
+            labels += [IGNORE] * len(header) + loss + [IGNORE] * len(newline)
         else:
             ids += header + content + newline
             labels += [IGNORE] * (len(header) + len(content) + len(newline))
     return ids, labels
+
+
+def _rendered(messages: list[dict]) -> list[dict]:
+    """The messages as a chat template sees them: ``weight`` says what to train, not what was said."""
+    return [{k: v for k, v in m.items() if k != "weight"} for m in messages]
 
 
 def _plain_text(messages: list[dict]) -> str:
@@ -296,8 +381,9 @@ def encode_dataset(
     """Token ids and loss labels of every example of a validated dataset, cut at ``max_seq_len`` tokens.
 
     ``task`` follows from the data and the model (see :func:`task_for`). Causal LM: one sequence, loss on the
-    completion / assistant tokens. Seq2seq: the prompt (or the chat before its last assistant message, in the
-    plain template) as input, the completion (or that message) as target, each cut at ``max_seq_len``.
+    completion / trained assistant tokens. Seq2seq: the prompt (or the chat before its last trained assistant
+    message, in the plain template) as input, the completion (or that message) as target, each cut at
+    ``max_seq_len``.
     Classification: the text, and the label's id in ``label2id``.
     """
     inputs: list[list[int]] = []
@@ -324,7 +410,7 @@ def encode_dataset(
                 source, target = record["prompt"], record["completion"]
             else:
                 messages = record["messages"]
-                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                last = max(i for i, m in enumerate(messages) if _trained(m))
                 source, target = _plain_text(messages[:last]), messages[last]["content"]
             src = _ids(tokenizer, source, special=True)
             tgt = _with_eos(tokenizer, _ids(tokenizer, target, special=True))

@@ -25,6 +25,8 @@ class MethodInfo:
 
 METHODS: dict[str, MethodInfo] = {}
 DEFAULT_METHOD = "green"  # what a job that names no method runs
+# Other names a job may use: OpenAI's "supervised" fine-tuning is GreenTrainer at its default budget.
+ALIASES: dict[str, str] = {"supervised": DEFAULT_METHOD}
 
 
 def register_method(info: MethodInfo) -> MethodInfo:
@@ -36,10 +38,17 @@ def register_method(info: MethodInfo) -> MethodInfo:
 
 
 def method_info(name: str) -> MethodInfo:
-    """The registered method ``name``; MethodError naming the known ones otherwise."""
+    """The registered method ``name`` (or the one an alias stands for); MethodError naming the known ones
+    otherwise."""
+    name = ALIASES.get(name, name)
     if name not in METHODS:
-        raise MethodError(f"unknown method {name!r}; one of {', '.join(METHODS)}")
+        raise MethodError(f"unknown method {name!r}; one of {', '.join(method_names())}")
     return METHODS[name]
+
+
+def method_names() -> list[str]:
+    """Every name a job may give: the aliases, then the registered methods."""
+    return [*ALIASES, *METHODS]
 
 
 def budgeted_methods() -> list[str]:

@@ -118,10 +118,12 @@ class TrainSpec:
     def check(self) -> None:
         """Raise :class:`SpecError` on a setting out of range or a method that cannot take it (files and model
         are checked when loaded)."""
-        from greencore.registry import METHODS
+        from greencore.registry import MethodError, method_info
 
-        if self.method not in METHODS:
-            raise SpecError("method", f"unknown method {self.method!r}; one of {', '.join(METHODS)}")
+        try:
+            method_info(self.method)
+        except MethodError as exc:
+            raise SpecError("method", str(exc)) from exc
         self.hyperparameters.check()
 
 

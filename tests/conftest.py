@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from greencore.demo import build_tokenizer
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -14,3 +16,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """The demo tokenizer, with its chat template."""
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer():
+    """The demo tokenizer without a chat template (chats are encoded as plain text)."""
+    return build_tokenizer(chat_template=None)

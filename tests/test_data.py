@@ -21,16 +21,6 @@ from greencore.demo import build_tokenizer
 from tests.model_folders import dataset, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def plain_tokenizer():
-    return build_tokenizer(chat_template=None)
-
-
 def write_lines(tmp_path, lines: list[str]):
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")

@@ -19,9 +19,11 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from api.catalog import ModelCatalog
 from api.config import Settings
 from api.db import SessionFactory
-from api.queries import refresh_totals
+from api.errors import InvalidRequest
+from api.queries import model_folder, refresh_totals
 from api.recovery import give_up_or_requeue, process_gone
 from api.states import add_event, claim
 from api.tables import Checkpoint, Epoch, File, Job, utcnow
@@ -73,11 +75,19 @@ def build_spec(session: Session, job: Job, settings: Settings, resume_from: Path
     known = {f.name for f in dataclasses.fields(Hyperparameters)}
     stored = {k: v for k, v in job.hyperparameters.items() if k in known}
     hp = Hyperparameters(**{**stored, "rho": job.rho, "max_flops": None, "max_energy_kwh": None})
+    from greencore.models import ModelFolderError
+
     train_file = session.get(File, job.training_file)
     valid_file = session.get(File, job.validation_file) if job.validation_file else None
-    assert train_file is not None  # a job's files cannot be deleted while it exists
+    assert train_file is not None  # a job's files keep their rows while it exists
+    try:
+        model_dir = model_folder(
+            session, ModelCatalog(settings.models_dir), settings.artifacts_dir, job.tenant_id, job.model
+        )
+    except InvalidRequest as exc:  # the model went away since the job was created
+        raise ModelFolderError(exc.message) from exc
     return TrainSpec(
-        model_dir=str(settings.models_dir / job.model),
+        model_dir=str(model_dir),
         train_file=str(settings.artifacts_dir / train_file.path),
         output_dir=str(settings.artifacts_dir / "jobs" / job.id),
         method=job.method,

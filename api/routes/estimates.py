@@ -6,12 +6,10 @@ from fastapi import APIRouter
 
 from api.deps import CatalogDep, CurrentTenant, SessionDep, SettingsDep
 from api.estimates import estimate
-from api.queries import owned_file
+from api.queries import model_folder, owned_file
 from api.schemas.estimates import EstimateCreate, EstimatePublic
 
-router = APIRouter(
-    prefix="/estimates", tags=["estimates"]
-)  # mounted under /v1 by api.routes (auth, id checks, errors)
+router = APIRouter(prefix="/estimates", tags=["estimates"])  # mounted under /v1 by api.routes
 
 
 @router.post("", response_model=EstimatePublic)
@@ -25,5 +23,5 @@ def create_estimate(
     """FLOPs, time, energy and carbon of full fine-tuning and of the chosen method and budget on this dataset,
     and ``rho_min``. A budget below ``rho_min`` answers 400 naming it, as job creation would."""
     train = owned_file(session, tenant.id, body.training_file, param="training_file")
-    catalog.path(body.model)
-    return estimate(catalog, settings, body.model, train, body.method, body.hyperparameters, body.seed)
+    folder = model_folder(session, catalog, settings.artifacts_dir, tenant.id, body.model)
+    return estimate(settings, folder, body.model, train, body.method_type, body.hp, body.seed)

@@ -1,27 +1,41 @@
-"""Datasets: upload (validated line by line), list, inspect."""
+"""Datasets: upload (validated line by line), list, inspect, download, delete."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, UploadFile
-from sqlalchemy import select
+from fastapi.responses import StreamingResponse
+from sqlalchemy import delete, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api.datasets import inspect_dataset, store_upload
 from api.deps import CatalogDep, CurrentTenant, SessionDep, SettingsDep
-from api.errors import InvalidRequest
+from api.errors import Conflict, InvalidRequest, NotFound
 from api.ids import new_id
 from api.queries import owned_file, page
 from api.schemas.common import MAX_PAGE, ErrorPublic, IdCursor
-from api.schemas.files import FilePublic, FilesPublic
-from api.tables import File, utcnow
+from api.schemas.files import FileDeleted, FilePublic, FilesPublic
+from api.states import TERMINAL
+from api.tables import File, Job, utcnow
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/files", tags=["files"]
 )  # mounted under /v1 by api.routes (auth, id checks, errors)
 
 PURPOSES = ("fine-tune",)
+CHUNK = 1 << 20  # bytes read from storage per chunk of a download
+IN_USE: dict[int | str, dict[str, object]] = {
+    409: {"model": ErrorPublic, "description": "a job uses the file (the message names the job)"}
+}
 
 
 @router.post(
@@ -96,7 +110,8 @@ def list_files(
     after: IdCursor = None,
 ) -> FilesPublic:
     """The tenant's files, newest first."""
-    rows, more = page(session, select(File).where(File.tenant_id == tenant.id), File.id, limit, after, True)
+    live = select(File).where(File.tenant_id == tenant.id, File.deleted_at.is_(None))
+    rows, more = page(session, live, File.id, limit, after, True)
     return FilesPublic(data=[FilePublic.of(r) for r in rows], has_more=more)
 
 
@@ -104,3 +119,93 @@ def list_files(
 def get_file(file_id: str, session: SessionDep, tenant: CurrentTenant) -> FilePublic:
     """One file: format, examples, tokens."""
     return FilePublic.of(owned_file(session, tenant.id, file_id))
+
+
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/jsonl": {}}, "description": "the file's bytes as uploaded"}},
+)
+def file_content(
+    file_id: str, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
+) -> StreamingResponse:
+    """The file's bytes exactly as uploaded (JSONL), streamed, with ``Content-Length``. Another tenant's file,
+    or one whose bytes are no longer in storage, answers 404."""
+    row = owned_file(session, tenant.id, file_id)
+    # Done with the database: a slow download must not hold a connection of the pool.
+    session.close()
+    try:
+        handle = (settings.artifacts_dir / row.path).open("rb")
+    except FileNotFoundError as exc:  # removed, or the volume is not mounted: say so, not a 500
+        raise NotFound(f"file {file_id!r} is listed, but its bytes are no longer in storage") from exc
+    # The open handle is what is sent: a file deleted meanwhile is still read to its end (POSIX keeps an
+    # unlinked file while it is open), and its length is the one announced.
+    size = os.fstat(handle.fileno()).st_size
+    headers = {
+        "Content-Length": str(size),
+        "Content-Disposition": f'attachment; filename="{row.id}.jsonl"; '
+        f"filename*=UTF-8''{quote(row.filename, safe='')}",
+    }
+    return StreamingResponse(_read_all(handle, size), media_type="application/jsonl", headers=headers)
+
+
+def _read_all(handle: BinaryIO, size: int) -> Iterator[bytes]:
+    """``size`` bytes of ``handle`` in chunks, then the handle closed. A file shorter than announced raises
+    mid-stream, which cuts the connection: the client sees a failed download, never a short one."""
+    with handle:
+        sent = 0
+        while sent < size and (chunk := handle.read(min(CHUNK, size - sent))):
+            sent += len(chunk)
+            yield chunk
+    if sent != size:
+        raise OSError(f"{handle.name} shrank to {sent} of {size} bytes while being sent")
+
+
+@router.delete("/{file_id}", response_model=FileDeleted, responses=IN_USE)
+def delete_file(
+    file_id: str, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
+) -> FileDeleted:
+    """Delete a file: its stored bytes, and its row unless a finished job names it (that job's record keeps
+    the id; the file answers 404 from now on, as a deleted one). A job still validating, queued or running
+    needs the data: 409 naming the job."""
+    row = owned_file(session, tenant.id, file_id)
+    stored = settings.artifacts_dir / row.path
+    named = _refuse_if_used(session, tenant.id, row.id)
+    if named:
+        row.deleted_at = utcnow()
+    else:
+        session.execute(delete(File).where(File.id == row.id))
+    try:
+        session.commit()
+    except IntegrityError as exc:  # a job naming the file was created since the check
+        session.rollback()
+        _refuse_if_used(session, tenant.id, file_id)
+        raise Conflict(f"file {file_id} is used by a job: it cannot be deleted") from exc
+    # The row first, then the bytes: a failed commit leaves both, and bytes left behind by a failed unlink are
+    # never served again (nothing names them).
+    try:
+        stored.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("file %s deleted, but its bytes %s stay in storage: %s", file_id, stored, exc)
+    return FileDeleted(id=file_id, deleted=True)
+
+
+def _refuse_if_used(session: Session, tenant_id: str, file_id: str) -> bool:
+    """Conflict (409) naming a job of the tenant that uses the file and has not ended; whether a finished job
+    names it."""
+    jobs = session.execute(
+        select(Job.id, Job.status, Job.training_file)
+        .where(
+            Job.tenant_id == tenant_id,
+            or_(Job.training_file == file_id, Job.validation_file == file_id),
+        )
+        .order_by(Job.id.desc())
+    ).all()
+    active = [job for job in jobs if job.status not in TERMINAL]
+    if not active:
+        return bool(jobs)
+    job = active[0]
+    role = "training_file" if job.training_file == file_id else "validation_file"
+    more = f" (and {len(active) - 1} more job{'s' if len(active) > 2 else ''})" if len(active) > 1 else ""
+    advice = "cancel the job or wait for it to end, then delete the file"
+    raise Conflict(f"file {file_id} is the {role} of job {job.id}, which is {job.status}{more}: {advice}")

@@ -1,10 +1,10 @@
-"""Jobs and what they leave behind: epochs, events, checkpoints and their content."""
+"""Fine-tuning jobs (OpenAI's routes) and what they leave behind: epochs, events, checkpoints."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
@@ -20,21 +20,24 @@ from api.deps import (
 )
 from api.errors import NotFound
 from api.jobs import cancel_job, create_job
-from api.queries import owned_job, page
+from api.queries import checkpoint_steps, owned_job, page
 from api.schemas.common import MAX_PAGE, MAX_ROW_ID, TOO_MANY_JOBS, IdCursor
 from api.schemas.jobs import JobCreate, JobPublic, JobsPublic
 from api.schemas.records import (
+    EVENT_ID_PATTERN,
     CheckpointPublic,
     CheckpointsPublic,
     EpochPublic,
     EpochsPublic,
     EventPublic,
     EventsPublic,
+    event_number,
 )
 from api.states import JobState
 from api.tables import Checkpoint, Epoch, Event, Job
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])  # mounted under /v1 by api.routes (auth, id checks, errors)
+# OpenAI's paths (mounted under /v1 by api.routes: auth, id checks, errors).
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
@@ -61,16 +64,21 @@ async def create(
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(
+    request: Request,
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Limit = 20,
     after: IdCursor = None,
     status: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
 ) -> JobsPublic:
-    """The tenant's jobs, newest first."""
+    """The tenant's jobs, newest first; ``metadata[key]=value`` (repeatable) keeps the jobs whose metadata
+    holds those pairs."""
     stmt = select(Job).where(Job.tenant_id == tenant.id)
     if status is not None:
         stmt = stmt.where(Job.status == str(status))
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            stmt = stmt.where(Job.user_metadata[name[9:-1]].as_string() == value)
     rows, more = page(session, stmt, Job.id, limit, after, True)
     return JobsPublic(data=[JobPublic.of(j) for j in rows], has_more=more)
 
@@ -108,14 +116,17 @@ def list_events(
     job_id: str,
     session: SessionDep,
     tenant: CurrentTenant,
-    limit: Limit = MAX_PAGE,
+    limit: Limit = 20,
     after: Annotated[
-        int | None, Query(ge=0, le=MAX_ROW_ID, description="the last event id of the previous page")
+        str | None,
+        Query(pattern=EVENT_ID_PATTERN, description="the id of the last event of the previous page"),
     ] = None,
 ) -> EventsPublic:
-    """Status changes, selections, epochs, checkpoints and errors, oldest first."""
+    """Status changes, selections, epochs, checkpoints and errors, newest first (OpenAI's order: a page
+    ``after`` an event holds the events before it)."""
     owned_job(session, tenant.id, job_id)
-    rows, more = page(session, select(Event).where(Event.job_id == job_id), Event.id, limit, after, False)
+    cursor = event_number(after) if after is not None else None
+    rows, more = page(session, select(Event).where(Event.job_id == job_id), Event.id, limit, cursor, True)
     return EventsPublic(data=[EventPublic.of(r) for r in rows], has_more=more)
 
 
@@ -124,14 +135,18 @@ def list_checkpoints(
     job_id: str,
     session: SessionDep,
     tenant: CurrentTenant,
-    limit: Limit = MAX_PAGE,
+    limit: Limit = 10,
     after: IdCursor = None,
 ) -> CheckpointsPublic:
-    """One checkpoint per epoch and the final one, oldest first."""
-    owned_job(session, tenant.id, job_id)
+    """One checkpoint per epoch and the final one, newest first; each names the model it can be used as
+    (``fine_tuned_model_checkpoint``)."""
+    job = owned_job(session, tenant.id, job_id)
     stmt = select(Checkpoint).where(Checkpoint.job_id == job_id)
-    rows, more = page(session, stmt, Checkpoint.id, limit, after, False)
-    return CheckpointsPublic(data=[CheckpointPublic.of(r) for r in rows], has_more=more)
+    rows, more = page(session, stmt, Checkpoint.id, limit, after, True)
+    step_of = {epoch: step for step, epoch in checkpoint_steps(session, job_id)}
+    epochs = {e.epoch: e for e in session.scalars(select(Epoch).where(Epoch.job_id == job_id))}
+    data = [CheckpointPublic.of(r, job, step_of.get(r.epoch or 0, 0), epochs.get(r.epoch or 0)) for r in rows]
+    return CheckpointsPublic(data=data, has_more=more)
 
 
 @router.get(

@@ -22,8 +22,9 @@ IdCursor = Annotated[
 class ErrorBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    code: str = Field(description="machine-readable: not_found, invalid_dataset, budget_too_small, ...")
     message: str = Field(description="what was wrong and where")
+    type: str = Field(description="OpenAI's class of error: invalid_request_error, authentication_error, ...")
+    code: str = Field(description="machine-readable: not_found, invalid_dataset, budget_too_small, ...")
     line: int | None = Field(None, description="dataset errors: the 1-based line")
     field: str | None = Field(None, description="dataset errors: the field of that line")
     rho_min: float | None = Field(None, description="budget errors: the smallest rho that trains anything")
@@ -44,12 +45,15 @@ class ErrorPublic(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorPublic, "description": text}
     for status, text in (
-        (400, "invalid request: unknown ids, a bad dataset (line and field), a budget below rho_min"),
+        (
+            400,
+            "invalid request: a body or query that does not validate (OpenAI answers 400, not 422), unknown "
+            "ids, a bad dataset (line and field), a budget below rho_min",
+        ),
         (401, "missing or invalid API key"),
         (404, "not found (or another tenant's)"),
         (409, "the job's state does not allow it"),
         (413, "upload larger than GT_MAX_UPLOAD_BYTES"),
-        (422, "the body or query does not validate"),
     )
 }
 

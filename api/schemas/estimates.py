@@ -4,20 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from api.schemas.jobs import Hyperparameters, Method
-from greencore.registry import DEFAULT_METHOD
+from api.schemas.jobs import RunCreate
 
 
-class EstimateCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    training_file: str
-    method: Method = DEFAULT_METHOD
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="the seed shuffles batches, which sets their shapes")
+class EstimateCreate(RunCreate):
+    """A job's run (the body of POST /v1/fine_tuning/jobs, without what does not change its cost)."""
 
 
 class FullAndMethod(BaseModel):
@@ -47,7 +40,7 @@ class EstimatePublic(BaseModel):
     object: Literal["estimate"] = "estimate"
     model: str
     training_file: str
-    method: Method
+    method: str = Field(description="method.type of the request")
     n_epochs: int
     examples: int = Field(description="examples trained per epoch")
     tokens: int = Field(description="tokens per epoch (after cutting at max_seq_len)")

@@ -40,3 +40,11 @@ class FilePublic(BaseModel):
 
 class FilesPublic(Page):
     data: list[FilePublic]
+
+
+class FileDeleted(BaseModel):
+    """What ``DELETE /v1/files/{file_id}`` answers (OpenAI's ``FileDeleted``)."""
+
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = Field(description="true: the file's row and its stored bytes are gone")

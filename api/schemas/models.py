@@ -8,8 +8,12 @@ from pydantic import BaseModel, Field
 
 
 class ModelPublic(BaseModel):
-    id: str = Field(description="folder name under GT_MODELS_DIR")
+    """OpenAI's ``model`` (id, object, created, owned_by), and what the model is."""
+
+    id: str = Field(description="a folder name under GT_MODELS_DIR, or a fine-tuned model ft:...")
     object: Literal["model"] = "model"
+    created: int = Field(description="seconds since 1970: the folder written, or the job finished")
+    owned_by: str = Field(description="system for base models, the tenant for fine-tuned ones")
     architecture: str = Field(description="the model class its config declares, e.g. LlamaForCausalLM")
     model_type: str
     parameters: int = Field(description="number of parameters (a tied weight once)")

@@ -6,8 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from api.schemas.common import Page, unix_s
-from api.tables import Checkpoint, Epoch, Event
+from api.errors import InvalidRequest
+from api.schemas.common import MAX_ROW_ID, Page, unix_s
+from api.schemas.jobs import fine_tuned_model_id
+from api.tables import Checkpoint, Epoch, Event, Job
 
 
 class EpochFlops(BaseModel):
@@ -76,24 +78,40 @@ class EpochsPublic(Page):
     data: list[EpochPublic]
 
 
+EVENT_PREFIX = "ftevent-"
+EVENT_ID_PATTERN = r"^(ftevent-)?[0-9]{1,10}$"
+
+
+def event_number(event_id: str) -> int:
+    """The row number of an event id (``ftevent-N``, or ``N``); InvalidRequest past the 32-bit column."""
+    number = int(event_id.removeprefix(EVENT_PREFIX))
+    if number > MAX_ROW_ID:
+        raise InvalidRequest(f"after: no event has the id {event_id!r}", param="after")
+    return number
+
+
 class EventPublic(BaseModel):
-    id: int
+    """OpenAI's ``fine_tuning.job.event``; ``kind`` says what happened in GreenTrainer's terms."""
+
+    id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
-    type: str = Field(description="status, selection, epoch, checkpoint, error or info")
-    level: str
-    message: str
-    data: dict[str, Any] | None
     created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] = Field(description="metrics: an epoch's numbers in data")
+    data: dict[str, Any] | None
+    kind: str = Field(description="status, selection, epoch, checkpoint, error or info")
 
     @classmethod
     def of(cls, row: Event) -> EventPublic:
         return cls(
-            id=row.id,
-            type=row.type,
-            level=row.level,
-            message=row.message,
-            data=row.data,
+            id=f"{EVENT_PREFIX}{row.id}",
             created_at=unix_s(row.created_at) or 0,
+            level=row.level if row.level in ("info", "warn", "error") else "info",
+            message=row.message,
+            type="metrics" if row.type == "epoch" else "message",
+            data=row.data,
+            kind=row.type,
         )
 
 
@@ -102,23 +120,39 @@ class EventsPublic(Page):
 
 
 class CheckpointPublic(BaseModel):
+    """OpenAI's ``fine_tuning.job.checkpoint``, with the checkpoint's name, epoch and size."""
+
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
-    job_id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str = Field(description="a model id: usable as a job's model")
+    fine_tuning_job_id: str
+    metrics: dict[str, float | None] = Field(description="the epoch's step, losses and accuracies")
+    step_number: int = Field(description="optimizer steps done when it was written")
     name: str = Field(description="epoch-N or final")
     epoch: int | None
-    bytes: int = Field(description="size of the folder's files")
-    created_at: int
+    bytes: int
 
     @classmethod
-    def of(cls, row: Checkpoint) -> CheckpointPublic:
+    def of(cls, row: Checkpoint, job: Job, step: int, epoch: Epoch | None) -> CheckpointPublic:
+        metrics: dict[str, float | None] = {"step": float(step)}
+        if epoch is not None:
+            metrics.update(
+                train_loss=epoch.train_loss,
+                valid_loss=epoch.valid_loss,
+                valid_mean_token_accuracy=epoch.valid_token_accuracy,
+                valid_accuracy=epoch.valid_accuracy,
+            )
         return cls(
             id=row.id,
-            job_id=row.job_id,
+            created_at=unix_s(row.created_at) or 0,
+            fine_tuned_model_checkpoint=f"{fine_tuned_model_id(job)}:ckpt-step-{step}",
+            fine_tuning_job_id=job.id,
+            metrics=metrics,
+            step_number=step,
             name=row.name,
             epoch=row.epoch,
             bytes=row.bytes,
-            created_at=unix_s(row.created_at) or 0,
         )
 
 

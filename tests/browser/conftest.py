@@ -20,10 +20,12 @@ from tests.browser.pages import (
     CHROMIUM,
     CHROMIUM_ARGS,
     DEMO,
+    JOBS,
     TINY_HP,
     Dashboard,
     Service,
     dashboard_page,
+    method,
     upload_dataset,
     wait_job,
 )
@@ -80,10 +82,9 @@ def trained_job(service: Service) -> dict:
         body = {
             "model": DEMO,
             "training_file": file_id,
-            "method": "green",
-            "hyperparameters": {**TINY_HP, "rho": 0.8},
+            "method": method("green", **TINY_HP, rho=0.8),
         }
-        response = client.post("/v1/jobs", json=body)
+        response = client.post(JOBS, json=body)
         assert response.status_code == 200, response.text
     job = wait_job(service, response.json()["id"])
     assert job["status"] == "succeeded", (job, service.log.read_text()[-3000:])

@@ -32,6 +32,7 @@ CHROMIUM_ARGS = [
 ]
 DEMO = "demo-tiny"
 JOB_TIMEOUT_S = 180
+JOBS = "/v1/fine_tuning/jobs"  # OpenAI's path
 HTTP_ERROR = re.compile(r"^Failed to load resource: the server responded with a status of (\d{3})")
 
 
@@ -47,6 +48,11 @@ def dataset_lines(n: int) -> str:
 # (rho_min about 0.57); 2 epochs of the demo model take a few seconds on a CPU.
 EXAMPLES = 96
 TINY_HP = {"n_epochs": 2, "batch_size": 8, "max_seq_len": 32, "learning_rate": 1e-3}
+
+
+def method(type_: str, **hyperparameters: object) -> dict:
+    """OpenAI's method object: ``{"type": T, T: {"hyperparameters": {...}}}``."""
+    return {"type": type_, type_: {"hyperparameters": hyperparameters}}
 
 
 @dataclass
@@ -158,7 +164,7 @@ def wait_job(service: Service, job_id: str, timeout_s: float = JOB_TIMEOUT_S) ->
     deadline = time.monotonic() + timeout_s
     with service.client() as client:
         while True:
-            job = client.get(f"/v1/jobs/{job_id}").json()
+            job = client.get(f"{JOBS}/{job_id}").json()
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 return job
             assert time.monotonic() < deadline, (

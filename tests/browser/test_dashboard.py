@@ -15,11 +15,13 @@ from tests.browser.pages import (
     DEMO,
     EXAMPLES,
     JOB_TIMEOUT_S,
+    JOBS,
     TINY_HP,
     Dashboard,
     Service,
     dashboard_page,
     dataset_lines,
+    method,
     upload_dataset,
     wait_job,
 )
@@ -79,8 +81,7 @@ def test_upload_estimate_train_and_download(dashboard: Dashboard, tmp_path: Path
             json={
                 "model": DEMO,
                 "training_file": file_id,
-                "method": "green",
-                "hyperparameters": {**TINY_HP, "rho": 1.0},
+                "method": method("green", **TINY_HP, rho=1.0),
             },
         ).json()
     rho_min = at_one["rho_min"]
@@ -133,9 +134,9 @@ def test_upload_estimate_train_and_download(dashboard: Dashboard, tmp_path: Path
     check(page.locator("#view")).to_have_attribute("data-status", "succeeded")
     job = wait_job(service, job_id)
     with service.client() as client:
-        epochs = client.get(f"/v1/jobs/{job_id}/epochs").json()["data"]
+        epochs = client.get(f"{JOBS}/{job_id}/epochs").json()["data"]
         model = next(m for m in client.get("/v1/models").json()["data"] if m["id"] == DEMO)
-        checkpoints = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+        checkpoints = client.get(f"{JOBS}/{job_id}/checkpoints").json()["data"]
     assert [e["epoch"] for e in epochs] == [1, 2]
     check(page.locator("#progress-text")).to_contain_text(f"epoch 2/{TINY_HP['n_epochs']}")
     check(page.locator("#stat-saved .value")).to_have_text(f"{100 * job['flops']['saved']:.1f} %")
@@ -168,12 +169,24 @@ def test_upload_estimate_train_and_download(dashboard: Dashboard, tmp_path: Path
     assert spent == [e["flops"]["total"] for e in epochs]
     check(page.locator("#loss-chart")).to_be_visible()
     check(page.locator("#epochs-table tbody tr")).to_have_count(2)
-    check(page.locator("#events li[data-type=status]").last).to_contain_text("succeeded")
+    # Events: oldest first, so the last status event is the newest: succeeded.
+    check(page.locator("#events li[data-kind=status]").last).to_contain_text("succeeded")
+    check(page.locator("#events li[data-kind=status]").first).to_contain_text("job created")
+    # The model the job made.
+    assert job["fine_tuned_model"], job
+    check(page.locator("#fine-tuned-model")).to_have_text(job["fine_tuned_model"])
     dashboard.screenshot("06-job")
 
     # A checkpoint: fetched with the Bearer header and saved from a blob.
     final = next(c for c in checkpoints if c["name"] == "final")
     check(page.locator("#checkpoints-table tbody tr")).to_have_count(len(checkpoints))
+    names = page.locator("#checkpoints-table tbody tr").evaluate_all(
+        "rows => rows.map(r => r.dataset.checkpoint)"
+    )
+    assert names == [c["name"] for c in checkpoints]  # newest first, as the API lists them
+    check(page.locator("#checkpoints-table tr[data-checkpoint=final]")).to_contain_text(
+        final["fine_tuned_model_checkpoint"]
+    )
     with page.expect_download() as info:
         page.click(f"button[data-checkpoint-id='{final['id']}']")
     download = info.value
@@ -198,10 +211,9 @@ def test_cancel_button_cancels_a_job(dashboard: Dashboard) -> None:
         body = {
             "model": DEMO,
             "training_file": file_id,
-            "method": "green",
-            "hyperparameters": {**TINY_HP, "n_epochs": 100, "rho": 0.8},
+            "method": method("green", **{**TINY_HP, "n_epochs": 100}, rho=0.8),
         }
-        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        job_id = client.post(JOBS, json=body).json()["id"]
     dashboard.sign_in()
     dashboard.open(f"#/jobs/{job_id}")
     button = page.locator("#cancel-job")

@@ -1,5 +1,6 @@
 """What the service tests share besides fixtures: the backends they run on, the demo model's name, the small
-green job's hyperparameters, and the API calls that make a key, a dataset, an upload and a job."""
+green job's hyperparameters, job bodies in OpenAI's shape (the method object), and the API calls that make a
+key, a dataset, an upload and a job and that read a job's events and checkpoints (oldest first)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ BACKENDS = ("embedded", "production")
 SMALL_HP = {"n_epochs": 2, "batch_size": 2, "max_seq_len": 32, "learning_rate": 1e-3}
 SMALL_EXAMPLES = 24
 SMALL_RHO = 0.75
+
+JOBS = "/v1/fine_tuning/jobs"  # OpenAI's path of the jobs
 
 
 def new_key(sessions: SessionFactory, tenant: str | None = None) -> str:
@@ -40,15 +43,43 @@ def upload(client: TestClient, text: str, name: str = "train.jsonl") -> dict:
     return response.json()
 
 
+def method(name: str = "green", **hp: object) -> dict:
+    """OpenAI's method object: ``{"type": name, name: {"hyperparameters": hp}}``."""
+    return {"type": name, name: {"hyperparameters": hp}}
+
+
+def job_body(file_id: str, name: str = "green", **hp: object) -> dict:
+    """A job (or estimate) body of the demo model on ``file_id``: method ``name`` with SMALL_HP and ``hp``."""
+    return {"model": DEMO, "training_file": file_id, "method": method(name, **{**SMALL_HP, **hp})}
+
+
 def create_job(client: TestClient, **hp: object) -> str:
     """A small green job (SMALL_HP, SMALL_RHO; ``hp`` overrides) on a new upload; returns its id."""
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    body = {
-        "model": DEMO,
-        "training_file": file_id,
-        "method": "green",
-        "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO, **hp},
-    }
-    response = client.post("/v1/jobs", json=body)
+    response = client.post(JOBS, json=job_body(file_id, **{"rho": SMALL_RHO, **hp}))
     assert response.status_code == 200, response.text
     return response.json()["id"]
+
+
+def all_of(client: TestClient, path: str) -> list[dict]:
+    """Every object of a newest-first list (events, checkpoints), paged with ``after``, OLDEST FIRST."""
+    found: list[dict] = []
+    params: dict[str, object] = {"limit": 100}
+    while True:
+        response = client.get(path, params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        found += page["data"]
+        if not page["has_more"]:
+            return found[::-1]
+        params["after"] = page["data"][-1]["id"]
+
+
+def events(client: TestClient, job_id: str) -> list[dict]:
+    """Every event of a job, oldest first (the API lists them newest first)."""
+    return all_of(client, f"{JOBS}/{job_id}/events")
+
+
+def checkpoints(client: TestClient, job_id: str) -> list[dict]:
+    """Every checkpoint of a job, oldest first (the API lists them newest first)."""
+    return all_of(client, f"{JOBS}/{job_id}/checkpoints")

@@ -16,10 +16,14 @@ from api.task_names import JOBS_QUEUE
 from tests.backends import REDIS_URL
 from tests.service.service_calls import (
     DEMO,
+    JOBS,
     SMALL_EXAMPLES,
     SMALL_HP,
     SMALL_RHO,
     dataset_lines,
+    events,
+    job_body,
+    method,
     new_key,
     upload,
 )
@@ -30,18 +34,14 @@ DESIGN_PATHS = {
     "/v1/files/{file_id}",
     "/v1/models",
     "/v1/estimates",
-    "/v1/jobs",
-    "/v1/jobs/{job_id}",
-    "/v1/jobs/{job_id}/cancel",
-    "/v1/jobs/{job_id}/epochs",
-    "/v1/jobs/{job_id}/events",
-    "/v1/jobs/{job_id}/checkpoints",
-    "/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content",
+    JOBS,
+    f"{JOBS}/{{job_id}}",
+    f"{JOBS}/{{job_id}}/cancel",
+    f"{JOBS}/{{job_id}}/epochs",
+    f"{JOBS}/{{job_id}}/events",
+    f"{JOBS}/{{job_id}}/checkpoints",
+    f"{JOBS}/{{job_id}}/checkpoints/{{checkpoint_id}}/content",
 }
-
-
-def job_body(file_id: str, **hp: object) -> dict:
-    return {"model": DEMO, "training_file": file_id, "method": "green", "hyperparameters": {**SMALL_HP, **hp}}
 
 
 def test_health_needs_no_key_and_docs_list_every_route(app) -> None:
@@ -50,13 +50,15 @@ def test_health_needs_no_key_and_docs_list_every_route(app) -> None:
     assert health.json() == {"status": "ok", "database": "ok"}
     assert float(health.headers["server-timing"].split("dur=")[1]) >= 0
     assert anonymous.get("/docs").status_code == 200
-    assert DESIGN_PATHS <= set(anonymous.get("/openapi.json").json()["paths"])
+    paths = set(anonymous.get("/openapi.json").json()["paths"])
+    assert DESIGN_PATHS <= paths
+    assert not any(p.startswith("/v1/jobs") for p in paths)  # the old paths are gone
 
 
 @pytest.mark.parametrize("header", [None, "Bearer ", "Bearer gt-not-a-key-at-all-000000000000", "Basic abc"])
 def test_v1_routes_need_a_valid_key(app, header: str | None) -> None:
     headers = {"Authorization": header} if header else {}
-    response = TestClient(app).get("/v1/jobs", headers=headers)
+    response = TestClient(app).get(JOBS, headers=headers)
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
 
@@ -127,18 +129,15 @@ def test_models_lists_the_demo_model(client: TestClient) -> None:
     data = client.get("/v1/models").json()["data"]
     demo = next(m for m in data if m["id"] == DEMO)
     assert demo["architecture"] == "LlamaForCausalLM"
+    assert demo["object"] == "model" and demo["owned_by"] == "system" and demo["created"] > 0
     assert demo["parameters"] > 10_000 and demo["tensors"] > 10
 
 
 def test_estimate_flops_time_energy_and_budget_units(client: TestClient, settings: Settings) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    body = {
-        "model": DEMO,
-        "training_file": file_id,
-        "method": "green",
-        "hyperparameters": {**SMALL_HP, "rho": 0.8},
-    }
+    body = job_body(file_id, rho=0.8)
     est = client.post("/v1/estimates", json=body).json()
+    assert est["method"] == "green"
     assert est["rho"] == 0.8 and 0.34 < est["rho_min"] < 0.8
     assert est["flops"]["method"] == int(0.8 * est["flops"]["full"])
     assert est["steps_per_epoch"] == SMALL_EXAMPLES // SMALL_HP["batch_size"]
@@ -149,24 +148,20 @@ def test_estimate_flops_time_energy_and_budget_units(client: TestClient, setting
         est["energy_j"]["full"] / 3.6e6 * settings.carbon_intensity_g_per_kwh
     )
 
-    full = client.post("/v1/estimates", json={**body, "method": "full", "hyperparameters": SMALL_HP}).json()
+    full = client.post("/v1/estimates", json={**body, "method": method("full", **SMALL_HP)}).json()
     assert full["flops"]["method"] == full["flops"]["full"] == est["flops"]["full"] and full["rho"] is None
 
     # A whole-run budget in FLOPs or kWh is the rho it implies.
     half = 0.9 * est["flops"]["full"]
-    by_flops = client.post(
-        "/v1/estimates", json={**body, "hyperparameters": {**SMALL_HP, "max_flops": half}}
-    ).json()
+    by_flops = client.post("/v1/estimates", json=job_body(file_id, max_flops=half)).json()
     assert by_flops["rho"] == pytest.approx(0.9)
     kwh = est["energy_j"]["full"] * 0.9 / 3.6e6
-    by_kwh = client.post(
-        "/v1/estimates", json={**body, "hyperparameters": {**SMALL_HP, "max_energy_kwh": kwh}}
-    )
+    by_kwh = client.post("/v1/estimates", json=job_body(file_id, max_energy_kwh=kwh))
     assert by_kwh.json()["rho"] == pytest.approx(0.9)
 
     # Below the floor: refused, naming rho_min and the smallest budget in the user's units.
     small = est["minimum_budget"]["max_flops"] * 0.5
-    refused = client.post("/v1/estimates", json={**body, "hyperparameters": {**SMALL_HP, "max_flops": small}})
+    refused = client.post("/v1/estimates", json=job_body(file_id, max_flops=small))
     assert refused.status_code == 400
     error = refused.json()["error"]
     assert error["code"] == "budget_too_small" and "rho_min" in error["message"]
@@ -176,15 +171,10 @@ def test_estimate_flops_time_energy_and_budget_units(client: TestClient, setting
 def test_estimates_of_every_method(client: TestClient) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
 
-    def estimate(method: str, **hp: object) -> dict:
-        body = {
-            "model": DEMO,
-            "training_file": file_id,
-            "method": method,
-            "hyperparameters": {**SMALL_HP, **hp},
-        }
-        response = client.post("/v1/estimates", json=body)
+    def estimate(name: str, **hp: object) -> dict:
+        response = client.post("/v1/estimates", json=job_body(file_id, name, **hp))
         assert response.status_code == 200, response.text
+        assert response.json()["method"] == name
         return response.json()
 
     full, lora = estimate("full"), estimate("lora")
@@ -200,12 +190,12 @@ def test_estimates_of_every_method(client: TestClient) -> None:
 
 def test_job_below_rho_min_is_refused_naming_rho_min(client: TestClient) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    response = client.post("/v1/jobs", json=job_body(file_id, rho=0.2))
+    response = client.post(JOBS, json=job_body(file_id, rho=0.2))
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "budget_too_small"
     assert "rho_min" in error["message"] and error["rho_min"] > 0.2
-    assert client.get("/v1/jobs").json()["data"] == []  # nothing stored
+    assert client.get(JOBS).json()["data"] == []  # nothing stored
 
 
 @pytest.mark.parametrize(
@@ -215,20 +205,20 @@ def test_job_below_rho_min_is_refused_naming_rho_min(client: TestClient) -> None
         ({"model": "../demo-tiny"}, 400, "not found"),
         ({"training_file": "file-nope"}, 400, "training_file 'file-nope' not found"),
         ({"validation_file": "file-nope"}, 400, "validation_file 'file-nope' not found"),
-        ({"method": "magic"}, 422, "method"),
-        ({"hyperparameters": {"rho": 1.5}}, 422, "rho"),
-        ({"hyperparameters": {"rho": 0.5, "max_flops": 1e12}}, 422, "one budget"),
-        ({"hyperparameters": {"n_epochs": 0}}, 422, "n_epochs"),
-        ({"hyperparameters": {"learning_rat": 0.1}}, 422, "learning_rat"),
-        ({"method": "full", "hyperparameters": {"rho": 0.5}}, 400, "apply to methods green and topk"),
-        ({"method": "topk", "hyperparameters": {"topk_layers": 1, "rho": 0.9}}, 400, "not both"),
+        ({"method": {"type": "magic"}}, 400, "method"),
+        ({"method": method(rho=1.5)}, 400, "rho"),
+        ({"method": method(rho=0.5, max_flops=1e12)}, 400, "one budget"),
+        ({"method": method(n_epochs=0)}, 400, "n_epochs"),
+        ({"method": method(learning_rat=0.1)}, 400, "learning_rat"),
+        ({"method": method("full", rho=0.5)}, 400, "apply to methods green and topk"),
+        ({"method": method("topk", topk_layers=1, rho=0.9)}, 400, "not both"),
     ],
 )
 def test_job_creation_errors_are_clear_4xx(
     client: TestClient, change: dict, status: int, needle: str
 ) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    response = client.post("/v1/jobs", json={**job_body(file_id), **change})
+    response = client.post(JOBS, json={**job_body(file_id), **change})
     assert response.status_code == status, response.text
     assert needle in response.json()["error"]["message"]
 
@@ -259,17 +249,18 @@ def broker_depth(settings: Settings) -> int:
 def test_job_is_committed_then_enqueued_and_can_be_cancelled(client: TestClient, settings: Settings) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
     before = broker_depth(settings)
-    job = client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO)).json()
+    job = client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO)).json()
     assert job["status"] == "queued" and job["rho"] == SMALL_RHO and job["rho_min"] < SMALL_RHO
+    assert job["method"]["type"] == "green" and job["method"]["green"]["hyperparameters"]["rho"] == SMALL_RHO
     assert job["estimate"]["flops"]["full"] > 0 and job["progress"]["fraction"] == 0
     assert broker_depth(settings) == before + 1
-    events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
-    assert [e["data"]["status"] for e in events] == ["validating", "queued"]
+    assert [e["data"]["status"] for e in events(client, job["id"])] == ["validating_files", "queued"]
 
-    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel").json()
+    cancelled = client.post(f"{JOBS}/{job['id']}/cancel").json()
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
-    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"  # idempotent
-    assert client.get(f"/v1/jobs/{job['id']}/events").json()["data"][-1]["data"]["status"] == "cancelled"
+    assert client.post(f"{JOBS}/{job['id']}/cancel").json()["status"] == "cancelled"  # idempotent
+    newest = client.get(f"{JOBS}/{job['id']}/events").json()["data"][0]  # newest first
+    assert newest["kind"] == "status" and newest["data"]["status"] == "cancelled"
 
 
 def test_a_job_the_broker_cannot_take_stays_queued_with_a_warning(settings: Settings, key: str) -> None:
@@ -279,58 +270,56 @@ def test_a_job_the_broker_cannot_take_stays_queued_with_a_warning(settings: Sett
     down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0", "broker_prefix": ""})
     client = TestClient(create_app(down), headers={"Authorization": f"Bearer {key}"})
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    response = client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO))
+    response = client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO))
     assert response.status_code == 200, response.text
     job = response.json()
     assert job["status"] == "queued"
-    events = client.get(f"/v1/jobs/{job['id']}/events").json()["data"]
-    assert [e["data"]["status"] for e in events if e["type"] == "status"] == ["validating", "queued"]
-    assert events[-1]["level"] == "warning" and "the job stays queued" in events[-1]["message"]
-    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+    seen = events(client, job["id"])
+    assert [e["data"]["status"] for e in seen if e["kind"] == "status"] == ["validating_files", "queued"]
+    assert seen[-1]["level"] == "warn" and "the job stays queued" in seen[-1]["message"]
+    assert client.get(f"{JOBS}/{job['id']}").json()["status"] == "queued"
 
 
 def test_budget_in_flops_is_recorded_as_rho(client: TestClient) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
     est = client.post("/v1/estimates", json=job_body(file_id, rho=1.0)).json()
     budget = 0.8 * est["flops"]["full"]
-    job = client.post("/v1/jobs", json=job_body(file_id, max_flops=budget)).json()
+    job = client.post(JOBS, json=job_body(file_id, max_flops=budget)).json()
     assert job["rho"] == pytest.approx(0.8) and job["hyperparameters"]["max_flops"] == budget
-    messages = [e["message"] for e in client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+    messages = [e["message"] for e in events(client, job["id"])]
     assert any("rho=0.8000" in m for m in messages)
 
 
 def test_jobs_list_paginates_and_filters_by_status(client: TestClient) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    ids = [client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO)).json()["id"] for _ in range(3)]
-    client.post(f"/v1/jobs/{ids[0]}/cancel")
-    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    ids = [client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO)).json()["id"] for _ in range(3)]
+    client.post(f"{JOBS}/{ids[0]}/cancel")
+    page = client.get(JOBS, params={"limit": 2}).json()
     assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["has_more"]
-    rest = client.get("/v1/jobs", params={"limit": 2, "after": page["data"][-1]["id"]}).json()
+    rest = client.get(JOBS, params={"limit": 2, "after": page["data"][-1]["id"]}).json()
     assert [j["id"] for j in rest["data"]] == [ids[0]] and not rest["has_more"]
-    assert [j["id"] for j in client.get("/v1/jobs", params={"status": "cancelled"}).json()["data"]] == [
-        ids[0]
-    ]
-    assert client.get("/v1/jobs", params={"status": "nonsense"}).status_code == 422
+    assert [j["id"] for j in client.get(JOBS, params={"status": "cancelled"}).json()["data"]] == [ids[0]]
+    assert client.get(JOBS, params={"status": "nonsense"}).status_code == 400
 
 
 def test_another_tenants_objects_answer_404(app, client: TestClient, sessions) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    job_id = client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO)).json()["id"]
+    job_id = client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO)).json()["id"]
     other = TestClient(app, headers={"Authorization": f"Bearer {new_key(sessions)}"})
     for path in (
         f"/v1/files/{file_id}",
-        f"/v1/jobs/{job_id}",
-        f"/v1/jobs/{job_id}/epochs",
-        f"/v1/jobs/{job_id}/events",
-        f"/v1/jobs/{job_id}/checkpoints",
-        f"/v1/jobs/{job_id}/checkpoints/ckpt-x/content",
+        f"{JOBS}/{job_id}",
+        f"{JOBS}/{job_id}/epochs",
+        f"{JOBS}/{job_id}/events",
+        f"{JOBS}/{job_id}/checkpoints",
+        f"{JOBS}/{job_id}/checkpoints/ckpt-x/content",
     ):
         assert other.get(path).status_code == 404, path
-    assert other.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
-    assert other.get("/v1/jobs").json()["data"] == [] and other.get("/v1/files").json()["data"] == []
-    refused = other.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO))  # naming a foreign file in a body
+    assert other.post(f"{JOBS}/{job_id}/cancel").status_code == 404
+    assert other.get(JOBS).json()["data"] == [] and other.get("/v1/files").json()["data"] == []
+    refused = other.post(JOBS, json=job_body(file_id, rho=SMALL_RHO))  # naming a foreign file in a body
     assert refused.status_code == 400 and "not found" in refused.json()["error"]["message"]
-    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # untouched
+    assert client.get(f"{JOBS}/{job_id}").json()["status"] == "queued"  # untouched
 
 
 def test_keys_create_prints_a_working_key_as_its_last_word(app, settings: Settings) -> None:
@@ -350,7 +339,7 @@ def test_keys_create_prints_a_working_key_as_its_last_word(app, settings: Settin
     )
     assert done.returncode == 0, done.stderr
     key = done.stdout.split()[-1]
-    assert TestClient(app, headers={"Authorization": f"Bearer {key}"}).get("/v1/jobs").status_code == 200
+    assert TestClient(app, headers={"Authorization": f"Bearer {key}"}).get(JOBS).status_code == 200
 
 
 def test_schemas_follow_greencore(app) -> None:
@@ -359,15 +348,16 @@ def test_schemas_follow_greencore(app) -> None:
     from api.archive import RESUME_ONLY
     from api.schemas.jobs import Hyperparameters
     from greencore import checkpoint
-    from greencore.registry import METHODS
+    from greencore.registry import ALIASES, METHODS
     from greencore.spec import Hyperparameters as Core
 
     core = {f.name: f.default for f in dataclasses.fields(Core)}
     ours = {name: f.default for name, f in Hyperparameters.model_fields.items()}
-    assert ours == core  # every training setting, with greencore's default
+    assert ours == {**core, "learning_rate_multiplier": None}  # every training setting, greencore's default
     schema = app.openapi()["components"]["schemas"]
-    assert schema["JobCreate"]["properties"]["method"]["enum"] == list(METHODS)
-    assert schema["Hyperparameters"]["properties"]["n_epochs"]["maximum"] == 1000  # greencore's bound
+    assert schema["JobMethod"]["properties"]["type"]["enum"] == [*ALIASES, *METHODS]
+    n_epochs = schema["Hyperparameters"]["properties"]["n_epochs"]["anyOf"]  # a number or OpenAI's "auto"
+    assert n_epochs[0]["maximum"] == 1000 and n_epochs[1]["const"] == "auto"  # greencore's bound
     assert set(RESUME_ONLY) == {checkpoint.STATE_FILE, checkpoint.MASTER_FILE}
 
 
@@ -381,14 +371,14 @@ def test_job_creations_never_hold_up_reads(app, key: str) -> None:
 
     with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as client:
         file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-        job_id = client.post("/v1/jobs", json=job_body(file_id, rho=SMALL_RHO)).json()["id"]
+        job_id = client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO)).json()["id"]
         borrowers = [object() for _ in range(int(CREATE_LIMITER.total_tokens))]
         for borrower in borrowers:  # every creation thread taken, as by slow estimates
             client.portal.call(CREATE_LIMITER.acquire_on_behalf_of, borrower)
         with ThreadPoolExecutor(2) as pool:
             try:
-                creating = pool.submit(client.post, "/v1/jobs", json=job_body(file_id, rho=SMALL_RHO))
-                assert pool.submit(client.get, f"/v1/jobs/{job_id}").result(timeout=30).status_code == 200
+                creating = pool.submit(client.post, JOBS, json=job_body(file_id, rho=SMALL_RHO))
+                assert pool.submit(client.get, f"{JOBS}/{job_id}").result(timeout=30).status_code == 200
                 time.sleep(0.5)
                 assert not creating.done()  # it waits for a creation thread
             finally:

@@ -22,15 +22,18 @@ from api.keys import authenticate
 from api.tables import Checkpoint, File
 from tests.service.service_calls import (
     DEMO,
+    JOBS,
     SMALL_EXAMPLES,
     SMALL_HP,
     SMALL_RHO,
     dataset_lines,
+    job_body,
     new_key,
     upload,
 )
 
 ROUTES_WITH_IDS = ("estimates", "jobs")
+PATHS = {"estimates": "/v1/estimates", "jobs": JOBS}  # the POST of each
 GOOD = json.dumps({"prompt": "What is 1 plus 1? ", "completion": "It is 2."})
 
 
@@ -163,9 +166,8 @@ def test_examples_longer_than_max_seq_len(client: TestClient) -> None:
     ]
     for name, max_seq_len, refused, truncated in cases:
         for route in ROUTES_WITH_IDS:
-            hp = {**SMALL_HP, "max_seq_len": max_seq_len}
-            body = {"model": DEMO, "training_file": ids[name], "method": "full", "hyperparameters": hp}
-            response = client.post(f"/v1/{route}", json=body)
+            body = job_body(ids[name], "full", max_seq_len=max_seq_len)
+            response = client.post(PATHS[route], json=body)
             case = (name, max_seq_len, route)
             if refused is None:
                 assert response.status_code == 200, (case, response.text)
@@ -180,51 +182,58 @@ def test_examples_longer_than_max_seq_len(client: TestClient) -> None:
 @pytest.mark.parametrize("route", ROUTES_WITH_IDS)
 def test_hyperparameters_out_of_range(client: TestClient, route: str) -> None:
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    start = f'{{"model": "{DEMO}", "training_file": "{file_id}", "method": "green"'
+    start = f'{{"model": "{DEMO}", "training_file": "{file_id}"'
+    where = "method.green.hyperparameters"  # the parameter an error names
     hp = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in {**SMALL_HP, "rho": SMALL_RHO}.items())
+
+    def green(hyperparameters: str) -> str:
+        """The body with method green and these hyperparameters (JSON text)."""
+        return f'{start}, "method": {{"type": "green", "green": {{"hyperparameters": {hyperparameters}}}}}}}'
+
     cases = [  # (what the body holds, the parameter named)
-        ('"batch_size": 0', "hyperparameters.batch_size"),
-        ('"batch_size": 1000000000', "hyperparameters.batch_size"),
-        ('"learning_rate": -0.001', "hyperparameters.learning_rate"),
-        ('"learning_rate": 0', "hyperparameters.learning_rate"),
-        ('"learning_rate": 1e300', "hyperparameters.learning_rate"),
-        ('"learning_rate": NaN', "hyperparameters.learning_rate"),
-        ('"n_epochs": 1000000000', "hyperparameters.n_epochs"),
-        ('"n_epochs": 2.5', "hyperparameters.n_epochs"),
-        ('"n_epochs": "three"', "hyperparameters.n_epochs"),
-        ('"max_seq_len": 0', "hyperparameters.max_seq_len"),
-        ('"max_seq_len": 1000000000', "hyperparameters.max_seq_len"),
-        ('"reselect_every": 0', "hyperparameters.reselect_every"),
-        ('"importance_batches": 100000', "hyperparameters.importance_batches"),
-        ('"warmup_steps": -1', "hyperparameters.warmup_steps"),
-        ('"weight_decay": 2', "hyperparameters.weight_decay"),
-        ('"max_grad_norm": 0', "hyperparameters.max_grad_norm"),
-        ('"max_grad_norm": Infinity', "hyperparameters.max_grad_norm"),
+        ('"batch_size": 0', "batch_size"),
+        ('"batch_size": 1000000000', "batch_size"),
+        ('"learning_rate": -0.001', "learning_rate"),
+        ('"learning_rate": 0', "learning_rate"),
+        ('"learning_rate": 1e300', "learning_rate"),
+        ('"learning_rate": NaN', "learning_rate"),
+        ('"n_epochs": 1000000000', "n_epochs"),
+        ('"n_epochs": 2.5', "n_epochs"),
+        ('"n_epochs": "three"', "n_epochs"),
+        ('"max_seq_len": 0', "max_seq_len"),
+        ('"max_seq_len": 1000000000', "max_seq_len"),
+        ('"reselect_every": 0', "reselect_every"),
+        ('"importance_batches": 100000', "importance_batches"),
+        ('"warmup_steps": -1', "warmup_steps"),
+        ('"weight_decay": 2', "weight_decay"),
+        ('"max_grad_norm": 0', "max_grad_norm"),
+        ('"max_grad_norm": Infinity', "max_grad_norm"),
     ]
+    path = PATHS[route]
     for fragment, param in cases:
         key = fragment.split(":")[0].strip('"')
         rest = ", ".join(p for p in hp.split(", ") if not p.startswith(f'"{key}"'))
-        response = post_raw(client, f"/v1/{route}", f'{start}, "hyperparameters": {{{rest}, {fragment}}}}}')
-        error = assert_error(response, 422, "invalid_request", fragment)
-        assert error["param"] == param and key in error["message"], (fragment, error)
+        response = post_raw(client, path, green(f"{{{rest}, {fragment}}}"))
+        error = assert_error(response, 400, "invalid_request", fragment)
+        assert error["param"] == f"{where}.{param}" and key in error["message"], (fragment, error)
     # The whole-run budgets and the request's other fields.
     for body, param in [
-        (f'{start}, "hyperparameters": {{"max_flops": Infinity}}}}', "hyperparameters.max_flops"),
-        (f'{start}, "hyperparameters": {{"max_energy_kwh": -1}}}}', "hyperparameters.max_energy_kwh"),
-        (f'{start}, "hyperparameters": [1, 2]}}', "hyperparameters"),
+        (green('{"max_flops": Infinity}'), f"{where}.max_flops"),
+        (green('{"max_energy_kwh": -1}'), f"{where}.max_energy_kwh"),
+        (green("[1, 2]"), where),
         (f'{start}, "seed": -1}}', "seed"),
         (f'{start}, "seed": 1e400}}', "seed"),
     ]:
-        error = assert_error(post_raw(client, f"/v1/{route}", body), 422, "invalid_request", body[-60:])
+        error = assert_error(post_raw(client, path, body), 400, "invalid_request", body[-60:])
         assert error["param"] == param, (body[-60:], error)
     for body in (f"{start}", "not json", "[]", "{" * 100_000, "[" * 100_000):  # not a JSON object at all
-        response = post_raw(client, f"/v1/{route}", body)
+        response = post_raw(client, path, body)
         assert 400 <= response.status_code < 500 and "error" in response.json(), (
             body[:40],
             response.text[:200],
         )
-    assert post_raw(client, f"/v1/{route}", f'{start}, "hyperparameters": {{{hp}}}}}').status_code == 200
-    assert len(client.get("/v1/jobs").json()["data"]) == (1 if route == "jobs" else 0)  # only the good one
+    assert post_raw(client, path, green(f"{{{hp}}}")).status_code == 200
+    assert len(client.get(JOBS).json()["data"]) == (1 if route == "jobs" else 0)  # only the good one
 
 
 @pytest.mark.parametrize("route", ROUTES_WITH_IDS)
@@ -232,14 +241,11 @@ def test_rho_outside_zero_one_or_below_rho_min(client: TestClient, route: str) -
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
 
     def post(rho: object) -> Response:
-        hp = {**SMALL_HP, "rho": rho}
-        return client.post(
-            f"/v1/{route}", json={"model": DEMO, "training_file": file_id, "hyperparameters": hp}
-        )
+        return client.post(PATHS[route], json=job_body(file_id, rho=rho))
 
     for rho in (0, -0.5, 1.0000001, 1.5, "half"):
-        error = assert_error(post(rho), 422, "invalid_request", rho)
-        assert error["param"] == "hyperparameters.rho", (rho, error)
+        error = assert_error(post(rho), 400, "invalid_request", rho)
+        assert error["param"] == "method.green.hyperparameters.rho", (rho, error)
     error = assert_error(post(0.2), 400, "budget_too_small", 0.2)
     assert error["rho_min"] > 0.2 and f"rho_min={error['rho_min']:.4f}" in error["message"]
     accepted = post(1.0)
@@ -250,8 +256,7 @@ def test_rho_outside_zero_one_or_below_rho_min(client: TestClient, route: str) -
 def other_tenants_objects(app, client: TestClient, sessions, settings: Settings) -> dict:
     """Tenant A (``client``): a file, a job and a checkpoint of that job, with its folder in the artifacts."""
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    body = {"model": DEMO, "training_file": file_id, "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO}}
-    job_id = client.post("/v1/jobs", json=body).json()["id"]
+    job_id = client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO)).json()["id"]
     relative = f"checkpoints/{job_id}/epoch-1"
     assert settings.artifacts_dir is not None
     folder = settings.artifacts_dir / relative
@@ -263,7 +268,7 @@ def other_tenants_objects(app, client: TestClient, sessions, settings: Settings)
             Checkpoint(id=checkpoint_id, job_id=job_id, name="epoch-1", epoch=1, path=relative, bytes=2)
         )
         session.commit()
-    assert client.get(f"/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content").status_code == 200  # A's own
+    assert client.get(f"{JOBS}/{job_id}/checkpoints/{checkpoint_id}/content").status_code == 200  # A's own
     return {"file": file_id, "job": job_id, "checkpoint": checkpoint_id}
 
 
@@ -271,41 +276,31 @@ def test_unknown_and_foreign_ids(app, sessions, other_tenants_objects: dict) -> 
     a = other_tenants_objects
     b = TestClient(app, headers={"Authorization": f"Bearer {new_key(sessions)}"})  # tenant B
     b_file = upload(b, dataset_lines(SMALL_EXAMPLES))["id"]
-    b_job = b.post(
-        "/v1/jobs",
-        json={"model": DEMO, "training_file": b_file, "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO}},
-    ).json()["id"]
+    b_job = b.post(JOBS, json=job_body(b_file, rho=SMALL_RHO)).json()["id"]
     unknown = {"file": new_id("file"), "job": new_id("ftjob"), "checkpoint": new_id("ckpt")}
     paths = []
     for ids in (unknown, a):  # ids that do not exist, and tenant A's
         paths += [
             ("GET", f"/v1/files/{ids['file']}"),
-            ("GET", f"/v1/jobs/{ids['job']}"),
-            ("POST", f"/v1/jobs/{ids['job']}/cancel"),
-            ("GET", f"/v1/jobs/{ids['job']}/epochs"),
-            ("GET", f"/v1/jobs/{ids['job']}/events"),
-            ("GET", f"/v1/jobs/{ids['job']}/checkpoints"),
-            ("GET", f"/v1/jobs/{ids['job']}/checkpoints/{ids['checkpoint']}/content"),
-            ("GET", f"/v1/jobs/{b_job}/checkpoints/{ids['checkpoint']}/content"),
+            ("GET", f"{JOBS}/{ids['job']}"),
+            ("POST", f"{JOBS}/{ids['job']}/cancel"),
+            ("GET", f"{JOBS}/{ids['job']}/epochs"),
+            ("GET", f"{JOBS}/{ids['job']}/events"),
+            ("GET", f"{JOBS}/{ids['job']}/checkpoints"),
+            ("GET", f"{JOBS}/{ids['job']}/checkpoints/{ids['checkpoint']}/content"),
+            ("GET", f"{JOBS}/{b_job}/checkpoints/{ids['checkpoint']}/content"),
         ]  # B's job, not its checkpoint
-    for method, path in paths:
-        assert_error(b.request(method, path), 404, "not_found", path)
+    for verb, path in paths:
+        assert_error(b.request(verb, path), 404, "not_found", path)
     for route in ROUTES_WITH_IDS:  # ids named in a body: 400 naming the parameter
         for param in ("training_file", "validation_file"):
             for file_id in (unknown["file"], a["file"]):
-                body = {
-                    "model": DEMO,
-                    "training_file": b_file,
-                    param: file_id,
-                    "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO},
-                }
+                body = {**job_body(b_file, rho=SMALL_RHO), param: file_id}
                 if route == "estimates" and param == "validation_file":
                     continue  # an estimate takes no validation file
-                error = assert_error(
-                    b.post(f"/v1/{route}", json=body), 400, "invalid_request", (route, param)
-                )
+                error = assert_error(b.post(PATHS[route], json=body), 400, "invalid_request", (route, param))
                 assert error["param"] == param and "not found" in error["message"]
-    assert [j["id"] for j in b.get("/v1/jobs").json()["data"]] == [b_job]
+    assert [j["id"] for j in b.get(JOBS).json()["data"]] == [b_job]
 
 
 TRICKS = [  # as they appear in a URL
@@ -339,25 +334,27 @@ def test_path_tricks_in_ids_and_filenames(
 ) -> None:
     own = other_tenants_objects
     for trick in TRICKS:
-        for method, path in [
+        for verb, path in [
             ("GET", f"/v1/files/{trick}"),
-            ("GET", f"/v1/jobs/{trick}"),
-            ("POST", f"/v1/jobs/{trick}/cancel"),
-            ("GET", f"/v1/jobs/{trick}/epochs"),
-            ("GET", f"/v1/jobs/{trick}/events"),
-            ("GET", f"/v1/jobs/{trick}/checkpoints"),
-            ("GET", f"/v1/jobs/{trick}/checkpoints/{own['checkpoint']}/content"),
-            ("GET", f"/v1/jobs/{own['job']}/checkpoints/{trick}/content"),
+            ("GET", f"{JOBS}/{trick}"),
+            ("POST", f"{JOBS}/{trick}/cancel"),
+            ("GET", f"{JOBS}/{trick}/epochs"),
+            ("GET", f"{JOBS}/{trick}/events"),
+            ("GET", f"{JOBS}/{trick}/checkpoints"),
+            ("GET", f"{JOBS}/{trick}/checkpoints/{own['checkpoint']}/content"),
+            ("GET", f"{JOBS}/{own['job']}/checkpoints/{trick}/content"),
             ("GET", f"/static/{trick}"),
         ]:
-            response = client.request(method, path)
+            response = client.request(verb, path)
             assert response.status_code in (404, 405), (path[:80], response.status_code, response.text[:200])
             assert "root:" not in response.text and "error" in response.json(), path[:80]
-        for path in ("/v1/files", "/v1/jobs", f"/v1/jobs/{own['job']}/checkpoints"):  # list cursors
-            assert_error(client.get(f"{path}?after={trick}"), 422, "invalid_request", (path, trick[:20]))
-    for path in (f"/v1/jobs/{own['job']}/epochs", f"/v1/jobs/{own['job']}/events"):  # number cursors
-        for after in ("-1", str(10**30), "1e3", "%00"):
-            assert_error(client.get(f"{path}?after={after}"), 422, "invalid_request", (path, after))
+        for path in ("/v1/files", JOBS, f"{JOBS}/{own['job']}/checkpoints"):  # list cursors
+            assert_error(client.get(f"{path}?after={trick}"), 400, "invalid_request", (path, trick[:20]))
+    # Number cursors: an epoch number, an event id (ftevent-N).
+    for path, prefix in ((f"{JOBS}/{own['job']}/epochs", ""), (f"{JOBS}/{own['job']}/events", "ftevent-")):
+        for number in ("-1", str(10**30), "1e3", "%00"):
+            after = prefix + number
+            assert_error(client.get(f"{path}?after={after}"), 400, "invalid_request", (path, after))
     for path in ("/static/..%2F..%2Fconfig.py", "/static/%2e%2e/%2e%2e/api/config.py", "/static/../app.py"):
         response = client.get(path)
         assert response.status_code == 404 and "GT_" not in response.text, path
@@ -365,13 +362,9 @@ def test_path_tricks_in_ids_and_filenames(
     for route in ROUTES_WITH_IDS:  # in a body: ids and model names are looked up, never joined into a path
         for trick in BODY_TRICKS:
             for param in ("training_file", "model"):
-                body = {
-                    "model": DEMO,
-                    "training_file": own["file"],
-                    "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO},
-                }
+                body = job_body(own["file"], rho=SMALL_RHO)
                 error = assert_error(
-                    client.post(f"/v1/{route}", json={**body, param: trick}),
+                    client.post(PATHS[route], json={**body, param: trick}),
                     400,
                     "invalid_request",
                     (route, param, trick[:20]),

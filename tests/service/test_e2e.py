@@ -24,7 +24,7 @@ from tests.backends import (
     new_redis_prefix,
 )
 from tests.processes import clean_env, free_port, process, wait_healthy
-from tests.service.service_calls import DEMO, SMALL_EXAMPLES, SMALL_HP, SMALL_RHO, dataset_lines
+from tests.service.service_calls import DEMO, SMALL_EXAMPLES, SMALL_HP, SMALL_RHO, dataset_lines, job_body
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -46,6 +46,7 @@ def check_trained(client: Client, job_id: str, models_dir: Path, download_dir: P
     checkpoint loads with transformers, untrained tensors identical to the base."""
     job = client.get_job(job_id)
     assert job["status"] == "succeeded", job
+    assert job["fine_tuned_model"] == f"ft:{DEMO}::{job_id}", job
     epochs = client.epochs(job_id)["data"]
     assert [e["epoch"] for e in epochs] == list(range(1, SMALL_HP["n_epochs"] + 1))
     trained: set[str] = set()
@@ -53,7 +54,7 @@ def check_trained(client: Client, job_id: str, models_dir: Path, download_dir: P
         assert e["flops"]["total"] <= job["rho"] * e["flops"]["full"]
         assert e["selected_tensors"] and e["energy_j"] > 0 and e["gco2e"] > 0 and e["energy_method"]
         trained |= set(e["selected_tensors"])
-    checkpoints = {c["name"]: c for c in client.checkpoints(job_id)["data"]}
+    checkpoints = {c["name"]: c for c in client.all_checkpoints(job_id)}
     assert {"epoch-1", f"epoch-{SMALL_HP['n_epochs']}", "final"} <= set(checkpoints)
     folder = client.download_checkpoint(job_id, checkpoints["final"]["id"], download_dir)
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -165,14 +166,8 @@ def test_production_processes_on_postgres_and_redis(tmp_path: Path, models_dir: 
             dataset = tmp_path / "train.jsonl"
             dataset.write_text(dataset_lines(SMALL_EXAMPLES))
             file_id = client.upload_file(dataset)["id"]
-            job = client.create_job(
-                {
-                    "model": DEMO,
-                    "training_file": file_id,
-                    "method": "green",
-                    "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO},
-                }
-            )
+            job = client.create_job(job_body(file_id, rho=SMALL_RHO))
+            assert job["method"]["type"] == "green" and job["status"] == "queued", job
             done = wait_job(client, job["id"], tmp_path / "worker.log")
             assert done["status"] == "succeeded", (done, (tmp_path / "worker.log").read_text()[-3000:])
             check_trained(client, job["id"], models_dir, tmp_path / "download")

@@ -39,12 +39,11 @@ from api.db import SessionFactory
 from api.ids import new_id
 from api.schemas.common import ErrorPublic
 from api.tables import Checkpoint, utcnow
-from tests.service.service_calls import DEMO, SMALL_EXAMPLES, SMALL_HP, SMALL_RHO, dataset_lines, upload
+from tests.service.service_calls import DEMO, JOBS, SMALL_EXAMPLES, SMALL_RHO, dataset_lines, job_body, upload
 
 MAX_EXAMPLES = 25  # per operation and generation mode: about 13 s per backend on this 2-core machine
 RUN_LIMIT_S = 120  # one backend's fuzz run; far above what it takes, so only a real slowdown trips it
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-JOB_HP = {**SMALL_HP, "rho": SMALL_RHO}
 
 
 @dataclass
@@ -59,9 +58,7 @@ class RealObjects:
 def queued_job(client: TestClient) -> tuple[str, str]:
     """A training file and a job on it, queued (no worker takes it): (file id, job id)."""
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    created = client.post(
-        "/v1/jobs", json={"model": DEMO, "training_file": file_id, "hyperparameters": JOB_HP}
-    )
+    created = client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO))
     assert created.status_code == 200, created.text
     return file_id, created.json()["id"]
 
@@ -97,7 +94,7 @@ def at_existing(case: Case, real: RealObjects) -> Case | None:
     None when it names none."""
     path = {name: getattr(real, name) for name in case.path_parameters or {}}
     body = case.body
-    if isinstance(body, dict) and "training_file" in body:  # POST /v1/estimates, /v1/jobs
+    if isinstance(body, dict) and "training_file" in body:  # POST /v1/estimates, /v1/fine_tuning/jobs
         body = {**body, "model": DEMO, "training_file": real.file_id}
         if "validation_file" in body:
             body["validation_file"] = real.file_id
@@ -166,7 +163,7 @@ def test_fuzzed_requests_never_answer_5xx_and_match_the_schema(
             except Exception as exc:  # every operation is fuzzed, then every failure is shown
                 failures[f"{operation.label} ({mode.value})"] = exc
     elapsed = time.monotonic() - started
-    assert {"POST /v1/files", "GET /v1/jobs/{job_id}/checkpoints/{checkpoint_id}/content"} <= set(labels)
+    assert {"POST /v1/files", f"GET {JOBS}/{{job_id}}/checkpoints/{{checkpoint_id}}/content"} <= set(labels)
     assert len(labels) >= 13, labels
     assert not failures, "\n\n".join(f"{label}:\n{exc}" for label, exc in failures.items())
     assert elapsed < RUN_LIMIT_S, f"the fuzz run took {elapsed:.0f} s"
@@ -181,14 +178,16 @@ def assert_error(response, status: int, case: object) -> dict:
     return ErrorPublic.model_validate(response.json()).error.model_dump()
 
 
-def test_number_cursors_past_the_32_bit_columns_answer_422(client: TestClient) -> None:
-    """epochs.epoch and events.id are 32-bit on PostgreSQL: a larger cursor was sent to the database (500)."""
+def test_number_cursors_past_the_32_bit_columns_answer_400(client: TestClient) -> None:
+    """epochs.epoch and events.id are 32-bit on PostgreSQL: a larger cursor was sent to the database (500).
+    An epoch cursor is the epoch number, an event cursor the event's id (ftevent-N)."""
     _, job_id = queued_job(client)
-    for path in (f"/v1/jobs/{job_id}/epochs", f"/v1/jobs/{job_id}/events"):
-        assert client.get(path, params={"after": 2**31 - 1}).status_code == 200
-        for after in (2**31, 10**12, 2**63):
-            error = assert_error(client.get(path, params={"after": after}), 422, (path, after))
-            assert error["param"] == "query.after"
+    for path, prefix in ((f"{JOBS}/{job_id}/epochs", ""), (f"{JOBS}/{job_id}/events", "ftevent-")):
+        assert client.get(path, params={"after": f"{prefix}{2**31 - 1}"}).status_code == 200
+        for number in (2**31, 10**12, 2**63):
+            after = f"{prefix}{number}"
+            error = assert_error(client.get(path, params={"after": after}), 400, (path, after))
+            assert error["param"] == "after", (path, after, error)  # OpenAI's name of the parameter
 
 
 def test_api_key_with_a_nul_answers_401(app) -> None:
@@ -202,11 +201,11 @@ def test_lone_surrogates_in_body_ids_answer_400(client: TestClient) -> None:
     """JSON may escape half a surrogate pair ("\\ud800"), which no database encoding can hold: the file
     lookup failed on both backends (500)."""
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    for route in ("/v1/estimates", "/v1/jobs"):
+    for route in ("/v1/estimates", JOBS):
         for param in ("training_file", "validation_file", "model"):
             if route == "/v1/estimates" and param == "validation_file":
                 continue  # an estimate takes no validation file
-            body = {"model": DEMO, "training_file": file_id, "hyperparameters": JOB_HP, param: "file-\ud800"}
+            body = {**job_body(file_id, rho=SMALL_RHO), param: "file-\ud800"}
             content = json.dumps(body).encode()  # ensure_ascii escapes the surrogate as JSON allows
             response = client.post(route, content=content, headers={"Content-Type": "application/json"})
             error = assert_error(response, 400, (route, param))
@@ -217,11 +216,11 @@ def test_bodies_that_cannot_be_parsed_answer_the_declared_error(client: TestClie
     """Starlette answered these itself with ``{"detail": ...}``, not the declared error body."""
     multipart = "multipart/form-data; boundary=gtboundary"
     for route, content, content_type in [
-        ("/v1/jobs", b"\xb2B", "application/json"),  # not UTF-8
+        (JOBS, b"\xb2B", "application/json"),  # not UTF-8
         ("/v1/estimates", b"\xb2B", "application/json"),
         ("/v1/files", b"--gtboundary\r\n--gtboundary--\r\n", multipart),  # a part without headers
         ("/v1/files", b"anything", "multipart/form-data"),  # no boundary
     ]:
         response = client.post(route, content=content, headers={"Content-Type": content_type})
-        assert response.status_code in (400, 422), (route, content, response.text)
+        assert response.status_code == 400, (route, content, response.text)
         assert_error(response, response.status_code, (route, content))

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from api.config import Settings
 from api.keys import key_sha256
-from tests.service.service_calls import new_key
+from tests.service.service_calls import JOBS, new_key
 
 
 def greentrainer(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -38,7 +38,7 @@ def test_a_revoked_key_answers_401_on_the_very_next_request(app, settings: Setti
     key, other = new_key(sessions, tenant), new_key(sessions, tenant)
     client = TestClient(app, headers={"Authorization": f"Bearer {key}"})
     other_client = TestClient(app, headers={"Authorization": f"Bearer {other}"})
-    assert client.get("/v1/jobs").status_code == other_client.get("/v1/jobs").status_code == 200
+    assert client.get(JOBS).status_code == other_client.get(JOBS).status_code == 200
 
     done = greentrainer(settings, "keys", "list", "--tenant", tenant)
     for secret in (key, other, key_sha256(key), key_sha256(other)):  # never the key nor its hash
@@ -49,9 +49,9 @@ def test_a_revoked_key_answers_401_on_the_very_next_request(app, settings: Setti
 
     revoked = greentrainer(settings, "keys", "revoke", key)  # by the key itself
     assert revoked.returncode == 0, revoked.stderr
-    response = client.get("/v1/jobs")  # the same app, already serving: nothing cached the tenant
+    response = client.get(JOBS)  # the same app, already serving: nothing cached the tenant
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
-    assert other_client.get("/v1/jobs").status_code == 200  # the tenant's other key still works
+    assert other_client.get(JOBS).status_code == 200  # the tenant's other key still works
 
     again = greentrainer(settings, "keys", "revoke", key[:12])  # by its prefix: nothing changes
     assert again.returncode == 0 and "already revoked" in again.stdout
@@ -60,7 +60,7 @@ def test_a_revoked_key_answers_401_on_the_very_next_request(app, settings: Setti
 
     by_id = greentrainer(settings, "keys", "revoke", rows[other[:12]][0])  # by its id
     assert by_id.returncode == 0, by_id.stderr
-    assert other_client.get("/v1/jobs").status_code == 401
+    assert other_client.get(JOBS).status_code == 401
 
     near_miss = other[:12] + "x" * 31  # the prefix of a key, the rest wrong: not that key
     for unknown in ("key-" + "0" * 26, "gt-nothing", near_miss):

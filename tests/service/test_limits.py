@@ -20,11 +20,11 @@ from api.keys import authenticate
 from api.limits import MULTIPART_OVERHEAD_BYTES, check_active_jobs
 from api.tables import File, Job, Tenant
 from tests.service.service_calls import (
-    DEMO,
+    JOBS,
     SMALL_EXAMPLES,
-    SMALL_HP,
     SMALL_RHO,
     dataset_lines,
+    job_body,
     new_key,
     upload,
 )
@@ -32,15 +32,6 @@ from tests.service.service_calls import (
 CAP = 2
 UPLOAD_LIMIT = 100_000  # bytes
 BOUNDARY = "gtboundary"
-
-
-def job_body(file_id: str) -> dict:
-    return {
-        "model": DEMO,
-        "training_file": file_id,
-        "method": "green",
-        "hyperparameters": {**SMALL_HP, "rho": SMALL_RHO},
-    }
 
 
 def keyed(app, sessions) -> TestClient:
@@ -51,32 +42,32 @@ def test_active_jobs_beyond_the_cap_answer_429_naming_the_limit(settings: Settin
     app = create_app(settings.model_copy(update={"max_active_jobs": CAP}))
     client = keyed(app, sessions)
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    jobs = [client.post("/v1/jobs", json=job_body(file_id)) for _ in range(CAP)]
+    jobs = [client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO)) for _ in range(CAP)]
     assert [r.status_code for r in jobs] == [200] * CAP
 
-    refused = client.post("/v1/jobs", json=job_body(file_id))
+    refused = client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO))
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert error["code"] == "too_many_jobs" and error["max_active_jobs"] == CAP
     assert f"GT_MAX_ACTIVE_JOBS={CAP}" in error["message"] and "cancel" in error["message"]
-    assert int(refused.headers["Retry-After"]) > 0
-    assert len(client.get("/v1/jobs").json()["data"]) == CAP  # the refused one left nothing
+    assert int(refused.headers["Retry-After"]) > 0 and refused.headers["x-should-retry"] == "false"
+    assert len(client.get(JOBS).json()["data"]) == CAP  # the refused one left nothing
 
     other = keyed(app, sessions)  # another tenant has a cap of its own
     other_file = upload(other, dataset_lines(SMALL_EXAMPLES))["id"]
-    assert other.post("/v1/jobs", json=job_body(other_file)).status_code == 200
+    assert other.post(JOBS, json=job_body(other_file, rho=SMALL_RHO)).status_code == 200
 
-    assert client.post(f"/v1/jobs/{jobs[0].json()['id']}/cancel").json()["status"] == "cancelled"
-    accepted = client.post("/v1/jobs", json=job_body(file_id))
+    assert client.post(f"{JOBS}/{jobs[0].json()['id']}/cancel").json()["status"] == "cancelled"
+    accepted = client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO))
     assert accepted.status_code == 200 and accepted.json()["status"] == "queued"
-    assert client.post("/v1/jobs", json=job_body(file_id)).status_code == 429
+    assert client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO)).status_code == 429
 
 
 def test_two_creators_at_the_cap_minus_one_cannot_both_pass(settings: Settings, sessions) -> None:
     """The first creator holds the tenant's lock until it commits; the second waits, then counts its job."""
     client = keyed(create_app(settings), sessions)
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
-    existing = client.post("/v1/jobs", json=job_body(file_id)).json()["id"]
+    existing = client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO)).json()["id"]
     with sessions() as first, sessions() as second:
         tenant = first.get(Tenant, first.get(File, file_id).tenant_id)
         check_active_jobs(first, tenant, CAP)  # one active of two: passes, and locks

@@ -36,7 +36,7 @@ def registered() -> Iterator[MethodInfo]:
 
 def test_a_registered_method_is_offered_everywhere(registered: MethodInfo, tmp_path) -> None:
     schema = create_app(Settings(data_dir=tmp_path)).openapi()["components"]["schemas"]
-    method = schema["JobCreate"]["properties"]["method"]
+    method = schema["JobMethod"]["properties"]["type"]
     assert registered.name in method["enum"]
     listed = {m["name"]: m for m in method["x-methods"]}
     assert listed[registered.name] == {
@@ -45,7 +45,8 @@ def test_a_registered_method_is_offered_everywhere(registered: MethodInfo, tmp_p
         "summary": "a test method: trains every tensor",
         "budgeted": False,
     }
-    assert JobCreate(model="m", training_file="file-x", method="fullcopy").method == "fullcopy"
+    job = JobCreate(model="m", training_file="file-x", method={"type": "fullcopy"})
+    assert job.method_type == "fullcopy"
 
     args = build_parser().parse_args(
         ["estimate", "--model", "m", "--training-file", "f", "--method", "fullcopy"]
@@ -57,8 +58,8 @@ def test_a_registered_method_is_offered_everywhere(registered: MethodInfo, tmp_p
 
 
 def test_an_unknown_method_is_refused_everywhere(capsys) -> None:
-    with pytest.raises(ValidationError, match="unknown method 'sparse'; one of green, full, lora, topk"):
-        JobCreate(model="m", training_file="file-x", method="sparse")
+    with pytest.raises(ValidationError, match="unknown method 'sparse'; one of supervised, green, full"):
+        JobCreate(model="m", training_file="file-x", method={"type": "sparse"})
     with pytest.raises(SystemExit):
         build_parser().parse_args(["estimate", "--model", "m", "--training-file", "f", "--method", "sparse"])
     assert "invalid choice: 'sparse'" in capsys.readouterr().err
@@ -77,4 +78,5 @@ def test_a_method_refuses_a_budget_it_cannot_take() -> None:
     with pytest.raises(SpecError, match="topk takes topk_layers or a budget"):
         make_method("topk", Hyperparameters(topk_layers=1, max_flops=1e12)).check()
     assert make_method("green", Hyperparameters()).rho == 0.5
+    assert make_method("supervised", Hyperparameters()).info.name == "green"  # OpenAI's name for the default
     assert make_method("topk", Hyperparameters(topk_layers=2)).rho is None

@@ -36,7 +36,7 @@ from tests.backends import (
     new_redis_prefix,
 )
 from tests.processes import clean_env, process
-from tests.service.service_calls import BACKENDS, create_job, new_key
+from tests.service.service_calls import BACKENDS, JOBS, create_job, events, new_key
 from worker.recorder import JobRecorder
 
 JOB_TIMEOUT_S = 240
@@ -62,7 +62,8 @@ class Service:
             return job
 
     def events(self, job_id: str) -> list[str]:
-        return [e["message"] for e in self.client.get(f"/v1/jobs/{job_id}/events").json()["data"]]
+        """The messages of every event of the job, oldest first."""
+        return [e["message"] for e in events(self.client, job_id)]
 
     def backdate(self, job_id: str) -> None:
         """Make a job look created a minute ago (recovery leaves jobs younger than ENQUEUE_GRACE_S alone)."""
@@ -150,7 +151,7 @@ def test_a_killed_worker_loses_nothing(service: Service, tmp_path: Path) -> None
     with worker(service, second):
         job = service.wait_for(job_id, "succeeded", second)
     assert job.attempts == 2 and job.epochs_done == 4
-    epochs = service.client.get(f"/v1/jobs/{job_id}/epochs").json()["data"]
+    epochs = service.client.get(f"{JOBS}/{job_id}/epochs").json()["data"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]  # none twice, none lost
     messages = service.events(job_id)
     assert any("is gone" in m and "queued again" in m for m in messages), messages
@@ -241,7 +242,7 @@ def test_the_heartbeat_goes_on_between_steps_and_sees_a_cancel(service: Service)
             time.sleep(0.05)
         assert len(beats) >= 4
         assert not recorder.should_stop()
-        assert service.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        assert service.client.post(f"{JOBS}/{job_id}/cancel").status_code == 200
         deadline = time.monotonic() + 5
         while not recorder.should_stop() and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -35,7 +35,15 @@ from api.keys import authenticate
 from api.tables import Checkpoint, File, Job, utcnow
 from greencore import checkpoint
 from greencore.methods import ModelExport
-from tests.service.service_calls import DEMO, SMALL_EXAMPLES, create_job, dataset_lines, upload
+from tests.service.service_calls import (
+    DEMO,
+    JOBS,
+    SMALL_EXAMPLES,
+    checkpoints,
+    create_job,
+    dataset_lines,
+    upload,
+)
 from worker.failures import error_of
 from worker.runner import run_job
 
@@ -248,11 +256,11 @@ def test_a_checkpoint_whose_files_are_gone_answers_404_and_a_partial_one_is_neve
             )
         )
         session.commit()
-    response = client.get(f"/v1/jobs/{job_id}/checkpoints/{ckpt_id}/content")
+    response = client.get(f"{JOBS}/{job_id}/checkpoints/{ckpt_id}/content")
     assert response.status_code == 404
     message = response.json()["error"]["message"]
     assert ckpt_id in message and "epoch-1" in message and "no longer in storage" in message
-    assert [c["name"] for c in client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]] == ["epoch-1"]
+    assert [c["name"] for c in checkpoints(client, job_id)] == ["epoch-1"]
 
 
 def test_a_write_killed_midway_is_never_resumed_from_and_is_removed_by_the_next_save(
@@ -280,15 +288,15 @@ def test_a_write_killed_midway_is_never_resumed_from_and_is_removed_by_the_next_
             )
         )
         session.commit()
-    assert client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"] == []
+    assert client.get(f"{JOBS}/{job_id}/checkpoints").json()["data"] == []
 
     # Resuming from the partial folder would fail (no training state): the job succeeds from the start.
     assert run_job(job_id, sessions, settings) == "succeeded"
-    job = client.get(f"/v1/jobs/{job_id}").json()
+    job = client.get(f"{JOBS}/{job_id}").json()
     assert job["status"] == "succeeded" and job["attempts"] == 2
     assert sorted(os.listdir(output)) == ["epoch-1", "final"]  # the leftover is gone
-    for ckpt in client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]:
-        response = client.get(f"/v1/jobs/{job_id}/checkpoints/{ckpt['id']}/content")
+    for ckpt in checkpoints(client, job_id):
+        response = client.get(f"{JOBS}/{job_id}/checkpoints/{ckpt['id']}/content")
         assert response.status_code == 200 and int(response.headers["content-length"]) == len(
             response.content
         )
@@ -399,12 +407,12 @@ def test_a_job_whose_disk_fills_up_fails_with_disk_full(
         assert run_job(job_id, sessions, settings) == "failed"
         assert os.listdir(output) == []  # the half-written checkpoint was removed
     shutil.rmtree(output, ignore_errors=True)
-    job = client.get(f"/v1/jobs/{job_id}").json()
+    job = client.get(f"{JOBS}/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "disk_full"
     message = job["error"]["message"]
     assert "no space left" in message and str(output / "epoch-1") in message
-    assert client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"] == []
-    assert client.get(f"/v1/jobs/{job_id}/epochs").json()["data"] == []
+    assert client.get(f"{JOBS}/{job_id}/checkpoints").json()["data"] == []
+    assert client.get(f"{JOBS}/{job_id}/epochs").json()["data"] == []
 
 
 def test_library_errors_that_wrap_a_full_disk_are_disk_full(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from api.config import Settings
 from api.states import InvalidTransition, JobState, transition
 from api.tables import Checkpoint, Epoch, Job
-from tests.service.service_calls import DEMO, SMALL_HP, SMALL_RHO, create_job
+from tests.service.service_calls import DEMO, JOBS, SMALL_HP, SMALL_RHO, checkpoints, create_job, events
 from worker.runner import run_job
 
 
@@ -31,11 +31,11 @@ def test_run_job_records_epochs_events_and_checkpoints(
     job_id = create_job(client)
     assert run_job(job_id, sessions, settings) == "succeeded"
 
-    job = client.get(f"/v1/jobs/{job_id}").json()
+    job = client.get(f"{JOBS}/{job_id}").json()
     tensors = next(m["tensors"] for m in client.get("/v1/models").json()["data"] if m["id"] == DEMO)
     assert job["status"] == "succeeded" and job["error"] is None and job["attempts"] == 1
     assert job["progress"]["fraction"] == 1.0 and job["epochs_done"] == SMALL_HP["n_epochs"]
-    epochs = client.get(f"/v1/jobs/{job_id}/epochs").json()["data"]
+    epochs = client.get(f"{JOBS}/{job_id}/epochs").json()["data"]
     assert [e["epoch"] for e in epochs] == [1, 2]
     for e in epochs:
         f = e["flops"]
@@ -49,21 +49,25 @@ def test_run_job_records_epochs_events_and_checkpoints(
     assert job["flops"]["total"] == sum(e["flops"]["total"] for e in epochs)
     assert job["flops"]["saved"] == pytest.approx(1 - job["flops"]["total"] / job["flops"]["full"])
 
-    events = client.get(f"/v1/jobs/{job_id}/events").json()["data"]
-    types = [e["type"] for e in events]
-    assert [e["data"]["status"] for e in events if e["type"] == "status"] == [
-        "validating",
+    seen = events(client, job_id)  # oldest first
+    kinds = [e["kind"] for e in seen]
+    assert [e["data"]["status"] for e in seen if e["kind"] == "status"] == [
+        "validating_files",
         "queued",
         "running",
         "succeeded",
     ]
-    assert types.index("selection") < types.index("checkpoint") < len(types) - 1
-    assert [e["id"] for e in events] == sorted(e["id"] for e in events)
+    assert kinds.index("selection") < kinds.index("checkpoint") < len(kinds) - 1
+    numbers = [int(e["id"].removeprefix("ftevent-")) for e in seen]
+    assert numbers == sorted(numbers)
+    assert client.get(f"{JOBS}/{job_id}/events").json()["data"][0]["id"] == seen[-1]["id"]  # newest first
+    assert all(e["type"] == ("metrics" if e["kind"] == "epoch" else "message") for e in seen)
 
-    checkpoints = client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
-    assert [c["name"] for c in checkpoints] == ["epoch-1", "epoch-2", "final"]
-    final = checkpoints[-1]
-    response = client.get(f"/v1/jobs/{job_id}/checkpoints/{final['id']}/content")
+    saved = checkpoints(client, job_id)  # oldest first
+    assert [c["name"] for c in saved] == ["epoch-1", "epoch-2", "final"]
+    assert all(c["fine_tuning_job_id"] == job_id for c in saved)
+    final = saved[-1]
+    response = client.get(f"{JOBS}/{job_id}/checkpoints/{final['id']}/content")
     assert response.status_code == 200 and response.headers["content-type"] == "application/x-tar"
     assert int(response.headers["content-length"]) == len(response.content)
     with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
@@ -80,11 +84,11 @@ def test_cancel_stops_a_running_job_within_a_step(client: TestClient, sessions, 
     thread.start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until it is stepping
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        job = client.get(f"{JOBS}/{job_id}").json()
         if job["progress"]["step"]:
             break
         time.sleep(0.05)
-    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    assert client.post(f"{JOBS}/{job_id}/cancel").json()["status"] == "cancelled"
     cancelled_at = time.monotonic()
     thread.join(60)
     assert not thread.is_alive()
@@ -92,16 +96,16 @@ def test_cancel_stops_a_running_job_within_a_step(client: TestClient, sessions, 
     assert (
         time.monotonic() - cancelled_at < 10
     )  # a step of this model is milliseconds; a checkpoint write less
-    job = client.get(f"/v1/jobs/{job_id}").json()
+    job = client.get(f"{JOBS}/{job_id}").json()
     assert job["status"] == "cancelled" and job["epochs_done"] < 50
-    assert "training stopped" in client.get(f"/v1/jobs/{job_id}/events").json()["data"][-1]["message"]
+    assert "training stopped" in client.get(f"{JOBS}/{job_id}/events").json()["data"][0]["message"]  # newest
 
 
 def test_a_cancelled_queued_job_never_starts(client: TestClient, sessions, settings: Settings) -> None:
     job_id = create_job(client)
-    client.post(f"/v1/jobs/{job_id}/cancel")
+    client.post(f"{JOBS}/{job_id}/cancel")
     assert run_job(job_id, sessions, settings) == "cancelled"
-    job = client.get(f"/v1/jobs/{job_id}").json()
+    job = client.get(f"{JOBS}/{job_id}").json()
     assert job["attempts"] == 0 and job["started_at"] is None
 
 
@@ -111,10 +115,10 @@ def test_a_training_error_ends_the_job_failed(client: TestClient, sessions, sett
         session.execute(update(Job).where(Job.id == job_id).values(model="gone-model"))
         session.commit()
     assert run_job(job_id, sessions, settings) == "failed"
-    job = client.get(f"/v1/jobs/{job_id}").json()
+    job = client.get(f"{JOBS}/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_model"
     assert "gone-model" in job["error"]["message"]
-    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+    assert client.post(f"{JOBS}/{job_id}/cancel").status_code == 409
 
 
 def test_transitions_are_checked_and_race_free(client: TestClient, sessions) -> None:
@@ -172,14 +176,14 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(
     # The broker delivers it again: the dead process was on this host, so the job is taken over at once
     # (its heartbeat is still fresh: GT_HEARTBEAT_STALE_S is 10 minutes).
     assert run_job(job_id, sessions, settings) == "succeeded"
-    job = client.get(f"/v1/jobs/{job_id}").json()
+    job = client.get(f"{JOBS}/{job_id}").json()
     assert job["attempts"] == 2 and job["status"] == "succeeded"
-    epochs = client.get(f"/v1/jobs/{job_id}/epochs").json()["data"]
+    epochs = client.get(f"{JOBS}/{job_id}/epochs").json()["data"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]  # none twice, none lost
     assert job["epochs_done"] == 4 and job["flops"]["total"] == sum(e["flops"]["total"] for e in epochs)
-    messages = [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events").json()["data"]]
+    messages = [e["message"] for e in events(client, job_id)]
     assert any(f"resuming from checkpoint epoch-{done}" in m for m in messages)
-    names = [c["name"] for c in client.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]]
+    names = [c["name"] for c in checkpoints(client, job_id)]
     assert sorted(names) == ["epoch-1", "epoch-2", "epoch-3", "epoch-4", "final"]
 
 
@@ -195,4 +199,4 @@ def test_a_running_job_with_a_fresh_heartbeat_is_not_taken_twice(
         )
         session.commit()
     assert run_job(job_id, sessions, settings.model_copy(update={"heartbeat_stale_s": 3600})) == "running"
-    assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 1
+    assert client.get(f"{JOBS}/{job_id}").json()["attempts"] == 1

@@ -2,12 +2,16 @@
 
 const KEY_STORAGE = 'greentrainer.apiKey';
 
+// Fine-tuning jobs live at OpenAI's path.
+export const JOBS = '/v1/fine_tuning/jobs';
+
 export class ApiError extends Error {
-  // body: the API's {code, message, line?, field?, rho_min?, param?}
+  // body: the API's error in OpenAI's shape, {message, type, param, code, line?, field?, rho_min?}
   constructor(status, body) {
     super(body.message || `HTTP ${status}`);
     this.status = status;
     this.code = body.code || 'http_error';
+    this.type = body.type || null;
     this.line = body.line ?? null;
     this.field = body.field ?? null;
     this.rhoMin = body.rho_min ?? null;

@@ -1,8 +1,8 @@
 // The dashboard's entry point: the API key gate, the navigation, and a hash router over the views.
-//   #/jobs            jobs list              (views/jobs.js)
-//   #/jobs/<id>       one job                (views/job.js)
-//   #/new[?file=<id>] new job with estimate  (views/new-job.js)
-//   #/files           upload and datasets    (views/files.js)
+//   #/jobs                           jobs list              (views/jobs.js)
+//   #/jobs/<id>                      one job                (views/job.js)
+//   #/new[?file=<id>][&model=<id>]   new job with estimate  (views/new-job.js)
+//   #/files                          upload and datasets    (views/files.js)
 
 import { api, clearKey, getKey, setKey } from './api.js';
 import { $, h, replace } from './dom.js';

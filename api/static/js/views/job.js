@@ -1,16 +1,21 @@
 // One job: progress (epoch, step, ETA), FLOPs per epoch beside full fine-tuning, the heat map of tensors
-// trained per epoch, loss curves, energy and carbon, events, checkpoint downloads and a cancel button.
+// trained per epoch, loss curves, energy and carbon, events, checkpoint downloads, the fine-tuned model and a
+// cancel button.
 
-import { api, download, withQuery } from '../api.js';
+import { JOBS, api, download, withQuery } from '../api.js';
 import { destroyCharts, flopsChart, lossChart } from '../charts.js';
 import { h, replace, table } from '../dom.js';
 import { bytes, clock, dateTime, duration, fixed, flops, grams, integer, joules, percent } from '../format.js';
 import { renderHeatmap } from '../heatmap.js';
 import { poll } from '../live.js';
-import { progressBar, statusBadge } from './jobs.js';
+import { methodName, progressBar, statusBadge, statusLabel } from './jobs.js';
 
 const REFRESH_MS = 1500;
 const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
+const PAGE = 100; // the API's largest page
+
+// 'ftevent-42' -> 42: events are numbered in the order they were written.
+const eventNumber = (event) => Number(String(event.id).replace(/^ftevent-/, ''));
 
 function stat(label, value, sub, id) {
   return h('div', { class: 'stat', id }, h('div', { class: 'label' }, label), h('div', { class: 'value' }, value),
@@ -23,7 +28,8 @@ function card(title, id, ...children) {
 
 export function render(root, params) {
   const jobId = params.id;
-  const state = { job: null, epochs: [], events: [], checkpoints: [], modelNames: null, lastEvent: null, seenEpochs: -1 };
+  // events: oldest first (the API answers newest first); checkpoints: newest first, as the API answers.
+  const state = { job: null, epochs: [], events: [], checkpoints: [], modelNames: null, seenEpochs: -1 };
 
   const header = h('div', { id: 'job-header' }, h('p', { class: 'muted' }, 'Loading the job…'));
   const error = h('div', { id: 'job-error' });
@@ -62,7 +68,7 @@ export function render(root, params) {
         h('div', {},
           h('h1', { class: 'mono', style: { marginBottom: '0.25rem', overflowWrap: 'anywhere' } }, job.id),
           h('div', { class: 'row small' }, statusBadge(job.status),
-            h('span', {}, `${job.method} on ${job.model}`),
+            h('span', { id: 'job-method' }, `${methodName(job)} on ${job.model}`),
             h('span', {}, job.rho === null ? 'no FLOPs budget (rho)' : `rho ${job.rho.toFixed(3)}`),
             job.rho_min === null ? null : h('span', { class: 'muted' }, `rho_min ${job.rho_min.toFixed(3)}`))),
         cancel),
@@ -71,6 +77,11 @@ export function render(root, params) {
         `created ${dateTime(job.created_at)}`, job.started_at ? `, started ${dateTime(job.started_at)}` : '',
         job.finished_at ? `, finished ${dateTime(job.finished_at)}` : '',
         `; training file `, h('span', { class: 'mono' }, job.training_file)),
+      // A succeeded job's model: listed by GET /v1/models, and usable as a new job's model.
+      job.fine_tuned_model ? h('p', { class: 'notice small', id: 'fine-tuned-model-line' }, 'Fine-tuned model: ',
+        h('span', { class: 'mono', id: 'fine-tuned-model', style: { overflowWrap: 'anywhere' } }, job.fine_tuned_model),
+        ' · ', h('a', { href: `#/new?model=${encodeURIComponent(job.fine_tuned_model)}`, id: 'fine-tune-again' },
+          'New job on this model')) : null,
       job.error ? h('p', { class: 'error', role: 'alert', id: 'job-failure' }, `${job.error.code}: ${job.error.message}`) : null);
   }
 
@@ -81,7 +92,7 @@ export function render(root, params) {
     else parts.push(`${job.epochs_done}/${p.n_epochs} epochs`);
     if (p.step !== null) parts.push(`step ${p.step}/${p.steps_in_epoch ?? '?'}`);
     parts.push(`${percent(p.fraction, 0)} done`);
-    parts.push(job.status === 'running' ? `ETA ${duration(p.eta_s)}` : job.status);
+    parts.push(job.status === 'running' ? `ETA ${duration(p.eta_s)}` : statusLabel(job.status));
     replace(progress, h('div', { class: 'spread small' }, h('span', { id: 'progress-text' }, parts.join(' · '))),
       progressBar(p.fraction, true));
   }
@@ -126,7 +137,7 @@ export function render(root, params) {
     const done = new Set(columns.map((c) => c.epoch));
     for (const event of state.events) {
       const epoch = event.data?.epoch;
-      if (event.type === 'selection' && epoch && !done.has(epoch) && Array.isArray(event.data.selected_tensors)) {
+      if (event.kind === 'selection' && epoch && !done.has(epoch) && Array.isArray(event.data.selected_tensors)) {
         columns.push({ epoch, tensors: new Set(event.data.selected_tensors), pending: !TERMINAL.has(state.job.status) });
         done.add(epoch);
       }
@@ -162,10 +173,11 @@ export function render(root, params) {
     else replace(epochTable, table(columns, rows, { id: 'epochs-table' }));
   }
 
+  // Oldest first, like a log, scrolled to the newest at the bottom.
   function drawEvents() {
-    replace(events, state.events.map((e) => h('li', { class: e.level, dataset: { type: e.type } },
+    replace(events, state.events.map((e) => h('li', { class: e.level, dataset: { kind: e.kind, eventId: e.id }, title: e.id },
       h('span', { class: 'muted small' }, clock(e.created_at)),
-      h('span', { class: 'type' }, h('span', { class: 'badge' }, e.type)),
+      h('span', { class: 'type' }, h('span', { class: 'badge' }, e.kind)),
       h('span', { class: 'msg' }, e.message))));
     if (!state.events.length) events.append(h('li', { class: 'muted' }, 'No event yet.'));
     events.scrollTop = events.scrollHeight;
@@ -176,23 +188,27 @@ export function render(root, params) {
       replace(checkpoints, h('p', { class: 'muted' }, 'Checkpoints appear as epochs finish: one per epoch and the final one.'));
       return;
     }
+    // Newest first (the final one on top), as the API lists them; each is a model id a new job can start from.
     const rows = state.checkpoints.map((c) => h('tr', { dataset: { checkpoint: c.name } },
-      h('td', { class: 'nowrap' }, c.name),
+      h('td', {}, h('div', { class: 'nowrap' }, c.name),
+        h('div', { class: 'mono small muted ckpt-model', title: 'fine_tuned_model_checkpoint: usable as a new job\'s model' },
+          c.fine_tuned_model_checkpoint)),
       h('td', { class: 'num' }, c.epoch ?? '—'),
-      h('td', { class: 'num' }, bytes(c.bytes)),
+      h('td', { class: 'num' }, integer(c.step_number)),
+      h('td', { class: 'num nowrap' }, bytes(c.bytes)),
       h('td', {}, h('button', {
         type: 'button', class: 'download', dataset: { checkpointId: c.id },
         onclick: (event) => downloadCheckpoint(c, event.currentTarget),
       }, 'Download .tar'))));
-    replace(checkpoints, table([{ label: 'Name' }, { label: 'Epoch', num: true }, { label: 'Size', num: true }, { label: '' }],
-      rows, { id: 'checkpoints-table' }));
+    replace(checkpoints, table([{ label: 'Name and model id' }, { label: 'Epoch', num: true }, { label: 'Step', num: true },
+      { label: 'Size', num: true }, { label: '' }], rows, { id: 'checkpoints-table' }));
   }
 
   async function downloadCheckpoint(checkpoint, button) {
     button.disabled = true;
     replace(downloadNote, h('p', { class: 'muted small' }, `Downloading ${checkpoint.name}…`));
     try {
-      const saved = await download(`/v1/jobs/${jobId}/checkpoints/${checkpoint.id}/content`, `${jobId}-${checkpoint.name}.tar`);
+      const saved = await download(`${JOBS}/${jobId}/checkpoints/${checkpoint.id}/content`, `${jobId}-${checkpoint.name}.tar`);
       replace(downloadNote, h('p', { class: 'notice small' }, `Saved ${saved.name} (${bytes(saved.bytes)}): a tar of the Hugging Face folder.`));
     } catch (e) {
       replace(downloadNote, h('p', { class: 'error', role: 'alert' }, `Download failed: ${e.message}`));
@@ -204,7 +220,7 @@ export function render(root, params) {
   async function cancelJob(job) {
     if (!window.confirm(`Cancel job ${job.id}? A running job stops within one training step.`)) return;
     try {
-      state.job = await api(`/v1/jobs/${job.id}/cancel`, { method: 'POST' });
+      state.job = await api(`${JOBS}/${job.id}/cancel`, { method: 'POST' });
       drawHeader(state.job);
       drawProgress(state.job);
     } catch (e) {
@@ -221,24 +237,50 @@ export function render(root, params) {
     }
   }
 
+  // The events written since the last look. The API lists them newest first and pages towards older ones
+  // (`after` an event id): read pages until one reaches an event already shown. Returns how many are new.
+  async function loadEvents() {
+    const last = state.events.length ? eventNumber(state.events[state.events.length - 1]) : 0;
+    const fresh = [];
+    let after = null;
+    for (;;) {
+      const answer = await api(withQuery(`${JOBS}/${jobId}/events`, { limit: PAGE, after }));
+      const newer = answer.data.filter((e) => eventNumber(e) > last);
+      fresh.push(...newer);
+      if (!answer.has_more || !answer.data.length || newer.length < answer.data.length) break;
+      after = answer.data[answer.data.length - 1].id;
+    }
+    fresh.sort((a, b) => eventNumber(a) - eventNumber(b));
+    state.events.push(...fresh);
+    return fresh.length;
+  }
+
+  // Every page of a list (checkpoints: newest first; epochs: in order).
+  async function loadAll(path, cursor) {
+    const data = [];
+    let after = null;
+    for (;;) {
+      const answer = await api(withQuery(path, { limit: PAGE, after }));
+      data.push(...answer.data);
+      if (!answer.has_more || !answer.data.length) return data;
+      after = cursor(answer.data[answer.data.length - 1]);
+    }
+  }
+
   async function refresh() {
     try {
-      const job = await api(`/v1/jobs/${jobId}`);
+      const job = await api(`${JOBS}/${jobId}`);
       const first = state.job === null;
       state.job = job;
       if (first) await loadModelNames(job.model);
-      const fresh = await api(withQuery(`/v1/jobs/${jobId}/events`, { after: state.lastEvent }));
-      if (fresh.data.length) {
-        state.events.push(...fresh.data);
-        state.lastEvent = fresh.data[fresh.data.length - 1].id;
-      }
+      const freshEvents = await loadEvents();
       const ended = TERMINAL.has(job.status);
       if (job.epochs_done !== state.seenEpochs || ended) {
         const [epochs, ckpts] = await Promise.all([
-          api(`/v1/jobs/${jobId}/epochs`), api(`/v1/jobs/${jobId}/checkpoints`),
+          loadAll(`${JOBS}/${jobId}/epochs`, (e) => e.epoch), loadAll(`${JOBS}/${jobId}/checkpoints`, (c) => c.id),
         ]);
-        state.epochs = epochs.data;
-        state.checkpoints = ckpts.data;
+        state.epochs = epochs;
+        state.checkpoints = ckpts;
         state.seenEpochs = job.epochs_done;
         drawEpochs();
         drawCheckpoints();
@@ -248,7 +290,7 @@ export function render(root, params) {
       drawHeader(job);
       drawProgress(job);
       drawTotals(job);
-      if (fresh.data.length || first || ended) {
+      if (freshEvents || first || ended) {
         drawEvents();
         drawHeatmap();
       }

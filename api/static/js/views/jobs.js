@@ -1,22 +1,32 @@
 // Jobs: status, model, method, rho, FLOPs saved against full fine-tuning, energy, carbon and age, kept
 // live by polling.
 
-import { api, withQuery } from '../api.js';
+import { JOBS, api, withQuery } from '../api.js';
 import { h, replace, table } from '../dom.js';
 import { age, dateTime, flops, grams, joules, percent } from '../format.js';
 import { poll } from '../live.js';
 
 const PAGE = 100; // the API's largest page
 const REFRESH_MS = 3000;
-const STATES = ['validating', 'queued', 'running', 'succeeded', 'failed', 'cancelled'];
+const STATES = ['validating_files', 'queued', 'running', 'succeeded', 'failed', 'cancelled'];
 const COLUMNS = [
   { label: 'Job' }, { label: 'Status' }, { label: 'Model' }, { label: 'Method' }, { label: 'rho', num: true },
   { label: 'FLOPs saved vs full', num: true, title: '1 - FLOPs spent / FLOPs full fine-tuning would spend on the same tokens' },
   { label: 'Energy (J)', num: true }, { label: 'Carbon (gCO2e)', num: true }, { label: 'Progress' }, { label: 'Age' },
 ];
 
+// 'validating_files' -> 'validating files': the API's names, as words.
+export function statusLabel(status) {
+  return status.replaceAll('_', ' ');
+}
+
 export function statusBadge(status) {
-  return h('span', { class: `badge ${status}`, dataset: { status } }, status);
+  return h('span', { class: `badge ${status}`, dataset: { status } }, statusLabel(status));
+}
+
+// The method's name: OpenAI's method object, {"type": T, T: {"hyperparameters": {...}}}.
+export function methodName(job) {
+  return job.method?.type ?? '—';
 }
 
 export function progressBar(fraction, big = false) {
@@ -50,7 +60,7 @@ function jobRow(job, now) {
       h('span', { class: 'id-full' }, job.id), h('span', { class: 'id-short', 'aria-hidden': 'true' }, `…${job.id.slice(-8)}`))),
     h('td', {}, statusBadge(job.status)),
     h('td', {}, job.model),
-    h('td', {}, job.method),
+    h('td', {}, methodName(job)),
     h('td', { class: 'num' }, job.rho === null ? '—' : job.rho.toFixed(2)),
     savedCell(job),
     h('td', { class: 'num' }, job.epochs_done ? joules(job.energy_j) : '—'),
@@ -64,7 +74,7 @@ function jobRow(job, now) {
 export function render(root) {
   const state = { status: '', pages: 1, jobs: [], hasMore: false, error: null };
   const filter = h('select', { id: 'status-filter', 'aria-label': 'status filter' },
-    h('option', { value: '' }, 'every status'), STATES.map((s) => h('option', { value: s }, s)));
+    h('option', { value: '' }, 'every status'), STATES.map((s) => h('option', { value: s }, statusLabel(s))));
   const body = h('div', { id: 'jobs-body' }, h('p', { class: 'muted' }, 'Loading jobs…'));
   const more = h('button', { type: 'button', id: 'load-more', hidden: true }, 'Show older jobs');
   const count = h('span', { class: 'muted small', id: 'jobs-count' });
@@ -82,7 +92,7 @@ export function render(root) {
     let after = null;
     let hasMore = false;
     for (let page = 0; page < state.pages; page += 1) {
-      const answer = await api(withQuery('/v1/jobs', { limit: PAGE, after, status: state.status }));
+      const answer = await api(withQuery(JOBS, { limit: PAGE, after, status: state.status }));
       jobs.push(...answer.data);
       hasMore = answer.has_more;
       if (!hasMore || !answer.data.length) break;
@@ -96,7 +106,7 @@ export function render(root) {
     const now = Date.now() / 1000;
     if (!state.jobs.length) {
       replace(body, h('p', { class: 'muted', id: 'jobs-empty' }, state.status
-        ? `No ${state.status} jobs.`
+        ? `No ${statusLabel(state.status)} jobs.`
         : 'No jobs yet. Upload a dataset, then create a job.'));
     } else {
       replace(body, table(COLUMNS, state.jobs.map((j) => jobRow(j, now)), { id: 'jobs-table' }));

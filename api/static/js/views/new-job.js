@@ -1,8 +1,9 @@
-// New job: a model, an uploaded file, a method and rho on a slider. The estimate (POST /v1/estimates) follows
-// every change, debounced: FLOPs, time, energy and carbon against full fine-tuning, and rho_min, which
-// becomes the slider's minimum. A rho the API refuses shows the API's own message.
+// New job: a model (a base model or a fine-tuned one), an uploaded file, a method and rho on a slider. The
+// estimate (POST /v1/estimates) follows every change, debounced: FLOPs, time, energy and carbon against full
+// fine-tuning, and rho_min, which becomes the slider's minimum. A rho the API refuses shows the API's own
+// message. Jobs and estimates carry OpenAI's method object: {"type": T, T: {"hyperparameters": {...}}}.
 
-import { api } from '../api.js';
+import { JOBS, api } from '../api.js';
 import { h, replace } from '../dom.js';
 import { duration, flops, grams, integer, joules, percent } from '../format.js';
 import { debounce } from '../live.js';
@@ -18,8 +19,16 @@ async function jobSchema() {
     schema.catch(() => { schema = null; }); // the next visit asks again
   }
   const components = (await schema).components.schemas;
-  const method = components.JobCreate.properties.method;
-  return { methods: method['x-methods'], defaultMethod: method.default, hyperparameters: components.Hyperparameters.properties };
+  const type = components.JobMethod.properties.type; // the method object's type: x-methods, x-default-method
+  return { methods: type['x-methods'], defaultMethod: type['x-default-method'], hyperparameters: components.Hyperparameters.properties };
+}
+
+// A request's hyperparameters (the object itself, not a copy), and the request with another rho.
+const hyperparametersOf = (request) => request.method[request.method.type].hyperparameters;
+
+function withRho(request, rho) {
+  const { type } = request.method;
+  return { ...request, method: { type, [type]: { hyperparameters: { ...hyperparametersOf(request), rho } } } };
 }
 
 const DEFAULT_RHO = 0.7;
@@ -64,7 +73,7 @@ export function render(root, params) {
   const submitError = h('div', { id: 'create-error' });
   const form = h('form', { id: 'new-job-form', class: 'stack', novalidate: true },
     h('div', { class: 'form-grid' },
-      h('div', { class: 'field' }, h('label', { for: 'model' }, 'Base model'), model),
+      h('div', { class: 'field' }, h('label', { for: 'model' }, 'Model'), model),
       h('div', { class: 'field' }, h('label', { for: 'training-file' }, 'Training file'), trainingFile,
         h('span', { class: 'hint' }, h('a', { href: '#/files' }, 'Upload a dataset'))),
       h('div', { class: 'field' }, h('label', { for: 'validation-file' }, 'Validation file (optional)'), validationFile)),
@@ -91,8 +100,9 @@ export function render(root, params) {
       learning_rate: Number(hp.learning_rate.querySelector('input').value),
       max_seq_len: Number(hp.max_seq_len.querySelector('input').value),
     };
-    if (budgeted.has(method())) hyperparameters.rho = Number(rhoNumber.value);
-    const out = { model: model.value, training_file: trainingFile.value, method: method(), hyperparameters };
+    const type = method();
+    if (budgeted.has(type)) hyperparameters.rho = Number(rhoNumber.value);
+    const out = { model: model.value, training_file: trainingFile.value, method: { type, [type]: { hyperparameters } } };
     out.seed = Number(seed.querySelector('input').value) || 0;
     return out;
   }
@@ -146,15 +156,15 @@ export function render(root, params) {
     if (!model.value || !trainingFile.value) return;
     const mine = ++sequence;
     const request = body();
-    const { rho, ...others } = request.hyperparameters;
-    const context = JSON.stringify({ ...request, hyperparameters: others });
+    const { rho } = hyperparametersOf(request);
+    const context = JSON.stringify(withRho(request, undefined)); // everything but rho
     estimateCard.classList.add('updating');
     estimateCard.dataset.state = 'pending';
     let raised = null;
     try {
       let answer = null;
       if (rho !== undefined && context !== probedContext) {
-        const probe = await api('/v1/estimates', { method: 'POST', json: { ...request, hyperparameters: { ...others, rho: 1 } } });
+        const probe = await api('/v1/estimates', { method: 'POST', json: withRho(request, 1) });
         if (mine !== sequence) return;
         probedContext = context;
         setRhoMin(probe.rho_min);
@@ -163,9 +173,9 @@ export function render(root, params) {
           raised = `rho raised from ${rho} to ${min}: rho_min is ${probe.rho_min.toFixed(4)} for this model, dataset and batch size.`;
           rhoNumber.value = String(min);
           rhoRange.value = String(min);
-          request.hyperparameters.rho = min;
+          hyperparametersOf(request).rho = min;
         }
-        if (request.hyperparameters.rho === 1) answer = probe;
+        if (hyperparametersOf(request).rho === 1) answer = probe;
       }
       answer = answer || await api('/v1/estimates', { method: 'POST', json: request });
       if (mine !== sequence) return;
@@ -212,7 +222,7 @@ export function render(root, params) {
     submit.disabled = true;
     replace(submitError);
     try {
-      const created = await api('/v1/jobs', { method: 'POST', json: job });
+      const created = await api(JOBS, { method: 'POST', json: job });
       location.hash = `#/jobs/${created.id}`;
     } catch (e) {
       replace(submitError, h('p', { class: 'error', role: 'alert' }, `The job was not created: ${e.message}`));
@@ -246,9 +256,15 @@ export function render(root, params) {
       const [models, files, choices] = await Promise.all([api('/v1/models'), api('/v1/files?limit=100'), jobSchema()]);
       showMethods(choices.methods, choices.defaultMethod);
       showBounds(choices.hyperparameters);
+      // Base models (owned_by "system"), then the models this tenant's jobs made (fine_tuned_model).
+      const modelOption = (m) => h('option', { value: m.id },
+        `${m.id} (${m.architecture}, ${integer(m.parameters)} parameters, ${m.tensors} tensors)`);
+      const base = models.data.filter((m) => m.owned_by === 'system');
+      const tuned = models.data.filter((m) => m.owned_by !== 'system');
       replace(model, models.data.length ? null : h('option', { value: '' }, 'no model in GT_MODELS_DIR'),
-        models.data.map((m) => h('option', { value: m.id },
-          `${m.id} (${m.architecture}, ${integer(m.parameters)} parameters, ${m.tensors} tensors)`)));
+        tuned.length ? [h('optgroup', { label: 'Base models' }, base.map(modelOption)),
+          h('optgroup', { label: 'Fine-tuned models' }, tuned.map(modelOption))] : base.map(modelOption));
+      if (params.model && models.data.some((m) => m.id === params.model)) model.value = params.model;
       const fileOption = (f) => h('option', { value: f.id },
         `${f.filename}: ${integer(f.examples)} examples, ${f.format} (${f.id})`);
       replace(trainingFile, files.data.length ? null : h('option', { value: '' }, 'no dataset yet: upload one'),
