@@ -12,7 +12,7 @@ class ModelPublic(BaseModel):
 
     id: str = Field(description="a folder name under GT_MODELS_DIR, or a fine-tuned model ft:...")
     object: Literal["model"] = "model"
-    created: int = Field(description="seconds since 1970: the folder written, or the job finished")
+    created: int = Field(description="seconds since 1970: when the model's folder was written")
     owned_by: str = Field(description="system for base models, the tenant for fine-tuned ones")
     architecture: str = Field(description="the model class its config declares, e.g. LlamaForCausalLM")
     model_type: str

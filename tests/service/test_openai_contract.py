@@ -287,6 +287,14 @@ def test_models_list_holds_the_fine_tuned_model(owner: Tenant, finished: Run, ap
     assert owner.client.models.list().data[-1].id in models
     stranger = new_tenant(app, sessions)
     assert finished.job.fine_tuned_model not in [m.id for m in stranger.client.models.list()]
+    # models.retrieve: a base model, the fine-tuned one, a checkpoint's; another tenant's answers 404.
+    assert owner.client.models.retrieve(DEMO).owned_by == "system"
+    assert owner.client.models.retrieve(tuned.id).model_dump() == tuned.model_dump()
+    checkpoint = owner.client.fine_tuning.jobs.checkpoints.list(finished.job.id).data[-1]
+    assert owner.client.models.retrieve(checkpoint.fine_tuned_model_checkpoint).owned_by == owner.name
+    for unknown in (tuned.id, "no-such-model", "ft:demo-tiny::ftjob-01m8hk9s143v9byp61bya42k6k"):
+        with pytest.raises(openai.NotFoundError):
+            stranger.client.models.retrieve(unknown)
 
 
 def test_a_fine_tuned_model_is_a_base_for_another_job(
