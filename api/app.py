@@ -15,7 +15,7 @@ from api import errors
 from api.catalog import ModelCatalog
 from api.config import Settings, get_settings
 from api.db import make_session_factory
-from api.limits import UploadLimit
+from api.limits import BodyLimit
 from api.queue import JobQueue
 from api.recovery import recover
 from api.routes import health, v1
@@ -58,7 +58,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog = ModelCatalog(settings.models_dir)
     errors.install(app)
     app.add_middleware(ServerTiming)
-    app.add_middleware(UploadLimit, max_upload_bytes=settings.max_upload_bytes)
+    # Added last, so outermost: bodies are bounded, and an upload's key checked, before anything reads them.
+    app.add_middleware(
+        BodyLimit, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
+    )
     app.include_router(health.router)
     app.include_router(v1)
     # The dashboard: its page at `/`, its files under /static; neither shadows /v1, /docs or /health.

@@ -4,11 +4,15 @@ up front (``Content-Length``). Safetensors do not compress, so tar without gzip 
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import stat as stat_mode
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 BLOCK = 512
 CHUNK = 1 << 20
@@ -42,11 +46,19 @@ class TarPlan:
     def stream(self) -> Iterator[bytes]:
         """The archive's bytes, file by file; ArchiveChanged if a file is no longer the one planned."""
         for entry in self.entries:
-            try:
-                handle = entry.path.open("rb")
+            try:  # O_NOFOLLOW: a file replaced by a symlink since it was planned is not opened through it
+                handle = os.fdopen(os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
             except FileNotFoundError as exc:
                 raise ArchiveChanged(
                     errno.ENOENT, "removed while the archive was being sent", str(entry.path)
+                ) from exc
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise ArchiveChanged(
+                    errno.ESTALE,
+                    "replaced by a symbolic link while the archive was being sent",
+                    str(entry.path),
                 ) from exc
             with handle:
                 stat = os.fstat(handle.fileno())
@@ -68,32 +80,63 @@ class TarPlan:
         yield b"\0" * (2 * BLOCK)  # end of archive
 
 
-def folder_bytes(folder: Path, exclude: Iterable[str] = RESUME_ONLY) -> int:
-    """Bytes of the regular files under ``folder``, leaving out top-level names in ``exclude``."""
+def regular_files(folder: Path, exclude: Iterable[str] = ()) -> Iterator[tuple[Path, os.stat_result]]:
+    """The regular files under ``folder`` (recursively) and their ``lstat``, sorted by path, leaving out
+    top-level names in ``exclude``. Symbolic links are never followed, to a file or to a folder: they are left
+    out (with a warning in the log), and so is anything else that is not a regular file (fifos, sockets).
+    Hard links are regular files (``final/`` holds hard links to the last epoch's files)."""
     skip = set(exclude)
-    return sum(
-        p.stat().st_size
-        for p in folder.rglob("*")
-        if p.is_file() and p.relative_to(folder).parts[0] not in skip
-    )
+
+    def walk(current: Path, depth: int) -> Iterator[tuple[Path, os.stat_result]]:
+        try:
+            names = sorted(os.listdir(current))
+        except (FileNotFoundError, NotADirectoryError):  # gone (or not a folder): nothing in it to count
+            return
+        for name in names:
+            if depth == 0 and name in skip:
+                continue
+            path = current / name
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat_mode.S_ISLNK(info.st_mode):
+                log.warning("%s is a symbolic link: left out, not followed", path)
+            elif stat_mode.S_ISDIR(info.st_mode):
+                yield from walk(path, depth + 1)
+            elif stat_mode.S_ISREG(info.st_mode):
+                yield path, info
+
+    yield from walk(folder, 0)
+
+
+def folder_bytes(folder: Path, exclude: Iterable[str] = RESUME_ONLY) -> int:
+    """Bytes of the regular files under ``folder``, leaving out top-level names in ``exclude`` and symbolic
+    links (as ``plan_tar`` does)."""
+    return sum(info.st_size for _, info in regular_files(folder, exclude))
 
 
 def plan_tar(folder: Path, root: str, exclude: Iterable[str] = ()) -> TarPlan:
     """Plan a tar of ``folder``'s regular files (recursively) under the top folder ``root``; names in
-    ``exclude`` (top-level files or folders) are left out. Symlinks are followed (final/ holds hard links).
-    FileNotFoundError if ``folder`` (or a file in it) is gone."""
-    if (
-        not folder.is_dir()
-    ):  # rglob of a missing folder finds nothing: that would plan an empty, valid archive
+    ``exclude`` (top-level files or folders) are left out.
+
+    Symbolic links are never followed: a link inside ``folder`` (to a file or to a folder, wherever it
+    points) is left out of the archive with a warning in the log, and its target is never read; a ``folder``
+    that is itself a link is refused as FileNotFoundError. Hard links are archived as the files they are
+    (``final/`` holds hard links). FileNotFoundError if ``folder`` (or a file in it) is gone."""
+    try:
+        top = os.lstat(folder)
+    except FileNotFoundError as exc:  # planning nothing would give an empty, valid archive
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(folder)) from exc
+    if stat_mode.S_ISLNK(top.st_mode):
+        log.warning("%s is a symbolic link: not archived, not followed", folder)
+        raise FileNotFoundError(errno.ENOENT, "a symbolic link, not a folder: not followed", str(folder))
+    if not stat_mode.S_ISDIR(top.st_mode):
         raise FileNotFoundError(errno.ENOENT, "no such folder", str(folder))
-    skip = set(exclude)
     entries = []
     length = 2 * BLOCK
-    for path in sorted(folder.rglob("*")):
+    for path, stat in regular_files(folder, exclude):
         relative = path.relative_to(folder)
-        if relative.parts[0] in skip or not path.is_file():
-            continue
-        stat = path.stat()
         info = tarfile.TarInfo(f"{root}/{relative.as_posix()}")
         info.size = stat.st_size
         info.mtime = int(stat.st_mtime)

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
         "demo-tiny", description="name of the demo model created when MODELS_DIR is empty"
     )
     max_upload_bytes: int = Field(1 << 30, gt=0, description="largest dataset upload, bytes")
+    max_body_bytes: int = Field(
+        1 << 20, gt=0, description="largest request body other than an upload, bytes (413 past it)"
+    )
     max_active_jobs: int = Field(
         10, ge=1, description="jobs a tenant may have validating, queued or running at once"
     )

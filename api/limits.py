@@ -1,15 +1,21 @@
-"""Per-tenant limits: jobs active at once (GT_MAX_ACTIVE_JOBS, 429) and the size of an upload
-(GT_MAX_UPLOAD_BYTES, 413, refused while the body streams in)."""
+"""Limits: per tenant, jobs active at once (GT_MAX_ACTIVE_JOBS, 429); per request, the size of a body
+(GT_MAX_BODY_BYTES, and GT_MAX_UPLOAD_BYTES for an upload: 413, refused while the body streams in, before the
+API key is checked), and an upload's API key checked before its body is read (401)."""
 
 from __future__ import annotations
 
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, State
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import PayloadTooLarge, TooManyJobs, status_of
+from api.config import Settings
+from api.db import SessionFactory
+from api.deps import on_db_thread
+from api.errors import NotAuthenticated, PayloadTooLarge, TooManyJobs, UserError, status_of
+from api.keys import authenticate, is_key
 from api.states import JobState
 from api.tables import Job, Tenant
 
@@ -17,6 +23,8 @@ ACTIVE = (str(JobState.validating), str(JobState.queued), str(JobState.running))
 RETRY_AFTER_S = 60  # a hint only: when a running job ends cannot be known
 MULTIPART_OVERHEAD_BYTES = 1 << 16  # boundaries, part headers and the small form fields around the file
 UPLOAD_PATH = "/v1/files"
+MISSING_KEY = "missing API key: send 'Authorization: Bearer <key>'"  # as api.deps.current_tenant says it
+INVALID_KEY = "invalid API key"
 
 
 def check_active_jobs(session: Session, tenant: Tenant, limit: int) -> None:
@@ -57,29 +65,80 @@ def upload_too_large(max_bytes: int) -> PayloadTooLarge:
     )
 
 
+def body_too_large(max_bytes: int) -> PayloadTooLarge:
+    """The 413 of a request body (other than an upload) over ``max_bytes``, naming the limit."""
+    return PayloadTooLarge(
+        f"the request body is larger than the limit of {max_bytes} bytes ({max_bytes / 1e6:.4g} MB, "
+        "GT_MAX_BODY_BYTES): a job or an estimate is a small JSON object; datasets are uploaded with "
+        "POST /v1/files",
+        max_body_bytes=max_bytes,
+    )
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header, parsed as FastAPI's HTTPBearer does; None
+    without one."""
+    scheme, key = get_authorization_scheme_param(authorization)
+    return key if scheme.lower() == "bearer" and key else None
+
+
+def _stored_key_authenticates(session_factory: SessionFactory, key: str) -> bool:
+    with session_factory() as session:
+        return authenticate(session, key) is not None
+
+
+async def key_authenticates(state: State, key: str) -> bool:
+    """Whether ``key`` is GT_BOOTSTRAP_API_KEY or a stored, unrevoked key of the app whose ``state`` is
+    given (its settings and session factory); a stored key is looked up on a DB thread."""
+    settings: Settings = state.settings
+    bootstrap = settings.bootstrap_api_key
+    if bootstrap is not None and is_key(key, bootstrap.get_secret_value()):
+        return True
+    return await on_db_thread(_stored_key_authenticates, state.session_factory, key)
+
+
 class _BodyTooLarge(Exception):
-    """Raised into the form parser to stop reading an upload past the limit."""
+    """Raised into the app's body reader (JSON or form parser) to stop reading past the limit."""
 
 
-class UploadLimit:
-    """ASGI middleware: a ``POST /v1/files`` body longer than GT_MAX_UPLOAD_BYTES (plus multipart framing) is
-    answered 413 at once when its Content-Length says so, and otherwise as soon as the bytes counted so far
-    pass the limit (a chunked upload), before the form parser has spooled more of it to a temporary file.
+class BodyLimit:
+    """ASGI middleware, outside everything else, that bounds what a request may make the service hold before
+    its API key is checked (FastAPI reads a body before the dependencies run):
+
+    - every body is limited: GT_MAX_BODY_BYTES, and for ``POST /v1/files`` GT_MAX_UPLOAD_BYTES plus multipart
+      framing. Over it, the answer is 413 at once when Content-Length says so (nothing read), and otherwise
+      as soon as the bytes counted so far pass the limit (a chunked body), before the JSON or form parser has
+      held or spooled more of it;
+    - an upload without a valid API key answers 401 before any of its body is read, so that nothing is
+      spooled to a temporary file for it. The route's own auth dependency still runs (a second lookup).
+
     The exact file size is checked again while the file is stored (api.datasets.store_upload)."""
 
-    def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int) -> None:
         self.app = app
+        self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
-        self.max_body_bytes = max_upload_bytes + MULTIPART_OVERHEAD_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != UPLOAD_PATH:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._refuse(scope, receive, send)
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == UPLOAD_PATH
+        limit = self.max_upload_bytes + MULTIPART_OVERHEAD_BYTES if upload else self.max_body_bytes
+        too_large = upload_too_large(self.max_upload_bytes) if upload else body_too_large(self.max_body_bytes)
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _refuse(too_large, scope, receive, send)
             return
+        if upload:
+            key = bearer_key(headers.get("authorization"))
+            if key is None:
+                await _refuse(NotAuthenticated(MISSING_KEY), scope, receive, send)
+                return
+            if not await key_authenticates(scope["app"].state, key):
+                await _refuse(NotAuthenticated(INVALID_KEY), scope, receive, send)
+                return
         received = 0
         over = started = False
 
@@ -88,7 +147,7 @@ class UploadLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     over = True
                     raise _BodyTooLarge
             return message
@@ -106,11 +165,11 @@ class UploadLimit:
             if not over:
                 raise
         if over and not started:
-            await self._refuse(scope, receive, send)
+            await _refuse(too_large, scope, receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = upload_too_large(self.max_upload_bytes)
-        response = JSONResponse(
-            {"error": error.body()}, status_code=status_of(error), headers={"Connection": "close"}
-        )
-        await response(scope, receive, send)
+
+async def _refuse(error: UserError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer ``error`` in the service's shape and close the connection (its body may be left unread)."""
+    headers = {**(error.headers() or {}), "Connection": "close"}
+    response = JSONResponse({"error": error.body()}, status_code=status_of(error), headers=headers)
+    await response(scope, receive, send)

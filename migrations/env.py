@@ -1,9 +1,11 @@
-"""Alembic environment: the URL from ``config.attributes["url"]`` (set by api.migrate) or GT_DATABASE_URL."""
+"""Alembic environment: the connection in ``config.attributes["connection"]`` (api.migrate opens it and holds
+the migration lock on it), else the URL from ``config.attributes["url"]`` or GT_DATABASE_URL."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine, pool
+from sqlalchemy.engine import Connection
 
 from api.config import Settings
 from api.tables import Base
@@ -27,19 +29,26 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _run(connection: Connection) -> None:
+    # SQLite cannot ALTER most things: batch mode rebuilds the table instead.
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def run_migrations_online() -> None:
-    url = _url()
-    engine = create_engine(url, poolclass=pool.NullPool)
+    given = config.attributes.get("connection")
+    if given is not None:  # the caller owns it (and the lock held on it): use it, leave it open
+        _run(given)
+        return
+    engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        # SQLite cannot ALTER most things: batch mode rebuilds the table instead.
-        context.configure(
-            connection=connection,
-            target_metadata=target_metadata,
-            render_as_batch=url.startswith("sqlite"),
-            compare_type=True,
-        )
-        with context.begin_transaction():
-            context.run_migrations()
+        _run(connection)
     engine.dispose()
 
 

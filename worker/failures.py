@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How libraries that do their own I/O report it: the C library's text (in C++ and Rust messages too) and
@@ -16,12 +21,83 @@ DISK_FULL_TEXT = re.compile(
 CPU_OOM_TEXT = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
 
 
-def error_of(exc: BaseException) -> tuple[str, str]:
+def error_of(
+    exc: BaseException, *, artifacts_dir: Path | None = None, models_dir: Path | None = None
+) -> tuple[str, str]:
     """(code, message) for an exception raised by greencore.train or around it.
 
     A full disk is found anywhere in the exception's chain (``__cause__``, ``__context__``): torch and
     safetensors wrap ENOSPC in their own exception types.
+
+    Given the settings' ``artifacts_dir`` and ``models_dir``, the message is the one stored for the user,
+    without the server's paths (``hide_paths``), and the full message goes to this module's log; without
+    them, it is the full message.
     """
+    code, message = _error_of(exc)
+    if artifacts_dir is None and models_dir is None:
+        return code, message
+    public = hide_paths(message, artifacts_dir=artifacts_dir, models_dir=models_dir)
+    if public != message:
+        log.warning("job error %s, shown to the user without server paths; in full: %s", code, message)
+    return code, public
+
+
+# A path's characters, as they appear in messages: not blanks, quotes, brackets or the separators that
+# messages put after a path ("...: [Errno 28]", "..., ...").
+_PATH_CHAR = r"[^\s'\"`:,;()\[\]{}<>|=]"
+# An absolute path, or a URL (kept as it is: "https://host/a/b" names no file of this machine).
+_ABSOLUTE = re.compile(
+    rf"(?P<url>\b(?!file:)[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"`<>]*)|(?<!{_PATH_CHAR})/{_PATH_CHAR}*"
+)
+
+
+def hide_paths(message: str, *, artifacts_dir: Path | None = None, models_dir: Path | None = None) -> str:
+    """``message`` without absolute paths: one under ``artifacts_dir`` becomes its path relative to it
+    (``jobs/<id>/epoch-1``), one under ``models_dir`` the model it names (``model <id>``, then the rest of
+    its path), and any other absolute path its last component. The user sees what went wrong, not where the
+    operator keeps files."""
+    roots: list[tuple[str, str]] = []  # (root as written in messages, "artifacts" | "models")
+    for root, kind in ((artifacts_dir, "artifacts"), (models_dir, "models")):
+        if root is None:
+            continue
+        for spelling in {os.fspath(root), os.path.realpath(root)}:
+            spelling = spelling.rstrip("/")
+            if spelling:
+                roots.append((spelling, kind))
+    roots.sort(key=lambda r: len(r[0]), reverse=True)  # a root inside the other one is matched first
+    for spelling, kind in roots:
+        under = re.compile(
+            rf"(?<!{_PATH_CHAR}){re.escape(spelling)}(?P<rest>/{_PATH_CHAR}*)?(?!{_PATH_CHAR})"
+        )
+        message = under.sub(lambda m, kind=kind: _relative(m.group("rest") or "", kind), message)
+    return _ABSOLUTE.sub(lambda m: m.group() if m.group("url") else _last_component(m.group()), message)
+
+
+def _relative(rest: str, kind: str) -> str:
+    """What stands for ``<root>/<rest>`` in a user's message."""
+    rest, dots = _split_dots(rest.strip("/"))
+    rest = rest.strip("/")
+    if kind == "models":
+        return (f"model {rest}" if rest else "the models folder") + dots
+    return (rest or "the artifacts folder") + dots
+
+
+def _last_component(path: str) -> str:
+    path, dots = _split_dots(path)
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return (name or "/") + dots
+
+
+def _split_dots(path: str) -> tuple[str, str]:
+    """A path and the periods that end the sentence after it ("... in /a/b." -> "/a/b", ".")."""
+    stripped = path.rstrip(".")
+    if not stripped.rstrip("/"):  # "/.." or "..": a path of dots, not a sentence's end
+        return path, ""
+    return stripped, path[len(stripped) :]
+
+
+def _error_of(exc: BaseException) -> tuple[str, str]:
+    """``error_of``'s (code, message), with the paths in it."""
     import torch
 
     from greencore.checkpoint import CheckpointError

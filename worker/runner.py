@@ -155,9 +155,12 @@ def run_job(
     except Exception as exc:  # every training error ends the job failed, with its code
         log.exception("job %s failed", job_id)
         try:
-            code, message = error_of(exc)
+            # the user's message names no server path: artifacts and models relative to their folders
+            code, message = error_of(
+                exc, artifacts_dir=settings.artifacts_dir, models_dir=settings.models_dir
+            )
         except Exception:  # naming the error must not leave the job running
-            code, message = "training_error", f"{type(exc).__name__}: {exc}"
+            code, message = "training_error", type(exc).__name__  # its text (and paths) are in the log above
         return recorder.fail(code, message)
     finally:
         recorder.stop()

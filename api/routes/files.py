@@ -53,7 +53,7 @@ def upload_file(
     model: Annotated[str | None, Form(description="count tokens with this model's tokenizer")] = None,
 ) -> FilePublic:
     """Upload a JSONL dataset; every line is checked, and a bad one answers 400 naming its line and field. A
-    file over GT_MAX_UPLOAD_BYTES answers 413 (api.limits.UploadLimit refuses it as it streams in)."""
+    file over GT_MAX_UPLOAD_BYTES answers 413 (api.limits.BodyLimit refuses it as it streams in)."""
     if purpose not in PURPOSES:
         raise InvalidRequest(
             f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}", param="purpose"

@@ -80,3 +80,44 @@ def test_make_run_runs_greentrainer_serve() -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
     assert "$(BIN)/greentrainer serve" in recipe
+
+
+def test_long_running_services_restart_and_the_migration_runs_once() -> None:
+    services = COMPOSE["services"]
+    for name in ("postgres", "redis", "api", "worker", "proxy"):
+        assert services[name].get("restart") == "unless-stopped", name
+    assert services["migrate"].get("restart", "no") == "no"  # one-shot: run again, it would migrate again
+
+
+def test_redis_requires_the_password_the_broker_url_carries() -> None:
+    services = COMPOSE["services"]
+    command = services["redis"]["command"]
+    password = command[command.index("--requirepass") + 1]
+    assert re.fullmatch(r"\$\{REDIS_PASSWORD:\?[^}]+\}", password)  # compose refuses to start without it
+    for name in ("migrate", "api", "worker"):
+        url = services[name]["environment"]["GT_BROKER_URL"]
+        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD(:\?[^}]+)?\}@redis:6379/0", url), url
+    # The healthcheck authenticates too (redis-cli reads REDISCLI_AUTH) and fails unless Redis answers PONG.
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == password
+    assert "PONG" in " ".join(services["redis"]["healthcheck"]["test"])
+
+
+def test_only_the_tls_proxy_publishes_ports_and_it_points_at_the_api() -> None:
+    services = COMPOSE["services"]
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"proxy"}
+    proxy = services["proxy"]
+    assert proxy["image"].split(":")[0] == "caddy" and proxy["image"].startswith("caddy:2")
+    assert {p.split("/")[0] for p in proxy["ports"]} == {"80:80", "443:443"}
+    assert "api" in proxy["depends_on"]
+    assert proxy["environment"]["GT_DOMAIN"].startswith("${GT_DOMAIN:?")
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in proxy["volumes"]}
+    caddyfile = (ROOT / mounts["/etc/caddy/Caddyfile"]).resolve()
+    assert caddyfile.is_relative_to(ROOT) and caddyfile.is_file()
+    assert mounts["/data"] in COMPOSE["volumes"]  # certificates survive a restart
+    # The site is GT_DOMAIN (automatic HTTPS) and its one handler proxies to the API's port.
+    lines = [line.split("#", 1)[0].strip() for line in caddyfile.read_text().splitlines()]
+    lines = [line for line in lines if line]
+    api_port = COMPOSE["services"]["api"]["command"][-1]
+    assert lines == ["{$GT_DOMAIN} {", f"reverse_proxy api:{api_port}", "}"]
+    assert api_port in [str(p) for p in services["api"].get("expose", [])]

@@ -53,6 +53,7 @@ class RealObjects:
     file_id: str
     job_id: str
     checkpoint_id: str
+    model: str = DEMO
 
 
 def queued_job(client: TestClient) -> tuple[str, str]:
