@@ -83,3 +83,22 @@ def events(client: TestClient, job_id: str) -> list[dict]:
 def checkpoints(client: TestClient, job_id: str) -> list[dict]:
     """Every checkpoint of a job, oldest first (the API lists them newest first)."""
     return all_of(client, f"{JOBS}/{job_id}/checkpoints")
+
+
+def post_scope(path: str, headers: dict[str, str]) -> dict:
+    """The ASGI scope of ``POST path`` with these headers: for tests that drive the app at the ASGI level
+    (to count the body bytes it reads, or to cut a body short)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test"), *((k.lower().encode(), v.encode()) for k, v in headers.items())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }

@@ -25,6 +25,7 @@ from tests.service.service_calls import (
     dataset_lines,
     job_body,
     new_key,
+    post_scope,
     upload,
 )
 
@@ -64,20 +65,7 @@ def drive(app: FastAPI, path: str, headers: dict[str, str], chunks: Iterator[byt
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test"), *((k.lower().encode(), v.encode()) for k, v in headers.items())],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    scope = post_scope(path, headers)
     asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=60))
     start = next(m for m in sent if m["type"] == "http.response.start")
     answer = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))

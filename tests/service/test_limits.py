@@ -26,6 +26,7 @@ from tests.service.service_calls import (
     dataset_lines,
     job_body,
     new_key,
+    post_scope,
     upload,
 )
 
@@ -179,25 +180,14 @@ def test_an_endless_upload_is_cut_off_as_it_streams_in(small_uploads, sessions) 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/files",
-        "raw_path": b"/v1/files",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"test"),
-            (b"authorization", f"Bearer {key}".encode()),
-            (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
-            (b"transfer-encoding", b"chunked"),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    scope = post_scope(
+        "/v1/files",
+        {
+            "authorization": f"Bearer {key}",
+            "content-type": f"multipart/form-data; boundary={BOUNDARY}",
+            "transfer-encoding": "chunked",
+        },
+    )
     asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=60))
     assert read <= UPLOAD_LIMIT + MULTIPART_OVERHEAD_BYTES + len(chunk)
     assert_names_the_limit(sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:])))

@@ -42,6 +42,7 @@ from tests.service.service_calls import (
     checkpoints,
     create_job,
     dataset_lines,
+    post_scope,
     upload,
 )
 from worker.failures import error_of
@@ -181,25 +182,14 @@ def test_a_client_gone_mid_upload_leaves_neither_file_nor_row(
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/files",
-        "raw_path": b"/v1/files",
-        "query_string": b"",
-        "root_path": "",
-        "server": ("testserver", 80),
-        "client": ("testclient", 50000),
-        "headers": [
-            (b"host", b"testserver"),
-            (b"authorization", f"Bearer {key}".encode()),
-            (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    }
+    scope = post_scope(
+        "/v1/files",
+        {
+            "authorization": f"Bearer {key}",
+            "content-type": f"multipart/form-data; boundary={boundary}",
+            "content-length": str(len(body)),
+        },
+    )
     anyio.run(app, scope, receive, send)
     start = next((m for m in sent if m["type"] == "http.response.start"), None)
     assert start is None or start["status"] >= 400
