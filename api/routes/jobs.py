@@ -168,11 +168,10 @@ def checkpoint_content(
     if row is None:
         raise NotFound(f"checkpoint {checkpoint_id!r} not found for job {job_id!r}")
     root = f"{job_id}-{row.name}"
+    session.close()  # a download can take minutes: it holds no database connection
     try:
         plan = plan_tar(settings.artifacts_dir / row.path, root, exclude=RESUME_ONLY)
-    except (
-        FileNotFoundError
-    ) as exc:  # the files were removed (or the volume is not mounted): say so, not a 500
+    except FileNotFoundError as exc:  # the files were removed (or the volume is not mounted): not a 500
         raise NotFound(
             f"checkpoint {checkpoint_id!r} ({row.name}) of job {job_id!r} is listed, but its files "
             "are no longer in storage"

@@ -9,8 +9,11 @@ import secrets
 
 from fastapi.testclient import TestClient
 
+from api.config import Settings
 from api.db import SessionFactory
+from api.ids import new_id
 from api.keys import create_key
+from api.tables import Checkpoint, utcnow
 
 DEMO = "demo-tiny"
 BACKENDS = ("embedded", "production")
@@ -102,3 +105,28 @@ def post_scope(path: str, headers: dict[str, str]) -> dict:
         "client": ("127.0.0.1", 50000),
         "server": ("test", 80),
     }
+
+
+def add_checkpoint(sessions: SessionFactory, settings: Settings, job_id: str) -> str:
+    """A checkpoint of ``job_id`` with a small folder behind it, recorded as the worker records one; its
+    id."""
+    relative = f"checkpoints/{job_id}/epoch-1"
+    folder = settings.artifacts_dir / relative
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}\n')
+    (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+    checkpoint_id = new_id("ckpt")
+    with sessions() as session:
+        session.add(
+            Checkpoint(
+                id=checkpoint_id,
+                job_id=job_id,
+                name="epoch-1",
+                epoch=1,
+                path=relative,
+                bytes=1024,
+                created_at=utcnow(),
+            )
+        )
+        session.commit()
+    return checkpoint_id

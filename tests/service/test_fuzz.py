@@ -36,10 +36,17 @@ from schemathesis.specs.openapi.checks import (
 
 from api.config import Settings
 from api.db import SessionFactory
-from api.ids import new_id
 from api.schemas.common import ErrorPublic
-from api.tables import Checkpoint, utcnow
-from tests.service.service_calls import DEMO, JOBS, SMALL_EXAMPLES, SMALL_RHO, dataset_lines, job_body, upload
+from tests.service.service_calls import (
+    DEMO,
+    JOBS,
+    SMALL_EXAMPLES,
+    SMALL_RHO,
+    add_checkpoint,
+    dataset_lines,
+    job_body,
+    upload,
+)
 
 MAX_EXAMPLES = 25  # per operation and generation mode: about 13 s per backend on this 2-core machine
 RUN_LIMIT_S = 120  # one backend's fuzz run; far above what it takes, so only a real slowdown trips it
@@ -62,32 +69,6 @@ def queued_job(client: TestClient) -> tuple[str, str]:
     created = client.post(JOBS, json=job_body(file_id, rho=SMALL_RHO))
     assert created.status_code == 200, created.text
     return file_id, created.json()["id"]
-
-
-def add_checkpoint(sessions: SessionFactory, settings: Settings, job_id: str) -> str:
-    """A checkpoint of ``job_id`` with a small folder behind it, recorded as the worker records one; its
-    id."""
-    assert settings.artifacts_dir is not None
-    relative = f"checkpoints/{job_id}/epoch-1"
-    folder = settings.artifacts_dir / relative
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text('{"model_type": "llama"}\n')
-    (folder / "model.safetensors").write_bytes(b"\0" * 1000)
-    checkpoint_id = new_id("ckpt")
-    with sessions() as session:
-        session.add(
-            Checkpoint(
-                id=checkpoint_id,
-                job_id=job_id,
-                name="epoch-1",
-                epoch=1,
-                path=relative,
-                bytes=1024,
-                created_at=utcnow(),
-            )
-        )
-        session.commit()
-    return checkpoint_id
 
 
 def at_existing(case: Case, real: RealObjects) -> Case | None:
