@@ -58,10 +58,6 @@ class ModelCatalog:
         """Architecture, parameters and tensors of a model (built on the meta device, no weights read)."""
         return describe_folder(self.path(model_id))
 
-    def created(self, model_id: str) -> int:
-        """When the model's folder was written, seconds since 1970."""
-        return int((self.path(model_id) / "config.json").stat().st_mtime)
-
     def tokenizer(self, model_id: str) -> Any:
         """The model's tokenizer (cached)."""
         path = self.path(model_id)

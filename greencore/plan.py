@@ -10,6 +10,7 @@ epoch's profile is the sum of its rows' (``TensorProfile.combine``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -99,10 +100,9 @@ class ShapeProfiles:
     def full(self, shapes: Sequence[Shape]) -> int:
         """FLOPs of full fine-tuning of the base model over these steps."""
         context = self.baseline() if self.baseline is not None else None
-        if context is None:
-            return self.steps(shapes).full.total
-        with context:
-            return sum(self._row("base:" + self.structure, row).full.total * n for row, n in _rows(shapes))
+        key = self.structure if context is None else "base:" + self.structure
+        with context or contextlib.nullcontext():
+            return sum(self._row(key, row).full.total * n for row, n in _rows(shapes))
 
 
 def _rows(shapes: Sequence[Shape]) -> list[tuple[Shape, int]]:

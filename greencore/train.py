@@ -303,13 +303,14 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     plan = plan_epoch(run.train_data, hp, run.spec.seed, epoch)
     importance_batches = [run.batch(idx) for idx in plan.batches[: plan.importance]]
     full_flops = run.profiles.full(plan.shapes)
+    profile = run.profiles.steps(plan.shapes)
     ctx = EpochContext(
         epoch=epoch,
         model=run.model,
-        profile=run.profiles.steps(plan.shapes),
+        profile=profile,
         full_flops=full_flops,
         first_step_reusable=plan.importance == 1 and len(plan.batches) > 1,
-        loop_profile=lambda after_first: run.profiles.steps(plan.shapes[1:] if after_first else plan.shapes),
+        loop_profile=lambda after_first: run.profiles.steps(plan.shapes[1:]) if after_first else profile,
         later=lambda: _later_epochs(run, epoch),
         importance_batches=importance_batches,
         importance_profile=run.profiles.steps(plan.shapes[: plan.importance]),
@@ -334,7 +335,8 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         return None
 
     # An epoch that trains nothing runs no step, not even a forward: it costs only its selection.
-    train_flops = run.profiles.steps(plan.shapes[skip:]).step_flops(names) if names else StepFlops(0, 0, 0)
+    looped = run.profiles.steps(plan.shapes[1:]) if skip else profile  # the steps the loop ran
+    train_flops = looped.step_flops(names) if names else StepFlops(0, 0, 0)
     selection_flops = new_choice.selection_flops if new_choice is not None else 0
     total = train_flops.total + selection_flops
     valid_started = time.perf_counter()

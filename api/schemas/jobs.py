@@ -153,10 +153,6 @@ class JobMethod(BaseModel):
                 data["settings"] = data.pop(data["type"])
         return data
 
-    def public(self) -> dict[str, Any]:
-        """The object as OpenAI writes it, hyperparameters resolved."""
-        return {"type": self.type, self.type: {"hyperparameters": self.settings.hyperparameters.model_dump()}}
-
 
 class RunCreate(BaseModel):
     """What a run is: the base model, the data, the method and its hyperparameters, the seed."""
