@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -64,7 +64,25 @@ def add_event(
     data: dict[str, Any] | None = None,
     level: str = "info",
 ) -> Event:
-    """Append an event to a job's log (committed with the caller's transaction)."""
+    """Append an event to job ``job_id``'s log, committed with the caller's transaction; returns it (its id
+    is given at the next flush).
+
+    Pollers page events by id (``after=ftevent-N``) and stop at the last id they saw, so within one job the
+    ids must become visible in id order: no event may commit after a higher id of the same job was seen. An
+    id comes from the sequence at INSERT, and transactions commit in any order, so every writer of a job's
+    events first locks the job's row and keeps the lock to its commit: ids of one job are then handed out,
+    and committed, one transaction at a time. On PostgreSQL the lock is ``FOR NO KEY UPDATE`` (what an
+    UPDATE of the row takes: ``transition`` and ``claim`` hold it already, and the foreign-key checks of
+    inserts, which take ``FOR KEY SHARE``, do not conflict with it, so a transaction that inserted an epoch
+    or a checkpoint of the job first cannot deadlock against one that updated the row first). It is taken
+    before anything pending in the session is flushed, so that no event of this transaction gets an id
+    before the lock. No deadlock: every transaction that writes events writes them for one job only, and
+    none waits for this row while holding a row that another writer of the job's events locks first.
+    SQLite ignores the lock: its writers are serialised by the database's write lock, held from the first
+    INSERT to the commit. Across jobs, ids stay unordered by commit: no listing reads several jobs' events.
+    """
+    with session.no_autoflush:
+        session.execute(select(Job.id).where(Job.id == job_id).with_for_update(key_share=True))
     event = Event(job_id=job_id, type=type_, level=level, message=message, data=data, created_at=utcnow())
     session.add(event)
     return event
