@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from greencore.spec import EnergySettings
 
 # Settings whose default is derived from others (None given for one means that default).
-DERIVED = ("models_dir", "artifacts_dir", "database_url", "broker_url", "api_url")
+DERIVED = ("models_dir", "artifacts_dir", "database_url", "broker_url", "rate_limit_storage_url", "api_url")
 MIN_KEY_CHARS = 24  # a bootstrap key shorter than this is refused at start: it would be guessable
 
 
@@ -57,6 +57,27 @@ class Settings(BaseSettings):
         "demo-tiny", description="name of the demo model created when MODELS_DIR is empty"
     )
     max_upload_bytes: int = Field(1 << 30, gt=0, description="largest dataset upload, bytes")
+    # Datasets (docs/api.md, "Dataset limits"): refused with 400 naming the line where a limit is crossed.
+    max_dataset_line_bytes: int = Field(
+        1 << 20, gt=0, description="longest line of a dataset, bytes (its newline not counted)"
+    )
+    max_dataset_examples: int = Field(1_000_000, gt=0, description="examples (non-blank lines) of a dataset")
+    max_dataset_tokens: int = Field(
+        100_000_000,
+        gt=0,
+        description="tokens of a dataset's text, counted with the tokenizer of the upload's or the job's "
+        "model",
+    )
+    dataset_threads: int = Field(
+        2,
+        ge=1,
+        description="datasets validated or tokenized at once per API process (uploads, estimates, jobs)",
+    )
+    estimate_cache_tokens: int = Field(
+        20_000_000,
+        ge=0,
+        description="token ids of tokenized datasets the estimates keep in memory per API process (0: none)",
+    )
     max_body_bytes: int = Field(
         1 << 20, gt=0, description="largest request body other than an upload, bytes (413 past it)"
     )
@@ -65,6 +86,28 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = Field(10, ge=1, description="database connections kept per process")
     access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1,::1",
+        description="comma-separated addresses or networks (or '*') whose X-Forwarded-For/-Proto headers "
+        "`greentrainer serve` trusts for the client's address (uvicorn's default)",
+    )
+
+    # Rate limits, per minute; 0 = unlimited (docs/api.md, "Rate limits").
+    rate_limit_key_per_min: int = Field(600, ge=0, description="requests one API key may make per minute")
+    rate_limit_tenant_per_min: int = Field(
+        1200, ge=0, description="requests one tenant may make per minute, all its keys together"
+    )
+    rate_limit_estimates_per_min: int = Field(
+        30, ge=0, description="estimates (each profiles a model) one tenant may ask for per minute"
+    )
+    rate_limit_failed_auth_per_min: int = Field(
+        20, ge=0, description="requests with a wrong API key one client address may make per minute"
+    )
+    rate_limit_storage_url: str = Field(
+        default_factory=lambda s: s["broker_url"] if _is_redis(s["broker_url"]) else "memory://",
+        description="where the rate-limit counters live: redis://, rediss:// or memory:// (per process; "
+        "default the broker's Redis, else memory://)",
+    )
 
     # The client commands (`greentrainer files|jobs ...`).
     api_url: str = Field(
@@ -86,6 +129,12 @@ class Settings(BaseSettings):
         description="a running job whose heartbeat is older has lost its worker: it is queued again",
     )
     max_attempts: int = Field(3, ge=1, description="times a job may be started before a lost worker fails it")
+    stall_timeout_s: float = Field(
+        3600.0,
+        ge=0,
+        description="a run with no training step for this long is killed and its job queued again, or "
+        "failed `stalled` after GT_MAX_ATTEMPTS starts (0: never)",
+    )
     recovery_interval_s: float = Field(
         60.0, gt=0, description="how often each worker looks for silent jobs and jobs the broker lost"
     )
@@ -112,6 +161,13 @@ class Settings(BaseSettings):
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < MIN_KEY_CHARS:
             raise ValueError(f"GT_BOOTSTRAP_API_KEY must have at least {MIN_KEY_CHARS} characters")
+        return value
+
+    @field_validator("rate_limit_storage_url")
+    @classmethod
+    def _known_storage(cls, value: str) -> str:
+        if not (value == "memory://" or _is_redis(value)):
+            raise ValueError("GT_RATE_LIMIT_STORAGE_URL must be memory:// or a redis:// or rediss:// URL")
         return value
 
     @field_validator("worker_pool")
@@ -155,6 +211,11 @@ class Settings(BaseSettings):
         """Create the data, models and artifacts folders."""
         for path in (self.data_dir, self.models_dir, self.artifacts_dir):
             path.mkdir(parents=True, exist_ok=True)
+
+
+def _is_redis(url: str) -> bool:
+    """Whether ``url`` is a Redis server's (redis:// or rediss://)."""
+    return url.startswith(("redis://", "rediss://"))
 
 
 def _reachable(host: str) -> str:

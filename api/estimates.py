@@ -5,20 +5,25 @@ The dataset is tokenized with the model's tokenizer exactly as the training run 
 checked for lines that would train nothing; greencore plans and profiles the run (``run_costs``) and prices a
 budget against it (``RunCosts.estimate``). Tokenized datasets and run costs are cached by (model folder and
 its mtime, file and its SHA-256, the hyperparameters that shape the run, seed): creating a job after
-estimating it costs no second profile, and a new budget for the same run costs no new plan.
+estimating it costs no second profile, and a new budget for the same run costs no new plan. The tokenized
+datasets kept hold at most GT_ESTIMATE_CACHE_TOKENS token ids in all (:class:`EncodedCache`); callers run
+an estimate on a dataset thread (``api.datasets.on_dataset_thread`` or ``dataset_slot``).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from api.catalog import tokenizer_at
 from api.config import Settings
-from api.datasets import inspect_dataset
+from api.datasets import dataset_limits, inspect_dataset
 from api.errors import BudgetTooSmallError, DatasetInvalid, InvalidRequest
 from api.schemas.estimates import (
     DeviceProfile,
@@ -31,15 +36,73 @@ from api.schemas.jobs import Hyperparameters, to_core
 from api.tables import File
 from greencore.spec import BUDGET_FIELDS
 
+if TYPE_CHECKING:
+    from greencore.data import DatasetLimits, Encoded
 
-@lru_cache(maxsize=32)
+
+class EncodedCache:
+    """Tokenized datasets by key, the least recently used dropped first, holding at most ``max_ids`` token ids
+    (input ids and labels) in all: a count of entries would not bound memory, one dataset may hold a
+    million times another's ids. A dataset of more ids than ``max_ids`` is not kept. Thread-safe; two threads
+    missing the same key both tokenize it, as with ``lru_cache``."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[Hashable, tuple[tuple[Encoded, int | None], int]] = OrderedDict()
+        self.held_ids = 0
+        self._lock = threading.Lock()
+
+    def get(
+        self, key: Hashable, max_ids: int, make: Callable[[], tuple[Encoded, int | None]]
+    ) -> tuple[Encoded, int | None]:
+        """The entry of ``key``, made by ``make`` (and kept, within ``max_ids``) when there is none."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+        value = make()
+        ids = held_ids(value[0])
+        with self._lock:
+            if ids <= max_ids and key not in self._entries:
+                self._entries[key] = (value, ids)
+                self.held_ids += ids
+            while self.held_ids > max_ids:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.held_ids -= dropped
+        return value
+
+
+def held_ids(encoded: Encoded) -> int:
+    """Token ids a tokenized dataset holds: its input ids and its labels (one per token, or per example)."""
+    ids = sum(len(row) for row in encoded.input_ids)
+    return ids + sum(len(row) if isinstance(row, list) else 1 for row in encoded.labels)
+
+
+ENCODED = EncodedCache()
+
+
 def _encoded(
-    model_path: str, mtime: int, file_path: str, _sha256: str, max_seq_len: int
-) -> tuple[Any, int | None]:
+    model_path: str,
+    mtime: int,
+    file_path: str,
+    sha256: str,
+    max_seq_len: int,
+    limits: DatasetLimits,
+    cache_ids: int,
+) -> tuple[Encoded, int | None]:
+    key = (model_path, mtime, file_path, sha256, max_seq_len, limits)
+    return ENCODED.get(key, cache_ids, lambda: _encode(model_path, mtime, file_path, max_seq_len, limits))
+
+
+def _encode(
+    model_path: str, mtime: int, file_path: str, max_seq_len: int, limits: DatasetLimits
+) -> tuple[Encoded, int | None]:
     from greencore.data import PROMPT_COMPLETION, DatasetError, encode_dataset, task_for
     from greencore.models import load_config
 
-    summary = inspect_dataset(Path(file_path))
+    tokenizer = tokenizer_at(model_path, mtime)
+    # Counted with the model's tokenizer, the dataset is held to GT_MAX_DATASET_TOKENS whatever counted it at
+    # its upload (if anything did).
+    summary = inspect_dataset(Path(file_path), limits, tokenizer)
     config = load_config(model_path)
     task = task_for(summary.format, config)
     if task == "classification" and getattr(config, "is_encoder_decoder", False):
@@ -48,7 +111,7 @@ def _encoded(
         )
     label2id = {name: i for i, name in enumerate(summary.labels)} if summary.labels else None
     try:
-        encoded = encode_dataset(summary, tokenizer_at(model_path, mtime), task, max_seq_len, label2id)
+        encoded = encode_dataset(summary, tokenizer, task, max_seq_len, label2id)
     except DatasetError as exc:
         raise DatasetInvalid(exc.message, exc.line, exc.field) from exc
     if encoded.dropped_lines:  # refused rather than silently left out of the run
@@ -67,12 +130,20 @@ def _encoded(
 
 @lru_cache(maxsize=256)
 def _run_costs(
-    model_path: str, mtime: int, file_path: str, sha256: str, method: str, hp_json: str, seed: int
+    model_path: str,
+    mtime: int,
+    file_path: str,
+    sha256: str,
+    method: str,
+    hp_json: str,
+    seed: int,
+    limits: DatasetLimits,
+    cache_ids: int,
 ) -> Any:
     from greencore.estimate import run_costs
 
     hp = to_core(Hyperparameters.model_validate_json(hp_json))
-    encoded, num_labels = _encoded(model_path, mtime, file_path, sha256, hp.max_seq_len)
+    encoded, num_labels = _encoded(model_path, mtime, file_path, sha256, hp.max_seq_len, limits, cache_ids)
     return run_costs(model_path, encoded, method, hp, seed, num_labels)
 
 
@@ -87,7 +158,7 @@ def estimate(
 ) -> EstimatePublic:
     """The cost of a job before it runs (``model_path``: the folder of ``model_id``, base or fine-tuned;
     ``hp``: validated ``api.schemas.jobs.Hyperparameters``); raises BudgetTooSmallError / InvalidRequest /
-    DatasetInvalid."""
+    DatasetInvalid. Reads and tokenizes the dataset unless cached: call it on a dataset thread."""
     from greencore.estimate import flops_per_kwh
     from greencore.select import BudgetTooSmall
     from greencore.spec import SpecError
@@ -102,6 +173,8 @@ def estimate(
         method,
         shape_hp,
         seed,
+        dataset_limits(settings),
+        settings.estimate_cache_tokens,
     )
     try:
         est = costs.estimate(to_core(hp), settings.energy)

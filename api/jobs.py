@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from api.catalog import ModelCatalog
 from api.config import Settings
+from api.datasets import dataset_slot
 from api.errors import InvalidRequest
 from api.estimates import estimate
 from api.ids import new_id
@@ -44,7 +45,8 @@ def create_job(
             )
     hp = body.hp
     folder = model_folder(session, catalog, settings.artifacts_dir, tenant.id, body.model)
-    cost = estimate(settings, folder, body.model, train, body.method_type, hp, body.seed)
+    with dataset_slot(settings):  # the dataset's tokenization, if not cached, waits its turn with uploads'
+        cost = estimate(settings, folder, body.model, train, body.method_type, hp, body.seed)
     job = Job(
         id=new_id("ftjob"),
         tenant_id=tenant.id,

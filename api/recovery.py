@@ -29,6 +29,7 @@ from sqlalchemy import and_, create_engine, or_, select, text
 from sqlalchemy.orm import Session
 
 from api.config import Settings
+from api.datasets import sweep_uploads
 from api.db import SessionFactory
 from api.queue import JobQueue
 from api.states import InvalidTransition, JobState, transition
@@ -139,19 +140,24 @@ def _stale(session: Session, stale_before: datetime) -> list[tuple[Job, bool]]:
 
 
 def give_up_or_requeue(
-    session: Session, job: Job, settings: Settings, reason: str, condition: Any = None
+    session: Session,
+    job: Job,
+    settings: Settings,
+    reason: str,
+    condition: Any = None,
+    code: str = "worker_lost",
 ) -> bool:
-    """Move a running job that lost its worker to ``queued`` (True: the caller enqueues it after commit) or,
-    once it has been started GT_MAX_ATTEMPTS times, to ``failed`` with ``worker_lost`` (False). ``condition``:
-    an extra SQL condition the move needs (the heartbeat still stale). InvalidTransition when another process
-    moved it first."""
+    """Move a running job that lost its worker (or whose run stalled) to ``queued`` (True: the caller enqueues
+    it after commit) or, once it has been started GT_MAX_ATTEMPTS times, to ``failed`` with ``code`` (False).
+    ``condition``: an extra SQL condition the move needs (the heartbeat still stale, the attempt still the
+    one that stalled). InvalidTransition when another process moved it first."""
     if job.attempts >= settings.max_attempts:
         message = f"{reason}; it was started {job.attempts} times (GT_MAX_ATTEMPTS={settings.max_attempts})"
         transition(
             session,
             job,
             JobState.failed,
-            error=("worker_lost", message),
+            error=(code, message),
             message="job failed",
             condition=condition,
         )
@@ -211,4 +217,5 @@ def recover(
     done.reenqueued = lost
     if lost:
         log.warning("enqueued again %d queued job(s) the broker did not hold: %s", len(lost), ", ".join(lost))
+    sweep_uploads(sessions, settings)  # files of uploads that died before their row committed
     return done

@@ -10,18 +10,21 @@ Three formats, one per file (every line the same):
 - ``{"text": str, "label": str | int}``: sequence classification; the head is sized by the labels found.
 
 :func:`validate_dataset` checks a file line by line and raises :class:`DatasetError` naming the line and the
-field; the service answers 4xx with it. :func:`encode_dataset` turns the records into token ids with loss
-labels, and :func:`collate` pads a batch to a multiple of 8 tokens.
+field; the service answers 4xx with it. It reads one line at a time and never more than
+``DatasetLimits.max_line_bytes`` of one line, and it stops at the line where a :class:`DatasetLimits` bound
+(bytes of a line, examples, tokens) is crossed: :class:`DatasetLimitExceeded`. Unbounded by default; the
+service passes its ``GT_MAX_DATASET_*`` settings. :func:`encode_dataset` turns the records into token ids
+with loss labels, and :func:`collate` pads a batch to a multiple of 8 tokens.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -51,6 +54,29 @@ class DatasetError(ValueError):
         self.message = message
         where = f"line {line}" if line is not None else "file"
         super().__init__(f"{where}{f', field {field!r}' if field else ''}: {message}")
+
+
+@dataclass(frozen=True)
+class DatasetLimits:
+    """Bounds a dataset must keep, each None for no bound (the default: a file greencore is handed is
+    trusted; the service passes its ``GT_MAX_DATASET_*`` settings)."""
+
+    max_line_bytes: int | None = None  # bytes of one line, its newline not counted
+    max_examples: int | None = None  # non-blank lines
+    max_tokens: int | None = None  # tokens of the examples' text as DatasetSummary counts them (a tokenizer)
+
+
+NO_LIMITS = DatasetLimits()
+
+
+class DatasetLimitExceeded(DatasetError):
+    """A dataset crossing one of its :class:`DatasetLimits` at ``line``: ``limit`` is the field's name
+    (``max_line_bytes``, ``max_examples``, ``max_tokens``), ``value`` its bound."""
+
+    def __init__(self, line: int, limit: str, value: int, message: str) -> None:
+        super().__init__(line, None, message)
+        self.limit = limit
+        self.value = value
 
 
 @dataclass
@@ -212,13 +238,34 @@ def label_names(labels: Sequence[str | int]) -> list[str]:
     return sorted(str(x) for x in unique)
 
 
+def jsonl_lines(handle: BinaryIO, max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """The lines of ``handle``, one at a time: (1-based number, bytes with their newline).
+
+    A line longer than ``max_line_bytes`` (its newline not counted) raises :class:`DatasetLimitExceeded`
+    once ``max_line_bytes + 1`` of its bytes are read: the rest of it is never read.
+    """
+    number = 0
+    while raw := handle.readline(-1 if max_line_bytes is None else max_line_bytes + 1):
+        number += 1
+        if max_line_bytes is not None and len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            raise DatasetLimitExceeded(
+                number,
+                "max_line_bytes",
+                max_line_bytes,
+                f"longer than {max_line_bytes} bytes, the longest line a dataset may hold",
+            )
+        yield number, raw
+
+
 def validate_dataset(
-    path: str | Path, tokenizer: Any = None, max_examples: int | None = None
+    path: str | Path, tokenizer: Any = None, limits: DatasetLimits = NO_LIMITS
 ) -> DatasetSummary:
     """Check a JSONL dataset line by line; blank lines are skipped.
 
     Returns a :class:`DatasetSummary` (examples, format, label names, and tokens when ``tokenizer`` is given).
-    Raises :class:`DatasetError` at the first bad line, naming the line (1-based) and the field.
+    Raises :class:`DatasetError` at the first bad line, naming the line (1-based) and the field, and
+    :class:`DatasetLimitExceeded` at the line where ``limits`` are crossed (``max_tokens`` counts only with a
+    tokenizer), having read no further.
     """
     path = Path(path)
     try:
@@ -228,8 +275,9 @@ def validate_dataset(
     records: list[dict] = []
     fmt: str | None = None
     first_line = 0
+    tokens = 0
     with handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in jsonl_lines(handle, limits.max_line_bytes):
             try:
                 text = raw.decode(
                     "utf-8-sig" if number == 1 else "utf-8"
@@ -240,6 +288,10 @@ def validate_dataset(
                 ) from exc
             if not text.strip():
                 continue
+            if limits.max_examples is not None and len(records) >= limits.max_examples:
+                raise DatasetLimitExceeded(
+                    number, "max_examples", limits.max_examples, f"more than {limits.max_examples} examples"
+                )
             record = _json_line(text, number)
             if not isinstance(record, dict):
                 raise DatasetError(number, None, f"must be a JSON object, not {type(record).__name__}")
@@ -251,29 +303,36 @@ def validate_dataset(
                     number, None, f"is {line_fmt} but line {first_line} is {fmt}: one format per file"
                 )
             _check_record(record, fmt, number)
+            if tokenizer is not None:
+                tokens += sum(_count(tokenizer, text) for text in _texts(record, fmt))
+                if limits.max_tokens is not None and tokens > limits.max_tokens:
+                    raise DatasetLimitExceeded(
+                        number,
+                        "max_tokens",
+                        limits.max_tokens,
+                        f"the examples up to this line hold {tokens} tokens, more than {limits.max_tokens}",
+                    )
             record["_line"] = number
             records.append(record)
-            if max_examples is not None and len(records) > max_examples:
-                raise DatasetError(number, None, f"more than {max_examples} examples")
     if fmt is None:
         raise DatasetError(None, None, "no examples: the file is empty")
     labels = label_names([r["label"] for r in records]) if fmt == TEXT_LABEL else None
     if labels is not None and len(labels) < 2:
         raise DatasetError(None, "label", f"classification needs at least 2 distinct labels, found {labels}")
-    tokens = None
-    if tokenizer is not None:
-        tokens = sum(
-            len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in _texts(records, fmt)
-        )
-    return DatasetSummary(len(records), fmt, labels, tokens, records)
+    return DatasetSummary(len(records), fmt, labels, tokens if tokenizer is not None else None, records)
 
 
-def _texts(records: list[dict], fmt: str) -> list[str]:
+def _texts(record: dict, fmt: str) -> list[str]:
+    """The texts of one checked record whose tokens DatasetSummary.tokens counts."""
     if fmt == MESSAGES:
-        return [m["content"] for r in records for m in r["messages"]]
+        return [m["content"] for m in record["messages"]]
     if fmt == PROMPT_COMPLETION:
-        return [r["prompt"] + r["completion"] for r in records]
-    return [r["text"] for r in records]
+        return [record["prompt"] + record["completion"]]
+    return [record["text"]]
+
+
+def _count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass

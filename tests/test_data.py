@@ -3,17 +3,23 @@ only."""
 
 from __future__ import annotations
 
+import io
+import tracemalloc
+
 import pytest
 
 from greencore.data import (
     IGNORE,
     DatasetError,
+    DatasetLimitExceeded,
+    DatasetLimits,
     Encoded,
     batch_shape,
     collate,
     encode_dataset,
     epoch_batches,
     epoch_order,
+    jsonl_lines,
     task_for,
     validate_dataset,
 )
@@ -235,3 +241,82 @@ def test_validate_reads_a_byte_order_mark_and_refuses_unreadable_json(tmp_path):
         with pytest.raises(DatasetError, match=words) as caught:
             validate_dataset(path)
         assert (caught.value.line, caught.value.field) == (2, None)
+
+
+class CountingReader(io.RawIOBase):
+    """A file of ``head``, then ``size`` bytes of ``fill`` never held at once; counts the bytes read."""
+
+    def __init__(self, head: bytes, size: int, fill: bytes = b"x") -> None:
+        self.head, self.left, self.fill, self.read_bytes = head, size, fill, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n], self.head = self.head[:n], self.head[n:]
+        else:
+            n = min(len(buffer), self.left)
+            buffer[:n] = self.fill * n
+            self.left -= n
+        self.read_bytes += n
+        return n
+
+
+def test_a_line_over_the_byte_limit_is_refused_having_read_only_the_limit():
+    good = GOOD.encode() + b"\n"
+    source = CountingReader(good * 2, 1 << 30)  # a third line of 1 GiB, no newline
+    with pytest.raises(DatasetLimitExceeded) as err:
+        for _ in jsonl_lines(io.BufferedReader(source), max_line_bytes=1024):
+            pass
+    assert (err.value.line, err.value.limit, err.value.value) == (3, "max_line_bytes", 1024)
+    assert "1024 bytes" in str(err.value) and str(err.value).startswith("line 3")
+    assert source.read_bytes < 2 * len(good) + 1024 + io.DEFAULT_BUFFER_SIZE + 1  # not the 1 GiB
+
+
+def test_lines_at_the_byte_limit_pass(tmp_path):
+    line = GOOD.encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(line + b"\n" + line + b"\r\n" + line)  # the last line has no newline
+    limits = DatasetLimits(max_line_bytes=len(line) + 1)  # the \r counts, the \n does not
+    assert validate_dataset(path, limits=limits).examples == 3
+    with pytest.raises(DatasetLimitExceeded) as err:
+        validate_dataset(path, limits=DatasetLimits(max_line_bytes=len(line)))
+    assert err.value.line == 2
+
+
+def test_a_huge_line_is_refused_in_bounded_memory(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    with path.open("wb") as out:
+        out.write(GOOD.encode() + b"\n" + b'{"prompt": "' + b"a" * (64 << 20))  # a 64 MiB second line
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetLimitExceeded) as err:
+            validate_dataset(path, limits=DatasetLimits(max_line_bytes=1 << 16))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.line == 2 and peak < 4 << 20  # a few times the 64 KiB limit, not the 64 MiB line
+
+
+def test_too_many_examples_stop_at_the_first_line_past_the_limit(tmp_path):
+    path = write_lines(tmp_path, [GOOD, "", GOOD, GOOD, "not JSON"])  # the bad line 5 is never reached
+    with pytest.raises(DatasetLimitExceeded) as err:
+        validate_dataset(path, limits=DatasetLimits(max_examples=2))
+    assert (err.value.line, err.value.limit, err.value.value) == (4, "max_examples", 2)
+    assert "more than 2 examples" in err.value.message
+
+
+def test_too_many_tokens_stop_at_the_line_that_crosses_the_limit(tmp_path, plain_tokenizer):
+    per_line = validate_dataset(write_lines(tmp_path, [GOOD]), plain_tokenizer).tokens
+    path = write_lines(tmp_path, [GOOD] * 10)
+    total = validate_dataset(path, plain_tokenizer).tokens
+    assert total == 10 * per_line
+    assert validate_dataset(path, plain_tokenizer, DatasetLimits(max_tokens=total)).tokens == total
+    with pytest.raises(DatasetLimitExceeded) as err:
+        validate_dataset(path, plain_tokenizer, DatasetLimits(max_tokens=3 * per_line))
+    assert (err.value.line, err.value.limit) == (4, "max_tokens")
+    assert f"{4 * per_line} tokens" in err.value.message
+    # Without a tokenizer nothing counts tokens: the limit cannot apply.
+    assert validate_dataset(path, limits=DatasetLimits(max_tokens=1)).tokens is None

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from pathlib import Path
 
-from api.deps import CatalogDep, CurrentTenant, SessionDep, SettingsDep
+from fastapi import APIRouter
+from sqlalchemy.orm import Session
+
+from api.catalog import ModelCatalog
+from api.datasets import on_dataset_thread
+from api.deps import CatalogDep, CurrentTenant, SessionDep, SettingsDep, run_and_close
 from api.estimates import estimate
 from api.queries import model_folder, owned_file
 from api.schemas.estimates import EstimateCreate, EstimatePublic
+from api.tables import File
 
 router = APIRouter(prefix="/estimates", tags=["estimates"])  # mounted under /v1 by api.routes
 
 
 @router.post("", response_model=EstimatePublic)
-def create_estimate(
+async def create_estimate(
     body: EstimateCreate,
     catalog: CatalogDep,
     session: SessionDep,
@@ -22,6 +28,19 @@ def create_estimate(
 ) -> EstimatePublic:
     """FLOPs, time, energy and carbon of full fine-tuning and of the chosen method and budget on this dataset,
     and ``rho_min``. A budget below ``rho_min`` answers 400 naming it, as job creation would."""
-    train = owned_file(session, tenant.id, body.training_file, param="training_file")
-    folder = model_folder(session, catalog, settings.artifacts_dir, tenant.id, body.model)
-    return estimate(settings, folder, body.model, train, body.method_type, body.hp, body.seed)
+    train, folder = await run_and_close(
+        session, _file_and_model, session, catalog, settings.artifacts_dir, tenant.id, body
+    )
+    # The estimate tokenizes the dataset (unless cached) with no database connection held, on one of the
+    # threads uploads and job creation share (GT_DATASET_THREADS): one limit on the datasets held at once.
+    return await on_dataset_thread(
+        settings, estimate, settings, folder, body.model, train, body.method_type, body.hp, body.seed
+    )
+
+
+def _file_and_model(
+    session: Session, catalog: ModelCatalog, artifacts_dir: Path, tenant_id: str, body: EstimateCreate
+) -> tuple[File, Path]:
+    """The tenant's training file and the folder of the model the estimate names."""
+    train = owned_file(session, tenant_id, body.training_file, param="training_file")
+    return train, model_folder(session, catalog, artifacts_dir, tenant_id, body.model)

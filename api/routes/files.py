@@ -15,8 +15,10 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.datasets import inspect_dataset, store_upload
-from api.deps import CatalogDep, CurrentTenant, SessionDep, SettingsDep
+from api.catalog import ModelCatalog
+from api.config import Settings
+from api.datasets import StoredUpload, dataset_limits, inspect_dataset, on_dataset_thread, store_upload
+from api.deps import CatalogDep, CurrentTenant, SessionDep, SettingsDep, run_and_close
 from api.errors import Conflict, InvalidRequest, NotFound
 from api.ids import new_id
 from api.queries import owned_file, page
@@ -43,7 +45,7 @@ IN_USE: dict[int | str, dict[str, object]] = {
     response_model=FilePublic,
     responses={507: {"model": ErrorPublic, "description": "no space left on the service's storage"}},
 )
-def upload_file(
+async def upload_file(
     session: SessionDep,
     catalog: CatalogDep,
     settings: SettingsDep,
@@ -52,23 +54,19 @@ def upload_file(
     purpose: Annotated[str, Form()] = "fine-tune",
     model: Annotated[str | None, Form(description="count tokens with this model's tokenizer")] = None,
 ) -> FilePublic:
-    """Upload a JSONL dataset; every line is checked, and a bad one answers 400 naming its line and field. A
-    file over GT_MAX_UPLOAD_BYTES answers 413 (api.limits.BodyLimit refuses it as it streams in)."""
+    """Upload a JSONL dataset; every line is checked, and a bad one answers 400 naming its line and field, as
+    does the line where a GT_MAX_DATASET_* limit is crossed. A file over GT_MAX_UPLOAD_BYTES answers 413
+    (api.limits.BodyLimit refuses it as it streams in)."""
     if purpose not in PURPOSES:
         raise InvalidRequest(
             f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}", param="purpose"
         )
-    tokenizer_model = model or (settings.demo_model if settings.demo_model in catalog.ids() else None)
-    tokenizer = catalog.tokenizer(tokenizer_model) if tokenizer_model else None
     file_id = new_id("file")
     relative = f"files/{tenant.id}/{file_id}.jsonl"
-    # The file is validated under a temporary name and renamed into place; the row follows it, and a failed
-    # commit takes the file away again: a file without a row, or a row without its file, never stays.
-    stored = store_upload(
-        file.file,
-        settings.artifacts_dir / relative,
-        settings.max_upload_bytes,
-        validate=lambda path: inspect_dataset(path, tokenizer),
+    # Storing and validating read the whole file: on a thread, at most GT_DATASET_THREADS at once per process
+    # (api.datasets.dataset_limiter); the event loop only receives the bytes.
+    stored, tokenizer_model = await on_dataset_thread(
+        settings, _store, file.file, settings, catalog, relative, model
     )
     summary = stored.summary
     row = File(
@@ -81,17 +79,41 @@ def upload_file(
         format=summary.format,
         examples=summary.examples,
         tokens=summary.tokens,
-        tokenizer=tokenizer_model if tokenizer is not None else None,
+        tokenizer=tokenizer_model,
         path=relative,
         created_at=utcnow(),
     )
+    return FilePublic.of(await run_and_close(session, _commit_upload, session, row, stored))
+
+
+def _store(
+    source: BinaryIO, settings: Settings, catalog: ModelCatalog, relative: str, model: str | None
+) -> tuple[StoredUpload, str | None]:
+    """The upload stored at ``relative`` (validated, its tokens counted with the tokenizer of ``model``, else
+    of the demo model when there is one), and the name of the model whose tokenizer counted them."""
+    tokenizer_model = model or (settings.demo_model if settings.demo_model in catalog.ids() else None)
+    tokenizer = catalog.tokenizer(tokenizer_model) if tokenizer_model else None
+    limits = dataset_limits(settings)
+    stored = store_upload(
+        source,
+        settings.artifacts_dir / relative,
+        settings.max_upload_bytes,
+        validate=lambda path: inspect_dataset(path, limits, tokenizer),
+    )
+    return stored, tokenizer_model
+
+
+def _commit_upload(session: Session, row: File, stored: StoredUpload) -> File:
+    """Commit the row of a stored upload. The file is in place first and its row follows: a failed commit
+    takes the file away again, and a process killed in between leaves a file no row names, which
+    api.datasets.sweep_uploads deletes (its docstring says why this order)."""
     session.add(row)
     try:
         session.commit()
     except BaseException:
         stored.path.unlink(missing_ok=True)
         raise
-    return FilePublic.of(row)
+    return row
 
 
 def display_name(filename: str | None) -> str:
