@@ -15,8 +15,10 @@ from api import errors
 from api.catalog import ModelCatalog
 from api.config import Settings, get_settings
 from api.db import make_session_factory
+from api.keys import store_bootstrap_key
 from api.limits import BodyLimit
 from api.queue import JobQueue
+from api.ratelimit import RateLimits
 from api.recovery import recover
 from api.routes import health, v1
 from api.timing import ServerTiming
@@ -32,10 +34,15 @@ DESCRIPTION = (
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The API for ``settings`` (default: the GT_* environment). The schema must be migrated already."""
+    """The API for ``settings`` (default: the GT_* environment). The schema must be migrated already.
+    GT_BOOTSTRAP_API_KEY, when set, is stored here (once: every API process runs this), so that from then on
+    it is a stored key that ``greentrainer keys revoke`` revokes."""
     settings = settings or get_settings()
     settings.ensure_dirs()
     session_factory = make_session_factory(settings)
+    if settings.bootstrap_api_key is not None:
+        with session_factory() as session:
+            store_bootstrap_key(session, settings.bootstrap_api_key.get_secret_value())
     queue = JobQueue(settings)
 
     @asynccontextmanager
@@ -54,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.session_factory = session_factory
     app.state.queue = queue
-    app.state.bootstrap_tenant = None  # resolved on first use of GT_BOOTSTRAP_API_KEY
+    app.state.rate_limits = RateLimits(settings)
     app.state.catalog = ModelCatalog(settings.models_dir)
     errors.install(app)
     app.add_middleware(ServerTiming)

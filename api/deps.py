@@ -20,8 +20,9 @@ from api.catalog import ModelCatalog
 from api.config import Settings
 from api.errors import NotAuthenticated, NotFound
 from api.ids import is_id
-from api.keys import DEFAULT_TENANT, authenticate, ensure_tenant, is_key
+from api.keys import authenticate
 from api.queue import JobQueue
+from api.ratelimit import ESTIMATES_ROUTE, RateLimits, client_address
 from api.tables import Tenant
 
 T = TypeVar("T")
@@ -94,31 +95,42 @@ QueueDep = Annotated[JobQueue, Depends(get_queue)]
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer gt-...`")
 
 
-def _bootstrap_tenant(session: Session) -> Tenant:
-    tenant = ensure_tenant(session, DEFAULT_TENANT)
-    session.commit()
+def _authenticate_within_limits(
+    session: Session, limits: RateLimits, key: str, address: str, estimate: bool
+) -> Tenant:
+    """The tenant of stored, unrevoked ``key``, its request counted; 429 (before the lookup) when ``address``
+    sent too many wrong keys, 401 for a wrong key (counted against ``address``), 429 past the key's, its
+    tenant's or (``estimate``) the estimates' limit. Blocks: on the database, and on Redis's counters."""
+    limits.check_address(address)
+    tenant = authenticate(session, key)
+    if tenant is None:
+        limits.count_failed_auth(address)
+        raise NotAuthenticated("invalid API key")
+    limits.count_request(key, tenant.id, estimate)
     return tenant
 
 
 async def current_tenant(
     request: Request,
     session: SessionDep,
-    settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    """The tenant of the request's API key; 401 without a valid one. GT_BOOTSTRAP_API_KEY is tenant
-    ``default`` (looked up once per process); a stored key is looked up on a DB thread."""
+    """The tenant of the request's API key: 401 without a valid one, 429 past a rate limit (api.ratelimit).
+    Every key is a stored one (GT_BOOTSTRAP_API_KEY too, stored at start: api.keys.store_bootstrap_key), so
+    a revoked key answers 401 on the very next request. The lookup and the rate-limit counters run in one hop
+    on a DB thread. A request without a key answers 401 at once: it guesses nothing, so it is not counted."""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise NotAuthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    key = credentials.credentials
-    if settings.bootstrap_api_key is not None and is_key(key, settings.bootstrap_api_key.get_secret_value()):
-        if getattr(request.app.state, "bootstrap_tenant", None) is None:
-            request.app.state.bootstrap_tenant = await run_in_threadpool(_bootstrap_tenant, session)
-        return request.app.state.bootstrap_tenant
-    tenant = await on_db_thread(authenticate, session, key)
-    if tenant is None:
-        raise NotAuthenticated("invalid API key")
-    return tenant
+    estimate = getattr(request.scope.get("route"), "name", None) == ESTIMATES_ROUTE
+    address = client_address(request.client.host if request.client else None)
+    return await on_db_thread(
+        _authenticate_within_limits,
+        session,
+        request.app.state.rate_limits,
+        credentials.credentials,
+        address,
+        estimate,
+    )
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

@@ -108,6 +108,18 @@ class TooManyJobs(UserError):
         return {"Retry-After": str(self.details["retry_after_s"]), **NO_RETRY}
 
 
+class RateLimited(UserError):
+    """A rate limit (GT_RATE_LIMIT_*) is used up for this minute; ``retry_after_s`` (whole seconds, at least
+    1) is when its window frees. Retrying is right, after that wait: OpenAI's clients retry a 429 and honour
+    Retry-After, so no ``x-should-retry: false`` here."""
+
+    code = "rate_limit_exceeded"
+    error_type = "rate_limit_error"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.details["retry_after_s"])}
+
+
 class InsufficientStorage(UserError):
     """The service's storage has no space left for what the request would write; nothing was stored."""
 
@@ -124,6 +136,7 @@ STATUS: dict[type[Exception], int] = {
     BudgetTooSmallError: 400,
     PayloadTooLarge: 413,
     TooManyJobs: 429,
+    RateLimited: 429,
     Conflict: 409,
     InsufficientStorage: 507,
     InvalidTransition: 409,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 
 from sqlalchemy import select
@@ -14,8 +15,11 @@ from sqlalchemy.orm import Session
 from api.ids import is_id, new_id
 from api.tables import ApiKey, Tenant, utcnow
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TENANT = "default"
 KEY_PREFIX_CHARS = 12  # "gt-" + 9 random characters: unique enough to index, useless to guess the rest
+BOOTSTRAP_KEY_NAME = "bootstrap"  # the name GT_BOOTSTRAP_API_KEY's stored row carries in `keys list`
 
 
 def key_sha256(key: str) -> str:
@@ -53,6 +57,53 @@ def create_key(session: Session, tenant_name: str, name: str = "") -> str:
     )
     session.commit()
     return key
+
+
+class BootstrapKeyClash(ValueError):
+    """GT_BOOTSTRAP_API_KEY starts as another stored key does: keys are found by their first characters."""
+
+
+def store_bootstrap_key(session: Session, key: str) -> ApiKey:
+    """Store GT_BOOTSTRAP_API_KEY ``key`` as a key of tenant ``default`` named "bootstrap" (its prefix and
+    hash, as :func:`create_key` stores a key) unless it is stored already; returns its row. From then on it is
+    a stored key like any other: ``greentrainer keys revoke`` revokes it on every API process, and a revoked
+    one stays revoked when a process starts again with the same setting (a warning is logged). Safe when two
+    processes start together. Raises BootstrapKeyClash when another key has the same first
+    KEY_PREFIX_CHARS characters. Commits."""
+    prefix = key[:KEY_PREFIX_CHARS]
+    row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    if row is None:
+        tenant = ensure_tenant(session, DEFAULT_TENANT)
+        new = ApiKey(
+            id=new_id("key"),
+            tenant_id=tenant.id,
+            name=BOOTSTRAP_KEY_NAME,
+            prefix=prefix,
+            key_sha256=key_sha256(key),
+            created_at=utcnow(),
+        )
+        try:
+            with session.begin_nested():
+                session.add(new)
+            row = new
+        except IntegrityError:  # another process stored it (or a key of the same prefix) first
+            row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one()
+        session.commit()
+    if not hmac.compare_digest(row.key_sha256, key_sha256(key)):
+        raise BootstrapKeyClash(
+            f"GT_BOOTSTRAP_API_KEY starts with the same {KEY_PREFIX_CHARS} characters ({prefix!r}) as the "
+            f"stored key {row.id}: keys are found by their first {KEY_PREFIX_CHARS} characters, so choose a "
+            "bootstrap key that starts differently (a random one, e.g. `openssl rand -hex 32`)"
+        )
+    if row.revoked_at is not None:
+        log.warning(
+            "GT_BOOTSTRAP_API_KEY (stored as %s, %s...) was revoked at %s: it stays revoked; remove the "
+            "setting, or set a new key",
+            row.id,
+            prefix,
+            row.revoked_at.isoformat(),
+        )
+    return row
 
 
 def is_key(key: str, expected: str) -> bool:

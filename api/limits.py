@@ -11,11 +11,10 @@ from starlette.datastructures import Headers, State
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.config import Settings
-from api.db import SessionFactory
 from api.deps import on_db_thread
-from api.errors import NotAuthenticated, PayloadTooLarge, TooManyJobs, UserError, status_of
-from api.keys import authenticate, is_key
+from api.errors import NotAuthenticated, PayloadTooLarge, RateLimited, TooManyJobs, UserError, status_of
+from api.keys import authenticate
+from api.ratelimit import client_address
 from api.states import JobState
 from api.tables import Job, Tenant
 
@@ -82,19 +81,21 @@ def bearer_key(authorization: str | None) -> str | None:
     return key if scheme.lower() == "bearer" and key else None
 
 
-def _stored_key_authenticates(session_factory: SessionFactory, key: str) -> bool:
-    with session_factory() as session:
-        return authenticate(session, key) is not None
+def _key_authenticates(state: State, key: str, address: str) -> bool:
+    """Whether ``key`` is a stored, unrevoked key of the app whose ``state`` is given, under the failed-auth
+    limit of ``address`` as api.deps.current_tenant applies it: RateLimited before the lookup when the address
+    sent too many wrong keys, and a wrong key counted against it. Blocks (database, Redis)."""
+    state.rate_limits.check_address(address)
+    with state.session_factory() as session:
+        if authenticate(session, key) is not None:
+            return True
+    state.rate_limits.count_failed_auth(address)
+    return False
 
 
-async def key_authenticates(state: State, key: str) -> bool:
-    """Whether ``key`` is GT_BOOTSTRAP_API_KEY or a stored, unrevoked key of the app whose ``state`` is
-    given (its settings and session factory); a stored key is looked up on a DB thread."""
-    settings: Settings = state.settings
-    bootstrap = settings.bootstrap_api_key
-    if bootstrap is not None and is_key(key, bootstrap.get_secret_value()):
-        return True
-    return await on_db_thread(_stored_key_authenticates, state.session_factory, key)
+async def key_authenticates(state: State, key: str, client_host: str | None) -> bool:
+    """:func:`_key_authenticates` on a DB thread; ``client_host``: the request's client address."""
+    return await on_db_thread(_key_authenticates, state, key, client_address(client_host))
 
 
 class _BodyTooLarge(Exception):
@@ -110,7 +111,9 @@ class BodyLimit:
       as soon as the bytes counted so far pass the limit (a chunked body), before the JSON or form parser has
       held or spooled more of it;
     - an upload without a valid API key answers 401 before any of its body is read, so that nothing is
-      spooled to a temporary file for it. The route's own auth dependency still runs (a second lookup).
+      spooled to a temporary file for it; a wrong key counts against the client address's failed-auth limit
+      (429 past it), as on every other route. The route's own auth dependency still runs (a second lookup,
+      which counts the request against the key's and the tenant's limits).
 
     The exact file size is checked again while the file is stored (api.datasets.store_upload)."""
 
@@ -136,7 +139,13 @@ class BodyLimit:
             if key is None:
                 await _refuse(NotAuthenticated(MISSING_KEY), scope, receive, send)
                 return
-            if not await key_authenticates(scope["app"].state, key):
+            client = scope.get("client")
+            try:
+                known = await key_authenticates(scope["app"].state, key, client[0] if client else None)
+            except RateLimited as exc:
+                await _refuse(exc, scope, receive, send)
+                return
+            if not known:
                 await _refuse(NotAuthenticated(INVALID_KEY), scope, receive, send)
                 return
         received = 0

@@ -99,7 +99,15 @@ def serve(settings: Settings, host: str, port: int, with_worker: bool = True, wo
     try:
         # Off by default: a log line written from the event loop per request stalls every request when the
         # disk is busy (bench/results/api_load.md); a proxy in front logs requests better.
-        options = {"host": host, "port": port, "access_log": settings.access_log}
+        # Behind a proxy, the client's address (what failed authentications are counted by) comes from
+        # X-Forwarded-For, trusted only from GT_FORWARDED_ALLOW_IPS: from anyone else it could be forged.
+        options = {
+            "host": host,
+            "port": port,
+            "access_log": settings.access_log,
+            "proxy_headers": True,
+            "forwarded_allow_ips": settings.forwarded_allow_ips,
+        }
         if workers > 1:
             uvicorn.run("api.app:create_app", factory=True, workers=workers, **options)
         else:

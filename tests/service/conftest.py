@@ -51,15 +51,24 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+# Every request of the suite comes from one address ("testclient"), and the fuzz run sends over a thousand a
+# minute with one key: limits no test reaches keep every request going through the rate limiter's counters
+# without meeting them. tests/service/test_rate_limits.py meets each limit on purpose.
+UNREACHED_RATE_LIMITS = {
+    f"rate_limit_{name}_per_min": 1_000_000 for name in ("key", "tenant", "estimates", "failed_auth")
+}
+
+
 def backend_settings(kind: str, data_dir: Path, models_dir: Path, request: pytest.FixtureRequest) -> Settings:
     if kind == "embedded":
-        return Settings(data_dir=data_dir, models_dir=models_dir)
+        return Settings(data_dir=data_dir, models_dir=models_dir, **UNREACHED_RATE_LIMITS)
     return Settings(
         data_dir=data_dir,
         models_dir=models_dir,
         database_url=request.getfixturevalue("pg_url"),
         broker_url=REDIS_URL,
         broker_prefix=request.getfixturevalue("redis_prefix"),
+        **UNREACHED_RATE_LIMITS,
     )
 
 

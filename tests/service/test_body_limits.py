@@ -42,7 +42,7 @@ def limited(settings: Settings, tmp_path: Path) -> tuple[FastAPI, Settings]:
         update={
             "max_body_bytes": BODY_LIMIT,
             "artifacts_dir": tmp_path / "artifacts",
-            "bootstrap_api_key": SecretStr("gt-bootstrap-" + secrets.token_hex(16)),
+            "bootstrap_api_key": SecretStr("gt-" + secrets.token_hex(16) + "-bootstrap"),
         }
     )
     return create_app(own), own

@@ -4,13 +4,20 @@ documents, with the settings the service reads."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
+import subprocess
+import time
 from pathlib import Path
 
+import pytest
+import redis
 import yaml
 
 from api.cli import build_parser
 from api.config import Settings
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -89,17 +96,46 @@ def test_long_running_services_restart_and_the_migration_runs_once() -> None:
     assert services["migrate"].get("restart", "no") == "no"  # one-shot: run again, it would migrate again
 
 
-def test_redis_requires_the_password_the_broker_url_carries() -> None:
+def test_redis_requires_the_password_the_broker_url_carries(tmp_path: Path) -> None:
     services = COMPOSE["services"]
-    command = services["redis"]["command"]
-    password = command[command.index("--requirepass") + 1]
+    sh, flag, script = services["redis"]["command"]
+    environment = services["redis"]["environment"]
+    password = environment["REDIS_PASSWORD"]
     assert re.fullmatch(r"\$\{REDIS_PASSWORD:\?[^}]+\}", password)  # compose refuses to start without it
     for name in ("migrate", "api", "worker"):
         url = services[name]["environment"]["GT_BROKER_URL"]
         assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD(:\?[^}]+)?\}@redis:6379/0", url), url
     # The healthcheck authenticates too (redis-cli reads REDISCLI_AUTH) and fails unless Redis answers PONG.
-    assert services["redis"]["environment"]["REDISCLI_AUTH"] == password
+    assert environment["REDISCLI_AUTH"] == password
     assert "PONG" in " ".join(services["redis"]["healthcheck"]["test"])
+
+    # The same script, run here (compose's $$ is the shell's $; no image entrypoint; a port of this test's
+    # own): Redis refuses a client without the password, takes the right one, and no command line shows it.
+    assert (sh, flag) == ("sh", "-c") and "--requirepass" not in script
+    port, secret = free_port(), secrets.token_hex(16)
+    local = (
+        script.replace("$$", "$")
+        .replace("docker-entrypoint.sh ", "")
+        .replace("redis-server -", f"redis-server - --port {port} --dir {tmp_path} --save ''", 1)
+    )
+    proc = subprocess.Popen(["sh", "-c", local], env={**os.environ, "REDIS_PASSWORD": secret})
+    try:
+        client = redis.Redis(port=port, password=secret, socket_timeout=2)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_timeout=2).ping()
+        assert secret.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        client.close()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_only_the_tls_proxy_publishes_ports_and_it_points_at_the_api() -> None:
