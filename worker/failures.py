@@ -53,9 +53,9 @@ _ABSOLUTE = re.compile(
 
 def hide_paths(message: str, *, artifacts_dir: Path | None = None, models_dir: Path | None = None) -> str:
     """``message`` without absolute paths: one under ``artifacts_dir`` becomes its path relative to it
-    (``jobs/<id>/epoch-1``), one under ``models_dir`` the model it names (``model <id>``, then the rest of
-    its path), and any other absolute path its last component. The user sees what went wrong, not where the
-    operator keeps files."""
+    (``jobs/<id>/attempt-1/epoch-1``), one under ``models_dir`` the model it names (``model <id>``, then the
+    rest of its path), and any other absolute path its last component. The user sees what went wrong, not
+    where the operator keeps files."""
     roots: list[tuple[str, str]] = []  # (root as written in messages, "artifacts" | "models")
     for root, kind in ((artifacts_dir, "artifacts"), (models_dir, "models")):
         if root is None:

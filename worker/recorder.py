@@ -5,12 +5,27 @@ of the recorder's own (``start`` / ``stop``) writes progress and the heartbeat e
 UPDATE that also tells whether the job is still this worker's running job: a job cancelled (or taken from this
 worker) stops at the next step after that. The heartbeat goes on while the run profiles, measures importance,
 evaluates or saves a checkpoint, so only a worker that is gone stops it (api/recovery.py acts on that).
+
+Fencing. A job belongs to one attempt at a time: ``(jobs.worker, jobs.attempts)`` names it, and a worker
+declared lost (its heartbeat older than GT_HEARTBEAT_STALE_S: paused, cut off from the database) may come back
+after another worker has claimed the job. So every write of a run (progress, epochs, events, checkpoints, the
+end) happens in a transaction that starts with ``UPDATE jobs ... WHERE worker = me AND attempts = my
+attempt``: when that touches no row the write is refused (:class:`StaleAttempt`), nothing of it is kept, and
+the run stops. The UPDATE also holds the job's row lock until the commit, so a takeover (itself an UPDATE of
+that row, api/states.py) happens wholly before or wholly after each write, never in the middle of one.
+
+The watchdog. The heartbeat says that the process lives, not that training moves. With GT_STALL_TIMEOUT_S set,
+the heartbeat thread also watches the time since the last training step (or epoch end, or the run's start);
+past the limit it calls ``on_stall`` (worker/runner.py: hand the job back, or fail it ``stalled``, then kill
+the process: a step hung in a kernel or a collective cannot be interrupted from another thread).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +42,45 @@ from greencore.spec import EpochReport, TrainReport
 
 log = logging.getLogger(__name__)
 
+STALE = "stale"  # what finish/fail return when the job is no longer this attempt's
+
 
 def _finite(value: float | None) -> float | None:
     # JSON and some databases refuse NaN and infinities: store them as null.
     return value if value is None or value == value and abs(value) != float("inf") else None
 
 
+class StaleAttempt(RuntimeError):
+    """The job is no longer this attempt's (handed back, claimed by another worker): a write was refused."""
+
+
 class JobRecorder:
-    """Persists one run of job ``job_id`` by ``worker``."""
+    """Persists attempt ``attempt`` of job ``job_id`` by ``worker``. ``stall_s``: call ``on_stall(idle_s)``
+    from the heartbeat thread once no step, epoch end or start happened for that long (None: never)."""
 
     def __init__(
-        self, sessions: SessionFactory, job_id: str, worker: str, artifacts_dir: Path, poll_s: float
+        self,
+        sessions: SessionFactory,
+        job_id: str,
+        worker: str,
+        attempt: int,
+        artifacts_dir: Path,
+        poll_s: float,
+        stall_s: float | None = None,
+        on_stall: Callable[[float], None] | None = None,
     ):
         self.sessions = sessions
         self.job_id = job_id
         self.worker = worker
+        self.attempt = attempt
         self.artifacts_dir = artifacts_dir
         self.poll_s = poll_s
+        self.stall_s = stall_s
+        self.on_stall = on_stall
         self.stop_requested = False
         self._progress: tuple[int | None, int | None, int | None] = (None, None, None)
+        self._last_progress = time.monotonic()
+        self._stalled = False
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -70,12 +105,39 @@ class JobRecorder:
                 self.sync()
             except Exception:  # a database hiccup must not end the heartbeat; the next one retries
                 log.exception("heartbeat of job %s failed", self.job_id)
+            idle_s = time.monotonic() - self._last_progress
+            if self.stall_s is not None and idle_s > self.stall_s and not self._stalled:
+                self._stalled = True
+                log.error("job %s: no training step for %.0f s: the run is stalled", self.job_id, idle_s)
+                if self.on_stall is not None:
+                    self.on_stall(idle_s)
+
+    def _owned(self) -> Any:
+        """The condition under which this attempt still owns the job (whatever its status)."""
+        return (Job.id == self.job_id, Job.worker == self.worker, Job.attempts == self.attempt)
+
+    def _fence(self, session: Session) -> bool:
+        """Start a write: lock the job's row if this attempt still owns it (True); otherwise roll back, ask
+        the run to stop, and return False."""
+        result = session.execute(
+            update(Job)
+            .where(*self._owned())
+            .values(heartbeat_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            return True
+        session.rollback()
+        self.stop_requested = True
+        log.warning("job %s: attempt %d on %s no longer owns it", self.job_id, self.attempt, self.worker)
+        return False
 
     # -- called by the training loop every step -------------------------------------------------------------
 
     def on_step(self, epoch: int, step: int, steps_in_epoch: int) -> None:
         """Note progress; the heartbeat writes it."""
         self._progress = (epoch, step, steps_in_epoch)
+        self._last_progress = time.monotonic()
 
     def should_stop(self) -> bool:
         """True once the job is no longer this worker's running job (cancelled, or handed to another)."""
@@ -90,7 +152,7 @@ class JobRecorder:
         with self.sessions() as session:
             result = session.execute(
                 update(Job)
-                .where(Job.id == self.job_id, Job.status == str(JobState.running), Job.worker == self.worker)
+                .where(*self._owned(), Job.status == str(JobState.running))
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
@@ -102,8 +164,12 @@ class JobRecorder:
     # -- called by the training loop at the end of every epoch ----------------------------------------------
 
     def on_epoch(self, report: EpochReport) -> None:
-        """Record a greencore EpochReport, its selection and its checkpoint, in one transaction."""
+        """Record a greencore EpochReport, its selection and its checkpoint, in one transaction;
+        :class:`StaleAttempt` (nothing recorded) once the job is no longer this attempt's."""
+        self._last_progress = time.monotonic()
         with self.sessions() as session:
+            if not self._fence(session):
+                raise StaleAttempt(f"job {self.job_id} was taken from attempt {self.attempt}")
             existing = session.scalar(
                 select(Epoch).where(Epoch.job_id == self.job_id, Epoch.epoch == report.epoch)
             )
@@ -165,12 +231,7 @@ class JobRecorder:
             session.execute(
                 update(Job)
                 .where(Job.id == self.job_id)
-                .values(
-                    current_epoch=report.epoch,
-                    current_step=report.steps,
-                    steps_in_epoch=report.steps,
-                    heartbeat_at=utcnow(),
-                )
+                .values(current_epoch=report.epoch, current_step=report.steps, steps_in_epoch=report.steps)
                 .execution_options(synchronize_session=False)
             )
             session.commit()
@@ -202,8 +263,11 @@ class JobRecorder:
 
     def finish(self, report: TrainReport) -> str:
         """Record the final checkpoint and end the job ``succeeded`` (a stopped run keeps the state that
-        stopped it). Returns the job's status."""
+        stopped it). Returns the job's status, or ``"stale"`` (nothing written) once the job is no longer
+        this attempt's."""
         with self.sessions() as session:
+            if not self._fence(session):
+                return STALE
             job = session.get(Job, self.job_id)
             assert job is not None
             if report.final_checkpoint_dir and not report.stopped:
@@ -226,8 +290,11 @@ class JobRecorder:
             return job.status
 
     def fail(self, code: str, message: str) -> str:
-        """End the job ``failed`` with ``error: {code, message}`` (unless it was cancelled meanwhile)."""
+        """End the job ``failed`` with ``error: {code, message}`` (unless it was cancelled meanwhile); nothing
+        written, and ``"stale"`` returned, once the job is no longer this attempt's."""
         with self.sessions() as session:
+            if not self._fence(session):
+                return STALE
             job = session.get(Job, self.job_id)
             assert job is not None
             try:

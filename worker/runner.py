@@ -5,6 +5,11 @@ Claim the job (``queued -> running``, or a ``running`` one whose worker died), r
 checkpoint if it has one, run ``greencore.train`` with callbacks that persist epochs, events and checkpoints
 as they happen and that stop the run within a step of a cancel, and end the job ``succeeded`` or ``failed``
 with ``error: {code, message}``: never left ``running`` by a training error.
+
+Each attempt writes its own folder, ``jobs/<id>/attempt-<n>/``, and every database write of a run is fenced
+by its attempt (worker/recorder.py): a worker that was declared lost and comes back can neither write into
+the records of the attempt that took over nor delete that attempt's files; it stops at its first refused
+write. An attempt that resumes reads the checkpoint it resumes from wherever an earlier attempt wrote it.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import signal
 import socket
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, select
 from sqlalchemy.orm import Session
 
 from api.catalog import ModelCatalog
@@ -24,12 +31,13 @@ from api.config import Settings
 from api.db import SessionFactory
 from api.errors import InvalidRequest
 from api.queries import model_folder, refresh_totals
+from api.queue import JobQueue
 from api.recovery import give_up_or_requeue, process_gone
-from api.states import add_event, claim
+from api.states import InvalidTransition, add_event, claim
 from api.tables import Checkpoint, Epoch, File, Job, utcnow
 from greencore.spec import TrainSpec
 from worker.failures import error_of
-from worker.recorder import JobRecorder
+from worker.recorder import STALE, JobRecorder, StaleAttempt
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +47,18 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _resume_point(session: Session, job: Job, artifacts_dir: Path) -> Checkpoint | None:
-    """The latest epoch checkpoint whose folder holds its training state; records and checkpoints after it are
-    dropped (those epochs run again), and so are the half-written folders a killed run left."""
-    from greencore.checkpoint import STATE_FILE, remove_leftovers
+def attempt_dir(artifacts_dir: Path, job_id: str, attempt: int) -> Path:
+    """The folder attempt ``attempt`` of a job writes its checkpoints into."""
+    return artifacts_dir / "jobs" / job_id / f"attempt-{attempt}"
 
-    output_dir = artifacts_dir / "jobs" / job.id
-    if output_dir.is_dir():
-        remove_leftovers(output_dir)
+
+def _resume_point(session: Session, job: Job, artifacts_dir: Path) -> tuple[Checkpoint | None, list[Path]]:
+    """The latest epoch checkpoint whose folder holds its training state, and the folders of the checkpoints
+    dropped after it (those epochs run again: the caller removes the folders once the drop commits). Earlier
+    attempts' folders are otherwise left alone: a lost worker may still be writing there (its records are
+    refused; see the module's docstring)."""
+    from greencore.checkpoint import STATE_FILE
+
     rows = session.scalars(
         select(Checkpoint)
         .where(Checkpoint.job_id == job.id, Checkpoint.epoch.is_not(None))
@@ -58,18 +70,22 @@ def _resume_point(session: Session, job: Job, artifacts_dir: Path) -> Checkpoint
     )
     done = best.epoch if best is not None else 0
     session.execute(delete(Epoch).where(Epoch.job_id == job.id, Epoch.epoch > done))
-    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.name == "final"))
-    for row in rows:
-        if row is not best and (row.epoch or 0) >= done and row.name != "final":
-            session.delete(row)
+    finals = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.name == "final")
+    )
+    dropped = [*finals, *(r for r in rows if r is not best and (r.epoch or 0) >= done and r.name != "final")]
+    for row in dropped:
+        session.delete(row)
     session.flush()
     refresh_totals(session, job.id)
-    return best
+    return best, [artifacts_dir / row.path for row in dropped]
 
 
-def build_spec(session: Session, job: Job, settings: Settings, resume_from: Path | None) -> TrainSpec:
-    """The greencore TrainSpec of a job (paths on this worker); its budget is the rho the job was created
-    with (a max_flops or max_energy_kwh already converted)."""
+def build_spec(
+    session: Session, job: Job, settings: Settings, resume_from: Path | None, attempt: int
+) -> TrainSpec:
+    """The greencore TrainSpec of attempt ``attempt`` of a job (paths on this worker); its budget is the rho
+    the job was created with (a max_flops or max_energy_kwh already converted)."""
     from greencore.spec import Hyperparameters
 
     known = {f.name for f in dataclasses.fields(Hyperparameters)}
@@ -89,7 +105,7 @@ def build_spec(session: Session, job: Job, settings: Settings, resume_from: Path
     return TrainSpec(
         model_dir=str(model_dir),
         train_file=str(settings.artifacts_dir / train_file.path),
-        output_dir=str(settings.artifacts_dir / "jobs" / job.id),
+        output_dir=str(attempt_dir(settings.artifacts_dir, job.id, attempt)),
         method=job.method,
         valid_file=str(settings.artifacts_dir / valid_file.path) if valid_file else None,
         hyperparameters=hp,
@@ -103,11 +119,13 @@ def build_spec(session: Session, job: Job, settings: Settings, resume_from: Path
 def run_job(
     job_id: str, session_factory: SessionFactory, settings: Settings, worker: str | None = None
 ) -> str:
-    """Run job ``job_id`` to its end on this process; returns its status afterwards.
+    """Run job ``job_id`` to its end on this process; returns its status afterwards (``"stale"`` when the job
+    was taken from this run meanwhile: then this run wrote nothing after that).
 
     A job that is not ``queued`` (nor ``running`` with a heartbeat older than GT_HEARTBEAT_STALE_S, or whose
     process on this host is gone) is left as it is: cancelled before it started, finished, or running
-    elsewhere.
+    elsewhere. With GT_STALL_TIMEOUT_S set, a run with no training step for that long is handed back (or
+    failed ``stalled``) and this process is killed (:func:`_stalled`).
     """
     worker = worker or worker_name()
     with session_factory() as session:
@@ -123,24 +141,36 @@ def run_job(
         if not taken:
             log.info("job %s is %s: not run", job_id, job.status)
             return job.status
-        if job.attempts > settings.max_attempts:  # taken over from a lost worker once too often
+        attempt = job.attempts
+        if attempt > settings.max_attempts:  # taken over from a lost worker once too often
             session.commit()
             give_up_or_requeue(session, job, settings, f"worker {previous} was lost")
             session.commit()
             return job.status
-        resume = _resume_point(session, job, settings.artifacts_dir) if job.attempts > 1 else None
-        if job.attempts > 1:
+        resume, dropped = _resume_point(session, job, settings.artifacts_dir) if attempt > 1 else (None, [])
+        if attempt > 1:
             where = f"from checkpoint {resume.name}" if resume else "from the start (no checkpoint yet)"
             add_event(
                 session,
                 job_id,
                 "info",
-                f"attempt {job.attempts}: resuming {where}",
-                {"attempt": job.attempts, "resume_from": resume.name if resume else None},
+                f"attempt {attempt}: resuming {where}",
+                {"attempt": attempt, "resume_from": resume.name if resume else None},
             )
         resume_dir = settings.artifacts_dir / resume.path if resume else None
         session.commit()
-    recorder = JobRecorder(session_factory, job_id, worker, settings.artifacts_dir, settings.cancel_poll_s)
+    for folder in dropped:
+        shutil.rmtree(folder, ignore_errors=True)
+    recorder = JobRecorder(
+        session_factory,
+        job_id,
+        worker,
+        attempt,
+        settings.artifacts_dir,
+        settings.cancel_poll_s,
+        stall_s=settings.stall_timeout_s or None,
+        on_stall=lambda idle_s: _stalled(session_factory, settings, job_id, worker, attempt, idle_s),
+    )
     recorder.start()
     try:
         from greencore.train import train
@@ -148,10 +178,13 @@ def run_job(
         with session_factory() as session:
             job = session.get(Job, job_id)
             assert job is not None
-            spec = build_spec(session, job, settings, resume_dir)
+            spec = build_spec(session, job, settings, resume_dir, attempt)
         report = train(
             spec, on_epoch=recorder.on_epoch, should_stop=recorder.should_stop, on_step=recorder.on_step
         )
+    except StaleAttempt:
+        log.warning("job %s was taken from this worker: this run stops, its records refused", job_id)
+        return STALE
     except Exception as exc:  # every training error ends the job failed, with its code
         log.exception("job %s failed", job_id)
         try:
@@ -161,7 +194,58 @@ def run_job(
             )
         except Exception:  # naming the error must not leave the job running
             code, message = "training_error", type(exc).__name__  # its text (and paths) are in the log above
-        return recorder.fail(code, message)
+        status = recorder.fail(code, message)
+    else:
+        status = recorder.finish(report)
     finally:
         recorder.stop()
-    return recorder.finish(report)
+    if status != STALE:
+        _tidy(settings.artifacts_dir / "jobs" / job_id)
+    return status
+
+
+def _tidy(job_dir: Path) -> None:
+    """Remove what killed writes left in every attempt's folder of a job (``.*.tmp-*``, ``.*.old-*``): once
+    its last attempt has ended, nothing of the job is being written any more (a lost attempt that still runs
+    somewhere has every write refused)."""
+    from greencore.checkpoint import remove_leftovers
+
+    for folder in job_dir.glob("attempt-*"):
+        remove_leftovers(folder)
+
+
+def _stalled(
+    sessions: SessionFactory, settings: Settings, job_id: str, worker: str, attempt: int, idle_s: float
+) -> None:
+    """The watchdog's action (called from the heartbeat thread): hand the job back to the queue, or fail it
+    ``stalled`` once it has been started GT_MAX_ATTEMPTS times, if this attempt still owns it; then kill this
+    process, the only sure way to end a step hung in native code; Celery's pool starts a fresh child in its
+    place. The job is enqueued here rather than left to the broker's redelivery of the task (which a solo
+    worker's broker may hold back for GT_VISIBILITY_TIMEOUT_S); a second message is harmless: the job can be
+    claimed once."""
+    reason = (
+        f"no training step completed for {idle_s:.0f} s on {worker} "
+        f"(limit GT_STALL_TIMEOUT_S={settings.stall_timeout_s:g} s): the run was stalled and is killed"
+    )
+    requeue = False
+    try:
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            if job is not None:
+                mine = and_(Job.worker == worker, Job.attempts == attempt)
+                requeue = give_up_or_requeue(session, job, settings, reason, mine, code="stalled")
+                session.commit()
+        if requeue:
+            queue = JobQueue(settings)
+            try:
+                queue.enqueue_job(job_id)
+            finally:
+                queue.close()
+    except InvalidTransition:
+        log.warning("job %s moved on meanwhile (cancelled, taken over): only the process is killed", job_id)
+    except Exception:  # the database or the broker is down: recovery requeues the job once the beat stops
+        log.exception("job %s: could not hand back the stalled run", job_id)
+    finally:
+        log.error("job %s: %s", job_id, reason)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +36,17 @@ from tests.backends import (
     new_redis_prefix,
 )
 from tests.processes import clean_env, process
-from tests.service.service_calls import BACKENDS, JOBS, create_job, events, new_key
+from tests.service.service_calls import (
+    BACKENDS,
+    JOBS,
+    SMALL_RHO,
+    create_job,
+    dataset_lines,
+    events,
+    job_body,
+    new_key,
+    upload,
+)
 from worker.recorder import JobRecorder
 
 JOB_TIMEOUT_S = 240
@@ -125,9 +135,10 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, models_dir: Path) ->
             delete_redis_prefix(prefix)
 
 
-def worker(service: Service, log: Path):  # a context manager of a worker process
-    """A real Celery worker (``python -m worker``, prefork pool) in its own process group."""
-    return process([sys.executable, "-m", "worker"], service.env, log)
+def worker(service: Service, log: Path, **env: str):  # a context manager of a worker process
+    """A real Celery worker (``python -m worker``, prefork pool) in its own process group; ``env``: more
+    settings."""
+    return process([sys.executable, "-m", "worker"], {**service.env, **env}, log)
 
 
 def test_a_killed_worker_loses_nothing(service: Service, tmp_path: Path) -> None:
@@ -232,7 +243,7 @@ def test_the_heartbeat_goes_on_between_steps_and_sees_a_cancel(service: Service)
             update(Job).where(Job.id == job_id).values(status="running", worker="me:1", attempts=1)
         )
         session.commit()
-    recorder = JobRecorder(service.sessions, job_id, "me:1", service.settings.artifacts_dir or Path(), 0.1)
+    recorder = JobRecorder(service.sessions, job_id, "me:1", 1, service.settings.artifacts_dir, 0.1)
     recorder.start()
     try:
         beats = set()
@@ -249,3 +260,58 @@ def test_the_heartbeat_goes_on_between_steps_and_sees_a_cancel(service: Service)
         assert recorder.should_stop()
     finally:
         recorder.stop()
+
+
+def wait_until(what: Callable[[], bool], log: Path, timeout_s: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not what():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def test_a_paused_worker_that_comes_back_writes_nothing(service: Service, tmp_path: Path) -> None:
+    # Worker A is paused (SIGSTOP: as if cut off) in epoch 1; B declares it lost after GT_HEARTBEAT_STALE_S,
+    # takes the job and runs it; A is resumed while B runs. The job's records must be B's run alone.
+    fast = {"GT_HEARTBEAT_STALE_S": "3", "GT_RECOVERY_INTERVAL_S": "1"}
+    file_id = upload(service.client, dataset_lines(160))["id"]  # 80 steps an epoch: room to pause in one
+    response = service.client.post(JOBS, json=job_body(file_id, n_epochs=2, rho=SMALL_RHO))
+    assert response.status_code == 200, response.text
+    job_id = response.json()["id"]
+    first, second = tmp_path / "worker-a.log", tmp_path / "worker-b.log"
+    with worker(service, first, **fast) as a:
+        wait_until(lambda: (service.job(job_id).current_step or 0) >= 1, first)
+        os.killpg(a.pid, signal.SIGSTOP)
+        try:
+            assert service.job(job_id).epochs_done == 0, "epoch 1 ended before the pause"
+            with worker(service, second, **fast):
+                wait_until(lambda: service.job(job_id).attempts == 2, second)
+                os.killpg(a.pid, signal.SIGCONT)
+                job = service.wait_for(job_id, "succeeded", second)
+                wait_until(lambda: "no longer" in first.read_text(), first, 60)
+        finally:
+            os.killpg(a.pid, signal.SIGCONT)
+    assert job.attempts == 2
+    epochs = service.client.get(f"{JOBS}/{job_id}/epochs").json()["data"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    with service.sessions() as session:
+        paths = session.scalars(select(Checkpoint.path).where(Checkpoint.job_id == job_id)).all()
+    assert sorted(paths) == [f"jobs/{job_id}/attempt-2/{n}" for n in ("epoch-1", "epoch-2", "final")]
+    messages = service.events(job_id)
+    assert not any(m.startswith("training stopped") for m in messages), messages  # A's finish was refused
+    assert messages[-1] == "job succeeded"
+
+
+def test_a_hung_step_is_caught_by_the_watchdog(service: Service, tmp_path: Path) -> None:
+    # Every training step after the third hangs (tests/faults/sitecustomize.py) while the heartbeat goes on:
+    # the watchdog hands the job back once, then fails it `stalled` (GT_MAX_ATTEMPTS=2).
+    job_id = service.create_job()
+    log = tmp_path / "worker.log"
+    faults = str(Path(__file__).parents[1] / "faults")
+    hang = {"GT_STALL_TIMEOUT_S": "8", "GT_MAX_ATTEMPTS": "2", "GT_TEST_HANG_AFTER_STEPS": "3"}
+    with worker(service, log, PYTHONPATH=faults, **hang):
+        job = service.wait_for(job_id, "failed", log)
+    assert job.error_code == "stalled" and job.attempts == 2, (job.error_code, job.error_message)
+    assert "no training step completed for" in (job.error_message or "")
+    assert job.current_step == 3  # progress stopped where the step hung
+    messages = service.events(job_id)
+    assert sum("no training step completed for" in m and "queued again" in m for m in messages) == 1, messages

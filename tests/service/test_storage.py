@@ -253,7 +253,7 @@ def test_a_checkpoint_whose_files_are_gone_answers_404_and_a_partial_one_is_neve
     assert [c["name"] for c in checkpoints(client, job_id)] == ["epoch-1"]
 
 
-def test_a_write_killed_midway_is_never_resumed_from_and_is_removed_by_the_next_save(
+def test_a_write_killed_midway_is_never_resumed_from_and_is_removed_when_the_job_ends(
     client: TestClient,
     sessions,
     settings: Settings,
@@ -261,7 +261,7 @@ def test_a_write_killed_midway_is_never_resumed_from_and_is_removed_by_the_next_
     job_id = create_job(client, n_epochs=1)
     assert settings.artifacts_dir is not None
     output = settings.artifacts_dir / "jobs" / job_id
-    partial = output / ".epoch-1.tmp-4242"  # the first attempt died while writing epoch-1
+    partial = output / "attempt-1" / ".epoch-1.tmp-4242"  # the first attempt died while writing epoch-1
     partial.mkdir(parents=True)
     (partial / "config.json").write_text("{}")
     (partial / "model.safetensors").write_bytes(b"\0" * 100)
@@ -284,7 +284,9 @@ def test_a_write_killed_midway_is_never_resumed_from_and_is_removed_by_the_next_
     assert run_job(job_id, sessions, settings) == "succeeded"
     job = client.get(f"{JOBS}/{job_id}").json()
     assert job["status"] == "succeeded" and job["attempts"] == 2
-    assert sorted(os.listdir(output)) == ["epoch-1", "final"]  # the leftover is gone
+    assert sorted(os.listdir(output)) == ["attempt-1", "attempt-2"]  # each attempt writes its own folder
+    assert os.listdir(output / "attempt-1") == []  # the leftover is gone
+    assert sorted(os.listdir(output / "attempt-2")) == ["epoch-1", "final"]
     for ckpt in checkpoints(client, job_id):
         response = client.get(f"{JOBS}/{job_id}/checkpoints/{ckpt['id']}/content")
         assert response.status_code == 200 and int(response.headers["content-length"]) == len(
@@ -395,13 +397,14 @@ def test_a_job_whose_disk_fills_up_fails_with_disk_full(
     output = settings.artifacts_dir / "jobs" / job_id
     with tmpfs(output, "128k"):  # the configs fit, the model's safetensors (about 380 kB) do not
         assert run_job(job_id, sessions, settings) == "failed"
-        assert os.listdir(output) == []  # the half-written checkpoint was removed
+        assert os.listdir(output) == ["attempt-1"]
+        assert os.listdir(output / "attempt-1") == []  # the half-written checkpoint was removed
     shutil.rmtree(output, ignore_errors=True)
     job = client.get(f"{JOBS}/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "disk_full"
     message = job["error"]["message"]
     # It names the checkpoint relative to the artifacts: the server's folders are not the user's business.
-    assert "no space left" in message and f"jobs/{job_id}/epoch-1" in message
+    assert "no space left" in message and f"jobs/{job_id}/attempt-1/epoch-1" in message
     assert str(settings.artifacts_dir) not in message
     assert client.get(f"{JOBS}/{job_id}/checkpoints").json()["data"] == []
     assert client.get(f"{JOBS}/{job_id}/epochs").json()["data"] == []
