@@ -8,7 +8,12 @@ Runs: *paced* (clients poll like ``greentrainer jobs create --wait``, every seco
 *saturated* (no pause at all: the server's capacity on this machine). Reports p50/p90/p99/max latency per
 route, measured at the client, and writes ``bench/results/api_load.md``.
 
-    .venv/bin/python bench/api_load.py            # about 2 minutes
+``--slow-downloads N`` runs another case instead: N checkpoint downloads that read a few KB per second, each
+holding its response open, while one client reads ``GET /v1/fine_tuning/jobs/{id}`` and ``GET /v1/models``
+(before the downloads open, then while they are open); it rewrites only its own section of the results file.
+
+    .venv/bin/python bench/api_load.py                      # about 2 minutes
+    .venv/bin/python bench/api_load.py --slow-downloads 50  # about 1 minute
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ import json
 import os
 import platform
 import secrets
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,11 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.processes import stop_group, wait_healthy  # noqa: E402
+from tests.service.service_calls import add_checkpoint  # noqa: E402
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TARGET_P99_MS = 100.0
 HP = {"n_epochs": 2, "batch_size": 2, "max_seq_len": 32, "rho": 0.75}
+SLOW_HEADING = "## Slow checkpoint downloads"
+SLOW_READ_BYTES = 2048  # a slow download reads this many bytes...
+SLOW_READ_PAUSE_S = 0.5  # ...then waits this long: 4 KB/s
+SLOW_CHECKPOINT_BYTES = 256 << 20  # far more than a download reads in the run: none ends early
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -120,6 +133,18 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def threads_and_rss_mib(pids: list[int]) -> tuple[int, float]:
+    """Threads and resident memory (MiB) of these processes together, from /proc."""
+    threads, rss_kib = 0, 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                threads += int(line.split()[1])
+            elif line.startswith("VmRSS:"):
+                rss_kib += int(line.split()[1])
+    return threads, rss_kib / 1024
+
+
 def cpu_pressure() -> str:
     """Share of the last minute in which some task waited for a CPU (Linux PSI), or '?'."""
     try:
@@ -165,6 +190,191 @@ def probe_commits(database: str, n: int = 500) -> str:
     return f"p50 {percentile(times, 50):.1f} ms, p99 {percentile(times, 99):.1f} ms, max {max(times):.1f} ms"
 
 
+def add_big_checkpoint(database_url: str, artifacts_dir: Path, job_id: str) -> str:
+    """A checkpoint of ``job_id`` whose folder holds a sparse SLOW_CHECKPOINT_BYTES safetensors file,
+    recorded as the worker records one; its id."""
+    from api.config import Settings
+    from api.db import make_session_factory
+
+    sessions = make_session_factory(Settings(database_url=database_url, artifacts_dir=artifacts_dir))
+    try:
+        return add_checkpoint(sessions, artifacts_dir, job_id, SLOW_CHECKPOINT_BYTES)
+    finally:
+        sessions.kw["bind"].dispose()
+
+
+class SlowDownload(threading.Thread):
+    """``GET path`` on a raw socket with a small receive buffer, read SLOW_READ_BYTES every
+    SLOW_READ_PAUSE_S until ``stop`` is set: the server's answer stays open all along."""
+
+    def __init__(self, port: int, path: str, key: str, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.port, self.path, self.key, self.stop = port, path, key, stop
+        self.status = ""  # the status line, once the answer started
+        self.bytes_read = 0
+        self.closed_early = False  # the server ended the answer (or the connection) before ``stop``
+        self.error = ""
+
+    def run(self) -> None:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+                sock.settimeout(30)
+                sock.connect(("127.0.0.1", self.port))
+                sock.sendall(
+                    f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Authorization: Bearer {self.key}\r\n\r\n".encode()
+                )
+                while not self.stop.is_set():
+                    data = sock.recv(SLOW_READ_BYTES)
+                    if not data:
+                        self.closed_early = True
+                        return
+                    if not self.status:
+                        self.status = data.split(b"\r\n", 1)[0].decode(errors="replace")
+                    self.bytes_read += len(data)
+                    self.stop.wait(SLOW_READ_PAUSE_S)
+        except OSError as exc:
+            self.error = repr(exc)
+
+
+def measure_reads(url: str, key: str, job_id: str, requests: int) -> dict[str, list[float]]:
+    """``requests`` of each of ``GET /v1/fine_tuning/jobs/{id}`` and ``GET /v1/models``, one at a time,
+    taking turns, 10 ms apart; client and server (Server-Timing) milliseconds per route."""
+    routes = {
+        "GET /v1/fine_tuning/jobs/{id}": f"/v1/fine_tuning/jobs/{job_id}",
+        "GET /v1/models": "/v1/models",
+    }
+    record: dict[str, list[float]] = {}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        for _ in range(requests):
+            for route, path in routes.items():
+                start = time.perf_counter()
+                response = http.get(path)
+                elapsed_ms = (time.perf_counter() - start) * 1000
+                if response.status_code != 200:
+                    raise RuntimeError(f"{route}: {response.status_code} {response.text[:200]}")
+                record.setdefault(route, []).append(elapsed_ms)
+                record.setdefault(f"server {route}", []).append(server_s(response) * 1000)
+                time.sleep(0.01)
+    return record
+
+
+def read_rows(case: str, record: dict[str, list[float]]) -> list[str]:
+    rows = []
+    for route in ("GET /v1/fine_tuning/jobs/{id}", "GET /v1/models"):
+        ms, server = record[route], record[f"server {route}"]
+        p99 = percentile(ms, 99)
+        rows.append(
+            f"| {case} | `{route}` | {len(ms)} | {statistics.median(ms):.1f} | {p99:.1f} | {max(ms):.1f} | "
+            f"{'yes' if p99 < TARGET_P99_MS else 'no'} | {statistics.median(server):.1f} / "
+            f"{percentile(server, 99):.1f} | {os.getloadavg()[0]:.1f} / {cpu_pressure()} |"
+        )
+    return rows
+
+
+def run_slow_downloads(
+    url: str,
+    port: int,
+    key: str,
+    body: dict,
+    database_url: str,
+    artifacts_dir: Path,
+    n: int,
+    requests: int,
+    api_pids: Callable[[], list[int]],
+) -> tuple[list[str], str]:
+    """The slow-downloads case: table rows (without, then with ``n`` slow downloads open) and a line on the
+    downloads themselves and on the API processes (``api_pids``) meanwhile."""
+    headers = {"Authorization": f"Bearer {key}"}
+    created = httpx.post(f"{url}/v1/fine_tuning/jobs", headers=headers, json=body, timeout=60)
+    assert created.status_code == 200, created.text
+    job_id = created.json()["id"]
+    checkpoint_id = add_big_checkpoint(database_url, artifacts_dir, job_id)
+    rows = read_rows("no download open", measure_reads(url, key, job_id, requests))
+    threads_before, rss_before = threads_and_rss_mib(api_pids())
+    print("\n".join(rows), flush=True)
+    stop = threading.Event()
+    path = f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/content"
+    downloads = [SlowDownload(port, path, key, stop) for _ in range(n)]
+    for download in downloads:
+        download.start()
+    try:
+        deadline = time.monotonic() + 60
+        while any(not d.status and not d.error for d in downloads) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started = sum(d.status.endswith(" 200 OK") for d in downloads)
+        if started < n:
+            raise RuntimeError(f"only {started} of {n} downloads started: {[d.error for d in downloads][:3]}")
+        time.sleep(2)  # every answer under way and its buffers full
+        record = measure_reads(url, key, job_id, requests)
+        threads_during, rss_during = threads_and_rss_mib(api_pids())
+        still_open = sum(d.is_alive() and not d.closed_early and not d.error for d in downloads)
+    finally:
+        stop.set()
+        for download in downloads:
+            download.join(5)
+    rows += read_rows(f"{n} slow downloads open", record)
+    print("\n".join(rows[-2:]), flush=True)
+    read_kb = [d.bytes_read / 1024 for d in downloads]
+    note = (
+        f"All {n} downloads answered 200 and {still_open} of {n} were still open when the measurement "
+        f"ended; each had read {min(read_kb):.0f} to {max(read_kb):.0f} KB of its "
+        f"{SLOW_CHECKPOINT_BYTES >> 20} MiB archive. The API process(es): {threads_before} threads and "
+        f"{rss_before:.0f} MiB resident before the downloads, {threads_during} threads and {rss_during:.0f} "
+        "MiB while they were open."
+    )
+    return rows, note
+
+
+def replace_section(text: str, heading: str, section: str) -> str:
+    """``text`` with its section under ``heading`` (up to the next ``## `` heading) replaced by ``section``,
+    or with ``section`` appended."""
+    start = text.find(heading)
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + section
+    end = text.find("\n## ", start + len(heading))
+    return text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+
+
+def write_slow_section(args: argparse.Namespace, rows: list[str], note: str) -> None:
+    """Write (or replace) the slow-downloads section of the results file."""
+    section = [
+        SLOW_HEADING,
+        "",
+        f"Written by `bench/api_load.py --slow-downloads {args.slow_downloads}` on "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}), shared by the API, PostgreSQL, Redis and the load "
+        f"generator. `greentrainer serve --no-worker` with {args.api_workers} uvicorn process(es). "
+        f"{args.slow_downloads} downloads of one checkpoint (`GET /v1/fine_tuning/jobs/{{id}}/checkpoints/"
+        f"{{id}}/content`, a {SLOW_CHECKPOINT_BYTES >> 20} MiB tar) on raw sockets with a 4 KB receive "
+        f"buffer, each reading {SLOW_READ_BYTES // 1024} KB every {SLOW_READ_PAUSE_S:g} s, so that each "
+        f"holds its answer open for the whole measurement; one client reads each route {args.requests} "
+        "times, one request at a time, the two routes taking turns 10 ms apart, first with no download "
+        f"open, then with the {args.slow_downloads} open. Target: p99 under {TARGET_P99_MS:.0f} ms.",
+        "",
+        "| case | route | requests | p50 ms | p99 ms | max ms | p99 < 100 ms | server p50 / p99 ms | "
+        "load avg / CPU pressure |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        note,
+        "",
+        "Why open downloads do not hold up other requests: the download route reads the job and the "
+        "checkpoint, then closes its database session before the first byte (no pool connection is held "
+        "while a client reads; tests/service/test_downloads.py), and Starlette runs the archive's generator "
+        "on a thread only for each `next()`, which reads at most one 1 MiB chunk (`api/archive.py` CHUNK) "
+        "from disk; waiting for a slow client is an `await` on its socket in the event loop, so a slow "
+        "download holds none of anyio's 40 threads and none of the API's database threads (`api/deps.py`). "
+        "What an open download does hold is memory: the chunk being sent, in uvicorn's write buffer, and the "
+        "socket's buffers (the resident memory above).",
+        "",
+    ]
+    previous = args.out.read_text() if args.out.exists() else ""
+    args.out.write_text(replace_section(previous, SLOW_HEADING, "\n".join(section)))
+    print(f"wrote {args.out}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
@@ -180,6 +390,13 @@ def main() -> int:
     parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api_load.md")
+    parser.add_argument(
+        "--slow-downloads",
+        type=int,
+        default=0,
+        help="run only the slow-downloads case, with this many downloads open",
+    )
+    parser.add_argument("--requests", type=int, default=200, help="reads of each route in --slow-downloads")
     args = parser.parse_args()
 
     from greencore.demo import make_demo_model
@@ -201,6 +418,9 @@ def main() -> int:
         GT_BOOTSTRAP_API_KEY=key,
         GT_DB_POOL_SIZE="20",
         GT_MAX_ACTIVE_JOBS=str(2**31),  # one tenant creates thousands of jobs that no worker takes: no cap
+        # the bench's clients share one key: limits far above what they send (the counters still count)
+        GT_RATE_LIMIT_KEY_PER_MIN=str(10**9),
+        GT_RATE_LIMIT_TENANT_PER_MIN=str(10**9),
     )
     url = f"http://127.0.0.1:{args.port}"
     log_path = tmp / "api.log"
@@ -223,10 +443,13 @@ def main() -> int:
         start_new_session=True,
     )
 
-    def api_cpu() -> float:
+    def api_pids() -> list[int]:
         # The API process and its uvicorn workers (children), if any.
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        return cpu_s(proc.pid) + sum(cpu_s(int(c)) for c in children)
+        return [proc.pid, *map(int, children)]
+
+    def api_cpu() -> float:
+        return sum(cpu_s(pid) for pid in api_pids())
 
     try:
         wait_healthy(url, proc, log_path)
@@ -247,6 +470,20 @@ def main() -> int:
             created = httpx.post(f"{url}/v1/fine_tuning/jobs", headers=headers, json=body, timeout=60)
             assert created.status_code == 200, created.text
 
+        if args.slow_downloads:
+            slow_rows, slow_note = run_slow_downloads(
+                url,
+                args.port,
+                key,
+                body,
+                env["GT_DATABASE_URL"],
+                tmp / "data" / "artifacts",
+                args.slow_downloads,
+                args.requests,
+                api_pids,
+            )
+            write_slow_section(args, slow_rows, slow_note)
+            return 0
         commits = probe_commits(database)
         rows: list[str] = []
         all_errors: list[str] = []
@@ -326,7 +563,11 @@ def main() -> int:
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header))
+    text = "\n".join(header)
+    previous = args.out.read_text() if args.out.exists() else ""
+    if SLOW_HEADING in previous:  # the slow-downloads case's section, from its own run, stays
+        text = replace_section(text, SLOW_HEADING, previous[previous.find(SLOW_HEADING) :])
+    args.out.write_text(text)
     print(f"wrote {args.out}")
     return 0
 

@@ -62,7 +62,14 @@ WATCH_ROWS = """
 def start_service(data_dir: Path, key: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GT_")}
-    env.update(GT_DATA_DIR=str(data_dir), GT_PORT=str(port), GT_BOOTSTRAP_API_KEY=key)
+    # Many page loads a minute with one key: no rate limit (0 = unlimited), so that none is measured.
+    env.update(
+        GT_DATA_DIR=str(data_dir),
+        GT_PORT=str(port),
+        GT_BOOTSTRAP_API_KEY=key,
+        GT_RATE_LIMIT_KEY_PER_MIN="0",
+        GT_RATE_LIMIT_TENANT_PER_MIN="0",
+    )
     log = (data_dir.parent / "serve.log").open("wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "greentrainer"), "serve", "--no-worker"],

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import secrets
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from api.config import Settings
 from api.db import SessionFactory
 from api.ids import new_id
 from api.keys import create_key
@@ -107,14 +107,15 @@ def post_scope(path: str, headers: dict[str, str]) -> dict:
     }
 
 
-def add_checkpoint(sessions: SessionFactory, settings: Settings, job_id: str) -> str:
-    """A checkpoint of ``job_id`` with a small folder behind it, recorded as the worker records one; its
-    id."""
+def add_checkpoint(sessions: SessionFactory, artifacts_dir: Path, job_id: str, size_bytes: int = 1000) -> str:
+    """A checkpoint of ``job_id`` whose folder holds a config and a (sparse) ``size_bytes`` safetensors file,
+    recorded as the worker records one; its id."""
     relative = f"checkpoints/{job_id}/epoch-1"
-    folder = settings.artifacts_dir / relative
+    folder = artifacts_dir / relative
     folder.mkdir(parents=True)
     (folder / "config.json").write_text('{"model_type": "llama"}\n')
-    (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+    with (folder / "model.safetensors").open("wb") as handle:
+        handle.truncate(size_bytes)
     checkpoint_id = new_id("ckpt")
     with sessions() as session:
         session.add(
@@ -124,7 +125,7 @@ def add_checkpoint(sessions: SessionFactory, settings: Settings, job_id: str) ->
                 name="epoch-1",
                 epoch=1,
                 path=relative,
-                bytes=1024,
+                bytes=size_bytes,
                 created_at=utcnow(),
             )
         )

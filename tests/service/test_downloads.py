@@ -29,7 +29,7 @@ def test_a_checkpoint_streams_without_holding_a_database_connection(
     monkeypatch.setattr(archive.TarPlan, "stream", watched)
     client = TestClient(app, headers={"Authorization": f"Bearer {key}"})
     job_id = create_job(client)
-    checkpoint_id = add_checkpoint(sessions, settings, job_id)
+    checkpoint_id = add_checkpoint(sessions, settings.artifacts_dir, job_id)
     response = client.get(f"{JOBS}/{job_id}/checkpoints/{checkpoint_id}/content")
     assert response.status_code == 200, response.text
     names = tarfile.open(fileobj=BytesIO(response.content)).getnames()

@@ -129,7 +129,7 @@ def test_fuzzed_requests_never_answer_5xx_and_match_the_schema(
     settings: Settings,
 ) -> None:
     file_id, job_id = queued_job(client)
-    real = RealObjects(file_id, job_id, add_checkpoint(sessions, settings, job_id))
+    real = RealObjects(file_id, job_id, add_checkpoint(sessions, settings.artifacts_dir, job_id))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     headers = {"Authorization": f"Bearer {key}"}
     started = time.monotonic()
