@@ -41,6 +41,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"bwd_weight {_fmt(full.bwd_weight)})"
     )
     print(f"rho_min: {profile.rho_min:.4f}")
+    if args.memory:  # always set (default cpu)
+        from greencore.memory import train_step_bytes
+        from greencore.spec import Hyperparameters
+
+        shape = (args.batch_size, args.seq_len) + (
+            (args.target_len or args.seq_len,) if args.target_len else ()
+        )
+        task = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal_lm"
+        device = args.memory
+        peak = train_step_bytes(
+            model, [n for n, _ in model.named_parameters()], shape, task, Hyperparameters(), device
+        )
+        print(
+            f"peak memory of a full fine-tuning step on {device} (float32, AdamW): "
+            f"{peak / 2**30:.3f} GiB ({peak} bytes)"
+        )
     return 0
 
 
@@ -181,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--target-len", type=int, default=None, help="decoder length of encoder-decoder models")
+    p.add_argument(
+        "--memory",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="the device type the peak memory of a full fine-tuning step is replayed for (fake tensors)",
+    )
     p.set_defaults(func=cmd_profile)
     return parser
 

@@ -115,6 +115,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         ["", "flops", "time", "energy_j", "gco2e"],
     )
     print(f"FLOPs saved: {100 * est['flops_saved']:.1f}% ({est['basis']}) on device {est['device']['name']}")
+    mem, gib = est["memory"], 2**30
+    device = est["device"].get("memory_bytes")
+    print(
+        f"peak memory ({mem['device_type']}, {mem['basis']}): "
+        f"{est['peak_memory_bytes']['method'] / gib:.3f} GiB "
+        f"(training step {mem['method']['train_step_bytes'] / gib:.3f}, importance "
+        f"{mem['method']['importance_bytes'] / gib:.3f}); full fine-tuning "
+        f"{est['peak_memory_bytes']['full'] / gib:.3f} GiB"
+        + (f"; device {device / gib:.3f} GiB" if device else "")
+    )
     return 0
 
 

@@ -148,10 +148,17 @@ class Settings(BaseSettings):
     device_peak_flops: float = Field(1.0e12, gt=0, description="peak FLOP/s of the device")
     device_utilization: float = Field(0.3, gt=0, le=1, description="share of peak reached in training")
     device_watts: float = Field(65.0, gt=0, description="power drawn while training, W")
+    device_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="the device's memory, bytes: a job whose estimated peak exceeds it is refused "
+        "(insufficient_memory); a CPU worker's limit (unset: the host's available memory; a CUDA worker uses "
+        "the smaller of this and its free memory)",
+    )
     carbon_intensity_g_per_kwh: float = Field(475.0, ge=0, description="grid intensity, gCO2e/kWh")
     pue: float = Field(1.0, ge=1, description="data-centre power usage effectiveness")
 
-    @field_validator("bootstrap_api_key", "api_key", "train_device", mode="before")
+    @field_validator("bootstrap_api_key", "api_key", "train_device", "device_memory_bytes", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value  # `GT_X=` in a compose file means "not set"

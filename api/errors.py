@@ -86,6 +86,14 @@ class BudgetTooSmallError(UserError):
     code = "budget_too_small"
 
 
+class InsufficientMemory(UserError):
+    """The job's estimated peak memory exceeds the device's (GT_DEVICE_MEMORY_BYTES); ``peak_memory_bytes``
+    and ``device_memory_bytes`` name both."""
+
+    code = "insufficient_memory"
+    retry = False
+
+
 class PayloadTooLarge(UserError):
     code = "payload_too_large"
     retry = False
@@ -134,6 +142,7 @@ STATUS: dict[type[Exception], int] = {
     InvalidRequest: 400,
     DatasetInvalid: 400,
     BudgetTooSmallError: 400,
+    InsufficientMemory: 400,
     PayloadTooLarge: 413,
     TooManyJobs: 429,
     RateLimited: 429,

@@ -30,7 +30,9 @@ from api.schemas.estimates import (
     EstimatePublic,
     FlopsFullAndMethod,
     FullAndMethod,
+    MemoryPublic,
     MinimumBudget,
+    PeakMemoryPublic,
 )
 from api.schemas.jobs import Hyperparameters, to_core
 from api.tables import File
@@ -139,12 +141,13 @@ def _run_costs(
     seed: int,
     limits: DatasetLimits,
     cache_ids: int,
+    device: str | None,
 ) -> Any:
     from greencore.estimate import run_costs
 
     hp = to_core(Hyperparameters.model_validate_json(hp_json))
     encoded, num_labels = _encoded(model_path, mtime, file_path, sha256, hp.max_seq_len, limits, cache_ids)
-    return run_costs(model_path, encoded, method, hp, seed, num_labels)
+    return run_costs(model_path, encoded, method, hp, seed, num_labels, device)
 
 
 def estimate(
@@ -175,6 +178,7 @@ def estimate(
         seed,
         dataset_limits(settings),
         settings.estimate_cache_tokens,
+        settings.train_device,  # the memory is replayed for the workers' device type
     )
     try:
         est = costs.estimate(to_core(hp), settings.energy)
@@ -189,6 +193,16 @@ def estimate(
             min_max_energy_kwh=min_flops / flops_per_kwh(settings.energy),
         ) from exc
     energy = settings.energy
+    memory = est.memory
+    assert memory is not None  # run_costs always gives the memory model
+
+    def peaks(of: Any) -> PeakMemoryPublic:
+        return PeakMemoryPublic(
+            train_step_bytes=of.train_step_bytes,
+            importance_bytes=of.importance_bytes,
+            peak_bytes=of.peak_bytes,
+        )
+
     return EstimatePublic(
         model=model_id,
         training_file=file.id,
@@ -206,6 +220,13 @@ def estimate(
         time_s=FullAndMethod(full=est.time_s.full, method=est.time_s.method),
         energy_j=FullAndMethod(full=est.energy_j.full, method=est.energy_j.method),
         gco2e=FullAndMethod(full=est.gco2e.full, method=est.gco2e.method),
+        peak_memory_bytes=FlopsFullAndMethod(full=memory.full.peak_bytes, method=memory.method.peak_bytes),
+        memory=MemoryPublic(
+            full=peaks(memory.full),
+            method=peaks(memory.method),
+            basis=memory.basis,
+            device_type=memory.device,
+        ),
         minimum_budget=MinimumBudget(
             rho=est.rho_min, max_flops=est.min_max_flops, max_energy_kwh=est.min_max_energy_kwh
         ),
@@ -214,5 +235,6 @@ def estimate(
             peak_flops=energy.peak_flops,
             utilization=energy.utilization,
             watts=energy.watts,
+            memory_bytes=settings.device_memory_bytes,
         ),
     )

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from api.catalog import ModelCatalog
 from api.config import Settings
 from api.datasets import dataset_slot
-from api.errors import InvalidRequest
+from api.errors import InsufficientMemory, InvalidRequest
 from api.estimates import estimate
 from api.ids import new_id
 from api.limits import check_active_jobs
@@ -32,7 +32,8 @@ def create_job(
 ) -> Job:
     """Validate a job (ids, dataset, budget), commit it as ``queued``, then enqueue it.
 
-    Raises InvalidRequest / DatasetInvalid / BudgetTooSmallError (nothing is stored then).
+    Raises InvalidRequest / DatasetInvalid / BudgetTooSmallError / InsufficientMemory (nothing is stored
+    then).
     """
     train = owned_file(session, tenant.id, body.training_file, param="training_file")
     valid = None
@@ -47,6 +48,17 @@ def create_job(
     folder = model_folder(session, catalog, settings.artifacts_dir, tenant.id, body.model)
     with dataset_slot(settings):  # the dataset's tokenization, if not cached, waits its turn with uploads'
         cost = estimate(settings, folder, body.model, train, body.method_type, hp, body.seed)
+    device_bytes, peak = settings.device_memory_bytes, cost.peak_memory_bytes.method
+    if device_bytes is not None and peak > device_bytes:
+        raise InsufficientMemory(
+            f"the job needs {peak} bytes ({peak / 2**30:.2f} GiB) of memory at its peak "
+            f"({cost.memory.basis}), and the device has {device_bytes} bytes "
+            f"({device_bytes / 2**30:.2f} GiB, GT_DEVICE_MEMORY_BYTES): "
+            "use a smaller batch_size or max_seq_len, a smaller rho, or lora",
+            param="method",
+            peak_memory_bytes=peak,
+            device_memory_bytes=device_bytes,
+        )
     job = Job(
         id=new_id("ftjob"),
         tenant_id=tenant.id,

@@ -51,7 +51,7 @@ from greencore.data import collate, encode_dataset, epoch_batches, task_for, val
 from greencore.demo import build_tokenizer  # noqa: E402
 from greencore.plan import clear_profile_cache  # noqa: E402
 from greencore.select import BudgetTooSmall  # noqa: E402
-from greencore.spec import EpochReport, Hyperparameters, TrainSpec  # noqa: E402
+from greencore.spec import Attention, EpochReport, Hyperparameters, TrainSpec  # noqa: E402
 from greencore.train import LossNotFinite, auto_class, linear_schedule, train  # noqa: E402
 
 POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
@@ -208,6 +208,11 @@ def carve_dev(train_file: str, n_dev: int, seed: int) -> tuple[str, str]:
     return fit, write_jsonl(Path(f"{stem}_dev.jsonl"), [r for i, r in enumerate(rows) if i in dev])
 
 
+def attention_kwargs(hp: Hyperparameters) -> dict[str, str]:
+    """``from_pretrained`` arguments that load a model with the attention greencore.train gives ``hp``."""
+    return {} if hp.attention == Attention.AUTO else {"attn_implementation": str(hp.attention)}
+
+
 def evaluate_checkpoint(
     folder: str, valid_file: str, hp: Hyperparameters, device: str
 ) -> tuple[float, float]:
@@ -228,9 +233,7 @@ def evaluate_checkpoint(
     task = task_for(summary.format, config)
     label2id = {str(k): int(v) for k, v in config.label2id.items()} if task == "classification" else None
     data = encode_dataset(summary, tokenizer, task, hp.max_seq_len, label2id)
-    model = (
-        auto_class(task).from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").to(device)
-    )
+    model = auto_class(task).from_pretrained(folder, dtype=torch.float32, **attention_kwargs(hp)).to(device)
     loss, accuracy = evaluate(
         model, data, tokenizer.pad_token_id, hp, torch.device(device), contextlib.nullcontext()
     )
@@ -426,7 +429,7 @@ def bare_loop(
     torch.manual_seed(seed)
     model = (
         auto_class(task)
-        .from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager", **kwargs)
+        .from_pretrained(model_dir, dtype=torch.float32, **attention_kwargs(hp), **kwargs)
         .to(device)
     )
     model.train()
@@ -930,6 +933,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (Hyperparameters.bf16)")
+    parser.add_argument(
+        "--attention",
+        default="eager",
+        choices=[a.value for a in Attention],
+        help="Hyperparameters.attention of the runs and the bare loop (default eager: the published tables)",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -1009,7 +1018,13 @@ def main() -> None:
             work / task, args.cls_train, args.cls_valid, args.seed, labels
         )
         fit, dev = carve_dev(tr, args.cls_dev, args.seed)
-        hp = {"batch_size": args.batch_size, "max_seq_len": 64, "warmup_steps": 10, "bf16": args.bf16}
+        hp = {
+            "batch_size": args.batch_size,
+            "max_seq_len": 64,
+            "warmup_steps": 10,
+            "bf16": args.bf16,
+            "attention": args.attention,
+        }
         print(f"{task}: all-MiniLM-L6-v2, WordNet {labels}", flush=True)
         result = compare(
             model_dir, fit, dev, va, work / f"{task}-runs", hp, LR_GRID["classification"], args, "accuracy"
@@ -1040,7 +1055,13 @@ def main() -> None:
         )
         fit, dev = carve_dev(tr, args.lm_dev, args.seed)
         n_params = sum(p.numel() for p in auto_class("causal_lm").from_pretrained(model_dir).parameters())
-        hp = {"batch_size": args.batch_size, "max_seq_len": 64, "warmup_steps": 10, "bf16": args.bf16}
+        hp = {
+            "batch_size": args.batch_size,
+            "max_seq_len": 64,
+            "warmup_steps": 10,
+            "bf16": args.bf16,
+            "attention": args.attention,
+        }
         print(f"generation: causal LM of {n_params / 1e6:.1f}M parameters, WordNet definitions", flush=True)
         result = compare(
             model_dir, fit, dev, va, work / "lm-runs", hp, LR_GRID["generation"], args, "token accuracy"

@@ -6,11 +6,16 @@ row shape once on the base model built on the meta device, and asks the method w
 ``max_energy_kwh``) and prices the FLOPs on a device profile: ``time_s = flops / (peak * utilization)``,
 ``energy_j = time_s * watts``, ``gco2e = kWh * intensity * PUE``. The split lets a caller cache the costs
 (planning and profiling) and price many budgets against them.
+
+The estimate also gives the run's peak memory, and full fine-tuning's on the same batches: one training step
+and one importance evaluation replayed on fake tensors at the run's largest batch shapes
+(``greencore.memory``), for what the method trains at the budget in force (``Method.memory_plan``). It is
+computed when first asked for a trained set and kept.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from torch import nn
 
 from greencore.data import Encoded
 from greencore.energy import J_PER_KWH, grams_co2e
+from greencore.memory import MemoryPlan, PeakMemory, RunShapes
 from greencore.methods import RunCosting, make_method
 from greencore.models import TRACE_LOCK, load_config, meta_model
 from greencore.plan import ShapeProfiles, plan_epoch
@@ -29,6 +35,39 @@ from greencore.spec import EnergySettings, Hyperparameters
 class FullAndMethod:
     full: float  # full fine-tuning
     method: float  # the method at the budget in force
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of the run and of full fine-tuning on the same batches, bytes."""
+
+    full: PeakMemory
+    method: PeakMemory
+    basis: str  # "exact": the method's own tensors; "bound": every tensor its selection could reach
+    device: str  # the device type replayed: "cpu" or "cuda"
+
+
+class RunMemory:
+    """The peak memory of a planned run at a budget (computed on fake tensors when first asked, then kept)."""
+
+    def __init__(self, method: str, costing: RunCosting, shapes: RunShapes, device: str) -> None:
+        self.method = method
+        self.costing = costing
+        self.shapes = shapes
+        self.device = device
+
+    def at(self, hp: Hyperparameters, rho: float | None) -> MemoryEstimate:
+        """The peaks of the run with ``hp`` at the budget ``rho`` in force, and of full fine-tuning."""
+        model = self.costing.model
+        with TRACE_LOCK:
+            plan = make_method(self.method, hp).memory_plan(self.costing, rho)
+            full = MemoryPlan(model, tuple(n for n, _ in model.named_parameters()))
+            return MemoryEstimate(
+                full=self.shapes.peak(full, hp, self.device),
+                method=self.shapes.peak(plan, hp, self.device),
+                basis=plan.basis,
+                device=self.device,
+            )
 
 
 @dataclass(frozen=True)
@@ -52,6 +91,7 @@ class RunEstimate:
     gco2e: FullAndMethod
     min_max_flops: float  # the smallest whole-run FLOPs budget that trains anything
     min_max_energy_kwh: float  # the same as energy on the device profile
+    memory: MemoryEstimate | None = None  # None where the costs were made without a memory model
 
     @property
     def flops_saved(self) -> float:
@@ -73,6 +113,7 @@ class RunCosts:
     flops: int | None  # the method's; None: what its budget allows (rho x full)
     rho_min: float
     basis: str
+    memory: RunMemory | None = field(default=None, compare=False, repr=False)
 
     def resolve_rho(self, hp: Hyperparameters, energy: EnergySettings) -> float | None:
         """The rho ``hp`` puts in force (see :func:`resolve_rho`)."""
@@ -107,6 +148,7 @@ class RunCosts:
             gco2e=FullAndMethod(grams_co2e(joules.full, energy), grams_co2e(joules.method, energy)),
             min_max_flops=min_flops,
             min_max_energy_kwh=min_flops / flops_per_kwh(energy),
+            memory=self.memory.at(hp, rho) if self.memory is not None else None,
         )
 
 
@@ -117,20 +159,29 @@ def run_costs(
     hp: Hyperparameters,
     seed: int,
     num_labels: int | None = None,
+    device: str | None = None,
 ) -> RunCosts:
     """The FLOPs of training ``data`` (encoded for ``model_dir``'s tokenizer) with ``method`` and ``hp``:
     the run's own batches (seeded), each row shape profiled once (cached by model structure). ``num_labels``:
-    the classifier's classes (classification data). The budget fields of ``hp`` do not enter."""
+    the classifier's classes (classification data). The budget fields of ``hp`` do not enter. ``device``:
+    the device type the run's memory is replayed for ("cpu" or "cuda"; default CUDA when present)."""
     costed = make_method(method, hp)
     model = _meta_model(str(model_dir), _mtime(model_dir), data.task, num_labels)
-    profiles = ShapeProfiles(model)
+    profiles = ShapeProfiles(model, attention=None if hp.attention == "auto" else hp.attention)
     epochs, importance = [], []
+    shapes = RunShapes(data.task, [], [])
     with TRACE_LOCK:
         for epoch in range(1, hp.n_epochs + 1):
             plan = plan_epoch(data, hp, seed, epoch)
             epochs.append(profiles.steps(plan.shapes))
             importance.append(profiles.steps(plan.shapes[: plan.importance]))
-        cost = costed.cost(RunCosting(model, epochs, importance, hp))
+            shapes.steps.extend(plan.shapes)
+            shapes.importance.extend(plan.shapes[: plan.importance])
+        costing = RunCosting(model, epochs, importance, hp)
+        cost = costed.cost(costing)
+    import torch
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     return RunCosts(
         method=method,
         task=data.task,
@@ -143,6 +194,7 @@ def run_costs(
         flops=cost.flops,
         rho_min=cost.rho_min,
         basis=cost.basis,
+        memory=RunMemory(method, costing, shapes, device),
     )
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from greencore import checkpoint
 from greencore.importance import importance_flops, importance_pass
+from greencore.memory import MemoryPlan
 from greencore.profile import TensorProfile
 from greencore.registry import MethodError, MethodInfo, budgeted_methods, method_info
 from greencore.select import BudgetTooSmall, reachable_tensors, select_tensors
@@ -162,6 +163,12 @@ class Method(Protocol):
         """The run's FLOPs and rho_min, before it runs."""
         ...
 
+    def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
+        """What the run holds, for its peak memory before it runs (``greencore.memory``): the model it trains,
+        the tensors that train (an upper bound where the selection is made during the run) and the
+        importance evaluation's candidates, at the budget ``rho`` in force."""
+        ...
+
 
 def make_method(name: str, hp: Hyperparameters) -> Method:
     """The method registered under ``name``; unknown names are refused (MethodError)."""
@@ -216,6 +223,9 @@ class _InPlace:
 
     def export(self, model: nn.Module) -> ModelExport:
         return ModelExport(model, model.state_dict())
+
+    def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
+        return MemoryPlan(run.model, tuple(n for n, _ in run.model.named_parameters()))
 
 
 class FullMethod(_InPlace):
@@ -287,6 +297,24 @@ class GreenMethod(_InPlace):
             for i, (p, imp) in enumerate(zip(run.epochs, run.importance, strict=True))
         )
         return MethodCost(None, rho_min, "budget")
+
+    def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
+        # The selection changes every reselection and is unknown before the run: bound it by every tensor a
+        # selection could reach (the importance candidates, choose's reachable_tensors), each trained and
+        # holding AdamW state at once (the optimizer keeps the state of every tensor trained so far).
+        # choose measures reachability on the loop's steps, the epoch's less its first (importance) step:
+        # a tensor reachable there costs at most rho x full + that step's full FLOPs over the whole epoch.
+        reach: set[str] = set()
+        for i, (p, imp) in enumerate(zip(run.epochs, run.importance, strict=True)):
+            if i % self.hp.reselect_every:
+                continue
+            target = min(1.0, (rho or self.rho or 1.0) + imp.full.total / p.full.total)
+            try:
+                reach |= set(reachable_tensors(p, target))
+            except BudgetTooSmall:
+                continue
+        names = tuple(n for n in run.epochs[0].names if n in reach)
+        return MemoryPlan(run.model, names, names, "bound")
 
 
 def _cheapest(profile: TensorProfile) -> int:
@@ -376,6 +404,18 @@ class TopKMethod(_InPlace):
             return MethodCost(None, rho_min, "budget")
         chosen = top_layers(run.epochs[0], layers, min(self.hp.topk_layers, len(layers)))
         return MethodCost(sum(p.step_flops(chosen).total for p in run.epochs), rho_min, "profile")
+
+    def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
+        # choose's rule on the first epoch's profile (the choice holds for the run).
+        layers = transformer_layers(run.model)
+        profile = run.epochs[0]
+        if self.hp.topk_layers is not None:
+            return MemoryPlan(run.model, top_layers(profile, layers, min(self.hp.topk_layers, len(layers))))
+        for k in range(len(layers), -1, -1):
+            chosen = top_layers(profile, layers, k)
+            if chosen and profile.step_flops(chosen).total <= (rho or 1.0) * profile.full.total:
+                return MemoryPlan(run.model, chosen)
+        return MemoryPlan(run.model, ())
 
 
 def _layers_of(model: nn.Module) -> list[list[str]]:
@@ -476,6 +516,20 @@ class LoraMethod:
         names = [n for n in names if n in run.epochs[0].names]
         flops = sum(p.fwd + p.step_flops(names).bwd_act for p in run.epochs) if names else run.full
         return MethodCost(flops, run.rho_min, "approximate")
+
+    def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
+        # The model as this method wraps it (its adapters), on a copy.
+        import copy
+
+        from greencore.models import TRACE_LOCK
+
+        with TRACE_LOCK:
+            base = copy.deepcopy(run.model)
+        # A fresh classification head (hidden x labels, which peft would also train) is left out: the base
+        # model alone does not say whether its checkpoint has one.
+        wrapped, _ = self.prepare(base, [])
+        trained = tuple(n for n, p in wrapped.named_parameters() if p.requires_grad)
+        return MemoryPlan(wrapped, trained)
 
 
 def merged_tensors(base: nn.Module) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from greencore.data import Encoded, batch_shape, epoch_batches
-from greencore.profile import TensorProfile, profile_model
+from greencore.profile import TensorProfile, attention_implementation, attention_of, profile_model
 from greencore.spec import Hyperparameters
 
 Shape = tuple[int, ...]  # a padded batch: (batch, seq) or, for seq2seq, (batch, seq, target)
@@ -43,10 +43,10 @@ def plan_epoch(data: Encoded, hp: Hyperparameters, seed: int, epoch: int) -> Epo
     return EpochPlan(epoch, batches, shapes, min(hp.importance_batches, len(batches)))
 
 
-# Profiles by model structure and row shape, kept across runs in this process: a profile depends on the
-# architecture, the config and the shape, never on the weights, so a worker training one base model job after
-# job traces each shape once.
-_PROFILE_CACHE: OrderedDict[tuple[str, Shape], TensorProfile] = OrderedDict()
+# Profiles by model structure, attention implementation and row shape, kept across runs in this process: a
+# profile depends on the architecture, the config, the attention kernel (eager and SDPA backwards differ) and
+# the shape, never on the weights, so a worker training one base model job after job traces each shape once.
+_PROFILE_CACHE: OrderedDict[tuple[str, tuple[str | None, ...], Shape], TensorProfile] = OrderedDict()
 PROFILE_CACHE_SIZE = 512  # profiles kept (each holds a few hundred cost terms)
 
 
@@ -72,22 +72,28 @@ class ShapeProfiles:
     """Profiles of one model's training steps by batch shape, and full fine-tuning's FLOPs of its base.
 
     ``baseline``: a context in which the model is the base that full fine-tuning would train (LoRA's adapters
-    switched off: ``Method.full_baseline``); None when the model is that base.
+    switched off: ``Method.full_baseline``); None when the model is that base. ``attention``: the attention
+    implementation the steps run ("eager", "sdpa"); None: the model's own.
     """
 
     def __init__(
-        self, model: nn.Module, baseline: Callable[[], AbstractContextManager[None] | None] | None = None
+        self,
+        model: nn.Module,
+        baseline: Callable[[], AbstractContextManager[None] | None] | None = None,
+        attention: str | None = None,
     ) -> None:
         self.model = model
         self.structure = model_structure(model)
         self.baseline = baseline
+        self.attention = attention
 
     def _row(self, structure: str, row: Shape) -> TensorProfile:
-        key = (structure, row)
-        if key in _PROFILE_CACHE:
-            _PROFILE_CACHE.move_to_end(key)
-            return _PROFILE_CACHE[key]
-        profile = profile_model(self.model, 1, row[0], row[1] if len(row) > 1 else None)
+        with attention_implementation(self.model, self.attention):
+            key = (structure, attention_of(self.model), row)
+            if key in _PROFILE_CACHE:
+                _PROFILE_CACHE.move_to_end(key)
+                return _PROFILE_CACHE[key]
+            profile = profile_model(self.model, 1, row[0], row[1] if len(row) > 1 else None)
         _PROFILE_CACHE[key] = profile
         while len(_PROFILE_CACHE) > PROFILE_CACHE_SIZE:
             _PROFILE_CACHE.popitem(last=False)

@@ -2,10 +2,10 @@
 
 How it works, in one pass over the model on fake tensors (no weights touched, no FLOPs spent):
 
-1. Every parameter is replaced by a fake twin (shapes, no data) that requires a gradient, attention is
-   switched to the eager implementation, and one forward runs under ``FlopCounterMode`` (that is ``fwd``) and
-   under a dispatch recorder that notes every op FlopCounterMode would count (mm, addmm, bmm, convolutions,
-   fused attention, ...), with the shapes of its inputs and the autograd node each input comes from.
+1. Every parameter is replaced by a fake twin (shapes, no data) that requires a gradient, and one forward runs
+   under ``FlopCounterMode`` (that is ``fwd``) and under a dispatch recorder that notes every op
+   FlopCounterMode would count (mm, addmm, bmm, convolutions, fused attention, ...), with the shapes of its
+   inputs and the autograd node each input comes from.
 2. A small leaf is added to the output of the input embeddings, so that every tensor that depends on the data
    is marked: an input gradient that flows towards the data is an *activation* gradient; one that flows only
    to parameters is a *weight* gradient.
@@ -18,10 +18,12 @@ How it works, in one pass over the model on fake tensors (no weights touched, no
 So a mask ``m`` costs ``fwd + sum(cost for (upstream, cost) in terms if upstream & m)``, with no per-
 architecture formula: frozen tensors skip their weight gradient, nothing below the deepest trainable tensor
 of each path is computed, and parallel branches (q/k/v, parallel attention and MLP, grouped-query attention)
-are charged as they run.
+are charged as they run. A fused kernel that computes all its input gradients at once (SDPA's backward) is
+one term over all its inputs: paid once when any of them needs a gradient.
 
-Attention is counted as FlopCounterMode counts the eager implementation (the full N^2 score and value
-matmuls), whatever implementation the model normally uses: FlopCounterMode counts 0 for CPU SDPA.
+Attention is counted as the implementation the model is configured with runs it (``config.
+_attn_implementation``: "eager" or "sdpa"), or the one ``attention=`` names; the training step runs the same
+one. FlopCounterMode counts CPU's SDPA kernel through the formula ``greencore.flops`` registers.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import inspect
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -42,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from greencore.flops import StepFlops
+from greencore.flops import StepFlops  # also registers CPU SDPA's FLOP formula with FlopCounterMode
 
 Mask = Sequence[bool] | Iterable[str]
 
@@ -195,18 +197,33 @@ def _configs(model: nn.Module) -> list[Any]:
     return found
 
 
+def attention_of(model: nn.Module) -> tuple[str | None, ...]:
+    """The attention implementation of each of the model's configs ("eager", "sdpa", ...), top one first: what
+    a forward of the model runs, and so what its profile counts."""
+    return tuple(c._attn_implementation for c in _configs(model))
+
+
 @contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Run the model with eager attention inside the block (FlopCounterMode counts 0 for CPU SDPA)."""
-    configs = _configs(model)
+def attention_implementation(model: nn.Module, implementation: str | None) -> Iterator[None]:
+    """Run the model with ``implementation`` ("eager" or "sdpa") inside the block; None: as configured.
+
+    Sets every config's ``_attn_implementation`` (the model's and its sub-models'), restored on exit. It does
+    not check that the architecture supports it: load the model with it for that
+    (``from_pretrained(attn_implementation=...)``, as ``greencore.train`` does)."""
+    configs = _configs(model) if implementation is not None else []
     saved = [c._attn_implementation for c in configs]
     try:
         for c in configs:
-            c._attn_implementation = "eager"
+            c._attn_implementation = implementation
         yield
     finally:
         for c, impl in zip(configs, saved, strict=True):
             c._attn_implementation = impl
+
+
+def eager_attention(model: nn.Module) -> AbstractContextManager[None]:
+    """Run the model with eager attention inside the block."""
+    return attention_implementation(model, "eager")
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -244,11 +261,14 @@ def input_embedding_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is weight] or [embeddings]
 
 
-def measure_step_flops(model: nn.Module, batch: dict, trainable: Iterable[str] | None = None) -> int:
-    """FlopCounterMode's count of one real forward+backward of ``model`` on ``batch`` (eager attention).
+def measure_step_flops(
+    model: nn.Module, batch: dict, trainable: Iterable[str] | None = None, attention: str | None = None
+) -> int:
+    """FlopCounterMode's count of one real forward+backward of ``model`` on ``batch``.
 
     ``trainable``: the parameter names that require grad during the step (default: as the model has them);
-    the model's flags are restored afterwards, and gradients are cleared. The batch must yield ``.loss``.
+    the model's flags are restored afterwards, and gradients are cleared. ``attention``: the implementation
+    to run ("eager", "sdpa"; default: the model's own). The batch must yield ``.loss``.
     """
     params = list(model.named_parameters())
     saved = [p.requires_grad for _, p in params]
@@ -257,7 +277,11 @@ def measure_step_flops(model: nn.Module, batch: dict, trainable: Iterable[str] |
         for name, param in params:
             param.requires_grad_(name in keep)
     try:
-        with torch.enable_grad(), eager_attention(model), FlopCounterMode(display=False) as counter:
+        with (
+            torch.enable_grad(),
+            attention_implementation(model, attention),
+            FlopCounterMode(display=False) as counter,
+        ):
             loss = model(**batch).loss
             if loss.requires_grad:
                 loss.backward()
@@ -430,13 +454,15 @@ def profile_model(
     batch_size: int = 4,
     seq_len: int = 512,
     target_len: int | None = None,
+    attention: str | None = None,
 ) -> TensorProfile:
     """Profile one training step of ``model`` on ``batch_size`` sequences of ``seq_len`` tokens.
 
     The model can hold real weights (on any device) or live on the meta device; it is traced on fake tensors
     and left exactly as it was. ``target_len`` is the decoder length of encoder-decoder models (default
-    ``seq_len``). Attention is counted as the eager implementation runs it (full N^2), whatever the model's
-    own setting. Returns a :class:`TensorProfile`; FLOPs are FlopCounterMode's (a multiply-add is 2).
+    ``seq_len``). Attention is counted as the implementation the step runs: ``attention`` ("eager", "sdpa"),
+    by default the model's own (:func:`attention_of`). Returns a :class:`TensorProfile`; FLOPs are
+    FlopCounterMode's (a multiply-add is 2), CPU SDPA included (``greencore.flops``).
     """
     if batch_size < 1 or seq_len < 1:
         raise ValueError("batch_size and seq_len must be positive")
@@ -457,7 +483,7 @@ def profile_model(
     # Fake tensors carry shapes, strides and autograd history but no data; Hugging Face models skip their
     # data-dependent checks (padding inspection and the like) on them, as they do under torch.export.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with _fake_parameters(model, fake_mode) as twins, eager_attention(model):
+    with _fake_parameters(model, fake_mode) as twins, attention_implementation(model, attention):
         hooks = [module.register_forward_hook(mark_data) for module in embeddings]
         try:
             model.train()

@@ -7,12 +7,21 @@ so the worker can store them as JSON without knowing torch.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
 from greencore.registry import DEFAULT_METHOD
 
 DEFAULT_RHO = 0.5  # share of full fine-tuning FLOPs a budgeted method gets when the job names no budget
 BUDGET_FIELDS = ("rho", "max_flops", "max_energy_kwh")  # one budget at most; the last two resolve to a rho
+
+
+class Attention(StrEnum):
+    """The attention implementation a run trains, profiles and evaluates with (``attention``)."""
+
+    AUTO = "auto"  # what transformers picks: sdpa where the architecture supports it, else eager
+    EAGER = "eager"  # the model's own matmuls and softmax
+    SDPA = "sdpa"  # torch.nn.functional.scaled_dot_product_attention (fused kernels on CPU and CUDA)
 
 
 class SpecError(ValueError):
@@ -67,15 +76,22 @@ class Hyperparameters:
     importance_batches: int = setting(1, "batches importance is measured on (green)", ge=1, limit=64)
     max_grad_norm: float | None = setting(1.0, "gradient clipping to this L2 norm; null: none", gt=0)
     bf16: bool = setting(False, "bf16 autocast on CUDA (weights stay float32); ignored on CPU")
+    attention: Attention = setting(
+        Attention.AUTO,
+        "attention implementation: auto (sdpa where the model supports it, else eager), eager or sdpa; "
+        "the FLOPs budget counts the one the run uses",
+    )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def check(self) -> None:
         """Raise :class:`SpecError` on a value out of its bounds, or on more than one budget."""
+        if self.attention not in set(Attention):
+            raise SpecError("attention", f"must be one of {', '.join(Attention)}, not {self.attention!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or isinstance(value, str):
                 continue
             bounds = f.metadata
             if bounds["ge"] is not None and value < bounds["ge"]:

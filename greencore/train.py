@@ -8,8 +8,9 @@ One recipe for every method (``greencore.methods``) and every task (causal LM, s
                                              measure the first step's FLOPs, validate, meter energy
         _save(run, report)                   checkpoint atomically, then hand the report to on_epoch
 
-FLOPs are FlopCounterMode's (a multiply-add is 2). On CPU the model runs eager attention, which is what the
-profile counts (FlopCounterMode counts 0 for CPU SDPA); on CUDA the model keeps its own attention kernel.
+FLOPs are FlopCounterMode's (a multiply-add is 2). The model is loaded with the attention implementation of
+``hyperparameters.attention`` (auto: transformers' choice), and the training steps, the importance passes,
+validation and the profile behind the budget all run that one (CPU SDPA is counted by ``greencore.flops``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ from greencore.importance import tentative_optimizer_factory
 from greencore.methods import Choice, EpochContext, FirstStep, Method, make_method
 from greencore.models import ModelFolderError, load_config
 from greencore.plan import EpochPlan, ShapeProfiles, plan_epoch
-from greencore.profile import eager_attention
-from greencore.spec import EpochReport, Hyperparameters, TrainReport, TrainSpec
+from greencore.spec import Attention, EpochReport, Hyperparameters, SpecError, TrainReport, TrainSpec
 
 __all__ = ["LossNotFinite", "auto_class", "evaluate", "linear_schedule", "train"]
 
@@ -155,16 +155,14 @@ def train(
     hooks = _Hooks(on_epoch, should_stop, on_step)
     run = _setup(spec)
     stopped = False
-    attention = eager_attention(run.model) if run.device.type == "cpu" else contextlib.nullcontext()
-    with attention:
-        for epoch in range(run.start_epoch, run.hp.n_epochs + 1):
-            report = None if hooks.stop() else _train_epoch(run, epoch, hooks)
-            if report is None:  # asked to stop: the last checkpoint stays the run's
-                stopped = True
-                break
-            _save(run, report)
-            if hooks.on_epoch is not None:
-                hooks.on_epoch(report)
+    for epoch in range(run.start_epoch, run.hp.n_epochs + 1):
+        report = None if hooks.stop() else _train_epoch(run, epoch, hooks)
+        if report is None:  # asked to stop: the last checkpoint stays the run's
+            stopped = True
+            break
+        _save(run, report)
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(report)
     final = None
     if not stopped and run.last_dir is not None:
         final = str(checkpoint.link_final(spec.output_dir, run.last_dir))
@@ -197,7 +195,7 @@ def _setup(spec: TrainSpec) -> _Run:
 
     torch.manual_seed(spec.seed)
     source = method.weights_source(spec.model_dir, spec.resume_from if state is not None else None)
-    model, new_modules = _load_model(source, task, labels, tokenizer, device)
+    model, new_modules = _load_model(source, task, labels, tokenizer, hp.attention)
     model, params = method.prepare(model, new_modules)
     if state is not None and spec.resume_from is not None:
         method.restore(model, spec.resume_from)  # what the checkpoint holds beyond the weights loaded
@@ -511,13 +509,12 @@ def _load_tokenizer(model_dir: str) -> Any:
 
 
 def _load_model(
-    source: str, task: str, labels: list[str] | None, tokenizer: Any, device: torch.device
+    source: str, task: str, labels: list[str] | None, tokenizer: Any, attention: str
 ) -> tuple[nn.Module, list[str]]:
-    """The model in ``source`` (a base folder or a checkpoint), in float32 (eager attention on CPU), and the
-    modules the folder did not have (a fresh classification head)."""
+    """The model in ``source`` (a base folder or a checkpoint), in float32, with ``attention`` (an
+    :class:`Attention`), and the modules the folder did not have (a fresh classification head). Raises
+    SpecError when the architecture has no such attention implementation."""
     kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
-    if device.type == "cpu":
-        kwargs["attn_implementation"] = "eager"
     if task == "classification":
         assert labels is not None
         kwargs.update(
@@ -537,6 +534,15 @@ def _load_model(
         raise ModelFolderError(f"cannot load {source} as a {task} model: {exc}") from exc
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # classifiers find the last real token by it
+    if attention != Attention.AUTO:
+        # Switched after loading (the weights do not depend on it), so that an architecture without it is
+        # refused as a setting, not as a broken model folder.
+        try:
+            model.set_attn_implementation(str(attention))
+        except ValueError as exc:
+            raise SpecError("attention", str(exc)) from exc
+        if model.config._attn_implementation != attention:  # a model that cannot switch only warns
+            raise SpecError("attention", f"{type(model).__name__} cannot run attention={attention}")
     fresh = list(info.get("missing_keys", [])) + [k for k, *_ in info.get("mismatched_keys", [])]
     new_modules = sorted({key.rsplit(".", 1)[0] for key in fresh if "." in key})
     return model, new_modules

@@ -12,7 +12,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from greencore import importance_flops, profile_model, tensor_importance, tentative_optimizer_factory
 from greencore.importance import importance_pass
-from greencore.profile import eager_attention
 from tests.tiny_models import batch_for, tiny_model
 
 BATCH, SEQ = 2, 16
@@ -176,7 +175,7 @@ def test_importance_flops_equal_what_the_passes_cost() -> None:
     batches = [batch_for(model, BATCH, SEQ, seed=s) for s in range(3)]
     profile = profile_model(model, BATCH, SEQ)
     names = ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.gate_proj.weight"]
-    with eager_attention(model), FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         tensor_importance(model, batches, adamw(), names=names)
     predicted = importance_flops(profile, names, len(batches))
     assert predicted == profile.step_flops(names).scaled(6)

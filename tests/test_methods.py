@@ -52,7 +52,7 @@ def test_the_estimate_plans_and_prices_what_the_run_trains(tmp_path) -> None:
     data = encode_dataset(validate_dataset(data_file), build_tokenizer(), "causal_lm", hp.max_seq_len, None)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(folder)
     profiles = ShapeProfiles(model)
     direct = 0
     for epoch in (1, 2):

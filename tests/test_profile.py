@@ -14,11 +14,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 from greencore import StepFlops, TensorProfile, profile_model
-from greencore.profile import eager_attention, input_embedding_modules, measure_step_flops
+from greencore.profile import attention_of, input_embedding_modules, measure_step_flops
 from tests.tiny_models import TINY, batch_for, tiny_config, tiny_model
 
 SEQ_LENS = (8, 48)  # attention's share grows with length: a wrong attention model hides at short ones
 BATCH = 2
+ATTENTIONS = ("eager", "sdpa")  # what a run can train with (Hyperparameters.attention); bloom has eager only
 
 
 def masks_to_check(names: tuple[str, ...], seed: int) -> list[set[str]]:
@@ -33,9 +34,17 @@ def arch(request):
     return request.param
 
 
+@pytest.fixture(params=ATTENTIONS)
+def attention(request, arch: str) -> str:
+    if request.param == "sdpa" and not TINY[arch][1].from_config(tiny_config(arch))._supports_sdpa:
+        pytest.skip(f"{arch} has no SDPA implementation")
+    return request.param
+
+
 @pytest.mark.parametrize("seq_len", SEQ_LENS)
-def test_step_flops_equal_flop_counter_for_every_mask(arch: str, seq_len: int) -> None:
-    model = tiny_model(arch)
+def test_step_flops_equal_flop_counter_for_every_mask(arch: str, attention: str, seq_len: int) -> None:
+    model = tiny_model(arch, attn_implementation=attention)
+    assert attention_of(model)[0] == attention
     profile = profile_model(model, BATCH, seq_len)
     batch = batch_for(model, BATCH, seq_len)
     assert profile.exact
@@ -44,20 +53,20 @@ def test_step_flops_equal_flop_counter_for_every_mask(arch: str, seq_len: int) -
         measured = measure_step_flops(model, batch, mask)
         predicted = profile.step_flops(mask).total
         worst = max(worst, abs(predicted - measured) / measured)
-    assert worst <= 1e-3, f"{arch} at {seq_len} tokens: worst relative error {worst:.2e}"
+    assert worst <= 1e-3, f"{arch} ({attention}) at {seq_len} tokens: worst relative error {worst:.2e}"
     # Exact agreement is what reading autograd's graph gives; keep it exact for the full step.
     assert profile.full.total == measure_step_flops(model, batch, set(profile.names))
 
 
-def test_forward_and_split_match_measurement(arch: str) -> None:
-    model = tiny_model(arch)
+def test_forward_and_split_match_measurement(arch: str, attention: str) -> None:
+    model = tiny_model(arch, attn_implementation=attention)
     seq_len = SEQ_LENS[-1]
     profile = profile_model(model, BATCH, seq_len)
     batch = batch_for(model, BATCH, seq_len)
     full = profile.full
     assert full.fwd + full.bwd_act + full.bwd_weight == full.total
 
-    with torch.no_grad(), eager_attention(model), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(**batch)
     assert full.fwd == counter.get_total_flops()
 
@@ -70,7 +79,7 @@ def test_forward_and_split_match_measurement(arch: str) -> None:
         for module in input_embedding_modules(model)
     ]
     try:
-        with eager_attention(model), FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter:
             model(**batch).loss.backward()
     finally:
         for hook in hooks:
@@ -138,11 +147,14 @@ def test_profiling_leaves_the_model_as_it_was() -> None:
         assert param.device.type == "cpu" and torch.equal(param.detach(), value)
 
 
-def test_attention_is_counted_whatever_the_implementation() -> None:
-    # FlopCounterMode counts 0 for CPU SDPA; the profile still counts attention as the eager code runs it.
+def test_attention_is_counted_as_the_model_runs_it_or_as_named() -> None:
+    # SDPA's backward costs one more matmul per layer than eager's (tests/test_attention_flops.py).
     sdpa = tiny_model("mistral", attn_implementation="sdpa")
     eager = tiny_model("mistral", attn_implementation="eager")
-    assert profile_model(sdpa, BATCH, 32).full == profile_model(eager, BATCH, 32).full
+    assert profile_model(sdpa, BATCH, 32).full.total > profile_model(eager, BATCH, 32).full.total
+    assert profile_model(sdpa, BATCH, 32, attention="eager").full == profile_model(eager, BATCH, 32).full
+    assert profile_model(eager, BATCH, 32, attention="sdpa").full == profile_model(sdpa, BATCH, 32).full
+    assert attention_of(sdpa) == ("sdpa",) and attention_of(eager) == ("eager",)
 
 
 def test_encoder_decoder_target_length() -> None:

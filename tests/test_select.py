@@ -269,6 +269,7 @@ def test_near_the_upper_bound_on_a_deeper_model() -> None:
         ),
         BATCH,
         64,
+        attention="eager",  # the bound's gap measured here; SDPA's fused backward loosens the relaxation
     )
     rng = random.Random(6)
     for rho in (0.4, 0.5, 0.7):

@@ -102,6 +102,7 @@ def _error_of(exc: BaseException) -> tuple[str, str]:
 
     from greencore.checkpoint import CheckpointError
     from greencore.data import DatasetError
+    from greencore.memory import InsufficientMemory
     from greencore.methods import MethodError
     from greencore.models import ModelFolderError
     from greencore.select import BudgetTooSmall
@@ -115,6 +116,7 @@ def _error_of(exc: BaseException) -> tuple[str, str]:
         (BudgetTooSmall, "budget_too_small"),
         (MethodError, "method_error"),
         (CheckpointError, "invalid_checkpoint"),
+        (InsufficientMemory, "insufficient_memory"),
         (torch.OutOfMemoryError, "out_of_memory"),
         (LossNotFinite, "loss_not_finite"),
     ]

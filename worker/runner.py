@@ -179,6 +179,11 @@ def run_job(
             job = session.get(Job, job_id)
             assert job is not None
             spec = build_spec(session, job, settings, resume_dir, attempt)
+            peak = ((job.estimate or {}).get("peak_memory_bytes") or {}).get("method")
+        if peak is not None:  # a job that cannot fit this worker's device fails now, not after an OOM
+            from greencore.memory import check_fits
+
+            check_fits(peak, spec.device, settings.device_memory_bytes)
         report = train(
             spec, on_epoch=recorder.on_epoch, should_stop=recorder.should_stop, on_step=recorder.on_step
         )

@@ -34,6 +34,27 @@ class DeviceProfile(BaseModel):
     peak_flops: float = Field(description="FLOP/s")
     utilization: float
     watts: float
+    memory_bytes: int | None = Field(
+        None, description="the device's memory (GT_DEVICE_MEMORY_BYTES); null: not declared, nothing refused"
+    )
+
+
+class PeakMemoryPublic(BaseModel):
+    train_step_bytes: int = Field(description="peak of one training step")
+    importance_bytes: int = Field(description="peak of one importance evaluation (0: the method has none)")
+    peak_bytes: int = Field(description="the larger of the two")
+
+
+class MemoryPublic(BaseModel):
+    full: PeakMemoryPublic = Field(description="full fine-tuning on the same batches")
+    method: PeakMemoryPublic = Field(description="the chosen method at the budget in force")
+    basis: Literal["exact", "bound"] = Field(
+        description="exact: the tensors the method trains; bound: a selection made during the run (green, "
+        "topk by budget is exact), bounded by training every tensor it could reach"
+    )
+    device_type: Literal["cpu", "cuda"] = Field(
+        description="the device the step was replayed for (cpu: eager attention; cuda: the model's own)"
+    )
 
 
 class EstimatePublic(BaseModel):
@@ -57,5 +78,9 @@ class EstimatePublic(BaseModel):
     time_s: FullAndMethod = Field(description="seconds on the device profile")
     energy_j: FullAndMethod = Field(description="joules on the device profile")
     gco2e: FullAndMethod = Field(description="grams CO2e at the configured grid intensity and PUE")
+    peak_memory_bytes: FlopsFullAndMethod = Field(
+        description="peak memory of the run (training step or importance evaluation, the larger), bytes"
+    )
+    memory: MemoryPublic = Field(description="the peaks in detail")
     minimum_budget: MinimumBudget
     device: DeviceProfile

@@ -5,7 +5,7 @@
 
 import { JOBS, api } from '../api.js';
 import { h, replace } from '../dom.js';
-import { duration, flops, grams, integer, joules, percent } from '../format.js';
+import { bytes, duration, flops, grams, integer, joules, percent } from '../format.js';
 import { debounce } from '../live.js';
 
 let schema = null; // the API's OpenAPI schema, read once: the methods and the hyperparameters' bounds come from it
@@ -137,12 +137,17 @@ export function render(root, params) {
           row('FLOPs', flops(e.flops.full), h('span', { id: 'estimate-flops' }, flops(e.flops.method)), percent(e.flops_saved)),
           row('Time (s)', duration(e.time_s.full), duration(e.time_s.method), savedOf(e.time_s)),
           row('Energy (J)', joules(e.energy_j.full), joules(e.energy_j.method), savedOf(e.energy_j)),
-          row('Carbon (gCO2e)', grams(e.gco2e.full), grams(e.gco2e.method), savedOf(e.gco2e))))),
+          row('Carbon (gCO2e)', grams(e.gco2e.full), grams(e.gco2e.method), savedOf(e.gco2e)),
+          row('Peak memory', bytes(e.peak_memory_bytes.full),
+            h('span', { id: 'estimate-memory' }, `${e.memory.basis === 'bound' ? '≤ ' : ''}${bytes(e.peak_memory_bytes.method)}`),
+            savedOf(e.peak_memory_bytes))))),
       h('p', { class: 'muted small' },
         `${integer(e.examples)} examples, ${integer(e.tokens)} tokens and ${integer(e.steps_per_epoch)} steps per epoch, ${e.n_epochs} epochs`,
         e.truncated_examples ? `; ${integer(e.truncated_examples)} examples cut at max_seq_len` : '',
         `. Time and energy on the device profile "${e.device.name}" (${flops(e.device.peak_flops)}/s peak, `,
         `${percent(e.device.utilization, 0)} used, ${e.device.watts} W). `,
+        `Peak memory on ${e.memory.device_type} (training step or importance evaluation, whichever is larger)`,
+        e.device.memory_bytes === null ? '. ' : ` against the device's ${bytes(e.device.memory_bytes)}. `,
         e.basis === 'budget' ? 'The method spends at most rho of full fine-tuning.'
           : e.basis === 'profile' ? 'Exact FLOPs of the tensors this method trains.'
             : 'Approximate: LoRA adapters are not in the base model\'s profile.'));

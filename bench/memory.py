@@ -1,0 +1,286 @@
+"""Benchmark of the peak-memory estimate (greencore.memory) against real CPU steps, and 8B-class shapes.
+
+Run: .venv/bin/python bench/memory.py [--small]   (writes bench/results/memory.md)
+
+Part 1 (CPU, real weights): a Llama-shaped model built from a config with random weights (about 350M
+parameters; ``--small``: about 60M, for a quick run), batch 4 x 256, float32, AdamW as greencore.train builds
+it.
+Each configuration runs in a fresh process: one warm-up optimizer step (the moments exist, as after step one),
+then one training step measured by a live-storage tracker (greencore.memory.LiveStorages, on the real tensors)
+and by the process's peak RSS. Beside it the estimate on fake tensors from the meta model. Configurations:
+full; green at rho 0.5 with a fixed selection: select_tensors on the model's profile with every tensor of
+equal importance (the most tensors the budget allows; a real selection depends on the data); green's bound
+(every tensor the budget can reach, trained at once: what the service reports for green); LoRA (r 8, attention
+projections). The importance evaluation's peak is estimated for green's candidates.
+Part 2 (meta device only): Llama-3-8B, Qwen2.5-7B and Mistral-7B shapes at batch 1, 2, 4 x 2048, replayed
+for CUDA (the model's SDPA attention, multi-tensor AdamW): full, and green-0.5's bound (training step and
+importance evaluation), against 80 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from greencore.memory import LiveStorages, importance_bytes, train_step_bytes  # noqa: E402
+from greencore.profile import eager_attention, profile_model  # noqa: E402
+from greencore.select import reachable_tensors, select_tensors  # noqa: E402
+from greencore.spec import Hyperparameters  # noqa: E402
+
+HP = Hyperparameters()
+RHO = 0.5
+BATCH, SEQ = 4, 256
+GB = 1e9
+DEVICE_GB = 80
+
+MODEL_350M = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=32000,
+)
+MODEL_SMALL = dict(
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=32000,
+)
+# Public config numbers (hidden size, layers, heads, kv heads, intermediate size, vocab).
+BIG = {
+    "Llama-3-8B": (
+        LlamaConfig,
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=14336,
+            vocab_size=128256,
+        ),
+    ),
+    "Qwen2.5-7B": (
+        Qwen2Config,
+        dict(
+            hidden_size=3584,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            intermediate_size=18944,
+            vocab_size=152064,
+        ),
+    ),
+    "Mistral-7B": (
+        MistralConfig,
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=14336,
+            vocab_size=32000,
+        ),
+    ),
+}
+
+
+def build(shape: dict, meta: bool) -> torch.nn.Module:
+    config = LlamaConfig(**shape, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def trained_sets(meta: torch.nn.Module) -> dict[str, list[str]]:
+    profile = profile_model(meta, 1, SEQ)
+    flat = dict.fromkeys(profile.names, 1.0)
+    return {
+        "full": [n for n, _ in meta.named_parameters()],
+        "green-0.5 (selection)": list(select_tensors(profile, flat, RHO).names),
+        "green-0.5 (bound)": list(reachable_tensors(profile, RHO)),
+    }
+
+
+def lora(model: torch.nn.Module) -> tuple[torch.nn.Module, list[str]]:
+    from greencore.methods import make_method
+
+    wrapped, _ = make_method("lora", HP).prepare(model, [])
+    return wrapped, [n for n, p in wrapped.named_parameters() if p.requires_grad]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(shape: dict, which: str) -> dict:
+    """One real training step of configuration ``which``, in this process."""
+    model = build(shape, meta=False)
+    if which == "lora":
+        model, trained = lora(model)
+    else:
+        trained = trained_sets(build(shape, meta=True))[which]
+    keep = set(trained)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=HP.learning_rate, weight_decay=HP.weight_decay)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ids = torch.randint(3, shape["vocab_size"], (BATCH, SEQ))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    tracker = LiveStorages()
+    tracker.add(
+        [
+            *model.parameters(),
+            *model.buffers(),
+            *[v for s in opt.state.values() for v in s.values()],
+            *batch.values(),
+        ]
+    )
+    rss_before = rss_bytes()
+    started = time.perf_counter()
+    model.train()
+    with eager_attention(model), tracker:
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], HP.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {
+        "tracker": tracker.peak_bytes,
+        "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before": rss_before,
+        "step_s": time.perf_counter() - started,
+        "trained": len(trained),
+    }
+
+
+def estimate(shape: dict, which: str) -> tuple[int, int]:
+    meta = build(shape, meta=True)
+    if which == "lora":
+        meta, trained = lora(meta)
+    else:
+        trained = trained_sets(meta)[which]
+    step = train_step_bytes(meta, trained, (BATCH, SEQ), "causal_lm", HP, "cpu")
+    imp = (
+        importance_bytes(meta, trained, trained, (BATCH, SEQ), "causal_lm", HP, "cpu")
+        if "bound" in which
+        else 0
+    )
+    return step, imp
+
+
+def big_rows() -> list[str]:
+    rows = []
+    for name, (cls, numbers) in BIG.items():
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(cls(**numbers, max_position_embeddings=4096))
+        params = sum(p.numel() for p in meta.parameters())
+        every = [n for n, _ in meta.named_parameters()]
+        started = time.perf_counter()
+        reach = list(reachable_tensors(profile_model(meta, 1, 2048), RHO))
+        for b in (1, 2, 4):
+            full = train_step_bytes(meta, every, (b, 2048), "causal_lm", HP, "cuda")
+            green = train_step_bytes(meta, reach, (b, 2048), "causal_lm", HP, "cuda")
+            imp = importance_bytes(meta, reach, reach, (b, 2048), "causal_lm", HP, "cuda")
+            fits = lambda x: "yes" if x <= DEVICE_GB * GB else "no"  # noqa: E731
+            rows.append(
+                f"| {name} | {params / 1e9:.2f}B | {b} x 2048 | {full / GB:.1f} ({fits(full)}) | "
+                f"{len(reach)}/{len(every)} | {green / GB:.1f} ({fits(green)}) | "
+                f"{imp / GB:.1f} ({fits(imp)}) |"
+            )
+            print(rows[-1], flush=True)
+        print(f"{name}: {time.perf_counter() - started:.1f} s", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-big", action="store_true")
+    args = parser.parse_args()
+    shape = MODEL_SMALL if args.small else MODEL_350M
+    if args.measure:
+        print(json.dumps(measure(shape, args.measure)))
+        return
+    n_params = sum(p.numel() for p in build(shape, meta=True).parameters())
+    torch_threads = torch.get_num_threads()
+    rows = []
+    for which in ("full", "green-0.5 (selection)", "green-0.5 (bound)", "lora"):
+        started = time.perf_counter()
+        step_est, imp_est = estimate(shape, which)
+        est_s = time.perf_counter() - started
+        cmd = [sys.executable, __file__, "--measure", which] + (["--small"] if args.small else [])
+        real = json.loads(
+            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        )
+        err = step_est / real["tracker"] - 1
+        rows.append(
+            f"| {which} | {real['trained']} | {step_est / GB:.3f} | {real['tracker'] / GB:.3f} | "
+            f"{100 * err:+.2f}% | "
+            f"{real['rss_peak'] / GB:.3f} ({(real['rss_peak'] - real['rss_before']) / GB:+.3f}) | "
+            f"{imp_est / GB:.3f} | {real['step_s']:.1f} | {est_s:.1f} |"
+        )
+        print(rows[-1], flush=True)
+    big = [] if args.skip_big else big_rows()
+    lines = [
+        "# Peak memory: estimate on fake tensors vs measured",
+        "",
+        f"Command: `.venv/bin/python bench/memory.py{' --small' if args.small else ''}` on "
+        f"{platform.machine()}, "
+        f"{platform.processor() or 'cpu'}, torch {torch.__version__}, {torch_threads} threads.",
+        "",
+        f"## Real CPU steps: Llama-shaped, {n_params / 1e6:.0f}M parameters (random weights), "
+        f"batch {BATCH} x {SEQ}, "
+        "float32",
+        "",
+        "GB = 1e9 bytes. Estimate: greencore.memory on the meta model. Measured: live-storage tracker on the "
+        "real step (weights, optimizer state and batch counted from the start); RSS: the process's peak (and "
+        "its growth "
+        "during the step, which excludes what was resident before: weights, moments, libraries).",
+        "",
+        "| config | tensors trained | estimate GB | measured GB | error | RSS peak GB (step) "
+        "| importance est. GB "
+        "| step s | estimate s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    if big:
+        lines += [
+            "",
+            "## 8B-class shapes at 2048 tokens, replayed for CUDA (SDPA, multi-tensor AdamW), float32, "
+            f"vs {DEVICE_GB} GB",
+            "",
+            "| model | parameters | batch | full step GB (fits) | green-0.5 reachable "
+            "| green-0.5 step GB (fits) "
+            "| green-0.5 importance GB (fits) |",
+            "|---|---|---|---|---|---|---|",
+            *big,
+        ]
+    out = ROOT / "bench" / "results" / "memory.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

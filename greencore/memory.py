@@ -1,0 +1,351 @@
+"""Peak memory of a run, known before it runs: one training step and one importance evaluation, replayed on
+fake tensors (shapes, no data, nothing allocated) under a tracker of live storages.
+
+What is replayed is what ``greencore.train`` runs, step for step: the model in train mode (with the attention
+implementation of ``hyperparameters.attention``, as the run loads it), ``model(**batch).loss``,
+``loss.backward()``, ``clip_grad_norm_`` over the parameters holding a gradient, ``AdamW(lr,
+weight_decay).step()`` (multi-tensor on CUDA, as torch picks it for real tensors there) and
+``zero_grad(set_to_none=True)``; the optimizer already holds its two moments for every trained tensor (the
+steady state after the first step). The importance evaluation calls ``greencore.importance.importance_pass``
+itself, on the fake model, with the training optimizer's tentative copy. So the peak counts every tensor: the
+weights and buffers, gradients and AdamW's moments of the trained tensors only, the activations autograd saves
+for backward (which depend on what trains: nothing is saved below the deepest trainable tensor, the inputs
+needing no gradient), and the transients of forward, backward and the optimizer step.
+
+The tracker (:class:`LiveStorages`) counts storages as they appear in dispatched ops and lets them go when
+Python frees them, the way the allocator sees a step, without allocator rounding or a kernel's internal
+scratch buffers. It measures a real run the same way (tests, ``bench/memory.py``).
+
+Precision: every tensor keeps the dtype the model holds (float32 today). The fake twin of each tensor is made
+in one place (:func:`_fake_model`), where a dtype per tensor enters when mixed precision comes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from greencore.models import TRACE_LOCK
+from greencore.spec import Hyperparameters
+
+Shape = tuple[int, ...]  # a padded batch: (batch, seq) or, for seq2seq, (batch, seq, target)
+GIB = 1 << 30
+
+
+class InsufficientMemory(RuntimeError):
+    """A run's estimated peak memory exceeds the memory of the device it would run on."""
+
+    def __init__(self, peak_bytes: int, device_bytes: int, device: str) -> None:
+        self.peak_bytes = peak_bytes
+        self.device_bytes = device_bytes
+        super().__init__(
+            f"the job needs {peak_bytes} bytes ({peak_bytes / GIB:.2f} GiB) of memory at its peak, and "
+            f"{device} has {device_bytes} bytes ({device_bytes / GIB:.2f} GiB): use a smaller batch_size or "
+            "max_seq_len, a smaller rho, or a device with more memory"
+        )
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Peak bytes of a run's two phases (0 for a phase the run does not have)."""
+
+    train_step_bytes: int  # one training step (forward, backward, clip, optimizer step)
+    importance_bytes: int  # one importance evaluation (green's two passes and tentative step)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.train_step_bytes, self.importance_bytes)
+
+
+class LiveStorages(TorchDispatchMode):
+    """Bytes of the storages alive, and their peak: every storage an op returns counts from then until Python
+    frees it (views of one storage count once). Storages that existed before (weights, optimizer state) are
+    added with :meth:`add`. ``fake_scalars``: answer a read of a tensor's value (``.item()``, ``float(t)``)
+    with 1 (True), so code that reads a loss or a step count runs on fake tensors."""
+
+    def __init__(self, fake_scalars: bool = False) -> None:
+        super().__init__()
+        self.fake_scalars = fake_scalars
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._live: dict[int, Any] = {}
+
+    def add(self, tensors: Iterable[torch.Tensor]) -> None:
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in self._live:
+                continue
+            nbytes = storage.nbytes()
+            self._live[key] = weakref.finalize(storage, self._freed, key, nbytes)
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        if self._live.pop(key, None) is not None:
+            self.live_bytes -= nbytes
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.live_bytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.fake_scalars and func is torch.ops.aten._local_scalar_dense.default:
+            return True if args[0].dtype == torch.bool else 1
+        out = func(*args, **(kwargs or {}))
+        self.add(o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
+        return out
+
+
+def peak_shapes(shapes: Iterable[Shape]) -> list[Shape]:
+    """The distinct shapes no other shape covers in every dimension: the peak is at one of them."""
+    distinct = sorted(set(shapes), reverse=True)
+    return [
+        s
+        for s in distinct
+        if not any(
+            o != s and len(o) == len(s) and all(a >= b for a, b in zip(o, s, strict=True)) for o in distinct
+        )
+    ]
+
+
+def fake_batch(task: str, shape: Shape, device: str) -> dict[str, torch.Tensor]:
+    """A batch of ``shape`` as ``greencore.data.collate`` builds it (call it under a FakeTensorMode)."""
+    ids = torch.zeros(shape[:2], dtype=torch.long, device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if task == "classification":
+        batch["labels"] = torch.zeros(shape[0], dtype=torch.long, device=device)
+    else:
+        batch["labels"] = torch.zeros((shape[0], shape[-1]), dtype=torch.long, device=device)
+    return batch
+
+
+def _placed(device: str) -> str:
+    """Where the fake tensors of a replay for ``device`` live: fake CUDA tensors still reach CUDA's runtime
+    (an embedding aborts the process on a build without CUDA), so without one the replay for CUDA runs on CPU
+    fake tensors with what makes it CUDA's: the model's own attention (CPU SDPA keeps what CUDA's fused
+    kernels keep: the output and the log-sum-exp) and multi-tensor AdamW."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return "cpu"
+    return device
+
+
+def _fake_model(model: nn.Module, mode: FakeTensorMode, device: str, trainable: set[str]) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are fake twins on ``device`` (tied ones stay tied);
+    exactly the parameters named in ``trainable`` require a gradient."""
+    with TRACE_LOCK:
+        fake = copy.deepcopy(model)
+    names = {id(p): n for n, p in fake.named_parameters()}
+    twins: dict[int, torch.Tensor] = {}
+    for module in fake.modules():
+        for table, is_param in ((module._parameters, True), (module._buffers, False)):
+            for key, value in list(table.items()):
+                if value is None:
+                    continue
+                if id(value) not in twins:
+                    with mode:
+                        twin = torch.empty_strided(
+                            value.shape, value.stride(), dtype=value.dtype, device=_placed(device)
+                        )
+                    if is_param:
+                        twin = nn.Parameter(twin, requires_grad=names.get(id(value)) in trainable)
+                    twins[id(value)] = twin
+                table[key] = twins[id(value)]
+    config = getattr(fake, "config", None)
+    if config is not None and getattr(config, "pad_token_id", 0) is None:
+        config.pad_token_id = 0  # as train does for a tokenizer's padding (classifiers need one)
+    return fake
+
+
+def _optimizer(trained: list[nn.Parameter], hp: Hyperparameters, device: str) -> torch.optim.Optimizer | None:
+    """The training run's AdamW over ``trained``, already holding its moments (the state after step one);
+    None when nothing trains. ``foreach`` as torch chooses it for real tensors on ``device`` (it cannot tell
+    for fake ones)."""
+    if not trained:
+        return None
+    foreach = torch.device(device).type == "cuda"
+    optimizer = torch.optim.AdamW(trained, lr=hp.learning_rate, weight_decay=hp.weight_decay, foreach=foreach)
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def _held(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    states = optimizer.state.values() if optimizer is not None else []
+    state = [v for s in states for v in s.values() if isinstance(v, torch.Tensor)]
+    return [*model.parameters(), *model.buffers(), *state]
+
+
+def _attention(model: nn.Module, hp: Hyperparameters) -> contextlib.AbstractContextManager[None]:
+    from greencore.profile import attention_implementation
+
+    # What train runs: the implementation ``hp.attention`` names, or the model's own (auto).
+    return attention_implementation(model, None if hp.attention == "auto" else str(hp.attention))
+
+
+def train_step_bytes(
+    model: nn.Module,
+    trained: Iterable[str],
+    shape: Shape,
+    task: str,
+    hp: Hyperparameters,
+    device: str = "cpu",
+) -> int:
+    """Peak bytes of one training step of ``model`` (real or meta; left unchanged) on a batch of ``shape``
+    with exactly the parameters named in ``trained`` trainable, on ``device`` ("cpu" or "cuda")."""
+    trained = set(trained)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = _fake_model(model, mode, device, trained)
+    params = [p for p in fake.parameters() if p.requires_grad]
+    tracker = LiveStorages()
+    with mode, _attention(fake, hp), TRACE_LOCK:
+        optimizer = _optimizer(params, hp, device)
+        batch = fake_batch(task, shape, _placed(device))
+        tracker.add([*_held(fake, optimizer), *batch.values()])
+        if optimizer is None:  # nothing trains: the run takes no step
+            return tracker.peak_bytes
+        fake.train()
+        with tracker, torch.enable_grad():
+            loss = fake(**batch).loss
+            if loss.requires_grad:
+                loss.backward()
+            if hp.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], hp.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return tracker.peak_bytes
+
+
+def importance_bytes(
+    model: nn.Module,
+    candidates: Iterable[str],
+    held_state: Iterable[str],
+    shape: Shape,
+    task: str,
+    hp: Hyperparameters,
+    device: str = "cpu",
+) -> int:
+    """Peak bytes of one importance evaluation (``importance_pass``) of ``candidates`` on a batch of
+    ``shape``, while the training optimizer holds AdamW state for the parameters named in ``held_state``."""
+    from greencore.importance import importance_pass, tentative_optimizer_factory
+
+    candidates = list(candidates)
+    held = set(held_state) | set(candidates)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = _fake_model(model, mode, device, held)
+    state_of = [p for n, p in fake.named_parameters() if n in set(held_state)]
+    tracker = LiveStorages(fake_scalars=True)
+    with mode, _attention(fake, hp), TRACE_LOCK:
+        training = _optimizer(state_of, hp, device) or torch.optim.AdamW(
+            [nn.Parameter(torch.empty(0, device=_placed(device)))],
+            lr=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+        )
+        batch = fake_batch(task, shape, _placed(device))
+        tracker.add([*_held(fake, training), *batch.values()])
+        fake.train()
+        with tracker:
+            importance_pass(fake, [batch], tentative_optimizer_factory(training), names=candidates)
+    return tracker.peak_bytes
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a method's run holds, for its peak memory (``Method.memory_plan``): the model it trains (on the
+    meta device, wrapped as the method wraps it), the parameters that train, and the candidates of its
+    importance evaluation. ``basis``: "exact" when these are the run's own; "bound" when the run's selection
+    changes and is unknown before it runs, and ``trained`` is every tensor it could reach (a superset of any
+    selection: more tensors trained never need less memory)."""
+
+    model: nn.Module
+    trained: tuple[str, ...]
+    candidates: tuple[str, ...] = ()
+    basis: str = "exact"
+
+
+@dataclass
+class RunShapes:
+    """The batch shapes of a planned run: every step's, and the importance evaluations'."""
+
+    task: str
+    steps: list[Shape]
+    importance: list[Shape]
+    _cache: dict[Any, int] = field(default_factory=dict, repr=False)
+
+    def peak(self, plan: MemoryPlan, hp: Hyperparameters, device: str = "cpu") -> PeakMemory:
+        """The peaks of ``plan``'s run over these shapes (each computation cached)."""
+        shapes = tuple(
+            (n, tuple(p.shape)) for n, p in plan.model.named_parameters() if n in set(plan.trained)
+        )
+        model_key = (type(plan.model).__qualname__, sum(p.numel() for p in plan.model.parameters()), shapes)
+        key = (model_key, hp.max_grad_norm, str(hp.attention), device)
+        if key not in self._cache:
+            self._cache[key] = max(
+                (
+                    train_step_bytes(plan.model, plan.trained, s, self.task, hp, device)
+                    for s in _peaks(self.steps)
+                ),
+                default=0,
+            )
+        step = self._cache[key]
+        imp = 0
+        if plan.candidates:
+            ikey = (*key, "importance", plan.candidates)
+            if ikey not in self._cache:
+                self._cache[ikey] = max(
+                    importance_bytes(plan.model, plan.candidates, plan.trained, s, self.task, hp, device)
+                    for s in _peaks(self.importance or self.steps)
+                )
+            imp = self._cache[ikey]
+        return PeakMemory(step, imp)
+
+
+def _peaks(shapes: Sequence[Shape]) -> list[Shape]:
+    return peak_shapes(shapes)
+
+
+def device_memory_bytes(device: str | None, declared_bytes: int | None) -> tuple[int, str]:
+    """The memory a run on ``device`` may use, and what it is: on CUDA the device's free memory plus what this
+    process's allocator holds unused (the smaller of that and ``declared_bytes`` when given); on CPU
+    ``declared_bytes``, else the host's available memory."""
+    kind = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if kind.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(kind)
+        usable = free + torch.cuda.memory_reserved(kind) - torch.cuda.memory_allocated(kind)
+        name = torch.cuda.get_device_name(kind)
+        if declared_bytes is not None and declared_bytes < usable:
+            return declared_bytes, f"{name} (GT_DEVICE_MEMORY_BYTES)"
+        return usable, f"{name} (free memory)"
+    if declared_bytes is not None:
+        return declared_bytes, "the CPU (GT_DEVICE_MEMORY_BYTES)"
+    return _host_available_bytes(), "the CPU (the host's available memory)"
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(peak_bytes: int, device: str | None, declared_bytes: int | None) -> None:
+    """Raise :class:`InsufficientMemory` when ``peak_bytes`` exceeds :func:`device_memory_bytes`."""
+    available, name = device_memory_bytes(device, declared_bytes)
+    if peak_bytes > available:
+        raise InsufficientMemory(peak_bytes, available, name)
