@@ -3,9 +3,11 @@ of ``greencore.estimate``.
 
 The dataset is tokenized with the model's tokenizer exactly as the training run will (``greencore.data``) and
 checked for lines that would train nothing; greencore plans and profiles the run (``run_costs``) and prices a
-budget against it (``RunCosts.estimate``). Tokenized datasets and run costs are cached by (model folder and
-its mtime, file and its SHA-256, the hyperparameters that shape the run, seed): creating a job after
-estimating it costs no second profile, and a new budget for the same run costs no new plan. The tokenized
+budget against it (``RunCosts.estimate``), timed on the measured throughput of the device profile's latest
+epochs where there are any (``api.throughput``, read by the caller while it holds a session). Tokenized
+datasets and run costs are cached by (model folder and its mtime, file and its SHA-256, the hyperparameters
+that shape the run, seed): creating a job after estimating it costs no second profile, and a new budget for
+the same run costs no new plan. The tokenized
 datasets kept hold at most GT_ESTIMATE_CACHE_TOKENS token ids in all (:class:`EncodedCache`); callers run
 an estimate on a dataset thread (``api.datasets.on_dataset_thread`` or ``dataset_slot``).
 """
@@ -26,6 +28,7 @@ from api.config import Settings
 from api.datasets import dataset_limits, inspect_dataset
 from api.errors import BudgetTooSmallError, DatasetInvalid, InvalidRequest
 from api.schemas.estimates import (
+    BasisPublic,
     DeviceProfile,
     EstimatePublic,
     FlopsFullAndMethod,
@@ -40,6 +43,7 @@ from greencore.spec import BUDGET_FIELDS
 
 if TYPE_CHECKING:
     from greencore.data import DatasetLimits, Encoded
+    from greencore.throughput import Calibration, CalibrationBasis
 
 
 class EncodedCache:
@@ -158,10 +162,13 @@ def estimate(
     method: str,
     hp: BaseModel,
     seed: int,
+    calibration: Calibration | None = None,
 ) -> EstimatePublic:
     """The cost of a job before it runs (``model_path``: the folder of ``model_id``, base or fine-tuned;
-    ``hp``: validated ``api.schemas.jobs.Hyperparameters``); raises BudgetTooSmallError / InvalidRequest /
-    DatasetInvalid. Reads and tokenizes the dataset unless cached: call it on a dataset thread."""
+    ``hp``: validated ``api.schemas.jobs.Hyperparameters``; ``calibration``: time and energy from measured
+    epochs, ``api.throughput.calibration_for``; None: the declared device profile); raises
+    BudgetTooSmallError / InvalidRequest / DatasetInvalid. Reads and tokenizes the dataset unless cached: call
+    it on a dataset thread."""
     from greencore.estimate import flops_per_kwh
     from greencore.select import BudgetTooSmall
     from greencore.spec import SpecError
@@ -181,7 +188,7 @@ def estimate(
         settings.train_device,  # the memory is replayed for the workers' device type
     )
     try:
-        est = costs.estimate(to_core(hp), settings.energy)
+        est = costs.estimate(to_core(hp), settings.energy, calibration)
     except SpecError as exc:
         raise InvalidRequest(exc.message, param=exc.field) from exc
     except BudgetTooSmall as exc:
@@ -195,6 +202,16 @@ def estimate(
     energy = settings.energy
     memory = est.memory
     assert memory is not None  # run_costs always gives the memory model
+
+    def basis(of: CalibrationBasis) -> BasisPublic:
+        return BasisPublic(
+            basis=of.basis,
+            match=of.match,
+            epochs=of.epochs,
+            device=of.device,
+            model=of.model,
+            method=of.method,
+        )
 
     def peaks(of: Any) -> PeakMemoryPublic:
         return PeakMemoryPublic(
@@ -218,6 +235,8 @@ def estimate(
         flops_saved=est.flops_saved,
         basis=est.basis,
         time_s=FullAndMethod(full=est.time_s.full, method=est.time_s.method),
+        time_basis=basis(est.time_basis),
+        energy_basis=basis(est.energy_basis),
         energy_j=FullAndMethod(full=est.energy_j.full, method=est.energy_j.method),
         gco2e=FullAndMethod(full=est.gco2e.full, method=est.gco2e.method),
         peak_memory_bytes=FlopsFullAndMethod(full=memory.full.peak_bytes, method=memory.method.peak_bytes),

@@ -18,6 +18,7 @@ from api.queue import JobQueue
 from api.schemas.jobs import JobCreate
 from api.states import JobState, add_event, admit, transition
 from api.tables import Job, Tenant, utcnow
+from api.throughput import calibration_for
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def create_job(
     hp = body.hp
     folder = model_folder(session, catalog, settings.artifacts_dir, tenant.id, body.model)
     with dataset_slot(settings):  # the dataset's tokenization, if not cached, waits its turn with uploads'
-        cost = estimate(settings, folder, body.model, train, body.method_type, hp, body.seed)
+        calibration = calibration_for(session, settings.energy, body.model, body.method_type)
+        cost = estimate(settings, folder, body.model, train, body.method_type, hp, body.seed, calibration)
     device_bytes, peak = settings.device_memory_bytes, cost.peak_memory_bytes.method
     if device_bytes is not None and peak > device_bytes:
         raise InsufficientMemory(

@@ -150,6 +150,7 @@ class Epoch(Base):
     dropped_examples: Mapped[int] = mapped_column(Integer, default=0)
     selection: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # how the tensors were chosen
     wall_s: Mapped[float] = mapped_column(Float)
+    valid_wall_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # part of wall_s
     train_loss: Mapped[float | None] = mapped_column(Float)
     valid_loss: Mapped[float | None] = mapped_column(Float)
     valid_accuracy: Mapped[float | None] = mapped_column(Float)
@@ -158,9 +159,15 @@ class Epoch(Base):
     energy_method: Mapped[str] = mapped_column(String(20))
     energy_inputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # what an estimate used
     gco2e: Mapped[float] = mapped_column(Float)
+    # The device profile it ran on (GT_DEVICE_NAME); estimates are calibrated on the latest epochs of theirs.
+    # Null for epochs recorded before migration 0003: unknown, never used for calibration.
+    device: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    __table_args__ = (UniqueConstraint("job_id", "epoch", name="uq_epochs_job_id_epoch"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "epoch", name="uq_epochs_job_id_epoch"),
+        Index("ix_epochs_device_id", "device", "id"),
+    )
 
 
 class Event(Base):

@@ -29,6 +29,7 @@ from greencore.models import TRACE_LOCK, load_config, meta_model
 from greencore.plan import ShapeProfiles, plan_epoch
 from greencore.select import BudgetTooSmall
 from greencore.spec import EnergySettings, Hyperparameters
+from greencore.throughput import Calibration, CalibrationBasis, declared
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class RunMemory:
 
 @dataclass(frozen=True)
 class RunEstimate:
-    """A run's cost before it runs, on the device profile of ``energy``."""
+    """A run's cost before it runs, on the device profile of ``energy`` (calibrated where ``time_basis`` /
+    ``energy_basis`` say "measured")."""
 
     method: str
     task: str
@@ -86,11 +88,13 @@ class RunEstimate:
     flops_full: int  # the whole run
     flops_method: int
     basis: str  # "budget", "profile" or "approximate" (Method.cost)
-    time_s: FullAndMethod
+    time_s: FullAndMethod  # training seconds: steps and importance passes, not validation
     energy_j: FullAndMethod
     gco2e: FullAndMethod
     min_max_flops: float  # the smallest whole-run FLOPs budget that trains anything
     min_max_energy_kwh: float  # the same as energy on the device profile
+    time_basis: CalibrationBasis  # measured epochs or the declared profile
+    energy_basis: CalibrationBasis
     memory: MemoryEstimate | None = None  # None where the costs were made without a memory model
 
     @property
@@ -119,16 +123,19 @@ class RunCosts:
         """The rho ``hp`` puts in force (see :func:`resolve_rho`)."""
         return resolve_rho(self.method, hp, self.full, self.rho_min, energy)
 
-    def estimate(self, hp: Hyperparameters, energy: EnergySettings) -> RunEstimate:
-        """The run's cost at the budget of ``hp``; BudgetTooSmall or SpecError when that budget is refused."""
+    def estimate(
+        self, hp: Hyperparameters, energy: EnergySettings, calibration: Calibration | None = None
+    ) -> RunEstimate:
+        """The run's cost at the budget of ``hp``, timed and priced by ``calibration`` (default: the declared
+        profile ``energy``); BudgetTooSmall or SpecError when that budget is refused."""
         rho = self.resolve_rho(hp, energy)
         method_flops = self.flops if self.flops is not None else int((rho or 1.0) * self.full)
-        seconds = 1 / (energy.peak_flops * energy.utilization)
-
-        def pair(of: float) -> FullAndMethod:
-            return FullAndMethod(of * self.full, of * method_flops)
-
-        joules = pair(seconds * energy.watts)
+        calibration = calibration or declared(energy)
+        steps = self.steps_per_epoch * self.n_epochs
+        seconds = FullAndMethod(calibration.time_s(self.full, steps), calibration.time_s(method_flops, steps))
+        joules = FullAndMethod(
+            calibration.energy_j(self.full, steps), calibration.energy_j(method_flops, steps)
+        )
         min_flops = self.rho_min * self.full
         return RunEstimate(
             method=self.method,
@@ -143,11 +150,13 @@ class RunCosts:
             flops_full=self.full,
             flops_method=method_flops,
             basis=self.basis,
-            time_s=pair(seconds),
+            time_s=seconds,
             energy_j=joules,
             gco2e=FullAndMethod(grams_co2e(joules.full, energy), grams_co2e(joules.method, energy)),
             min_max_flops=min_flops,
             min_max_energy_kwh=min_flops / flops_per_kwh(energy),
+            time_basis=calibration.time_basis,
+            energy_basis=calibration.energy_basis,
             memory=self.memory.at(hp, rho) if self.memory is not None else None,
         )
 

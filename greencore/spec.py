@@ -169,6 +169,7 @@ class EpochReport:
     selection: dict[str, Any] = field(default_factory=dict)  # how the tensors were chosen (method details)
     dropped_examples: int = 0  # examples left with no loss token after truncation, not trained on
     valid_wall_s: float = 0.0  # the part of wall_s spent on validation
+    device_name: str = ""  # the device profile it ran on (EnergySettings.device_name); calibrates estimates
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -372,6 +372,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         energy_inputs=energy.inputs,
         selection={**_plain(run.choice.details), "reselected": new_choice is not None},
         dropped_examples=run.train_data.dropped,
+        device_name=run.spec.energy.device_name,
     )
 
 

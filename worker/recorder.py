@@ -190,6 +190,7 @@ class JobRecorder:
                     dropped_examples=report.dropped_examples,
                     selection=report.selection or None,
                     wall_s=report.wall_s,
+                    valid_wall_s=report.valid_wall_s,
                     train_loss=_finite(report.train_loss),
                     valid_loss=_finite(report.valid_loss),
                     valid_accuracy=_finite(report.valid_accuracy),
@@ -198,6 +199,7 @@ class JobRecorder:
                     energy_method=report.energy_method,
                     energy_inputs=report.energy_inputs or None,
                     gco2e=report.gco2e,
+                    device=report.device_name or None,
                     created_at=utcnow(),
                 )
             )

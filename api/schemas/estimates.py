@@ -57,6 +57,21 @@ class MemoryPublic(BaseModel):
     )
 
 
+class BasisPublic(BaseModel):
+    basis: Literal["measured", "declared"] = Field(
+        description="measured: fitted on finished epochs of the device profile; declared: the device "
+        "profile's peak_flops, utilization and watts"
+    )
+    match: Literal["device+model+method", "device+model", "device"] | None = Field(
+        description="which epochs: the most specific of same device profile, model and method; same device "
+        "and model; same device (null when declared)"
+    )
+    epochs: int = Field(description="epochs fitted on (the latest, at most 50 per match; 0 when declared)")
+    device: str = Field(description="the device profile's name")
+    model: str | None = Field(description="the model matched (null: any model, or declared)")
+    method: str | None = Field(description="the method matched (null: any method, or declared)")
+
+
 class EstimatePublic(BaseModel):
     object: Literal["estimate"] = "estimate"
     model: str
@@ -75,8 +90,13 @@ class EstimatePublic(BaseModel):
         description="budget: the method spends at most rho * full (green, topk by rho); profile: the exact "
         "FLOPs of its fixed tensor set; approximate: LoRA adapters are not in the base profile"
     )
-    time_s: FullAndMethod = Field(description="seconds on the device profile")
-    energy_j: FullAndMethod = Field(description="joules on the device profile")
+    time_s: FullAndMethod = Field(
+        description="seconds of training (steps and importance passes; validation not) on the device "
+        "profile, calibrated as time_basis says"
+    )
+    energy_j: FullAndMethod = Field(
+        description="joules on the device profile, calibrated as energy_basis says"
+    )
     gco2e: FullAndMethod = Field(description="grams CO2e at the configured grid intensity and PUE")
     peak_memory_bytes: FlopsFullAndMethod = Field(
         description="peak memory of the run (training step or importance evaluation, the larger), bytes"
@@ -84,3 +104,5 @@ class EstimatePublic(BaseModel):
     memory: MemoryPublic = Field(description="the peaks in detail")
     minimum_budget: MinimumBudget
     device: DeviceProfile
+    time_basis: BasisPublic = Field(description="what time_s rests on")
+    energy_basis: BasisPublic = Field(description="what energy_j (and gco2e) rest on")

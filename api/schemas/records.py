@@ -35,6 +35,7 @@ class EpochPublic(BaseModel):
     dropped_examples: int = Field(description="examples with no loss token left after truncation")
     selection: dict[str, Any] | None = Field(description="how the tensors were chosen (method details)")
     wall_s: float
+    valid_wall_s: float = Field(0.0, description="the part of wall_s spent on validation")
     train_loss: float | None
     valid_loss: float | None
     valid_accuracy: float | None
@@ -45,6 +46,7 @@ class EpochPublic(BaseModel):
         description="what the estimate used (energy_method estimate)"
     )
     gco2e: float
+    device: str | None = Field(None, description="the device profile it ran on (null: not recorded)")
     created_at: int
 
     @classmethod
@@ -62,6 +64,7 @@ class EpochPublic(BaseModel):
             dropped_examples=row.dropped_examples,
             selection=row.selection,
             wall_s=row.wall_s,
+            valid_wall_s=row.valid_wall_s,
             train_loss=row.train_loss,
             valid_loss=row.valid_loss,
             valid_accuracy=row.valid_accuracy,
@@ -70,6 +73,7 @@ class EpochPublic(BaseModel):
             energy_method=row.energy_method,
             energy_inputs=row.energy_inputs,
             gco2e=row.gco2e,
+            device=row.device,
             created_at=unix_s(row.created_at) or 0,
         )
 

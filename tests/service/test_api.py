@@ -134,10 +134,17 @@ def test_models_lists_the_demo_model(client: TestClient) -> None:
     assert demo["parameters"] > 10_000 and demo["tensors"] > 10
 
 
-def test_estimate_flops_time_energy_and_budget_units(client: TestClient, settings: Settings) -> None:
+def test_estimate_flops_time_energy_and_budget_units(settings: Settings, key: str) -> None:
+    from api.app import create_app
+
+    # A device profile no epoch ran on (the session's database holds other tests' epochs of "cpu"): time and
+    # energy on the declared profile (tests/service/test_estimate_calibration.py: on measured epochs).
+    settings = settings.model_copy(update={"device_name": "declared-only"})
+    client = TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"})
     file_id = upload(client, dataset_lines(SMALL_EXAMPLES))["id"]
     body = job_body(file_id, rho=0.8)
     est = client.post("/v1/estimates", json=body).json()
+    assert est["time_basis"]["basis"] == est["energy_basis"]["basis"] == "declared"
     assert est["method"] == "green"
     assert est["rho"] == 0.8 and 0.34 < est["rho_min"] < 0.8
     assert est["flops"]["method"] == int(0.8 * est["flops"]["full"])
