@@ -89,6 +89,13 @@ def _job_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def basis_line(basis: dict | None) -> str:
+    """What an estimate's time or energy rests on, in words (a server before calibration sends none)."""
+    if not basis or basis["basis"] == "declared":
+        return "declared device profile"
+    return f"measured on {basis['epochs']} epochs ({basis['match']})"
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     body = _job_body(args)
     with _client(args) as client:
@@ -115,6 +122,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         ["", "flops", "time", "energy_j", "gco2e"],
     )
     print(f"FLOPs saved: {100 * est['flops_saved']:.1f}% ({est['basis']}) on device {est['device']['name']}")
+    print(f"time: {basis_line(est.get('time_basis'))}; energy: {basis_line(est.get('energy_basis'))}")
     mem, gib = est["memory"], 2**30
     device = est["device"].get("memory_bytes")
     print(

@@ -51,7 +51,8 @@ from greencore.data import collate, encode_dataset, epoch_batches, task_for, val
 from greencore.demo import build_tokenizer  # noqa: E402
 from greencore.plan import clear_profile_cache  # noqa: E402
 from greencore.select import BudgetTooSmall  # noqa: E402
-from greencore.spec import Attention, EpochReport, Hyperparameters, TrainSpec  # noqa: E402
+from greencore.spec import Attention, EnergySettings, EpochReport, Hyperparameters, TrainSpec  # noqa: E402
+from greencore.throughput import Throughput, calibrate  # noqa: E402
 from greencore.train import LossNotFinite, auto_class, linear_schedule, train  # noqa: E402
 
 POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
@@ -522,9 +523,32 @@ class Row:
     refused: str | None = None
     lr: float | None = None  # the learning rate the run trained with
     dev_accuracy: float | None = None  # last epoch's accuracy on the dev split (what the lr was chosen on)
+    energy_method: str = ""  # how energy_j was obtained: the epochs' "rapl", "nvml" or "estimate"
+    est_train_s: float = float("nan")  # train_s as calibrated on the other runs' epochs (estimated_train_s)
+    time_basis: str = ""  # what est_train_s rests on: "declared" or the calibration's match
 
 
-def summarize(runs: list[Run]) -> list[Row]:
+BENCH_DEVICE = "bench"  # the device profile every run of one bench process shares
+
+
+def estimated_train_s(run: Run, others: list[Run]) -> tuple[float, str]:
+    """The train time an estimate gives ``run`` from its FLOPs and steps, calibrated on the epochs of
+    ``others`` (greencore.throughput; leave-one-out: never on its own epochs), and the calibration's basis."""
+    records = [
+        Throughput.of_epoch(e, BENCH_DEVICE, "model", o.method)
+        for o in others
+        if o.epochs is not run.epochs and not o.refused  # a row is a copy of its run: the same epochs
+        for e in o.epochs
+    ]
+    cal = calibrate(records, "model", run.method, EnergySettings(device_name=BENCH_DEVICE))
+    seconds = sum(cal.time_s(e.flops["total"], e.steps) for e in run.epochs)
+    basis = cal.time_basis
+    return seconds, basis.basis if basis.match is None else f"{basis.match}, {basis.epochs} epochs"
+
+
+def summarize(runs: list[Run], calibrated_on: list[Run] | None = None) -> list[Row]:
+    """The rows of ``runs``; estimated train times calibrated on ``calibrated_on`` (default: ``runs``), each
+    run's own epochs left out."""
     full = next((r for r in runs if r.method == "full" and not r.refused), None)  # absent: ratios are nan
     full_flops = sum(e.flops["total"] for e in full.epochs) if full else float("nan")
     full_s = sum(e.wall_s - e.valid_wall_s for e in full.epochs) if full else float("nan")
@@ -560,6 +584,7 @@ def summarize(runs: list[Run]) -> list[Row]:
             default=0.0,
         )  # an epoch that trained nothing ran no step
         on_valid = run.valid_accuracy is not None
+        est_s, basis = estimated_train_s(run, calibrated_on if calibrated_on is not None else runs)
         rows.append(
             Row(
                 label,
@@ -574,6 +599,9 @@ def summarize(runs: list[Run]) -> list[Row]:
                 worst,
                 lr=run.hp.learning_rate,
                 dev_accuracy=_accuracy(last) if on_valid else None,
+                energy_method="+".join(sorted({e.energy_method for e in run.epochs})),
+                est_train_s=est_s,
+                time_basis=basis,
             )
         )
     return rows
@@ -582,18 +610,21 @@ def summarize(runs: list[Run]) -> list[Row]:
 def table(rows: list[Row], metric: str) -> str:
     lines = [
         f"| method | lr | FLOPs | FLOPs / full | train time (s) | time / full | valid loss | {metric} | "
-        f"dev {metric} | energy (J) | tensors trained (last epoch) | max step FLOPs error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"dev {metric} | energy J (method) | tensors trained (last epoch) | max step FLOPs error | "
+        "estimated train time (s) | estimate error | estimate basis |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.refused:
-            lines.append(f"| {r.label} | {r.refused} |" + " |" * 10)
+            lines.append(f"| {r.label} | {r.refused} |" + " |" * 13)
             continue
         dev = f"{100 * r.dev_accuracy:.2f}%" if r.dev_accuracy is not None else "-"
+        error = (r.est_train_s - r.train_s) / r.train_s if r.train_s else float("nan")
         lines.append(
             f"| {r.label} | {r.lr:g} | {r.flops:.3e} | {r.flops_ratio:.3f} | {r.train_s:.1f} | "
-            f"{r.wall_ratio:.3f} | {r.valid_loss:.4f} | {100 * r.accuracy:.2f}% | {dev} | {r.energy_j:.1f} | "
-            f"{r.tensors} | {100 * r.worst_step_error:.3f}% |"
+            f"{r.wall_ratio:.3f} | {r.valid_loss:.4f} | {100 * r.accuracy:.2f}% | {dev} | "
+            f"{r.energy_j:.1f} ({r.energy_method}) | {r.tensors} | {100 * r.worst_step_error:.3f}% | "
+            f"{r.est_train_s:.1f} | {100 * error:+.0f}% | {r.time_basis} |"
         )
     return "\n".join(lines)
 
@@ -886,7 +917,9 @@ def compare(
             flush=True,
         )
     picked = [dataclass_replace(run, label=label) for label, run in chosen.items()]
-    rows = summarize(picked)
+    # Estimated times calibrated on every run of the grid but the row's own: a method's other learning rates
+    # are the same device, model and method, as earlier jobs are to the service's estimates.
+    rows = summarize(picked, calibrated_on=all_runs)
     extra: list[Row] = []
     green = chosen.get("green-0.5")
     if not args.no_double and green is not None and not green.refused and "full" in chosen:
@@ -1098,7 +1131,13 @@ def main() -> None:
         "checkpoint on the validation file; `dev accuracy`: the same checkpoint on the dev split the "
         "learning rate was chosen on. "
         "Methods ran interleaved epoch by epoch. `max step FLOPs error`: the first step of each epoch "
-        "measured with FlopCounterMode against the profile's prediction.",
+        "measured with FlopCounterMode against the profile's prediction. `energy J (method)`: the epochs' "
+        "energy and how it was obtained (`rapl`, `nvml`: a hardware counter; `estimate`: FLOPs on the "
+        "declared device profile, not a measurement). `estimated train time`: what an estimate says for "
+        "the run's FLOPs and steps, calibrated as the service calibrates it (greencore.throughput) on the "
+        "epochs of this table's other runs, grid points included, never the run's own; `estimate basis`: "
+        "which of them matched (the same method, else any method of the model); `estimate error`: against "
+        "the measured train time (target: within 30%).",
         "",
     ]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import secrets
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.cli_client import basis_line
 from api.config import Settings
 from api.throughput import RECORDS
 from tests.service.service_calls import JOBS, SMALL_EXAMPLES, SMALL_RHO, dataset_lines, job_body, upload
@@ -58,6 +59,9 @@ def test_estimate_is_calibrated_on_the_finished_epochs(sessions, settings: Setti
         "model": body["model"],
         "method": "green",
     }
+    # What `greentrainer estimate` prints of them.
+    assert basis_line(calibrated["time_basis"]) == f"measured on {len(epochs)} epochs (device+model+method)"
+    assert basis_line(declared["time_basis"]) == "declared device profile"
     energy_measured = any(e["energy_method"] in ("rapl", "nvml") for e in epochs)
     assert calibrated["energy_basis"]["basis"] == ("measured" if energy_measured else "declared")
     assert calibrated["flops"] == declared["flops"]  # the FLOPs do not change, only their pricing
