@@ -18,16 +18,22 @@ first pass's gradient. ``rule="first_order"`` gives the paper's estimate.
 The tentative step is meant to be the training optimizer's next step: :func:`tentative_optimizer_factory`
 builds a copy of it (its moments, step counts and scheduled learning rate), as the paper's code steps its
 training optimizer. Everything is put back exactly: weights bit for bit, ``requires_grad`` and ``.grad`` of
-every parameter, the model's train/eval mode, and the training optimizer is never touched. Only the candidates
-are copied (weights and their first gradients), each on its own device.
+every parameter, the model's train/eval mode, and the training optimizer is never touched.
+
+Memory: besides the model and the activations of one pass, the evaluation holds one copy of each candidate's
+weights (to put them back), its first gradient ``g0`` (kept as backward left it, not copied) and its second
+``g1``; the tentative optimizer's state (Adam's two moments) exists for one tensor at a time, as the
+candidates are stepped one by one (each tensor's Adam step depends on its own gradient and state only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,16 +46,26 @@ from greencore.profile import TensorProfile
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
-def _accumulate_gradients(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
-    """Gradients of the mean loss over ``batches`` into ``.grad`` of the parameters that require one; returns
-    that mean loss."""
+def _accumulate_gradients(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None,
+    autocast: AbstractContextManager[Any],
+) -> float:
+    """Gradients of the mean loss over ``batches`` (weighted by ``weights``; None: equally) into ``.grad`` of
+    the parameters that require one, the forwards under ``autocast``; returns that mean loss."""
     total = 0.0
-    for batch in batches:
-        loss = model(**batch).loss
+    for i, batch in enumerate(batches):
+        with autocast:
+            loss = model(**batch).loss
         if loss is None:
             raise ValueError("the model returned no loss: each batch must carry labels")
-        (loss / len(batches)).backward()
-        total += float(loss.detach()) / len(batches)
+        if weights is None:
+            (loss / len(batches)).backward()
+            total += float(loss.detach()) / len(batches)
+        else:
+            (loss if weights[i] == 1.0 else loss * weights[i]).backward()
+            total += float(loss.detach()) * weights[i]
     return total
 
 
@@ -119,6 +135,8 @@ def importance_pass(
     optimizer_factory: OptimizerFactory,
     names: Iterable[str] | None = None,
     rule: Literal["trapezoid", "first_order"] = "trapezoid",
+    weights: Sequence[float] | None = None,
+    autocast: AbstractContextManager[Any] | None = None,
 ) -> ImportancePass:
     """Importance (loss reduction, in loss units) of each candidate tensor, from one tentative step, with the
     first pass's loss and gradients (see :class:`ImportancePass`).
@@ -128,8 +146,11 @@ def importance_pass(
     ``tentative_optimizer_factory(training_optimizer)``; any factory works (e.g.
     ``lambda ps: torch.optim.AdamW(ps, lr=lr)``, a fresh optimizer). ``names``: the candidate tensors (names
     as ``model.named_parameters()`` gives them; a tied weight once); default every parameter that requires a
-    gradient. Only candidates are made trainable, copied and stepped. ``rule``: ``"trapezoid"``
-    (``-(g0 + g1) / 2 . dw``) or the paper's ``"first_order"`` (``-g1 . dw``); see the module's docstring.
+    gradient. Only candidates are made trainable, copied and stepped. ``rule``: ``"trapezoid"`` (``-(g0 + g1)
+    / 2 . dw``) or the paper's ``"first_order"`` (``-g1 . dw``); see the module's docstring. ``weights``: each
+    batch's weight in the mean loss (default equal: 1 / len(batches)), e.g. the micro-batches of one batch
+    weighted by their share of its loss terms. ``autocast``: the context each forward runs under (the training
+    step's; default none).
 
     The two passes run in eval mode (no dropout): the measurement is of the loss itself, and the random
     number stream training draws its dropout masks from is left alone. Scores: name -> ``I_k``; a value that
@@ -146,6 +167,10 @@ def importance_pass(
     batches = list(batches)
     if not batches:
         raise ValueError("tensor_importance needs at least one batch")
+    if weights is not None and len(weights) != len(batches):
+        raise ValueError(f"{len(weights)} weights for {len(batches)} batches")
+    if autocast is None:
+        autocast = contextlib.nullcontext()
     if rule not in ("trapezoid", "first_order"):
         raise ValueError(f"rule must be 'trapezoid' or 'first_order', not {rule!r}")
     if not candidates:
@@ -168,12 +193,17 @@ def importance_pass(
         with torch.no_grad():
             old = [p.detach().clone() for p in chosen]  # on the parameter's own device
         with torch.enable_grad():
-            loss = _accumulate_gradients(model, batches)
-            first = [None if p.grad is None else p.grad.detach().clone() for p in chosen]
-            optimizer_factory(chosen).step()
+            loss = _accumulate_gradients(model, batches, weights, autocast)
+            # g0 is kept as backward left it (the step below reads it and does not change it).
+            first = [None if p.grad is None else p.grad.detach() for p in chosen]
+            # One tensor at a time: the tentative optimizer's state (Adam's two moments, cloned from the
+            # training optimizer's) lives for one tensor's step, never for every candidate at once. Each
+            # tensor's Adam step depends on its own gradient and state only, so the step is the joint one.
             for p in chosen:
+                if p.grad is not None:
+                    optimizer_factory([p]).step()
                 p.grad = None
-            _accumulate_gradients(model, batches)
+            _accumulate_gradients(model, batches, weights, autocast)
         with torch.no_grad():
             for i, (n, p, w_old) in enumerate(zip(candidates, chosen, old, strict=True)):
                 if p.grad is None:  # the loss does not depend on it: its update cannot matter

@@ -16,8 +16,12 @@ The tracker (:class:`LiveStorages`) counts storages as they appear in dispatched
 Python frees them, the way the allocator sees a step, without allocator rounding or a kernel's internal
 scratch buffers. It measures a real run the same way (tests, ``bench/memory.py``).
 
-Precision: every tensor keeps the dtype the model holds (float32 today). The fake twin of each tensor is made
-in one place (:func:`_fake_model`), where a dtype per tensor enters when mixed precision comes.
+Precision and micro-batches are replayed as the run has them: each fake twin is made in the dtype the run
+holds that tensor in (``greencore.precision.tensor_dtypes``: bf16 for frozen tensors under precision bf16),
+forwards run under the run's autocast, and a step runs two micro-batches (the second one's backward
+accumulates into the first one's gradients, the step's steady state) of ``micro_batch_size`` rows cut from the
+whole batch, which the run holds on its device. Host memory the run keeps beside the device (precision bf16's
+float32 originals of a float32 base) is not device memory and is not counted.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from greencore.models import TRACE_LOCK
+from greencore.precision import HeldPrecision, Precision, autocast, resolve_precision, tensor_dtypes
 from greencore.spec import Hyperparameters
 
 Shape = tuple[int, ...]  # a padded batch: (batch, seq) or, for seq2seq, (batch, seq, target)
@@ -140,9 +145,16 @@ def _placed(device: str) -> str:
     return device
 
 
-def _fake_model(model: nn.Module, mode: FakeTensorMode, device: str, trainable: set[str]) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers are fake twins on ``device`` (tied ones stay tied);
-    exactly the parameters named in ``trainable`` require a gradient."""
+def _fake_model(
+    model: nn.Module,
+    mode: FakeTensorMode,
+    device: str,
+    trainable: set[str],
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are fake twins on ``device`` (tied ones stay tied),
+    each floating parameter in its dtype in ``dtypes`` (by name; default its own); exactly the parameters
+    named in ``trainable`` require a gradient."""
     with TRACE_LOCK:
         fake = copy.deepcopy(model)
     names = {id(p): n for n, p in fake.named_parameters()}
@@ -153,9 +165,12 @@ def _fake_model(model: nn.Module, mode: FakeTensorMode, device: str, trainable: 
                 if value is None:
                     continue
                 if id(value) not in twins:
+                    dtype = value.dtype
+                    if is_param and dtypes is not None and value.is_floating_point():
+                        dtype = dtypes.get(names.get(id(value), ""), dtype)
                     with mode:
                         twin = torch.empty_strided(
-                            value.shape, value.stride(), dtype=value.dtype, device=_placed(device)
+                            value.shape, value.stride(), dtype=dtype, device=_placed(device)
                         )
                     if is_param:
                         twin = nn.Parameter(twin, requires_grad=names.get(id(value)) in trainable)
@@ -195,6 +210,24 @@ def _attention(model: nn.Module, hp: Hyperparameters) -> contextlib.AbstractCont
     return attention_implementation(model, None if hp.attention == "auto" else str(hp.attention))
 
 
+def _precision(hp: Hyperparameters, device: str) -> Precision:
+    return resolve_precision(hp, torch.device(device).type)
+
+
+def _dtypes(model: nn.Module, trained: Iterable[str], precision: Precision) -> dict[str, torch.dtype]:
+    return tensor_dtypes((n for n, _ in model.named_parameters()), trained, precision)
+
+
+def _micro_batches(batch: dict[str, torch.Tensor], hp: Hyperparameters) -> list[dict[str, torch.Tensor]]:
+    """The first two micro-batches of ``batch`` (views of it), as the run cuts them; the whole batch when it
+    is one."""
+    rows = batch["input_ids"].shape[0]
+    size = hp.micro_batch_size
+    if size is None or size >= rows:
+        return [batch]
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, min(rows, 2 * size), size)]
+
+
 def train_step_bytes(
     model: nn.Module,
     trained: Iterable[str],
@@ -204,10 +237,12 @@ def train_step_bytes(
     device: str = "cpu",
 ) -> int:
     """Peak bytes of one training step of ``model`` (real or meta; left unchanged) on a batch of ``shape``
-    with exactly the parameters named in ``trained`` trainable, on ``device`` ("cpu" or "cuda")."""
+    with exactly the parameters named in ``trained`` trainable, on ``device`` ("cpu" or "cuda"), in the
+    run's precision and micro-batches (``hp``)."""
     trained = set(trained)
+    precision = _precision(hp, device)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = _fake_model(model, mode, device, trained)
+    fake = _fake_model(model, mode, device, trained, _dtypes(model, trained, precision))
     params = [p for p in fake.parameters() if p.requires_grad]
     tracker = LiveStorages()
     with mode, _attention(fake, hp), TRACE_LOCK:
@@ -217,10 +252,13 @@ def train_step_bytes(
         if optimizer is None:  # nothing trains: the run takes no step
             return tracker.peak_bytes
         fake.train()
+        parts = _micro_batches(batch, hp)
         with tracker, torch.enable_grad():
-            loss = fake(**batch).loss
-            if loss.requires_grad:
-                loss.backward()
+            for part in parts:
+                with autocast(precision, torch.device(_placed(device)).type):
+                    loss = fake(**part).loss
+                if loss.requires_grad:
+                    (loss if len(parts) == 1 else loss * 0.5).backward()
             if hp.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], hp.max_grad_norm)
             optimizer.step()
@@ -243,8 +281,11 @@ def importance_bytes(
 
     candidates = list(candidates)
     held = set(held_state) | set(candidates)
+    precision = _precision(hp, device)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = _fake_model(model, mode, device, held)
+    # Tensors trained before are float32 (precision bf16); the candidates not among them are widened for the
+    # evaluation only, as GreenMethod.choose does.
+    fake = _fake_model(model, mode, device, held, _dtypes(model, held_state, precision))
     state_of = [p for n, p in fake.named_parameters() if n in set(held_state)]
     tracker = LiveStorages(fake_scalars=True)
     with mode, _attention(fake, hp), TRACE_LOCK:
@@ -256,8 +297,17 @@ def importance_bytes(
         batch = fake_batch(task, shape, _placed(device))
         tracker.add([*_held(fake, training), *batch.values()])
         fake.train()
-        with tracker:
-            importance_pass(fake, [batch], tentative_optimizer_factory(training), names=candidates)
+        parts = _micro_batches(batch, hp)
+        weights = [1.0 / len(parts)] * len(parts)
+        with tracker, HeldPrecision(fake, precision).widened(candidates):
+            importance_pass(
+                fake,
+                parts,
+                tentative_optimizer_factory(training),
+                names=candidates,
+                weights=weights,
+                autocast=autocast(precision, torch.device(_placed(device)).type),
+            )
     return tracker.peak_bytes
 
 
@@ -290,7 +340,14 @@ class RunShapes:
             (n, tuple(p.shape)) for n, p in plan.model.named_parameters() if n in set(plan.trained)
         )
         model_key = (type(plan.model).__qualname__, sum(p.numel() for p in plan.model.parameters()), shapes)
-        key = (model_key, hp.max_grad_norm, str(hp.attention), device)
+        key = (
+            model_key,
+            hp.max_grad_norm,
+            str(hp.attention),
+            str(_precision(hp, device)),
+            hp.micro_batch_size,
+            device,
+        )
         if key not in self._cache:
             self._cache[key] = max(
                 (

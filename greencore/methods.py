@@ -10,8 +10,9 @@ method's name.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,9 +69,15 @@ class EpochContext:
     loop_profile: Callable[[bool], TensorProfile]
     later: Callable[[], list[tuple[TensorProfile, int]]]  # (combined profile, full FLOPs) of the later epochs
     # this choice covers (until the next selection)
-    importance_batches: list[dict[str, torch.Tensor]]  # the epoch's first batches, on the training device
+    importance_batches: list[dict[str, torch.Tensor]]  # the epoch's first batches (as micro-batches), on the
+    # training device
     importance_profile: TensorProfile  # those batches' steps combined
     optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    # Each importance batch's weight in the mean loss (None: equal); the training step's autocast; and a
+    # context that holds the named tensors in float32 inside it (precision bf16 holds frozen ones in bf16).
+    importance_weights: list[float] | None = None
+    autocast: AbstractContextManager[Any] | None = None
+    held_in_float32: Callable[[Iterable[str]], AbstractContextManager[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -261,9 +268,16 @@ class GreenMethod(_InPlace):
             # Only tensors that could train within the budget on their own are worth measuring, and measuring
             # fewer (shallower) tensors costs less backward.
             candidates = reachable_tensors(loop, target)
-            measured = importance_pass(
-                ctx.model, ctx.importance_batches, ctx.optimizer_factory, names=candidates
-            )
+            widened = ctx.held_in_float32(candidates) if ctx.held_in_float32 else contextlib.nullcontext()
+            with widened:
+                measured = importance_pass(
+                    ctx.model,
+                    ctx.importance_batches,
+                    ctx.optimizer_factory,
+                    names=candidates,
+                    weights=ctx.importance_weights,
+                    autocast=ctx.autocast,
+                )
             importance = measured.scores
             spent = importance_flops(ctx.importance_profile, candidates, 1).total
             # The choice must fit every epoch it covers. Epochs differ a little in their shapes, so a choice

@@ -24,6 +24,14 @@ class Attention(StrEnum):
     SDPA = "sdpa"  # torch.nn.functional.scaled_dot_product_attention (fused kernels on CPU and CUDA)
 
 
+class Precision(StrEnum):
+    """What dtype a run holds its tensors in and computes with (``precision``; see greencore.precision)."""
+
+    FP32 = "fp32"  # float32 everywhere
+    BF16_MIXED = "bf16-mixed"  # float32 tensors, bf16 autocast
+    BF16 = "bf16"  # bf16 frozen tensors, float32 trained ones (master weights, AdamW state), bf16 autocast
+
+
 class SpecError(ValueError):
     """A TrainSpec that cannot run: ``field`` names the offending setting."""
 
@@ -75,7 +83,19 @@ class Hyperparameters:
     topk_layers: int | None = setting(None, "layers trained from the top (topk); 0: the head only", ge=0)
     importance_batches: int = setting(1, "batches importance is measured on (green)", ge=1, limit=64)
     max_grad_norm: float | None = setting(1.0, "gradient clipping to this L2 norm; null: none", gt=0)
-    bf16: bool = setting(False, "bf16 autocast on CUDA (weights stay float32); ignored on CPU")
+    bf16: bool = setting(False, "legacy: precision bf16-mixed on CUDA, nothing on CPU; use precision")
+    precision: Precision = setting(
+        Precision.FP32,
+        "fp32; bf16-mixed (float32 tensors, bf16 autocast); or bf16 (frozen tensors held in bf16, trained "
+        "ones in float32 with their AdamW state, bf16 autocast)",
+    )
+    micro_batch_size: int | None = setting(
+        None,
+        "sequences per forward and backward; a step accumulates the gradients of batch_size / "
+        "micro_batch_size of them (less activation memory, the same update); null: batch_size",
+        ge=1,
+        limit=4096,
+    )
     attention: Attention = setting(
         Attention.AUTO,
         "attention implementation: auto (sdpa where the model supports it, else eager), eager or sdpa; "
@@ -87,8 +107,9 @@ class Hyperparameters:
 
     def check(self) -> None:
         """Raise :class:`SpecError` on a value out of its bounds, or on more than one budget."""
-        if self.attention not in set(Attention):
-            raise SpecError("attention", f"must be one of {', '.join(Attention)}, not {self.attention!r}")
+        for name, kind in (("attention", Attention), ("precision", Precision)):
+            if getattr(self, name) not in set(kind):
+                raise SpecError(name, f"must be one of {', '.join(kind)}, not {getattr(self, name)!r}")
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None or isinstance(value, str):

@@ -11,6 +11,9 @@ One recipe for every method (``greencore.methods``) and every task (causal LM, s
 FLOPs are FlopCounterMode's (a multiply-add is 2). The model is loaded with the attention implementation of
 ``hyperparameters.attention`` (auto: transformers' choice), and the training steps, the importance passes,
 validation and the profile behind the budget all run that one (CPU SDPA is counted by ``greencore.flops``).
+``hyperparameters.precision`` sets the dtypes tensors are held in and the autocast every forward runs under
+(``greencore.precision``); ``micro_batch_size`` splits each step's batch into micro-batches whose gradients
+accumulate, each weighted by its share of the batch's loss terms, so the update is the whole batch's.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from greencore.importance import tentative_optimizer_factory
 from greencore.methods import Choice, EpochContext, FirstStep, Method, make_method
 from greencore.models import ModelFolderError, load_config
 from greencore.plan import EpochPlan, ShapeProfiles, plan_epoch
+from greencore.precision import HeldPrecision, autocast, resolve_precision
 from greencore.spec import Attention, EpochReport, Hyperparameters, SpecError, TrainReport, TrainSpec
 
 __all__ = ["LossNotFinite", "auto_class", "evaluate", "linear_schedule", "train"]
@@ -121,6 +125,7 @@ class _Run:
     profiles: ShapeProfiles
     meter: EnergyMeter
     autocast: AbstractContextManager[Any]
+    held: HeldPrecision  # which tensors are held in bf16 (precision bf16)
     dtypes: dict[str, torch.dtype]  # the base's dtype of each tensor, kept in checkpoints
     default_dtype: torch.dtype
     fingerprint: str
@@ -134,6 +139,9 @@ class _Run:
         return _to(
             collate(self.train_data, indices, self.tokenizer.pad_token_id, self.hp.max_seq_len), self.device
         )
+
+    def micro_batches(self, batch: Batch) -> list[tuple[Batch, float]]:
+        return micro_batches(batch, self.task, self.hp.micro_batch_size)
 
 
 def train(
@@ -199,14 +207,19 @@ def _setup(spec: TrainSpec) -> _Run:
     model, params = method.prepare(model, new_modules)
     if state is not None and spec.resume_from is not None:
         method.restore(model, spec.resume_from)  # what the checkpoint holds beyond the weights loaded
+    precision = resolve_precision(hp, device.type)
+    held = HeldPrecision(model, precision)
+    held.narrow(keep=state.trained if state is not None else ())  # before the device holds anything
     model.to(device)
+    if device.type == "cuda":  # float32 matmuls (fp32 runs, float32 parts of the others) on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     total_steps = math.ceil(len(train_data) / hp.batch_size) * hp.n_epochs
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(hp.warmup_steps, total_steps))
     default_dtype = getattr(config, "dtype", None) or torch.float32
     default_dtype = getattr(torch, default_dtype) if isinstance(default_dtype, str) else default_dtype
-    use_bf16 = hp.bf16 and device.type == "cuda"
     run = _Run(
         spec=spec,
         hp=hp,
@@ -223,7 +236,8 @@ def _setup(spec: TrainSpec) -> _Run:
         scheduler=scheduler,
         profiles=ShapeProfiles(model, baseline=lambda: method.full_baseline(model)),
         meter=EnergyMeter(str(device), spec.energy),
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext(),
+        autocast=autocast(precision, device.type),
+        held=held,
         dtypes=checkpoint.base_dtypes(spec.model_dir),
         default_dtype=default_dtype,
         fingerprint=fingerprint,
@@ -300,6 +314,9 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     run.meter.start()
     plan = plan_epoch(run.train_data, hp, run.spec.seed, epoch)
     importance_batches = [run.batch(idx) for idx in plan.batches[: plan.importance]]
+    # The importance passes run on the same micro-batches as a training step, each weighted by its share of
+    # its batch's loss and the batches averaged: their first gradients are a training step's.
+    parts = [(m, w / len(importance_batches)) for b in importance_batches for m, w in run.micro_batches(b)]
     full_flops = run.profiles.full(plan.shapes)
     profile = run.profiles.steps(plan.shapes)
     ctx = EpochContext(
@@ -310,7 +327,10 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         first_step_reusable=plan.importance == 1 and len(plan.batches) > 1,
         loop_profile=lambda after_first: run.profiles.steps(plan.shapes[1:]) if after_first else profile,
         later=lambda: _later_epochs(run, epoch),
-        importance_batches=importance_batches,
+        importance_batches=[m for m, _ in parts],
+        importance_weights=[w for _, w in parts],
+        autocast=run.autocast,
+        held_in_float32=run.held.widened,
         importance_profile=run.profiles.steps(plan.shapes[: plan.importance]),
         # The tentative step of the importance pass is the training optimizer's next step (a copy of it: its
         # moments and the scheduled learning rate), as in the paper's code.
@@ -320,6 +340,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     run.choice = new_choice or run.choice
     assert run.choice is not None, "every method chooses in the first epoch"
     names = run.choice.names
+    run.held.widen(names)  # trained tensors are float32 from now on (precision bf16)
     for name, param in run.model.named_parameters():
         param.requires_grad_(name in names)
     run.trained |= set(names)
@@ -413,19 +434,60 @@ def _run_steps(
             # forward and backward (the loop's first step under FlopCounterMode), then clip, step, schedule
             counter = FlopCounterMode(display=False) if step == start else contextlib.nullcontext()
             with counter:
-                with run.autocast:
-                    loss = model(**batch).loss
-                loss.backward()
+                loss = _forward_backward(run, batch)
             if step == start:
                 measured = int(counter.get_total_flops())
             _optimizer_step(run)
-            loss_sum += loss.detach().float()
+            loss_sum += loss
             if step % LOSS_CHECK_EVERY == 0 or step == n:  # a read syncs a GPU: not every step
                 _check_finite(loss_sum, epoch, step)
         if hooks.on_step is not None:
             hooks.on_step(epoch, step, n)
     mean = loss_sum.item() / n if trains else None
     return _EpochSteps(n if trains else 0, tokens, mean, measured)
+
+
+def _forward_backward(run: _Run, batch: Batch) -> torch.Tensor:
+    """Gradients of ``batch``'s loss into ``.grad``, micro-batch by micro-batch; returns the loss (detached,
+    float32)."""
+    parts = run.micro_batches(batch)
+    if len(parts) == 1:
+        with run.autocast:
+            loss = run.model(**batch).loss
+        loss.backward()
+        return loss.detach().float()
+    total = torch.zeros((), device=run.device)
+    for part, weight in parts:
+        with run.autocast:
+            loss = run.model(**part).loss
+        (loss * weight).backward()
+        total += loss.detach().float() * weight
+    return total
+
+
+def micro_batches(batch: Batch, task: str, size: int | None) -> list[tuple[Batch, float]]:
+    """``batch`` cut into consecutive micro-batches of ``size`` rows (None: one), each with its weight: its
+    share of the loss terms the batch's mean loss averages (target tokens; rows for classification), so that
+    the weighted sum of their mean losses is the batch's. Every micro-batch keeps the batch's padded length,
+    so their FLOPs add up to the batch's."""
+    rows = batch["input_ids"].shape[0]
+    if size is None or size >= rows:
+        return [(batch, 1.0)]
+    parts = [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size)]
+    counts = [_loss_terms(part, task) for part in parts]
+    total = sum(counts)
+    return [(part, count / total) for part, count in zip(parts, counts, strict=True)]
+
+
+def _loss_terms(batch: Batch, task: str) -> int:
+    """The terms a model's mean loss over ``batch`` averages: rows (classification), target tokens (seq2seq),
+    or target tokens after the shift by one (causal LM)."""
+    labels = batch["labels"]
+    if task == "classification":
+        return int(labels.shape[0])
+    if task == "causal_lm":
+        labels = labels[:, 1:]
+    return int((labels != IGNORE).sum())
 
 
 def _optimizer_step(run: _Run) -> None:
@@ -472,6 +534,9 @@ def _save(run: _Run, report: EpochReport) -> None:
         reports=[_plain(asdict(r)) for r in run.reports],
     )
     export = run.method.export(run.model)
+    # Tensors that never trained, as the base holds them (precision bf16 keeps the originals bf16 cannot
+    # hold).
+    export = replace(export, tensors=run.held.originals(export.tensors))
     # Trained tensors saved in a dtype narrower than float32 keep their float32 values beside, for an exact
     # resume (a method's own tensors, such as LoRA's adapters, are not among the exported ones).
     narrow = [

@@ -58,6 +58,16 @@ def measured_step(model: torch.nn.Module, batch: dict, trained: set[str], attent
     return tracker.peak_bytes
 
 
+def _padded(batch: dict) -> dict:
+    """``batch`` with padding in its first and last rows (so in every micro-batch of 2), as most of a run's
+    batches have: the replay cannot see that a mask is all ones, so it holds what a padded batch needs (a
+    batch without padding needs a little less)."""
+    padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
+    padded["attention_mask"][0, -3:] = 0
+    padded["attention_mask"][-1, -2:] = 0
+    return padded
+
+
 def _close(estimate: int, measured: int) -> bool:
     return abs(estimate - measured) <= max(0.01 * measured, SLACK_BYTES)
 
@@ -78,12 +88,7 @@ def test_train_step_estimate_equals_measured_peak(family: str, which: str, atten
     task, shape = _task(model, batch)
     hp = Hyperparameters(attention=attention)
     estimate = train_step_bytes(tiny_model(family, device="meta"), trained, shape, task, hp)
-    # A batch with padding, as most of a run's are: transformers builds SDPA's mask for it (the replay cannot
-    # see that a mask is all ones, so it always builds it); without padding a step holds no mask and needs
-    # less, so the estimate is then a bound.
-    padded = {**batch, "attention_mask": batch["attention_mask"].clone()}
-    padded["attention_mask"][0, -3:] = 0
-    measured = measured_step(model, padded, set(trained), attention)
+    measured = measured_step(model, _padded(batch), set(trained), attention)
     assert _close(estimate, measured), (estimate, measured)
     assert estimate >= measured_step(model, batch, set(trained), attention) - SLACK_BYTES
 
@@ -136,3 +141,50 @@ def test_shallow_training_keeps_fewer_activations() -> None:
 
 def test_peak_shapes_keep_the_uncovered_ones() -> None:
     assert peak_shapes([(4, 32), (4, 16), (2, 64), (1, 64), (4, 32)]) == [(4, 32), (2, 64)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16"])
+@pytest.mark.parametrize("micro", [None, 2])
+def test_precision_and_micro_batches_estimate_equals_measured_peak(family, precision, micro) -> None:
+    # A real step as greencore.train runs it: frozen tensors narrowed (bf16), the trained ones float32, the
+    # forwards under the run's autocast, the batch's micro-batches accumulated.
+    from greencore.precision import HeldPrecision, autocast
+    from greencore.train import micro_batches
+
+    hp = Hyperparameters(attention="eager", precision=precision, micro_batch_size=micro)
+    model = tiny_model(family)
+    names = [n for n, _ in model.named_parameters()]
+    trained = set(names[len(names) // 2 :])
+    held = HeldPrecision(model, hp.precision)
+    held.narrow(keep=trained)
+    params, opt = _optimizer(model, trained)
+    assert all(p.dtype == torch.float32 for p in params)
+    if precision == "bf16":
+        assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in trained)
+    batch = _padded(batch_for(model, 4, 32))
+    task, shape = _task(model, batch)
+    tracker = _tracker(model, opt, batch)
+    model.train()
+    with attention_implementation(model, "eager"), tracker:
+        for part, weight in micro_batches(batch, task, micro):
+            with autocast(hp.precision, "cpu"):
+                loss = model(**part).loss
+            (loss * weight).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], HP.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    estimate = train_step_bytes(tiny_model(family, device="meta"), trained, shape, task, hp)
+    assert _close(estimate, tracker.peak_bytes), (estimate, tracker.peak_bytes)
+
+
+def test_bf16_and_micro_batches_need_less_memory() -> None:
+    meta = tiny_model("llama", device="meta", hidden_size=256, intermediate_size=512)
+    names = [n for n, _ in meta.named_parameters()]
+    shape = (8, 64)
+
+    def peak(**hp) -> int:
+        return train_step_bytes(meta, names[-4:], shape, "causal_lm", Hyperparameters(**hp))
+
+    assert peak(precision="bf16") < 0.7 * peak(precision="fp32")  # frozen weights at half
+    assert peak(micro_batch_size=2) < peak()  # activations of 2 rows, not 8

@@ -15,28 +15,11 @@ from greencore.methods import transformer_layers
 from greencore.select import BudgetTooSmall
 from greencore.spec import EpochReport, Hyperparameters, SpecError, TrainSpec
 from greencore.train import train
-from tests.model_folders import dataset, model_folder, write_jsonl
 
 FLOP_KEYS = {"fwd", "bwd_act", "bwd_weight", "selection", "total", "full", "predicted_step", "measured_step"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {kind: model_folder(kind, root / kind) for kind in ("llama", "gpt2", "bert", "t5")}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    files = {}
-    for fmt in ("messages", "prompt_completion", "text_label"):
-        files[fmt] = write_jsonl(root / f"{fmt}.jsonl", dataset(fmt, 64, seed=0, long_every=16))
-        files[fmt + "_valid"] = write_jsonl(root / f"{fmt}_valid.jsonl", dataset(fmt, 12, seed=1))
-    return files
 
 
 def run(folders, data, tmp_path, kind, fmt, method, n_epochs=2, **hp):
@@ -126,7 +109,7 @@ def test_green_trains_nothing_when_no_tensor_has_positive_importance(folders, da
     import greencore.methods
     from greencore.importance import ImportancePass
 
-    def all_negative(model, batches, factory, names=None):
+    def all_negative(model, batches, factory, names=None, **kwargs):
         return ImportancePass(dict.fromkeys(names, -1.0), 1.0)
 
     monkeypatch.setattr(greencore.methods, "importance_pass", all_negative)
@@ -150,11 +133,11 @@ def test_green_importance_steps_a_copy_of_the_training_optimizer(folders, data, 
     real = greencore.methods.importance_pass
     seen_steps: list[tuple[float, int]] = []
 
-    def spy(model, batches, factory, names=None):
+    def spy(model, batches, factory, names=None, **kwargs):
         params = dict(model.named_parameters())
         tentative = factory([params[n] for n in names])
         seen_steps.append((tentative.param_groups[0]["lr"], len(tentative.state)))
-        return real(model, batches, factory, names=names)
+        return real(model, batches, factory, names=names, **kwargs)
 
     monkeypatch.setattr(greencore.methods, "importance_pass", spy)
     _, report, seen, steps = run(
@@ -190,10 +173,10 @@ def test_green_takes_the_first_step_from_the_importance_pass(folders, data, tmp_
 
     model_of: list[torch.nn.Module] = []  # the model in training
 
-    def spy(model, batches, factory, names=None):
+    def spy(model, batches, factory, names=None, **kwargs):
         model_of.append(model)
         before.append((copy.deepcopy(model), batches[0]))
-        return real(model, batches, factory, names=names)
+        return real(model, batches, factory, names=names, **kwargs)
 
     after_first: list[dict[str, torch.Tensor]] = []
     monkeypatch.setattr(greencore.methods, "importance_pass", spy)

@@ -29,7 +29,13 @@ def setup(tmp_path_factory):
 
 
 def spec_for(
-    setup, out: Path, method: str, kind: str = "llama", fmt: str = "messages", **kwargs
+    setup,
+    out: Path,
+    method: str,
+    kind: str = "llama",
+    fmt: str = "messages",
+    precision: str = "fp32",
+    **kwargs,
 ) -> TrainSpec:
     hp = Hyperparameters(
         n_epochs=3,
@@ -40,6 +46,7 @@ def spec_for(
         reselect_every=2,
         warmup_steps=5,
         weight_decay=0.01,
+        precision=precision,
     )
     return TrainSpec(
         str(setup[kind]),
@@ -86,16 +93,21 @@ def comparable(report) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("method", "kind", "fmt"), [("green", "llama", "messages"), ("lora", "bert", "text_label")]
+    ("method", "kind", "fmt", "precision"),
+    [
+        ("green", "llama", "messages", "fp32"),
+        ("lora", "bert", "text_label", "fp32"),
+        ("green", "llama", "messages", "bf16"),  # frozen tensors held in bf16, float32 originals
+    ],
 )
-def test_interrupted_and_resumed_equals_uninterrupted(setup, tmp_path, method, kind, fmt):
-    whole = train(spec_for(setup, tmp_path / "whole", method, kind, fmt))
+def test_interrupted_and_resumed_equals_uninterrupted(setup, tmp_path, method, kind, fmt, precision):
+    whole = train(spec_for(setup, tmp_path / "whole", method, kind, fmt, precision))
     assert len(whole.epochs) == 3 and not whole.stopped
 
     should_stop, on_step = stop_at(epoch=2, step=5)
     seen = []
     part = train(
-        spec_for(setup, tmp_path / "part", method, kind, fmt),
+        spec_for(setup, tmp_path / "part", method, kind, fmt, precision),
         on_epoch=seen.append,
         should_stop=should_stop,
         on_step=on_step,
@@ -106,7 +118,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(setup, tmp_path, method, k
     assert sorted(p.name for p in out.iterdir()) == ["epoch-1"]  # no half-written epoch 2, no final
     before = (out / "epoch-1" / "model.safetensors").read_bytes()
 
-    resumed = train(spec_for(setup, tmp_path / "part", method, kind, fmt, resume_from=str(out / "epoch-1")))
+    resumed = train(
+        spec_for(setup, tmp_path / "part", method, kind, fmt, precision, resume_from=str(out / "epoch-1"))
+    )
     assert not resumed.stopped
     assert comparable(resumed.epochs) == comparable(whole.epochs)
     assert (out / "epoch-1" / "model.safetensors").read_bytes() == before
