@@ -3,18 +3,21 @@
 Run: .venv/bin/python bench/memory.py [--small]   (writes bench/results/memory.md)
 
 Part 1 (CPU, real weights): a Llama-shaped model built from a config with random weights (about 350M
-parameters; ``--small``: about 60M, for a quick run), batch 4 x 256, float32, AdamW as greencore.train builds
-it.
+parameters; ``--small``: about 60M, for a quick run), batch 4 x 256 (with padding in two rows, as a run's
+batches have), AdamW as greencore.train builds it, in the run's precision and micro-batches.
 Each configuration runs in a fresh process: one warm-up optimizer step (the moments exist, as after step one),
-then one training step measured by a live-storage tracker (greencore.memory.LiveStorages, on the real tensors)
-and by the process's peak RSS. Beside it the estimate on fake tensors from the meta model. Configurations:
-full; green at rho 0.5 with a fixed selection: select_tensors on the model's profile with every tensor of
-equal importance (the most tensors the budget allows; a real selection depends on the data); green's bound
-(every tensor the budget can reach, trained at once: what the service reports for green); LoRA (r 8, attention
-projections). The importance evaluation's peak is estimated for green's candidates.
-Part 2 (meta device only): Llama-3-8B, Qwen2.5-7B and Mistral-7B shapes at batch 1, 2, 4 x 2048, replayed
-for CUDA (the model's SDPA attention, multi-tensor AdamW): full, and green-0.5's bound (training step and
-importance evaluation), against 80 GB.
+then one training step as greencore.train runs it (frozen tensors narrowed under precision bf16, forwards
+under the run's autocast, micro-batches accumulated) measured by a live-storage tracker (greencore.memory.
+LiveStorages, on the real tensors) and by the process's peak RSS. Beside it the estimate on fake tensors from
+the meta model. Configurations: full; green at rho 0.5 with a fixed selection (select_tensors on the model's
+profile with every tensor of equal importance: the most tensors the budget allows; a real selection depends on
+the data) in each precision, and with micro-batches of 1; green's bound (every tensor the budget can reach,
+trained at once: what the service reports for green); LoRA (r 8, attention projections); and green's
+importance evaluation of the bound's candidates (importance_pass itself, the training optimizer holding state
+for all of them), measured the same way. Gradient checkpointing is not built yet: no row. Part 2 (meta device
+only): Llama-3-8B, Qwen2.5-7B and Mistral-7B shapes at batch 1, 2, 4 x 2048, replayed for CUDA (the model's
+SDPA attention, multi-tensor AdamW, importance's copies in host memory) in each precision: full, and
+green-0.5's bound (training step and importance evaluation), against 80 GB.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from greencore.importance import importance_pass, tentative_optimizer_factory  # noqa: E402
 from greencore.memory import LiveStorages, importance_bytes, train_step_bytes  # noqa: E402
-from greencore.profile import eager_attention, profile_model  # noqa: E402
+from greencore.precision import HeldPrecision, autocast  # noqa: E402
+from greencore.profile import profile_model  # noqa: E402
 from greencore.select import reachable_tensors, select_tensors  # noqa: E402
 from greencore.spec import Hyperparameters  # noqa: E402
+from greencore.train import micro_batches  # noqa: E402
 
 HP = Hyperparameters()
 RHO = 0.5
@@ -130,14 +136,35 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(shape: dict, which: str) -> dict:
-    """One real training step of configuration ``which``, in this process."""
+# (label, trained set, precision, micro_batch_size, phase)
+CONFIGS = [
+    ("full", "full", "fp32", None, "step"),
+    ("green-0.5 (selection)", "green-0.5 (selection)", "fp32", None, "step"),
+    ("green-0.5 (selection), bf16-mixed", "green-0.5 (selection)", "bf16-mixed", None, "step"),
+    ("green-0.5 (selection), bf16", "green-0.5 (selection)", "bf16", None, "step"),
+    ("green-0.5 (selection), micro-batch 1", "green-0.5 (selection)", "fp32", 1, "step"),
+    ("green-0.5 (bound)", "green-0.5 (bound)", "fp32", None, "step"),
+    ("green-0.5 (bound), importance", "green-0.5 (bound)", "fp32", None, "importance"),
+    ("lora", "lora", "fp32", None, "step"),
+]
+
+
+def hyperparameters(precision: str, micro: int | None) -> Hyperparameters:
+    return Hyperparameters(precision=precision, micro_batch_size=micro)
+
+
+def measure(shape: dict, config: int) -> dict:
+    """One real training step (or importance evaluation) of ``CONFIGS[config]``, in this process."""
+    _, which, precision, micro, phase = CONFIGS[config]
+    hp = hyperparameters(precision, micro)
     model = build(shape, meta=False)
     if which == "lora":
         model, trained = lora(model)
     else:
         trained = trained_sets(build(shape, meta=True))[which]
     keep = set(trained)
+    held = HeldPrecision(model, hp.precision)
+    held.narrow(keep=keep)
     for n, p in model.named_parameters():
         p.requires_grad_(n in keep)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -147,7 +174,10 @@ def measure(shape: dict, which: str) -> dict:
     opt.step()
     opt.zero_grad(set_to_none=True)
     ids = torch.randint(3, shape["vocab_size"], (BATCH, SEQ))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    mask = torch.ones_like(ids)
+    mask[0, -16:] = 0  # padding in the first and last rows (every micro-batch of 2 has some)
+    mask[-1, -8:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
     tracker = LiveStorages()
     tracker.add(
         [
@@ -160,11 +190,17 @@ def measure(shape: dict, which: str) -> dict:
     rss_before = rss_bytes()
     started = time.perf_counter()
     model.train()
-    with eager_attention(model), tracker:
-        model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], HP.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    with tracker:
+        if phase == "importance":
+            importance_pass(model, [batch], tentative_optimizer_factory(opt), names=trained, offload=False)
+        else:
+            for part, weight in micro_batches(batch, "causal_lm", micro):
+                with autocast(hp.precision, "cpu"):
+                    loss = model(**part).loss
+                (loss if weight == 1.0 else loss * weight).backward()
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], HP.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return {
         "tracker": tracker.peak_bytes,
         "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -174,19 +210,17 @@ def measure(shape: dict, which: str) -> dict:
     }
 
 
-def estimate(shape: dict, which: str) -> tuple[int, int]:
+def estimate(shape: dict, config: int) -> int:
+    _, which, precision, micro, phase = CONFIGS[config]
+    hp = hyperparameters(precision, micro)
     meta = build(shape, meta=True)
     if which == "lora":
         meta, trained = lora(meta)
     else:
         trained = trained_sets(meta)[which]
-    step = train_step_bytes(meta, trained, (BATCH, SEQ), "causal_lm", HP, "cpu")
-    imp = (
-        importance_bytes(meta, trained, trained, (BATCH, SEQ), "causal_lm", HP, "cpu")
-        if "bound" in which
-        else 0
-    )
-    return step, imp
+    if phase == "importance":
+        return importance_bytes(meta, trained, trained, (BATCH, SEQ), "causal_lm", hp, "cpu")
+    return train_step_bytes(meta, trained, (BATCH, SEQ), "causal_lm", hp, "cpu")
 
 
 def big_rows() -> list[str]:
@@ -198,17 +232,19 @@ def big_rows() -> list[str]:
         every = [n for n, _ in meta.named_parameters()]
         started = time.perf_counter()
         reach = list(reachable_tensors(profile_model(meta, 1, 2048), RHO))
-        for b in (1, 2, 4):
-            full = train_step_bytes(meta, every, (b, 2048), "causal_lm", HP, "cuda")
-            green = train_step_bytes(meta, reach, (b, 2048), "causal_lm", HP, "cuda")
-            imp = importance_bytes(meta, reach, reach, (b, 2048), "causal_lm", HP, "cuda")
-            fits = lambda x: "yes" if x <= DEVICE_GB * GB else "no"  # noqa: E731
-            rows.append(
-                f"| {name} | {params / 1e9:.2f}B | {b} x 2048 | {full / GB:.1f} ({fits(full)}) | "
-                f"{len(reach)}/{len(every)} | {green / GB:.1f} ({fits(green)}) | "
-                f"{imp / GB:.1f} ({fits(imp)}) |"
-            )
-            print(rows[-1], flush=True)
+        fits = lambda x: "yes" if x <= DEVICE_GB * GB else "no"  # noqa: E731
+        for precision in ("fp32", "bf16-mixed", "bf16"):
+            hp = hyperparameters(precision, None)
+            for b in (1, 2, 4):
+                full = train_step_bytes(meta, every, (b, 2048), "causal_lm", hp, "cuda")
+                green = train_step_bytes(meta, reach, (b, 2048), "causal_lm", hp, "cuda")
+                imp = importance_bytes(meta, reach, reach, (b, 2048), "causal_lm", hp, "cuda")
+                rows.append(
+                    f"| {name} | {params / 1e9:.2f}B | {precision} | {b} x 2048 | {full / GB:.1f} "
+                    f"({fits(full)}) | {len(reach)}/{len(every)} | {green / GB:.1f} ({fits(green)}) | "
+                    f"{imp / GB:.1f} ({fits(imp)}) |"
+                )
+                print(rows[-1], flush=True)
         print(f"{name}: {time.perf_counter() - started:.1f} s", flush=True)
     return rows
 
@@ -220,26 +256,26 @@ def main() -> None:
     parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args()
     shape = MODEL_SMALL if args.small else MODEL_350M
-    if args.measure:
-        print(json.dumps(measure(shape, args.measure)))
+    if args.measure is not None:
+        print(json.dumps(measure(shape, int(args.measure))))
         return
     n_params = sum(p.numel() for p in build(shape, meta=True).parameters())
     torch_threads = torch.get_num_threads()
     rows = []
-    for which in ("full", "green-0.5 (selection)", "green-0.5 (bound)", "lora"):
+    for i, (label, *_rest) in enumerate(CONFIGS):
         started = time.perf_counter()
-        step_est, imp_est = estimate(shape, which)
+        est = estimate(shape, i)
         est_s = time.perf_counter() - started
-        cmd = [sys.executable, __file__, "--measure", which] + (["--small"] if args.small else [])
+        cmd = [sys.executable, __file__, "--measure", str(i)] + (["--small"] if args.small else [])
         real = json.loads(
             subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
         )
-        err = step_est / real["tracker"] - 1
+        err = est / real["tracker"] - 1
         rows.append(
-            f"| {which} | {real['trained']} | {step_est / GB:.3f} | {real['tracker'] / GB:.3f} | "
+            f"| {label} | {real['trained']} | {est / GB:.3f} | {real['tracker'] / GB:.3f} | "
             f"{100 * err:+.2f}% | "
             f"{real['rss_peak'] / GB:.3f} ({(real['rss_peak'] - real['rss_before']) / GB:+.3f}) | "
-            f"{imp_est / GB:.3f} | {real['step_s']:.1f} | {est_s:.1f} |"
+            f"{real['step_s']:.1f} | {est_s:.1f} |"
         )
         print(rows[-1], flush=True)
     big = [] if args.skip_big else big_rows()
@@ -252,7 +288,7 @@ def main() -> None:
         "",
         f"## Real CPU steps: Llama-shaped, {n_params / 1e6:.0f}M parameters (random weights), "
         f"batch {BATCH} x {SEQ}, "
-        "float32",
+        "precision per row",
         "",
         "GB = 1e9 bytes. Estimate: greencore.memory on the meta model. Measured: live-storage tracker on the "
         "real step (weights, optimizer state and batch counted from the start); RSS: the process's peak (and "
@@ -260,21 +296,20 @@ def main() -> None:
         "during the step, which excludes what was resident before: weights, moments, libraries).",
         "",
         "| config | tensors trained | estimate GB | measured GB | error | RSS peak GB (step) "
-        "| importance est. GB "
         "| step s | estimate s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     if big:
         lines += [
             "",
-            "## 8B-class shapes at 2048 tokens, replayed for CUDA (SDPA, multi-tensor AdamW), float32, "
+            "## 8B-class shapes at 2048 tokens, replayed for CUDA (SDPA, multi-tensor AdamW), "
             f"vs {DEVICE_GB} GB",
             "",
-            "| model | parameters | batch | full step GB (fits) | green-0.5 reachable "
+            "| model | parameters | precision | batch | full step GB (fits) | green-0.5 reachable "
             "| green-0.5 step GB (fits) "
             "| green-0.5 importance GB (fits) |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
             *big,
         ]
     out = ROOT / "bench" / "results" / "memory.md"

@@ -21,9 +21,12 @@ training optimizer. Everything is put back exactly: weights bit for bit, ``requi
 every parameter, the model's train/eval mode, and the training optimizer is never touched.
 
 Memory: besides the model and the activations of one pass, the evaluation holds one copy of each candidate's
-weights (to put them back), its first gradient ``g0`` (kept as backward left it, not copied) and its second
-``g1``; the tentative optimizer's state (Adam's two moments) exists for one tensor at a time, as the
-candidates are stepped one by one (each tensor's Adam step depends on its own gradient and state only).
+weights (to put them back) and its first gradient ``g0`` (kept as backward left it, not copied), both in host
+memory when the model is on CUDA (``offload``), and its second gradient ``g1``, freed tensor by tensor as the
+scores are taken; the tentative optimizer's state (Adam's two moments) exists for one tensor at a time, as the
+candidates are stepped one by one (each tensor's Adam step depends on its own gradient and state only). On
+CUDA the evaluation then holds on the device what a training step of the candidates holds (one gradient each,
+beside the training optimizer's state), and its peak stays within that step's.
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ def importance_pass(
     rule: Literal["trapezoid", "first_order"] = "trapezoid",
     weights: Sequence[float] | None = None,
     autocast: AbstractContextManager[Any] | None = None,
+    offload: bool | None = None,
 ) -> ImportancePass:
     """Importance (loss reduction, in loss units) of each candidate tensor, from one tentative step, with the
     first pass's loss and gradients (see :class:`ImportancePass`).
@@ -150,7 +154,8 @@ def importance_pass(
     / 2 . dw``) or the paper's ``"first_order"`` (``-g1 . dw``); see the module's docstring. ``weights``: each
     batch's weight in the mean loss (default equal: 1 / len(batches)), e.g. the micro-batches of one batch
     weighted by their share of its loss terms. ``autocast``: the context each forward runs under (the training
-    step's; default none).
+    step's; default none). ``offload``: keep the saved weights and the first gradients in host memory, off the
+    device (default: when the candidates are on CUDA); the gradients returned are then host tensors.
 
     The two passes run in eval mode (no dropout): the measurement is of the loss itself, and the random
     number stream training draws its dropout masks from is left alone. Scores: name -> ``I_k``; a value that
@@ -180,6 +185,8 @@ def importance_pass(
     saved_flags = {n: p.requires_grad for n, p in params.items()}
     saved_grads = {n: p.grad for n, p in params.items()}
     chosen = [params[n] for n in candidates]
+    if offload is None:
+        offload = any(p.is_cuda for p in chosen)
     old: list[torch.Tensor] = []
     first: list[torch.Tensor | None] = []  # g0
     scores: dict[str, float] = {}
@@ -191,33 +198,40 @@ def importance_pass(
             if n in candidates:
                 p.grad = None  # backward accumulates in place: never into the caller's gradient
         with torch.no_grad():
-            old = [p.detach().clone() for p in chosen]  # on the parameter's own device
+            old = [_saved(p, offload) for p in chosen]
         with torch.enable_grad():
             loss = _accumulate_gradients(model, batches, weights, autocast)
-            # g0 is kept as backward left it (the step below reads it and does not change it).
-            first = [None if p.grad is None else p.grad.detach() for p in chosen]
             # One tensor at a time: the tentative optimizer's state (Adam's two moments, cloned from the
             # training optimizer's) lives for one tensor's step, never for every candidate at once. Each
             # tensor's Adam step depends on its own gradient and state only, so the step is the joint one.
+            # g0 is kept as backward left it (the step reads it and does not change it), or in host memory.
             for p in chosen:
                 if p.grad is not None:
                     optimizer_factory([p]).step()
+                first.append(None if p.grad is None else _kept(p.grad.detach(), offload))
                 p.grad = None
             _accumulate_gradients(model, batches, weights, autocast)
         with torch.no_grad():
-            for i, (n, p, w_old) in enumerate(zip(candidates, chosen, old, strict=True)):
+            for i, (n, p) in enumerate(zip(candidates, chosen, strict=True)):
+                w_old = _back(old[i], p, offload)
                 if p.grad is None:  # the loss does not depend on it: its update cannot matter
                     scores[n] = 0.0
-                    continue
-                delta = p.detach().float() - w_old.float()
-                grad = p.grad.float()
-                if rule == "trapezoid" and first[i] is not None:
-                    grad = (grad + first[i].float()) / 2
-                scores[n] = -float(torch.sum(grad * delta, dtype=torch.float64))
+                else:
+                    delta = p.detach().float() - w_old.float()
+                    grad = p.grad.float()
+                    g0 = first[i]
+                    if rule == "trapezoid" and g0 is not None:
+                        grad = (grad + _back(g0, p, offload).float()) / 2
+                    scores[n] = -float(torch.sum(grad * delta, dtype=torch.float64))
+                    p.grad = None  # g1 is done with: freed tensor by tensor
+                    del delta, grad
+                p.copy_(w_old)  # put back at once: its saved copy is done with too
+                old[i] = p
     finally:
         with torch.no_grad():
             for p, w_old in zip(chosen, old, strict=False):
-                p.copy_(w_old)
+                if w_old is not p:
+                    p.copy_(w_old)
         for n, p in params.items():
             p.requires_grad_(saved_flags[n])
             p.grad = saved_grads[n]
@@ -233,6 +247,30 @@ def importance_pass(
         scores.update(dict.fromkeys(bad, 0.0))
     gradients = {n: g for n, g in zip(candidates, first, strict=True) if g is not None}
     return ImportancePass(scores, loss, gradients)
+
+
+def _saved(p: torch.Tensor, offload: bool) -> torch.Tensor:
+    """A copy of ``p`` to put it back from: on its device, or in host memory (``offload``)."""
+    return _kept(p.detach(), offload, copy=True)
+
+
+def _kept(t: torch.Tensor, offload: bool, copy: bool = False) -> torch.Tensor:
+    """``t`` (a copy when ``copy``), or a copy of it in host memory when ``offload``. Allocations made for
+    host memory are marked (``greencore.memory.host_memory``) so that a replay of the pass on fake tensors of
+    one device does not count them as device memory."""
+    if not offload:
+        return t.clone() if copy else t
+    from greencore.memory import host_memory
+
+    with host_memory():
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        host.copy_(t)
+    return host
+
+
+def _back(t: torch.Tensor, p: torch.Tensor, offload: bool) -> torch.Tensor:
+    """``t`` on ``p``'s device (a transient copy of a host tensor)."""
+    return t.to(p.device, copy=True) if offload else t
 
 
 def importance_flops(profile: TensorProfile, names: Iterable[str] | None, n_batches: int) -> StepFlops:

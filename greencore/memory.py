@@ -29,8 +29,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,21 @@ class PeakMemory:
         return max(self.train_step_bytes, self.importance_bytes)
 
 
+_HOST = threading.local()
+
+
+@contextlib.contextmanager
+def host_memory() -> Iterator[None]:
+    """Allocations inside the block are host memory, off the device (``greencore.importance`` keeps its saved
+    copies there on CUDA): a :class:`LiveStorages` tracker does not count them."""
+    saved = getattr(_HOST, "on", False)
+    _HOST.on = True
+    try:
+        yield
+    finally:
+        _HOST.on = saved
+
+
 class LiveStorages(TorchDispatchMode):
     """Bytes of the storages alive, and their peak: every storage an op returns counts from then until Python
     frees it (views of one storage count once). Storages that existed before (weights, optimizer state) are
@@ -108,7 +124,8 @@ class LiveStorages(TorchDispatchMode):
         if self.fake_scalars and func is torch.ops.aten._local_scalar_dense.default:
             return True if args[0].dtype == torch.bool else 1
         out = func(*args, **(kwargs or {}))
-        self.add(o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
+        if not getattr(_HOST, "on", False):
+            self.add(o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
         return out
 
 
@@ -307,6 +324,7 @@ def importance_bytes(
                 names=candidates,
                 weights=weights,
                 autocast=autocast(precision, torch.device(_placed(device)).type),
+                offload=torch.device(device).type == "cuda",  # as on real CUDA tensors
             )
     return tracker.peak_bytes
 

@@ -418,7 +418,7 @@ def _run_steps(
     if first is not None and first_batch is not None:
         named = dict(model.named_parameters())
         for name, grad in first.gradients.items():
-            named[name].grad = grad
+            named[name].grad = grad.to(named[name].device)  # in host memory when importance offloaded it
         _optimizer_step(run)
         loss_sum += first.loss
         tokens += _tokens(first_batch, run.task)

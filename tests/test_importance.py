@@ -296,3 +296,30 @@ def test_the_pass_returns_the_first_gradients_and_loss_at_the_weights_as_they_we
     for n, p in reference.named_parameters():
         if n in names:
             torch.testing.assert_close(result.gradients[n], p.grad, msg=n)
+
+
+def test_offloaded_pass_gives_the_same_scores_and_gradients_and_keeps_its_copies_off_the_device() -> None:
+    # offload keeps the saved weights and g0 in host memory (on CUDA): the same arithmetic, so the same bits.
+    # The replay's tracker sees no device storage for them: it holds one gradient per candidate less.
+    from greencore.importance import importance_pass
+    from greencore.memory import LiveStorages
+
+    model, opt, batches = trained_llama()
+    names = [n for n, _ in model.named_parameters()][-6:]
+    weights = {n: bits(p) for n, p in model.named_parameters()}
+    results, peaks = [], []
+    for offload in (False, True):
+        opt.zero_grad(set_to_none=True)
+        tracker = LiveStorages()
+        tracker.add([*model.parameters(), *[v for s in opt.state.values() for v in s.values()]])
+        with tracker:
+            results.append(importance_pass(model, batches[:1], adamw(), names=names, offload=offload))
+        peaks.append(tracker.peak_bytes)
+        for n, p in model.named_parameters():
+            assert torch.equal(bits(p), weights[n]), n
+    kept, offloaded = results
+    assert kept.scores == offloaded.scores and kept.loss == offloaded.loss
+    assert kept.gradients.keys() == offloaded.gradients.keys()
+    assert all(torch.equal(kept.gradients[n], offloaded.gradients[n]) for n in names)
+    candidate_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if n in names)
+    assert peaks[1] <= peaks[0] - candidate_bytes
