@@ -176,14 +176,17 @@ def run_costs(
     the device type the run's memory is replayed for ("cpu" or "cuda"; default CUDA when present)."""
     costed = make_method(method, hp)
     model = _meta_model(str(model_dir), _mtime(model_dir), data.task, num_labels)
-    profiles = ShapeProfiles(model, attention=None if hp.attention == "auto" else hp.attention)
+    attention = None if hp.attention == "auto" else hp.attention
+    profiles = ShapeProfiles(model, attention=attention, checkpointing=hp.gradient_checkpointing)
+    # The importance passes run in eval mode, where no layer is checkpointed.
+    importance_profiles = ShapeProfiles(model, attention=attention, checkpointing=False)
     epochs, importance = [], []
     shapes = RunShapes(data.task, [], [])
     with TRACE_LOCK:
         for epoch in range(1, hp.n_epochs + 1):
             plan = plan_epoch(data, hp, seed, epoch)
             epochs.append(profiles.steps(plan.shapes))
-            importance.append(profiles.steps(plan.shapes[: plan.importance]))
+            importance.append(importance_profiles.steps(plan.shapes[: plan.importance]))
             shapes.steps.extend(plan.shapes)
             shapes.importance.extend(plan.shapes[: plan.importance])
         costing = RunCosting(model, epochs, importance, hp)

@@ -20,8 +20,10 @@ Precision and micro-batches are replayed as the run has them: each fake twin is 
 holds that tensor in (``greencore.precision.tensor_dtypes``: bf16 for frozen tensors under precision bf16),
 forwards run under the run's autocast, and a step runs two micro-batches (the second one's backward
 accumulates into the first one's gradients, the step's steady state) of ``micro_batch_size`` rows cut from the
-whole batch, which the run holds on its device. Host memory the run keeps beside the device (precision bf16's
-float32 originals of a float32 base) is not device memory and is not counted.
+whole batch, which the run holds on its device. With ``gradient_checkpointing`` the replayed step checkpoints
+the layers as the run does (each layer keeps its inputs; its forward runs again in backward). Host memory the
+run keeps beside the device (precision bf16's float32 originals of a float32 base) is not device memory and is
+not counted.
 """
 
 from __future__ import annotations
@@ -260,6 +262,10 @@ def train_step_bytes(
     precision = _precision(hp, device)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = _fake_model(model, mode, device, trained, _dtypes(model, trained, precision))
+    if hp.gradient_checkpointing:
+        from greencore.profile import set_gradient_checkpointing
+
+        set_gradient_checkpointing(fake, True)
     params = [p for p in fake.parameters() if p.requires_grad]
     tracker = LiveStorages()
     with mode, _attention(fake, hp), TRACE_LOCK:
@@ -362,6 +368,7 @@ class RunShapes:
             model_key,
             hp.max_grad_norm,
             str(hp.attention),
+            hp.gradient_checkpointing,
             str(_precision(hp, device)),
             hp.micro_batch_size,
             device,

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from greencore.data import Encoded, batch_shape, epoch_batches
-from greencore.profile import TensorProfile, attention_implementation, attention_of, profile_model
+from greencore.profile import (
+    TensorProfile,
+    attention_implementation,
+    attention_of,
+    checkpointing_of,
+    gradient_checkpointing,
+    profile_model,
+)
 from greencore.spec import Hyperparameters
 
 Shape = tuple[int, ...]  # a padded batch: (batch, seq) or, for seq2seq, (batch, seq, target)
@@ -43,10 +50,11 @@ def plan_epoch(data: Encoded, hp: Hyperparameters, seed: int, epoch: int) -> Epo
     return EpochPlan(epoch, batches, shapes, min(hp.importance_batches, len(batches)))
 
 
-# Profiles by model structure, attention implementation and row shape, kept across runs in this process: a
-# profile depends on the architecture, the config, the attention kernel (eager and SDPA backwards differ) and
-# the shape, never on the weights, so a worker training one base model job after job traces each shape once.
-_PROFILE_CACHE: OrderedDict[tuple[str, tuple[str | None, ...], Shape], TensorProfile] = OrderedDict()
+# Profiles by model structure, attention implementation, checkpointing and row shape, kept across runs in this
+# process: a profile depends on the architecture, the config, the attention kernel (eager and SDPA backwards
+# differ), whether layers are recomputed, and the shape, never on the weights, so a worker training one base
+# model job after job traces each shape once.
+_PROFILE_CACHE: OrderedDict[tuple[str, tuple[str | None, ...], bool, Shape], TensorProfile] = OrderedDict()
 PROFILE_CACHE_SIZE = 512  # profiles kept (each holds a few hundred cost terms)
 
 
@@ -73,7 +81,8 @@ class ShapeProfiles:
 
     ``baseline``: a context in which the model is the base that full fine-tuning would train (LoRA's adapters
     switched off: ``Method.full_baseline``); None when the model is that base. ``attention``: the attention
-    implementation the steps run ("eager", "sdpa"); None: the model's own.
+    implementation the steps run ("eager", "sdpa"); None: the model's own. ``checkpointing``: whether the
+    steps checkpoint the model's layers (their recompute is counted); None: as the model is set.
     """
 
     def __init__(
@@ -81,15 +90,20 @@ class ShapeProfiles:
         model: nn.Module,
         baseline: Callable[[], AbstractContextManager[None] | None] | None = None,
         attention: str | None = None,
+        checkpointing: bool | None = None,
     ) -> None:
         self.model = model
         self.structure = model_structure(model)
         self.baseline = baseline
         self.attention = attention
+        self.checkpointing = checkpointing
 
     def _row(self, structure: str, row: Shape) -> TensorProfile:
-        with attention_implementation(self.model, self.attention):
-            key = (structure, attention_of(self.model), row)
+        with (
+            attention_implementation(self.model, self.attention),
+            gradient_checkpointing(self.model, self.checkpointing),
+        ):
+            key = (structure, attention_of(self.model), checkpointing_of(self.model), row)
             if key in _PROFILE_CACHE:
                 _PROFILE_CACHE.move_to_end(key)
                 return _PROFILE_CACHE[key]

@@ -28,6 +28,7 @@ one. FlopCounterMode counts CPU's SDPA kernel through the formula ``greencore.fl
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
@@ -224,6 +225,56 @@ def attention_implementation(model: nn.Module, implementation: str | None) -> It
 def eager_attention(model: nn.Module) -> AbstractContextManager[None]:
     """Run the model with eager attention inside the block."""
     return attention_implementation(model, "eager")
+
+
+def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers transformers can checkpoint (``GradientCheckpointingLayer``: transformer blocks)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Checkpoint every transformer layer of ``model`` in training (``torch.utils.checkpoint``, non-reentrant:
+    a layer keeps its inputs, and its whole forward runs again when backward reaches it), or none. Raises
+    ProfileError when the model has no layer transformers can checkpoint.
+
+    Early stop is off: torch would otherwise end a layer's recompute at the last tensor the forward saved,
+    which skips the layer's last matmul in some architectures (Llama's down projection, not GPT-2's) and
+    depends on which tensors each op saved for the trained set; the whole forward again is the rule the
+    profile counts exactly, for any architecture and any selection."""
+    layers = checkpointable_layers(model)
+    if enabled and not layers:
+        raise ProfileError(f"{type(model).__name__} has no layer that gradient checkpointing can wrap")
+    run = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, early_stop=False)
+    for layer in layers:
+        layer.gradient_checkpointing = enabled
+        if enabled:
+            layer._gradient_checkpointing_func = run
+
+
+@contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool | None) -> Iterator[None]:
+    """Inside the block, checkpoint every transformer layer (True) or none (False); None: as the model is."""
+    if enabled is None:
+        yield
+        return
+    keys = ("gradient_checkpointing", "_gradient_checkpointing_func")
+    layers = checkpointable_layers(model)
+    saved = [{k: layer.__dict__[k] for k in keys if k in layer.__dict__} for layer in layers]
+    try:
+        set_gradient_checkpointing(model, enabled)
+        yield
+    finally:
+        for layer, attrs in zip(layers, saved, strict=True):
+            for k in keys:
+                layer.__dict__.pop(k, None)
+            layer.__dict__.update(attrs)
+
+
+def checkpointing_of(model: nn.Module) -> bool:
+    """Whether ``model`` checkpoints its transformer layers in training."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in checkpointable_layers(model))
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -480,16 +531,40 @@ def profile_model(
 
     embeddings = input_embedding_modules(model)
 
+    # Checkpointed layers: each one's forward runs again in backward when backward enters it (when a tensor in
+    # it or upstream of its inputs trains): a term of its forward FLOPs over those tensors. Module hooks run
+    # outside the checkpoint (transformers checkpoints ``forward``), once per layer.
+    regions: list[tuple[int, list[Any], list[nn.Parameter]]] = []  # (forward FLOPs, input sources, params)
+    opened: list[tuple[int, list[Any]]] = []
+    counting: list[FlopCounterMode] = []
+
+    def region_start(module, args, kwargs):
+        if opened:
+            raise ProfileError(f"nested checkpointed layers ({type(module).__name__}) are not supported")
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        sources = [t.grad_fn if t.grad_fn is not None else t for t in tensors if t.requires_grad]
+        opened.append((counting[0].get_total_flops(), sources))
+
+    def region_end(module, args, kwargs, output):
+        start, sources = opened.pop()
+        regions.append((counting[0].get_total_flops() - start, sources, list(module.parameters())))
+
+    checkpointed = [m for m in checkpointable_layers(model) if m.gradient_checkpointing is True]
+
     # Fake tensors carry shapes, strides and autograd history but no data; Hugging Face models skip their
     # data-dependent checks (padding inspection and the like) on them, as they do under torch.export.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with _fake_parameters(model, fake_mode) as twins, attention_implementation(model, attention):
         hooks = [module.register_forward_hook(mark_data) for module in embeddings]
+        for layer in checkpointed:
+            hooks.append(layer.register_forward_pre_hook(region_start, with_kwargs=True))
+            hooks.append(layer.register_forward_hook(region_end, with_kwargs=True))
         try:
             model.train()
             with fake_mode:
                 inputs = step_inputs(model, batch_size, seq_len, target_len, "cpu")
             with torch.enable_grad(), fake_mode, FlopCounterMode(display=False) as counter:
+                counting.append(counter)
                 with recorder:
                     out = model(**inputs)
                     recorder.resolve()
@@ -530,6 +605,16 @@ def profile_model(
                 table = act if bits & data_bit else weight
                 key = bits & ~data_bit
                 table[key] = table.get(key, 0) + flops
+
+        for flops, sources, params in regions:
+            bits = 0
+            for src in sources:
+                bits |= source_bits(src)
+            for p in params:
+                bits |= leaf_bit.get(id(p), 0)
+            table = act if bits & data_bit else weight
+            key = bits & ~data_bit
+            table[key] = table.get(key, 0) + flops
 
         used = upstream[loss.grad_fn] & ~data_bit
     kept = [i for i in range(len(named)) if used >> i & 1]

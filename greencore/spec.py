@@ -89,6 +89,11 @@ class Hyperparameters:
         "fp32; bf16-mixed (float32 tensors, bf16 autocast); or bf16 (frozen tensors held in bf16, trained "
         "ones in float32 with their AdamW state, bf16 autocast)",
     )
+    gradient_checkpointing: bool = setting(
+        False,
+        "keep only each transformer layer's input and run its forward again in backward (less activation "
+        "memory; the recompute is counted in the FLOPs and the budget)",
+    )
     micro_batch_size: int | None = setting(
         None,
         "sequences per forward and backward; a step accumulates the gradients of batch_size / "

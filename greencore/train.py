@@ -44,6 +44,7 @@ from greencore.methods import Choice, EpochContext, FirstStep, Method, make_meth
 from greencore.models import ModelFolderError, load_config
 from greencore.plan import EpochPlan, ShapeProfiles, plan_epoch
 from greencore.precision import HeldPrecision, autocast, resolve_precision
+from greencore.profile import ProfileError, set_gradient_checkpointing
 from greencore.spec import Attention, EpochReport, Hyperparameters, SpecError, TrainReport, TrainSpec
 
 __all__ = ["LossNotFinite", "auto_class", "evaluate", "linear_schedule", "train"]
@@ -122,7 +123,8 @@ class _Run:
     params: list[nn.Parameter]  # what the optimizer holds
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    profiles: ShapeProfiles
+    profiles: ShapeProfiles  # the training steps'
+    importance_profiles: ShapeProfiles  # the importance passes' (in eval mode: no layer is recomputed)
     meter: EnergyMeter
     autocast: AbstractContextManager[Any]
     held: HeldPrecision  # which tensors are held in bf16 (precision bf16)
@@ -204,6 +206,11 @@ def _setup(spec: TrainSpec) -> _Run:
     torch.manual_seed(spec.seed)
     source = method.weights_source(spec.model_dir, spec.resume_from if state is not None else None)
     model, new_modules = _load_model(source, task, labels, tokenizer, hp.attention)
+    if hp.gradient_checkpointing:
+        try:
+            set_gradient_checkpointing(model, True)
+        except ProfileError as exc:
+            raise SpecError("gradient_checkpointing", str(exc)) from exc
     model, params = method.prepare(model, new_modules)
     if state is not None and spec.resume_from is not None:
         method.restore(model, spec.resume_from)  # what the checkpoint holds beyond the weights loaded
@@ -216,6 +223,7 @@ def _setup(spec: TrainSpec) -> _Run:
         torch.backends.cudnn.allow_tf32 = True
 
     total_steps = math.ceil(len(train_data) / hp.batch_size) * hp.n_epochs
+    profiles = ShapeProfiles(model, baseline=lambda: method.full_baseline(model))
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(hp.warmup_steps, total_steps))
     default_dtype = getattr(config, "dtype", None) or torch.float32
@@ -234,7 +242,10 @@ def _setup(spec: TrainSpec) -> _Run:
         params=params,
         optimizer=optimizer,
         scheduler=scheduler,
-        profiles=ShapeProfiles(model, baseline=lambda: method.full_baseline(model)),
+        profiles=profiles,
+        importance_profiles=(
+            ShapeProfiles(model, checkpointing=False) if hp.gradient_checkpointing else profiles
+        ),
         meter=EnergyMeter(str(device), spec.energy),
         autocast=autocast(precision, device.type),
         held=held,
@@ -331,7 +342,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         importance_weights=[w for _, w in parts],
         autocast=run.autocast,
         held_in_float32=run.held.widened,
-        importance_profile=run.profiles.steps(plan.shapes[: plan.importance]),
+        importance_profile=run.importance_profiles.steps(plan.shapes[: plan.importance]),
         # The tentative step of the importance pass is the training optimizer's next step (a copy of it: its
         # moments and the scheduled learning rate), as in the paper's code.
         optimizer_factory=tentative_optimizer_factory(run.optimizer),
