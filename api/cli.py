@@ -17,11 +17,12 @@ def _fmt(flops: float) -> str:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from greencore.models import ModelFolderError, meta_model
-    from greencore.profile import ProfileError, profile_model
+    from greencore.profile import ProfileError, gradient_checkpointing, profile_model
 
     try:
         model = meta_model(args.model_dir)
-        profile = profile_model(model, args.batch_size, args.seq_len, args.target_len)
+        with gradient_checkpointing(model, args.gradient_checkpointing or None):
+            profile = profile_model(model, args.batch_size, args.seq_len, args.target_len)
     except (ModelFolderError, ProfileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -50,11 +51,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         )
         task = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal_lm"
         device = args.memory
-        peak = train_step_bytes(
-            model, [n for n, _ in model.named_parameters()], shape, task, Hyperparameters(), device
-        )
+        hp = Hyperparameters(precision=args.precision, gradient_checkpointing=args.gradient_checkpointing)
+        peak = train_step_bytes(model, [n for n, _ in model.named_parameters()], shape, task, hp, device)
         print(
-            f"peak memory of a full fine-tuning step on {device} (float32, AdamW): "
+            f"peak memory of a full fine-tuning step on {device} (precision {args.precision}, AdamW"
+            f"{', gradient checkpointing' if args.gradient_checkpointing else ''}): "
             f"{peak / 2**30:.3f} GiB ({peak} bytes)"
         )
     return 0
@@ -202,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("cpu", "cuda"),
         default="cpu",
         help="the device type the peak memory of a full fine-tuning step is replayed for (fake tensors)",
+    )
+    p.add_argument("--precision", choices=("fp32", "bf16-mixed", "bf16"), default="fp32")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="checkpoint every transformer layer (the recompute is counted in the FLOPs)",
     )
     p.set_defaults(func=cmd_profile)
     return parser

@@ -14,7 +14,7 @@ profile with every tensor of equal importance: the most tensors the budget allow
 the data) in each precision, and with micro-batches of 1; green's bound (every tensor the budget can reach,
 trained at once: what the service reports for green); LoRA (r 8, attention projections); and green's
 importance evaluation of the bound's candidates (importance_pass itself, the training optimizer holding state
-for all of them), measured the same way. Gradient checkpointing is not built yet: no row. Part 2 (meta device
+for all of them), measured the same way, and green with gradient checkpointing. Part 2 (meta device
 only): Llama-3-8B, Qwen2.5-7B and Mistral-7B shapes at batch 1, 2, 4 x 2048, replayed for CUDA (the model's
 SDPA attention, multi-tensor AdamW, importance's copies in host memory) in each precision: full, and
 green-0.5's bound (training step and importance evaluation), against 80 GB.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from greencore.importance import importance_pass, tentative_optimizer_factory  # noqa: E402
 from greencore.memory import LiveStorages, importance_bytes, train_step_bytes  # noqa: E402
 from greencore.precision import HeldPrecision, autocast  # noqa: E402
-from greencore.profile import profile_model  # noqa: E402
+from greencore.profile import profile_model, set_gradient_checkpointing  # noqa: E402
 from greencore.select import reachable_tensors, select_tensors  # noqa: E402
 from greencore.spec import Hyperparameters  # noqa: E402
 from greencore.train import micro_batches  # noqa: E402
@@ -143,21 +143,26 @@ CONFIGS = [
     ("green-0.5 (selection), bf16-mixed", "green-0.5 (selection)", "bf16-mixed", None, "step"),
     ("green-0.5 (selection), bf16", "green-0.5 (selection)", "bf16", None, "step"),
     ("green-0.5 (selection), micro-batch 1", "green-0.5 (selection)", "fp32", 1, "step"),
+    ("green-0.5 (selection), checkpointing", "green-0.5 (selection)", "fp32", None, "checkpointing"),
     ("green-0.5 (bound)", "green-0.5 (bound)", "fp32", None, "step"),
     ("green-0.5 (bound), importance", "green-0.5 (bound)", "fp32", None, "importance"),
     ("lora", "lora", "fp32", None, "step"),
 ]
 
 
-def hyperparameters(precision: str, micro: int | None) -> Hyperparameters:
-    return Hyperparameters(precision=precision, micro_batch_size=micro)
+def hyperparameters(precision: str, micro: int | None, phase: str = "step") -> Hyperparameters:
+    return Hyperparameters(
+        precision=precision, micro_batch_size=micro, gradient_checkpointing=phase == "checkpointing"
+    )
 
 
 def measure(shape: dict, config: int) -> dict:
     """One real training step (or importance evaluation) of ``CONFIGS[config]``, in this process."""
     _, which, precision, micro, phase = CONFIGS[config]
-    hp = hyperparameters(precision, micro)
+    hp = hyperparameters(precision, micro, phase)
     model = build(shape, meta=False)
+    if hp.gradient_checkpointing:
+        set_gradient_checkpointing(model, True)
     if which == "lora":
         model, trained = lora(model)
     else:
@@ -212,7 +217,7 @@ def measure(shape: dict, config: int) -> dict:
 
 def estimate(shape: dict, config: int) -> int:
     _, which, precision, micro, phase = CONFIGS[config]
-    hp = hyperparameters(precision, micro)
+    hp = hyperparameters(precision, micro, phase)
     meta = build(shape, meta=True)
     if which == "lora":
         meta, trained = lora(meta)

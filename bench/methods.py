@@ -50,6 +50,7 @@ from bench.needs import ensure_bench_extra, ensure_wordnet  # noqa: E402
 from greencore.data import collate, encode_dataset, epoch_batches, task_for, validate_dataset  # noqa: E402
 from greencore.demo import build_tokenizer  # noqa: E402
 from greencore.plan import clear_profile_cache  # noqa: E402
+from greencore.precision import autocast, resolve_precision  # noqa: E402
 from greencore.select import BudgetTooSmall  # noqa: E402
 from greencore.spec import Attention, EnergySettings, EpochReport, Hyperparameters, TrainSpec  # noqa: E402
 from greencore.throughput import Throughput, calibrate  # noqa: E402
@@ -444,7 +445,7 @@ def bare_loop(
         batch = {
             k: v.to(device) for k, v in collate(data, idx, tokenizer.pad_token_id, hp.max_seq_len).items()
         }
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and hp.bf16):
+        with autocast(resolve_precision(hp, "cuda" if cuda else "cpu"), "cuda" if cuda else "cpu"):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
@@ -877,11 +878,16 @@ def compare(
     if args.lr_grid:
         lrs = tuple(float(x) for x in args.lr_grid.split(","))
         grid = {"default": lrs, "lora": tuple(3 * x for x in lrs)}
+    fixed = dict(item.split("=") for item in args.lr.split(",")) if args.lr else {}
     wanted = [m for m in METHODS if m[0] in args.methods.split(",")]
+
+    def lrs_of(label: str, method: str) -> tuple[float, ...]:
+        return (float(fixed[label]),) if label in fixed else grid_of(grid, method)
+
     points = [
         (f"{label}@{lr:g}", method, {**extra, "learning_rate": lr})
         for label, method, extra in wanted
-        for lr in grid_of(grid, method)
+        for lr in lrs_of(label, method)
     ]
     all_runs = run_interleaved(
         model_dir,
@@ -897,7 +903,7 @@ def compare(
     )
     runs: dict[str, list[Run]] = {}
     for (label, _, _), run in zip(
-        ((lab, m, x) for lab, m, x in wanted for _ in grid_of(grid, m)), all_runs, strict=True
+        ((lab, m, x) for lab, m, x in wanted for _ in lrs_of(lab, m)), all_runs, strict=True
     ):
         runs.setdefault(label, []).append(run)
     chosen: dict[str, Run] = {}
@@ -967,6 +973,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (Hyperparameters.bf16)")
     parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16-mixed", "bf16"],
+        help="Hyperparameters.precision of the runs and the bare loop",
+    )
+    parser.add_argument(
         "--attention",
         default="eager",
         choices=[a.value for a in Attention],
@@ -1006,6 +1018,11 @@ def main() -> None:
         "--lr-grid",
         default="",
         help="override both grids: comma-separated learning rates (LoRA gets each times 3), for trials",
+    )
+    parser.add_argument(
+        "--lr",
+        default="",
+        help="fixed learning rates by method label instead of the grid, e.g. full=1e-4,green-0.5=1e-3",
     )
     parser.add_argument("--no-double", action="store_true", help="skip the green-0.5 twice-the-epochs row")
     args = parser.parse_args()
@@ -1056,6 +1073,7 @@ def main() -> None:
             "max_seq_len": 64,
             "warmup_steps": 10,
             "bf16": args.bf16,
+            "precision": args.precision,
             "attention": args.attention,
         }
         print(f"{task}: all-MiniLM-L6-v2, WordNet {labels}", flush=True)
@@ -1093,6 +1111,7 @@ def main() -> None:
             "max_seq_len": 64,
             "warmup_steps": 10,
             "bf16": args.bf16,
+            "precision": args.precision,
             "attention": args.attention,
         }
         print(f"generation: causal LM of {n_params / 1e6:.1f}M parameters, WordNet definitions", flush=True)

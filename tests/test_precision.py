@@ -1,7 +1,7 @@
 """Precision (fp32, bf16-mixed, bf16), gradient checkpointing and micro-batches in greencore.train on tiny
-models: the FLOPs stay exact under each precision, attention and checkpointing, tensors that never trained stay bit-identical to a float32 base,
-bf16 holds frozen tensors in bf16 and trained ones (with their AdamW state) in float32, and micro-batches give
-the whole batch's update."""
+models: the FLOPs stay exact under each precision, attention and checkpointing, tensors that never trained
+stay bit-identical to a float32 base, bf16 holds frozen tensors in bf16 and trained ones (with their AdamW
+state) in float32, and micro-batches give the whole batch's update."""
 
 from __future__ import annotations
 
