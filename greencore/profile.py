@@ -173,8 +173,11 @@ def _fake_parameters(model: nn.Module, fake_mode: FakeTensorMode) -> Iterator[di
                     if value is None:
                         continue
                     if id(value) not in twins:
+                        # FLOPs do not depend on the dtype: every floating tensor is traced in float32 (a run
+                        # in precision bf16 holds some in bf16, and runs them under autocast).
+                        dtype = torch.float32 if value.is_floating_point() else value.dtype
                         with fake_mode:
-                            fake = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype)
+                            fake = torch.empty_strided(value.shape, value.stride(), dtype=dtype)
                         twins[id(value)] = nn.Parameter(fake, requires_grad=True) if is_param else fake
                     swapped.append((table, name, value))
                     table[name] = twins[id(value)]

@@ -165,3 +165,22 @@ def test_checkpointing_recomputes_without_changing_the_training(folders, data, t
     wb = saved_tensors(Path(ckpt.final_checkpoint_dir))
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("method", "kind", "fmt"),
+    [("full", "llama", "messages"), ("lora", "bert", "text_label"), ("topk", "t5", "prompt_completion")],
+)
+def test_every_method_trains_in_bf16(folders, data, tmp_path, method, kind, fmt):
+    hp = {"topk_layers": 1} if method == "topk" else {}
+    _, report, seen, steps = run(folders, data, tmp_path, kind, fmt, method, precision="bf16", **hp)
+    check_records(report, seen, steps)
+    for e in report.epochs:
+        assert e.flops["measured_step"] == e.flops["predicted_step"]
+    base, final = saved_tensors(folders[kind]), saved_tensors(Path(report.final_checkpoint_dir))
+    # A BERT base folder names its tensors without the classifier's "bert." prefix.
+    named = {n: final[n] if n in final else final["bert." + n] for n in base}
+    changed = {n for n in base if not torch.equal(named[n], base[n])}
+    assert changed  # something trained
+    if method != "full":
+        assert set(base) - changed  # and the rest kept the base's float32 values exactly
