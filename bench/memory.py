@@ -16,7 +16,7 @@ trained at once: what the service reports for green); LoRA (r 8, attention proje
 importance evaluation of the bound's candidates (importance_pass itself, the training optimizer holding state
 for all of them), measured the same way, and green with gradient checkpointing. Part 2 (meta device
 only): Llama-3-8B, Qwen2.5-7B and Mistral-7B shapes at batch 1, 2, 4 x 2048, replayed for CUDA (the model's
-SDPA attention, multi-tensor AdamW, importance's copies in host memory) in each precision: full, and
+SDPA attention, fused AdamW, importance's copies in host memory) in each precision: full, and
 green-0.5's bound (training step and importance evaluation), against 80 GB.
 """
 
@@ -308,8 +308,7 @@ def main() -> None:
     if big:
         lines += [
             "",
-            "## 8B-class shapes at 2048 tokens, replayed for CUDA (SDPA, multi-tensor AdamW), "
-            f"vs {DEVICE_GB} GB",
+            f"## 8B-class shapes at 2048 tokens, replayed for CUDA (SDPA, fused AdamW), vs {DEVICE_GB} GB",
             "",
             "| model | parameters | precision | batch | full step GB (fits) | green-0.5 reachable "
             "| green-0.5 step GB (fits) "

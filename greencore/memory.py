@@ -4,13 +4,13 @@ fake tensors (shapes, no data, nothing allocated) under a tracker of live storag
 What is replayed is what ``greencore.train`` runs, step for step: the model in train mode (with the attention
 implementation of ``hyperparameters.attention``, as the run loads it), ``model(**batch).loss``,
 ``loss.backward()``, ``clip_grad_norm_`` over the parameters holding a gradient, ``AdamW(lr,
-weight_decay).step()`` (multi-tensor on CUDA, as torch picks it for real tensors there) and
-``zero_grad(set_to_none=True)``; the optimizer already holds its two moments for every trained tensor (the
-steady state after the first step). The importance evaluation calls ``greencore.importance.importance_pass``
-itself, on the fake model, with the training optimizer's tentative copy. So the peak counts every tensor: the
-weights and buffers, gradients and AdamW's moments of the trained tensors only, the activations autograd saves
-for backward (which depend on what trains: nothing is saved below the deepest trainable tensor, the inputs
-needing no gradient), and the transients of forward, backward and the optimizer step.
+weight_decay).step()`` (fused on CUDA, as the run builds it there) and ``zero_grad(set_to_none=True)``; the
+optimizer already holds its two moments for every trained tensor (the steady state after the first step). The
+importance evaluation calls ``greencore.importance.importance_pass`` itself, on the fake model, with the
+training optimizer's tentative copy. So the peak counts every tensor: the weights and buffers, gradients and
+AdamW's moments of the trained tensors only, the activations autograd saves for backward (which depend on what
+trains: nothing is saved below the deepest trainable tensor, the inputs needing no gradient), and the
+transients of forward, backward and the optimizer step.
 
 The tracker (:class:`LiveStorages`) counts storages as they appear in dispatched ops and lets them go when
 Python frees them, the way the allocator sees a step, without allocator rounding or a kernel's internal
@@ -158,7 +158,7 @@ def _placed(device: str) -> str:
     """Where the fake tensors of a replay for ``device`` live: fake CUDA tensors still reach CUDA's runtime
     (an embedding aborts the process on a build without CUDA), so without one the replay for CUDA runs on CPU
     fake tensors with what makes it CUDA's: the model's own attention (CPU SDPA keeps what CUDA's fused
-    kernels keep: the output and the log-sum-exp) and multi-tensor AdamW."""
+    kernels keep: the output and the log-sum-exp) and fused AdamW."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         return "cpu"
     return device
@@ -203,12 +203,18 @@ def _fake_model(
 
 def _optimizer(trained: list[nn.Parameter], hp: Hyperparameters, device: str) -> torch.optim.Optimizer | None:
     """The training run's AdamW over ``trained``, already holding its moments (the state after step one);
-    None when nothing trains. ``foreach`` as torch chooses it for real tensors on ``device`` (it cannot tell
-    for fake ones)."""
+    None when nothing trains. Fused on CUDA, as greencore.train builds it there; on CPU torch's default for
+    CPU tensors (a loop over tensors), named here because torch cannot tell the device of fake tensors."""
     if not trained:
         return None
-    foreach = torch.device(device).type == "cuda"
-    optimizer = torch.optim.AdamW(trained, lr=hp.learning_rate, weight_decay=hp.weight_decay, foreach=foreach)
+    cuda = torch.device(device).type == "cuda"
+    optimizer = torch.optim.AdamW(
+        trained,
+        lr=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        foreach=False if not cuda else None,
+        fused=True if cuda else None,
+    )
     for p in trained:
         p.grad = torch.zeros_like(p)
     optimizer.step()

@@ -188,3 +188,42 @@ def test_bf16_and_micro_batches_need_less_memory() -> None:
 
     assert peak(precision="bf16") < 0.7 * peak(precision="fp32")  # frozen weights at half
     assert peak(micro_batch_size=2) < peak()  # activations of 2 rows, not 8
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_no_activation_is_kept_below_the_deepest_trained_tensor(family: str) -> None:
+    # Every tensor autograd saves for backward is noted with the transformer layer running when it was saved:
+    # with only a tensor of the top layer trained, the layers below save nothing (their outputs need no
+    # gradient); with a tensor of the bottom layer trained, every layer saves.
+    from greencore.profile import checkpointable_layers
+
+    model = tiny_model(family)
+    layers = checkpointable_layers(model)  # the transformer blocks, in model order
+    running: list[int] = []
+    saved_in: list[int | None] = []
+
+    def leave(_module, _args, _output) -> None:
+        running.pop()
+
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda _m, _a, i=i: running.append(i))
+        layer.register_forward_hook(leave)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved_in.append(running[-1] if running else None)
+        return t
+
+    batch = batch_for(model, 2, 16)
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    for depth in (len(layers) - 1, 0):
+        trained = next(names[id(p)] for p in layers[depth].parameters() if p.dim() == 2)
+        for n, p in params.items():
+            p.requires_grad_(n == trained)
+        saved_in.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**batch).loss.backward()
+        in_layers = {i for i in saved_in if i is not None}
+        assert in_layers and min(in_layers) == depth, (trained, sorted(in_layers))
+        if depth == 0:
+            assert in_layers == set(range(len(layers)))
