@@ -233,3 +233,12 @@ def test_ctrl_c_stops_before_the_next_step_and_resume_finishes(inputs, tmp_path)
     assert main(["train", "--config", str(path), "--output-dir", str(out), "--resume"]) == 0
     assert [r["epoch"] for r in records(out)] == [1, 2]
     assert records(out) == load_state(out / "final")["reports"]
+
+
+def test_the_docs_example_config_runs(inputs, tmp_path):
+    """docs/train.md's run.yaml, as written, beside the demo model and a train.jsonl."""
+    text = (ROOT / "docs" / "train.md").read_text()
+    example = text.split("cat > run.yaml <<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    (inputs / "run.yaml").write_text(example)
+    assert main(["train", "--config", str(inputs / "run.yaml"), "--output-dir", str(tmp_path / "o")]) == 0
+    assert [r["epoch"] for r in records(tmp_path / "o")] == [1, 2]
