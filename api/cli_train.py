@@ -92,7 +92,7 @@ def run_train(args: argparse.Namespace, should_stop: Callable[[], bool] | None =
     transformers_logging.disable_progress_bar()  # its loading and saving bars would break up the epoch lines
     try:
         spec = _spec_of(args)
-        records = EpochRecords(Path(spec.output_dir) / EPOCHS_FILE, _earlier_reports(spec))
+        records = EpochRecords(Path(spec.output_dir) / EPOCHS_FILE)
         progress = Progress(spec.hyperparameters.n_epochs)
         try:
             report = train(
@@ -103,7 +103,7 @@ def run_train(args: argparse.Namespace, should_stop: Callable[[], bool] | None =
             )
         finally:
             progress.close()
-        records.close()
+        records.finish(report.epochs)
     except (
         SpecError,
         DatasetError,
@@ -182,40 +182,44 @@ def last_epoch_dir(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _earlier_reports(spec: TrainSpec) -> list[dict[str, Any]]:
-    """The records of the epochs a resumed run starts after (none for a run from the start)."""
-    from greencore.checkpoint import load_state
-
-    if spec.resume_from is None:
-        return []
-    return list(load_state(spec.resume_from).get("reports", []))
-
-
 class EpochRecords:
-    """``epochs.jsonl``: the records of the epochs before a resume (from its checkpoint, so each once,
-    whatever an interrupted run had appended), then one line per epoch as it is checkpointed, each fsync'd
-    before the next epoch starts. The file is first written at the run's first epoch (or its end): a run
-    refused at setup leaves the folder as it was."""
+    """``epochs.jsonl``: one line per epoch, appended and fsync'd as the epoch is checkpointed, so it is on
+    disk before the next epoch starts. A resumed run's first epoch N rewrites the file with the lines of
+    epochs before N only, one per epoch (the last written), dropping what an interrupted run wrote past its
+    checkpoint; the end of the run (stopped or not) rewrites it from the records the run returns, so that
+    every epoch is there exactly once. Nothing is written before the first epoch: a run refused at setup
+    leaves the folder as it was."""
 
-    def __init__(self, path: Path, earlier: list[dict[str, Any]]) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.pending: list[dict[str, Any]] | None = earlier  # what the file is first written with
+        self.started = False
 
     def add(self, report: EpochReport) -> None:
-        if self.pending is not None:
-            self._rewrite([*self.pending, report.as_dict()])
-            self.pending = None
+        if not self.started:
+            self.started = True
+            self._rewrite([*self._written_before(report.epoch), report.as_dict()])
             return
         with open(self.path, "a") as handle:
             handle.write(_line(report.as_dict()))
             handle.flush()
             os.fsync(handle.fileno())
 
-    def close(self) -> None:
-        """Write the earlier records when the run added none (a resume of a finished run)."""
-        if self.pending is not None:
-            self._rewrite(self.pending)
-            self.pending = None
+    def finish(self, reports: list[EpochReport]) -> None:
+        """Rewrite the file from ``reports``: every epoch of the run, those before a resume included."""
+        self._rewrite([r.as_dict() for r in reports])
+
+    def _written_before(self, epoch: int) -> list[dict[str, Any]]:
+        """The file's records of the epochs before ``epoch``, the last line of each, in epoch order."""
+        found: dict[int, dict[str, Any]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                    found[record["epoch"]] = record
+        return [found[n] for n in sorted(found) if n < epoch]
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
         from greencore.durable import fsync_dir

@@ -15,8 +15,9 @@ import pytest
 from safetensors.torch import load_file
 
 from api.cli import build_parser, main
-from api.cli_train import run_train
+from api.cli_train import EpochRecords, run_train
 from greencore.checkpoint import load_state
+from greencore.spec import EpochReport
 from tests.model_folders import dataset, model_folder, write_jsonl
 from tests.processes import ROOT
 
@@ -146,6 +147,22 @@ def test_interrupted_run_resumes_to_the_uninterrupted_one(inputs, whole, capsys)
     assert [r["epoch"] for r in records(out)] == [1, 2]
     assert [comparable(r) for r in records(out)] == [comparable(r) for r in records(whole)]
     assert records(out) == load_state(out / "final")["reports"]
+
+
+def test_a_resumed_runs_first_epoch_keeps_one_line_per_earlier_epoch(whole, tmp_path):
+    first, second = records(whole)
+    path = tmp_path / "epochs.jsonl"
+    # What an interrupted run may leave: epoch 1 twice, epoch 2 past the checkpoint resumed from, a cut line.
+    stale = {**first, "train_loss": 99.0}
+    path.write_text("".join(json.dumps(r) + "\n" for r in (stale, first, second)) + '{"epoch": 3, "fl')
+    epochs = EpochRecords(path)
+    epochs.add(EpochReport(**second))  # the resumed run's first epoch
+    assert records(tmp_path) == [first, second]
+    third = {**second, "epoch": 3}
+    epochs.add(EpochReport(**third))
+    assert records(tmp_path) == [first, second, third]
+    epochs.finish([EpochReport(**first), EpochReport(**second)])
+    assert records(tmp_path) == [first, second]
 
 
 def test_output_dir_override_and_resume_without_a_checkpoint(inputs, tmp_path, capsys):
