@@ -32,7 +32,7 @@ def add_train_command(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="run a training run from a config file (YAML or JSON of a TrainSpec) on this machine",
-        description=__doc__,
+        description=(__doc__ or "").replace("``", "`"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
