@@ -1,6 +1,6 @@
 """The ``greentrainer`` command: the service (serve, worker, migrate, keys), the client (files, models,
-estimate, jobs) and ``profile``. Imports stay inside the commands, so that ``--help`` and ``migrate`` start
-fast."""
+estimate, jobs), ``train`` (a run without the service) and ``profile``. Imports stay inside the commands, so
+that ``--help`` and ``migrate`` start fast."""
 
 from __future__ import annotations
 
@@ -155,6 +155,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from api.cli_client import add_client_commands
+    from api.cli_train import add_train_command
 
     parser = argparse.ArgumentParser(prog="greentrainer", description="GreenTrainer as a service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys_revoke)
 
     add_client_commands(sub)
+    add_train_command(sub)
 
     p = sub.add_parser("profile", help="per-tensor FLOPs of one training step of a model folder")
     p.add_argument("model_dir", help="a Hugging Face model folder (config.json is enough)")
