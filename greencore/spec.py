@@ -196,6 +196,9 @@ class EpochReport:
     dropped_examples: int = 0  # examples left with no loss token after truncation, not trained on
     valid_wall_s: float = 0.0  # the part of wall_s spent on validation
     device_name: str = ""  # the device profile it ran on (EnergySettings.device_name); calibrates estimates
+    world_size: int = 1  # ranks the epoch ran on (greencore.distributed)
+    communication_bytes: int = 0  # bytes all-reduced (and broadcast) between the ranks
+    communication_bytes_full: int = 0  # what full fine-tuning would all-reduce over the same steps
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from greencore import checkpoint
 from greencore.data import IGNORE, DatasetError, Encoded, collate, encode_dataset, task_for, validate_dataset
+from greencore.distributed import Ranks, wrap
 from greencore.energy import EnergyMeter, grams_co2e
 from greencore.estimate import run_costs
 from greencore.flops import StepFlops
@@ -102,8 +103,10 @@ class _Hooks:
     should_stop: ShouldStop | None
     on_step: OnStep | None
 
-    def stop(self) -> bool:
-        return self.should_stop is not None and self.should_stop()
+    def stop(self, ranks: Ranks | None = None) -> bool:
+        """Whether to stop now: asked on this process, or (several ranks) on any rank, decided together."""
+        asked = self.should_stop is not None and self.should_stop()
+        return ranks.any(asked) if ranks is not None else asked
 
 
 @dataclass
@@ -132,6 +135,8 @@ class _Run:
     default_dtype: torch.dtype
     fingerprint: str
     start_epoch: int
+    ranks: Ranks | None = None  # several ranks (torchrun): this process's place; None: one process
+    ddp: nn.Module | None = None  # the DistributedDataParallel wrapper of the tensors training now
     choice: Choice | None = None  # the tensors the last epoch trained
     trained: set[str] = field(default_factory=set)
     reports: list[EpochReport] = field(default_factory=list)
@@ -164,9 +169,12 @@ def train(
     """
     hooks = _Hooks(on_epoch, should_stop, on_step)
     run = _setup(spec)
+    leader = run.ranks is None or run.ranks.leader  # the process that writes and reports
+    if not leader:
+        hooks = _Hooks(None, should_stop, None)
     stopped = False
     for epoch in range(run.start_epoch, run.hp.n_epochs + 1):
-        report = None if hooks.stop() else _train_epoch(run, epoch, hooks)
+        report = None if hooks.stop(run.ranks) else _train_epoch(run, epoch, hooks)
         if report is None:  # asked to stop: the last checkpoint stays the run's
             stopped = True
             break
@@ -175,7 +183,12 @@ def train(
             hooks.on_epoch(report)
     final = None
     if not stopped and run.last_dir is not None:
-        final = str(checkpoint.link_final(spec.output_dir, run.last_dir))
+        final_dir = checkpoint.epoch_dir(spec.output_dir, 0).with_name("final")
+        if leader:
+            final_dir = checkpoint.link_final(spec.output_dir, run.last_dir)
+        if run.ranks is not None:
+            run.ranks.barrier()
+        final = str(final_dir)
     return TrainReport(
         run.reports, final, stopped, run.task, run.method.info.name, run.method.rho, run.labels
     )
@@ -184,11 +197,16 @@ def train(
 # -- setup ---------------------------------------------------------------------------------------------------
 
 
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _setup(spec: TrainSpec) -> _Run:
     """Check the spec, read the data, load the model as the method wants it, build the optimizer and schedule,
     and put back a checkpoint's state when resuming."""
     spec.check()
-    device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ranks = Ranks.from_env(spec.device)
+    device = ranks.device if ranks is not None else torch.device(spec.device or _default_device())
     config = load_config(spec.model_dir)
     tokenizer = _load_tokenizer(spec.model_dir)
     task, labels, train_data, valid_data = _setup_data(spec, config, tokenizer)
@@ -261,6 +279,7 @@ def _setup(spec: TrainSpec) -> _Run:
         fingerprint=fingerprint,
         start_epoch=1,
         last_dir=Path(spec.resume_from) if spec.resume_from else None,
+        ranks=ranks,
     )
     if state is not None:
         _resume(run, state)
@@ -305,9 +324,13 @@ def _resolve_budget(spec: TrainSpec, data: Encoded, labels: list[str] | None) ->
 def _resume(run: _Run, state: TrainingState) -> None:
     run.optimizer.load_state_dict(state.optimizer)
     run.scheduler.load_state_dict(state.scheduler)
-    torch.set_rng_state(state.rng["torch"])
-    if run.device.type == "cuda" and state.rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(state.rng["cuda"], run.device)
+    rng = state.rng
+    per_rank = rng.get("ranks") or []
+    if run.ranks is not None and len(per_rank) == run.ranks.world:
+        rng = per_rank[run.ranks.rank]  # each rank's own streams (its dropout masks)
+    torch.set_rng_state(rng["torch"])
+    if run.device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
     run.choice = Choice(tuple(state.selection), 0, state.selection_details)
     run.trained = set(state.trained)
     run.reports = [EpochReport(**r) for r in state.reports]
@@ -330,6 +353,8 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     hp = run.hp
     started = time.perf_counter()
     run.meter.start()
+    # The last epoch's wrapper goes first: its hooks would all-reduce the importance passes' gradients.
+    run.ddp = None
     plan = plan_epoch(run.train_data, hp, run.spec.seed, epoch)
     importance_batches = [run.batch(idx) for idx in plan.batches[: plan.importance]]
     # The importance passes run on the same micro-batches as a training step, each weighted by its share of
@@ -354,7 +379,10 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         # moments and the scheduled learning rate), as in the paper's code.
         optimizer_factory=tentative_optimizer_factory(run.optimizer),
     )
-    new_choice = run.method.choose(ctx)
+    if run.ranks is None:
+        new_choice = run.method.choose(ctx)
+    else:  # rank 0 measures and chooses; every rank takes its choice
+        new_choice = _shared_choice(run, run.method.choose(ctx) if run.ranks.leader else None)
     run.choice = new_choice or run.choice
     assert run.choice is not None, "every method chooses in the first epoch"
     names = run.choice.names
@@ -362,6 +390,9 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     for name, param in run.model.named_parameters():
         param.requires_grad_(name in names)
     run.trained |= set(names)
+    if run.ranks is not None and names:
+        # DDP registers the tensors that train when it is built: a new wrapper for the epoch's choice.
+        run.ddp = wrap(run.model, run.ranks)
 
     # The one place that knows the importance pass may have computed the epoch's first step: the loop then
     # starts at the second batch, and the FLOPs below are the loop's steps plus the importance passes.
@@ -378,10 +409,12 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     total = train_flops.total + selection_flops
     valid_started = time.perf_counter()
     valid_loss, valid_acc = evaluate(
-        run.model, run.valid_data, run.tokenizer.pad_token_id, hp, run.device, run.autocast
+        run.model, run.valid_data, run.tokenizer.pad_token_id, hp, run.device, run.autocast, run.ranks
     )
     wall_s = time.perf_counter() - started
-    energy = run.meter.stop(total)
+    energy = _energy(run, total)
+    communicated = run.ranks.take_bytes() if run.ranks is not None else 0
+    n_trained = sum(p.numel() for n, p in run.model.named_parameters() if n in set(names))
     return EpochReport(
         epoch=epoch,
         selected_tensors=list(names),
@@ -412,7 +445,63 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         selection={**_plain(run.choice.details), "reselected": new_choice is not None},
         dropped_examples=run.train_data.dropped,
         device_name=run.spec.energy.device_name,
+        world_size=run.ranks.world if run.ranks is not None else 1,
+        communication_bytes=communicated,
+        communication_bytes_full=_full_communication(run, steps.steps, n_trained),
     )
+
+
+def _full_communication(run: _Run, steps: int, n_trained: int) -> int:
+    """What full fine-tuning would all-reduce over the epoch's ``steps`` on these ranks: a float32 gradient of
+    every parameter of the base per step (0 on one rank)."""
+    if run.ranks is None or not steps:
+        return 0
+    with run.method.full_baseline(run.model) or contextlib.nullcontext():
+        n = sum(p.numel() for p in run.model.parameters())
+    return 4 * n * steps
+
+
+def _energy(run: _Run, flops: int) -> Any:
+    """The epoch's energy reading, summed over ranks: a counter of one GPU (NVML) on every rank, a counter of
+    the machine (RAPL) on the first rank of each machine, an estimate from the epoch's FLOPs (all ranks')
+    on rank 0 only."""
+    reading = run.meter.stop(flops)
+    ranks = run.ranks
+    if ranks is None:
+        return reading
+    counts = {
+        "nvml": True,
+        "rapl": ranks.local_rank == 0,
+    }.get(reading.method, ranks.leader)
+    total = ranks.sum([reading.energy_j if counts else 0.0])[0]
+    return replace(reading, energy_j=total)
+
+
+def _shared_choice(run: _Run, choice: Choice | None) -> Choice | None:
+    """Rank 0's ``choice`` on every rank, with the first step's gradients broadcast (their bytes counted)."""
+    ranks = run.ranks
+    assert ranks is not None
+    first = choice.first_step if choice is not None else None
+    head = None
+    if choice is not None:
+        grads = [(n, tuple(g.shape), str(g.dtype)) for n, g in first.gradients.items()] if first else None
+        loss = first.loss if first else None
+        head = (tuple(choice.names), choice.selection_flops, choice.details, grads, loss)
+    head = ranks.broadcast_object(head)
+    if head is None:
+        return None
+    names, flops, details, grads, loss = head
+    if grads is None:
+        return Choice(names, flops, details)
+    tensors = [
+        first.gradients[n].to(run.device)
+        if first is not None
+        else torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=run.device)
+        for n, shape, dtype in grads
+    ]
+    ranks.broadcast_tensors(tensors)
+    gradients = dict(zip((n for n, *_ in grads), tensors, strict=True))
+    return Choice(names, flops, details, FirstStep(gradients, loss))
 
 
 def _later_epochs(run: _Run, epoch: int) -> list[tuple[Any, int]]:
@@ -444,7 +533,7 @@ def _run_steps(
             hooks.on_step(epoch, 1, n)
     start = 2 if first is not None else 1
     for step, idx in enumerate(plan.batches[start - 1 :], start=start):
-        if hooks.stop():
+        if hooks.stop(run.ranks):
             return None
         batch = run.batch(idx)
         tokens += _tokens(batch, run.task)
@@ -458,29 +547,58 @@ def _run_steps(
             _optimizer_step(run)
             loss_sum += loss
             if step % LOSS_CHECK_EVERY == 0 or step == n:  # a read syncs a GPU: not every step
-                _check_finite(loss_sum, epoch, step)
+                # Every rank checks the sum over ranks, so all stop together.
+                _check_finite(run.ranks.sum_tensor(loss_sum) if run.ranks else loss_sum, epoch, step)
         if hooks.on_step is not None:
             hooks.on_step(epoch, step, n)
+    if run.ranks is not None:  # each rank ran and measured its rows: the steps' sums over ranks
+        if first is not None:
+            loss_sum -= first.loss * (run.ranks.world - 1) / run.ranks.world  # every rank added it whole
+        measured = int(run.ranks.sum([measured])[0]) if trains else 0
+        loss_sum = run.ranks.sum_tensor(loss_sum)
     mean = loss_sum.item() / n if trains else None
     return _EpochSteps(n if trains else 0, tokens, mean, measured)
 
 
 def _forward_backward(run: _Run, batch: Batch) -> torch.Tensor:
-    """Gradients of ``batch``'s loss into ``.grad``, micro-batch by micro-batch; returns the loss (detached,
-    float32)."""
-    parts = run.micro_batches(batch)
-    if len(parts) == 1:
-        with run.autocast:
-            loss = run.model(**batch).loss
-        loss.backward()
-        return loss.detach().float()
+    """Gradients of ``batch``'s loss into ``.grad``, micro-batch by micro-batch (on several ranks: this rank's
+    rows of it, through DDP, which averages the ranks' gradients after the last micro-batch); returns this
+    process's part of the loss (detached, float32: the parts of all ranks add up to the batch's loss)."""
+    if run.ranks is None:
+        parts = run.micro_batches(batch)
+        if len(parts) == 1:
+            with run.autocast:
+                loss = run.model(**batch).loss
+            loss.backward()
+            return loss.detach().float()
+        model, scale = run.model, 1
+    else:
+        parts = _rank_parts(run, batch)
+        model, scale = run.ddp or run.model, run.ranks.world  # DDP divides the sum of gradients by world
     total = torch.zeros((), device=run.device)
-    for part, weight in parts:
-        with run.autocast:
-            loss = run.model(**part).loss
-        (loss * weight).backward()
+    for i, (part, weight) in enumerate(parts):
+        last = i == len(parts) - 1
+        sync = run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext()
+        with sync:
+            with run.autocast:
+                loss = model(**part).loss
+            (loss * (weight * scale)).backward()
         total += loss.detach().float() * weight
     return total
+
+
+def _rank_parts(run: _Run, batch: Batch) -> list[tuple[Batch, float]]:
+    """This rank's rows of ``batch`` as micro-batches, each weighted by its share of the whole batch's loss
+    terms. A rank left without a row (a batch smaller than the world) runs the batch's first row with weight
+    0: DDP needs every rank's backward, and its FLOPs are counted in the step it measures."""
+    assert run.ranks is not None
+    n = batch["input_ids"].shape[0]
+    rows = run.ranks.rows(n)
+    if not rows:
+        return [({k: v[:1] for k, v in batch.items()}, 0.0)]
+    shard = {k: v[rows.start : rows.stop] for k, v in batch.items()}
+    share = _loss_terms(shard, run.task) / _loss_terms(batch, run.task)
+    return [(part, weight * share) for part, weight in run.micro_batches(shard)]
 
 
 def micro_batches(batch: Batch, task: str, size: int | None) -> list[tuple[Batch, float]]:
@@ -536,16 +654,23 @@ def _save(run: _Run, report: EpochReport) -> None:
     report.checkpoint_dir = str(run.last_dir)
     run.reports.append(report)
     device = run.device
+    rng = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+    if run.ranks is not None:  # every rank's streams, for each rank to resume its own
+        every = run.ranks.gather_objects(rng)
+        if not run.ranks.leader:  # rank 0 writes; the others wait for the checkpoint to be whole
+            run.ranks.barrier()
+            return
+        rng = {**rng, "ranks": every}
     state = TrainingState(
         fingerprint=run.fingerprint,
         epoch=report.epoch,
         global_step=report.epoch * math.ceil(len(run.train_data) / run.hp.batch_size),
         optimizer=run.optimizer.state_dict(),
         scheduler=run.scheduler.state_dict(),
-        rng={
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        },
+        rng=rng,
         selection=list(run.choice.names),
         selection_details=_plain(run.choice.details),
         trained=sorted(run.trained),
@@ -571,6 +696,8 @@ def _save(run: _Run, report: EpochReport) -> None:
         state.to_dict(),
         master_names=narrow,
     )
+    if run.ranks is not None:
+        run.ranks.barrier()
 
 
 # -- loading -------------------------------------------------------------------------------------------------
@@ -667,9 +794,12 @@ def evaluate(
     hp: Hyperparameters,
     device: torch.device,
     autocast: AbstractContextManager[Any],
+    ranks: Ranks | None = None,
 ) -> tuple[float | None, float | None]:
     """Validation loss (mean per example for classification, per target token otherwise) and accuracy
-    (share of examples, or of target tokens predicted right). (None, None) without validation data."""
+    (share of examples, or of target tokens predicted right). (None, None) without validation data. On
+    several ranks each evaluates its rows of every batch (collated whole, as one process does) and the sums
+    are added over ranks."""
     if data is None or not len(data):
         return None, None
     was_training = model.training
@@ -679,6 +809,12 @@ def evaluate(
     for start in range(0, len(data), hp.batch_size):
         idx = list(range(start, min(start + hp.batch_size, len(data))))
         batch = _to(collate(data, idx, pad_id, hp.max_seq_len), device)
+        if ranks is not None:
+            rows = ranks.rows(len(idx))
+            if not rows:
+                continue
+            batch = {k: v[rows.start : rows.stop] for k, v in batch.items()}
+            idx = idx[rows.start : rows.stop]
         labels = batch.pop("labels")
         if data.task == "seq2seq":
             batch["labels"] = labels  # the decoder's inputs are the targets shifted right
@@ -696,6 +832,8 @@ def evaluate(
         right += int((logits.argmax(-1)[keep] == labels[keep]).sum())
         count += int(keep.sum())
     model.train(was_training)
+    if ranks is not None:
+        loss_sum, right, count = ranks.sum([loss_sum, right, count])
     return loss_sum / max(count, 1), right / max(count, 1)
 
 
