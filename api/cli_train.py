@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 EPOCHS_FILE = "epochs.jsonl"  # in the output folder: one EpochReport.as_dict() per line, epoch order
 EXIT_BAD_INPUT = 2  # a config, a dataset, a model folder or a checkpoint that cannot run (as `profile`)
 EXIT_STOPPED = 130  # Ctrl-C: stopped before the next step, the last checkpoint kept (128 + SIGINT)
-MULTI_RANK = "multi-rank runs (--nproc, --nnodes, --node-rank, --rdzv-endpoint) are not built yet (issue 17)"
 
 
 def add_train_command(sub: Any) -> None:
@@ -46,13 +45,13 @@ def add_train_command(sub: Any) -> None:
     )
     p.add_argument("--device", default=None, help="instead of the config's device: cpu, cuda, cuda:1")
     p.add_argument(
-        "--nproc", type=int, default=1, help="ranks on this machine (only 1: multi-rank not built)"
+        "--nproc", type=int, default=1, help="ranks on this machine (torchrun; gloo on CPU, NCCL on CUDA)"
     )
-    p.add_argument("--nnodes", type=int, default=1, help="machines (only 1: multi-node not built)")
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's rank (multi-node: not built)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines the run spans (each runs this command)")
     p.add_argument(
-        "--rdzv-endpoint", default=None, help="host:port of the rendezvous (multi-node: not built)"
+        "--node-rank", type=int, default=0, help="this machine's rank among --nnodes (0: at --rdzv-endpoint)"
     )
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of machine 0, where the ranks meet")
     p.set_defaults(func=cmd_train)
 
 
@@ -76,6 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace, should_stop: Callable[[], bool] | None = None) -> int:
     """Run the config of ``args``; the exit status: 0 when every epoch ran, 130 when ``should_stop`` ended
     the run early (its last checkpoint kept), 2 on input that cannot run (``error: ...`` on stderr)."""
+    from transformers.utils import logging as transformers_logging
+
     from greencore.checkpoint import CheckpointError, CheckpointWriteError
     from greencore.data import DatasetError
     from greencore.models import ModelFolderError
@@ -84,26 +85,30 @@ def run_train(args: argparse.Namespace, should_stop: Callable[[], bool] | None =
     from greencore.spec import SpecError
     from greencore.train import LossNotFinite, train
 
-    if args.nproc != 1 or args.nnodes != 1 or args.node_rank != 0 or args.rdzv_endpoint is not None:
-        print(f"error: {MULTI_RANK}; run with --nproc 1 (the default)", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from transformers.utils import logging as transformers_logging
-
     transformers_logging.disable_progress_bar()  # its loading and saving bars would break up the epoch lines
+    if args.nproc < 1 or args.nnodes < 1:
+        print("error: --nproc must be at least 1 (and --nnodes too)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    launch = _multi_rank(args) and "WORLD_SIZE" not in os.environ
+    leader = int(os.environ.get("RANK", "0")) == 0  # a rank of torchrun's, or the only process
     try:
         spec = _spec_of(args)
-        records = EpochRecords(Path(spec.output_dir) / EPOCHS_FILE)
+        if launch:  # the config is read and checked here first: bad input exits 2 before any rank starts
+            return _launch_ranks(args)
+        records = EpochRecords(Path(spec.output_dir) / EPOCHS_FILE) if leader else None
         progress = Progress(spec.hyperparameters.n_epochs)
         try:
             report = train(
                 spec,
-                on_epoch=lambda epoch: (records.add(epoch), progress.epoch_done(epoch)),
+                on_epoch=lambda epoch: (records and records.add(epoch), progress.epoch_done(epoch)),
                 should_stop=should_stop,
                 on_step=progress.step,
             )
         finally:
             progress.close()
-        records.finish(report.epochs)
+            _leave_process_group()
+        if records is not None:
+            records.finish(report.epochs)
     except (
         SpecError,
         DatasetError,
@@ -121,11 +126,59 @@ def run_train(args: argparse.Namespace, should_stop: Callable[[], bool] | None =
     if report.stopped:
         last = report.epochs[-1].checkpoint_dir if report.epochs else None
         kept = f"last checkpoint {last}" if last else "no epoch completed"
-        print(f"stopped: {kept}; go on with --resume", file=sys.stderr)
+        if leader:
+            print(f"stopped: {kept}; go on with --resume", file=sys.stderr)
         return EXIT_STOPPED
-    print(f"final checkpoint: {report.final_checkpoint_dir}")
-    print(f"epoch records: {records.path}")
+    if records is not None:
+        print(f"final checkpoint: {report.final_checkpoint_dir}")
+        print(f"epoch records: {records.path}")
     return 0
+
+
+def _multi_rank(args: argparse.Namespace) -> bool:
+    return args.nproc > 1 or args.nnodes > 1
+
+
+def _launch_ranks(args: argparse.Namespace) -> int:
+    """Run this command as ``--nproc`` ranks per machine through torchrun (``torch.distributed.run``): on one
+    machine with ``--standalone``; on several with a static rendezvous at ``--rdzv-endpoint`` (this machine
+    ``--node-rank`` of ``--nnodes``). Returns torchrun's exit status."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+    env = dict(os.environ)
+    if args.nnodes == 1:
+        cmd.append("--standalone")
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: the ranks talk over loopback
+    else:
+        if args.rdzv_endpoint is None:
+            print("error: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (rank 0's machine)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        cmd += [
+            "--nnodes",
+            str(args.nnodes),
+            "--node-rank",
+            str(args.node_rank),
+            "--rdzv-backend",
+            "static",
+            "--rdzv-endpoint",
+            args.rdzv_endpoint,
+        ]
+    cmd += ["-m", "api.cli", "train", "--config", str(Path(args.config).resolve())]
+    if args.output_dir is not None:
+        cmd += ["--output-dir", str(Path(args.output_dir).resolve())]
+    if args.resume:
+        cmd.append("--resume")
+    if args.device is not None:
+        cmd += ["--device", args.device]
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _spec_of(args: argparse.Namespace) -> TrainSpec:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from api.cli import build_parser, main
@@ -215,12 +216,37 @@ def test_a_bad_dataset_line_or_config_file_exits_2(inputs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "flags", [["--nproc", "2"], ["--nnodes", "2"], ["--rdzv-endpoint", "host:29400"], ["--node-rank", "1"]]
+    ("flags", "message"),
+    [
+        (["--nproc", "0"], "--nproc must be at least 1"),
+        (["--nnodes", "2"], "--nnodes > 1 needs --rdzv-endpoint"),
+    ],
 )
-def test_multi_rank_flags_exit_2_not_built(inputs, capsys, flags):
+def test_bad_rank_flags_exit_2(inputs, capsys, flags, message):
     assert main(["train", "--config", str(config(inputs, "ranks.json")), *flags]) == 2
-    err = capsys.readouterr().err
-    assert "error: multi-rank runs" in err and "not built yet (issue 17)" in err
+    assert message in capsys.readouterr().err
+
+
+def test_two_ranks_through_torchrun_equal_one_process(inputs, tmp_path):
+    """`greentrainer train --nproc 2` (torchrun, gloo on CPU) ends where one process ends: the same
+    selections and records, weights within float rounding; one epochs.jsonl, written by rank 0."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    path = config(inputs, "two-ranks.json")
+    assert main(["train", "--config", str(path), "--output-dir", str(one)]) == 0
+    command = [sys.executable, "-m", "api.cli", "train", "--config", str(path), "--output-dir", str(two)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GT_DIST_TIMEOUT_S": "120"}
+    done = subprocess.run(
+        [*command, "--nproc", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("final checkpoint:") == 1  # rank 0 reports
+    a, b = records(one), records(two)
+    assert [r["selected_tensors"] for r in b] == [r["selected_tensors"] for r in a]
+    assert [r["flops"] for r in b] == [r["flops"] for r in a]
+    assert [r["world_size"] for r in b] == [2, 2] and all(r["communication_bytes"] > 0 for r in b)
+    wa, wb = weights(one / "final"), weights(two / "final")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=1e-5, atol=1e-5), name
 
 
 def test_ctrl_c_stops_before_the_next_step_and_resume_finishes(inputs, tmp_path):
