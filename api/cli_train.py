@@ -178,7 +178,7 @@ def _leave_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.barrier()  # every rank is done with the group: the processes exit with it
 
 
 def _spec_of(args: argparse.Namespace) -> TrainSpec:

@@ -186,9 +186,10 @@ def train(
         final_dir = checkpoint.epoch_dir(spec.output_dir, 0).with_name("final")
         if leader:
             final_dir = checkpoint.link_final(spec.output_dir, run.last_dir)
-        if run.ranks is not None:
-            run.ranks.barrier()
         final = str(final_dir)
+    if run.ranks is not None:  # the wrapper goes before the process group can; every rank leaves together
+        run.ddp = None
+        run.ranks.barrier()
     return TrainReport(
         run.reports, final, stopped, run.task, run.method.info.name, run.method.rho, run.labels
     )

@@ -285,3 +285,41 @@ def test_the_docs_example_config_runs(inputs, tmp_path):
     (inputs / "run.yaml").write_text(example)
     assert main(["train", "--config", str(inputs / "run.yaml"), "--output-dir", str(tmp_path / "o")]) == 0
     assert [r["epoch"] for r in records(tmp_path / "o")] == [1, 2]
+
+
+def test_a_rank_killed_mid_run_resumes_from_the_last_epoch(inputs, tmp_path):
+    """One rank SIGKILLed once epoch 1 is checkpointed: torchrun ends the run (non-zero), epoch 1 and its one
+    record stay; `--resume --nproc 2` finishes it with one record per epoch, equal to an unbroken run's."""
+    import psutil
+
+    write_jsonl(tmp_path / "long.jsonl", dataset("prompt_completion", 96))
+    path = config(inputs, "killed.json", train_file=str(tmp_path / "long.jsonl"))
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    command = [sys.executable, "-m", "api.cli", "train", "--config", str(path), "--nproc", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GT_DIST_TIMEOUT_S": "60"}
+    with (tmp_path / "log").open("wb") as log:
+        run = [*command, "--output-dir", str(out)]
+        proc = subprocess.Popen(run, cwd=ROOT, env=env, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 180
+            while not (out / "epoch-1").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            ranks = [
+                p
+                for p in psutil.Process(proc.pid).children(recursive=True)
+                if "torch.distributed.run" not in " ".join(p.cmdline())
+            ]
+            assert len(ranks) == 2, [p.cmdline() for p in ranks]
+            ranks[1].kill()
+            assert proc.wait(120) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert not (out / "final").exists() and [r["epoch"] for r in records(out)] == [1]
+    resumed = subprocess.run([*command, "--output-dir", str(out), "--resume"], cwd=ROOT, env=env, timeout=300)
+    assert resumed.returncode == 0
+    unbroken = subprocess.run([*command, "--output-dir", str(whole)], cwd=ROOT, env=env, timeout=300)
+    assert unbroken.returncode == 0
+    assert [r["epoch"] for r in records(out)] == [1, 2]
+    assert [r["selected_tensors"] for r in records(out)] == [r["selected_tensors"] for r in records(whole)]
+    assert same_weights(out / "final", whole / "final")
