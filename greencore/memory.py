@@ -17,7 +17,7 @@ Python frees them, the way the allocator sees a step, without allocator rounding
 scratch buffers. It measures a real run the same way (tests, ``bench/memory.py``).
 
 Precision and micro-batches are replayed as the run has them: each fake twin is made in the dtype the run
-holds that tensor in (``greencore.precision.tensor_dtypes``: bf16 for frozen tensors under precision bf16),
+holds that tensor in (``greencore.precision.tensor_dtypes``: bf16 for frozen matrices under precision bf16),
 forwards run under the run's autocast, and a step runs two micro-batches (the second one's backward
 accumulates into the first one's gradients, the step's steady state) of ``micro_batch_size`` rows cut from the
 whole batch, which the run holds on its device. With ``gradient_checkpointing`` the replayed step checkpoints
@@ -240,7 +240,7 @@ def _precision(hp: Hyperparameters, device: str) -> Precision:
 
 
 def _dtypes(model: nn.Module, trained: Iterable[str], precision: Precision) -> dict[str, torch.dtype]:
-    return tensor_dtypes((n for n, _ in model.named_parameters()), trained, precision)
+    return tensor_dtypes(model.named_parameters(), trained, precision)
 
 
 def _micro_batches(batch: dict[str, torch.Tensor], hp: Hyperparameters) -> list[dict[str, torch.Tensor]]:

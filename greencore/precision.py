@@ -4,9 +4,12 @@ forward passes run under.
 - ``fp32``: every tensor in float32, no autocast.
 - ``bf16-mixed``: every tensor in float32 (weights, gradients, AdamW state); forward passes under bf16
   autocast (matmuls in bf16, reductions and norms in float32, as torch's autocast lists them).
-- ``bf16``: tensors that do not train are held in bf16; a tensor that trains is held in float32 (its master
-  weight, its gradient and its AdamW state) from the first epoch it is selected on, and stays so; forward
-  passes under bf16 autocast. The frozen part of the model, most of it at a small budget, costs half.
+- ``bf16``: matrices that do not train (linear weights, embeddings) are held in bf16; a tensor that trains is
+  held in float32 (its master weight, its gradient and its AdamW state) from the first epoch it is selected
+  on, and stays so; forward passes under bf16 autocast. The frozen part of the model, most of it at a small
+  budget, costs half. Vectors (norm weights, biases) stay float32: they weigh nothing, and a norm whose
+  parameters are bf16 refuses a float32 input (CPU's layer_norm: "mixed dtype"), which a float32 trained
+  tensor upstream produces; float32 parameters take either input.
 
 The same on CUDA and CPU (CPU autocast runs bf16 matmuls through oneDNN). The legacy setting ``bf16: true``
 means ``bf16-mixed`` on CUDA and nothing on CPU, as it always did.
@@ -48,14 +51,23 @@ def autocast(precision: Precision, device_type: str) -> AbstractContextManager[A
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
+def narrowed(param: torch.Tensor) -> bool:
+    """Whether precision bf16 holds ``param`` in bf16 while it does not train: floating matrices and up."""
+    return param.is_floating_point() and param.dim() >= 2
+
+
 def tensor_dtypes(
-    names: Iterable[str], trained: Iterable[str], precision: Precision
+    params: Iterable[tuple[str, torch.Tensor]], trained: Iterable[str], precision: Precision
 ) -> dict[str, torch.dtype]:
-    """The dtype each floating parameter is held in while ``trained`` train (float32 for those, and for
-    everything unless precision is bf16)."""
+    """The dtype each floating parameter (name, tensor) is held in while ``trained`` train: bf16 for the
+    frozen matrices under precision bf16, float32 for everything else."""
     trained = set(trained)
-    narrow = torch.bfloat16 if precision == Precision.BF16 else torch.float32
-    return {n: torch.float32 if n in trained else narrow for n in names}
+    bf16 = precision == Precision.BF16
+    return {
+        n: torch.bfloat16 if bf16 and n not in trained and narrowed(p) else torch.float32
+        for n, p in params
+        if p.is_floating_point()
+    }
 
 
 class HeldPrecision:
@@ -74,7 +86,7 @@ class HeldPrecision:
         return ((n, p) for n, p in self.model.named_parameters() if p.is_floating_point())
 
     def narrow(self, keep: Iterable[str] = ()) -> None:
-        """Hold every floating parameter not named in ``keep`` in bf16 (call before moving the model to its
+        """Hold every floating matrix not named in ``keep`` in bf16 (call before moving the model to its
         device, so that the device never holds the float32 copies). Originals that bf16 cannot hold exactly
         are kept on the CPU."""
         if not self.active:
@@ -82,7 +94,7 @@ class HeldPrecision:
         keep = set(keep)
         with torch.no_grad():
             for name, p in self._params():
-                if name in keep or p.dtype == torch.bfloat16:
+                if name in keep or p.dtype == torch.bfloat16 or not narrowed(p):
                     continue
                 narrow = p.data.to(torch.bfloat16)
                 if not torch.equal(narrow.to(p.dtype), p.data):
