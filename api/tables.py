@@ -162,6 +162,10 @@ class Epoch(Base):
     # The device profile it ran on (GT_DEVICE_NAME); estimates are calibrated on the latest epochs of theirs.
     # Null for epochs recorded before migration 0003: unknown, never used for calibration.
     device: Mapped[str | None] = mapped_column(String(100))
+    # The ranks it ran on and the bytes they exchanged, beside full fine-tuning's (greencore.distributed).
+    world_size: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    communication_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    communication_bytes_full: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (

@@ -200,6 +200,9 @@ class JobRecorder:
                     energy_inputs=report.energy_inputs or None,
                     gco2e=report.gco2e,
                     device=report.device_name or None,
+                    world_size=report.world_size,
+                    communication_bytes=report.communication_bytes,
+                    communication_bytes_full=report.communication_bytes_full,
                     created_at=utcnow(),
                 )
             )

@@ -47,6 +47,11 @@ class EpochPublic(BaseModel):
     )
     gco2e: float
     device: str | None = Field(None, description="the device profile it ran on (null: not recorded)")
+    world_size: int = Field(1, description="the ranks (processes) the epoch ran on")
+    communication_bytes: int = Field(0, description="bytes the ranks exchanged (gradients all-reduced)")
+    communication_bytes_full: int = Field(
+        0, description="what full fine-tuning would all-reduce over the same steps"
+    )
     created_at: int
 
     @classmethod
@@ -74,6 +79,9 @@ class EpochPublic(BaseModel):
             energy_inputs=row.energy_inputs,
             gco2e=row.gco2e,
             device=row.device,
+            world_size=row.world_size,
+            communication_bytes=row.communication_bytes,
+            communication_bytes_full=row.communication_bytes_full,
             created_at=unix_s(row.created_at) or 0,
         )
 

@@ -44,6 +44,8 @@ def test_run_job_records_epochs_events_and_checkpoints(
         assert 0 < len(e["selected_tensors"]) < tensors  # a real selection: some tensors, not all
         assert e["energy_j"] > 0 and e["energy_method"] in ("nvml", "rapl", "estimate") and e["gco2e"] > 0
         assert f["measured_step"] == f["predicted_step"] > 0
+        # One process: nothing exchanged (several ranks: docs/distributed.md)
+        assert (e["world_size"], e["communication_bytes"], e["communication_bytes_full"]) == (1, 0, 0)
     # The estimate made at creation is what the run spent on full fine-tuning's side, exactly.
     assert sum(e["flops"]["full"] for e in epochs) == job["estimate"]["flops"]["full"]
     assert job["flops"]["total"] == sum(e["flops"]["total"] for e in epochs)
