@@ -106,7 +106,7 @@ def run_train(args: argparse.Namespace, should_stop: Callable[[], bool] | None =
             )
         finally:
             progress.close()
-            _leave_process_group()
+            _wait_for_every_rank()
         if records is not None:
             records.finish(report.epochs)
     except (
@@ -174,7 +174,7 @@ def _launch_ranks(args: argparse.Namespace) -> int:
     return subprocess.run(cmd, env=env, check=False).returncode
 
 
-def _leave_process_group() -> None:
+def _wait_for_every_rank() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

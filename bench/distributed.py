@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from greencore.spec import Hyperparameters, TrainSpec  # noqa: E402
 from greencore.train import train  # noqa: E402
 from tests.model_folders import dataset, write_jsonl  # noqa: E402
+from tests.processes import free_port  # noqa: E402
 
 WORLD = 2
 
@@ -92,12 +92,6 @@ def build_model(folder: Path, hidden: int, layers: int) -> None:
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weights(folder: str) -> dict[str, torch.Tensor]:

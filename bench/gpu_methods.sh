@@ -3,8 +3,9 @@
 # from a config (random weights, batches of 4 x 1024 tokens, SDPA). For full and green-0.5 in precision fp32,
 # bf16-mixed and bf16: step time and green/full per precision (target <= 0.55), peak memory from the CUDA
 # allocator against greencore.memory's estimate, step FLOPs predicted by greencore.profile against
-# FlopCounterMode on a real step, and the timed steps' energy from NVML. About two minutes of GPU work; the
-# Python script skips configurations begun after --max-s (480 s) and this one stops it at 570 s.
+# FlopCounterMode on a real step, and the timed steps' energy from NVML. Not yet run on a GPU (no device has
+# been lent), so its duration is unmeasured; the 10 minutes are enforced: the Python script skips
+# configurations begun after --max-s (480 s) and this one stops it at 570 s.
 #
 # Run from the repository root:
 #     bash bench/gpu_methods.sh [extra bench/gpu_step.py options]

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from greencore.importance import importance_pass, tentative_optimizer_factory  # noqa: E402
-from greencore.memory import LiveStorages, importance_bytes, train_step_bytes  # noqa: E402
+from greencore.memory import LiveStorages, importance_bytes, train_step_bytes, warm_optimizer  # noqa: E402
 from greencore.precision import HeldPrecision, autocast  # noqa: E402
 from greencore.profile import profile_model, set_gradient_checkpointing  # noqa: E402
 from greencore.select import reachable_tensors, select_tensors  # noqa: E402
@@ -173,11 +173,7 @@ def measure(shape: dict, config: int) -> dict:
     for n, p in model.named_parameters():
         p.requires_grad_(n in keep)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=HP.learning_rate, weight_decay=HP.weight_decay)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt = warm_optimizer(params, hp)
     ids = torch.randint(3, shape["vocab_size"], (BATCH, SEQ))
     mask = torch.ones_like(ids)
     mask[0, -16:] = 0  # padding in the first and last rows (every micro-batch of 2 has some)

@@ -1049,6 +1049,14 @@ def main() -> None:
     sections: list[str] = []
     plotted: dict[str, list[Row]] = {}
     tasks = args.tasks.split(",")
+    common_hp = {  # every task's runs
+        "batch_size": args.batch_size,
+        "max_seq_len": 64,
+        "warmup_steps": 10,
+        "bf16": args.bf16,
+        "precision": args.precision,
+        "attention": args.attention,
+    }
 
     cls_tasks = {
         "classification": (
@@ -1072,14 +1080,7 @@ def main() -> None:
             work / task, args.cls_train, args.cls_valid, args.seed, labels
         )
         fit, dev = carve_dev(tr, args.cls_dev, args.seed)
-        hp = {
-            "batch_size": args.batch_size,
-            "max_seq_len": 64,
-            "warmup_steps": 10,
-            "bf16": args.bf16,
-            "precision": args.precision,
-            "attention": args.attention,
-        }
+        hp = common_hp
         print(f"{task}: all-MiniLM-L6-v2, WordNet {labels}", flush=True)
         result = compare(
             model_dir, fit, dev, va, work / f"{task}-runs", hp, LR_GRID["classification"], args, "accuracy"
@@ -1110,14 +1111,7 @@ def main() -> None:
         )
         fit, dev = carve_dev(tr, args.lm_dev, args.seed)
         n_params = sum(p.numel() for p in auto_class("causal_lm").from_pretrained(model_dir).parameters())
-        hp = {
-            "batch_size": args.batch_size,
-            "max_seq_len": 64,
-            "warmup_steps": 10,
-            "bf16": args.bf16,
-            "precision": args.precision,
-            "attention": args.attention,
-        }
+        hp = common_hp
         print(f"generation: causal LM of {n_params / 1e6:.1f}M parameters, WordNet definitions", flush=True)
         result = compare(
             model_dir, fit, dev, va, work / "lm-runs", hp, LR_GRID["generation"], args, "token accuracy"

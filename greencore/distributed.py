@@ -82,13 +82,13 @@ class Ranks:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any."""
-        t = torch.tensor([1 if flag else 0], device=self._comm_device)
+        t = torch.tensor([1 if flag else 0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
     def sum(self, values: list[float]) -> list[float]:
         """The sum over ranks of each value (float64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
@@ -106,10 +106,6 @@ class Ranks:
 
     def barrier(self) -> None:
         dist.barrier()
-
-    @property
-    def _comm_device(self) -> torch.device:
-        return self.device  # NCCL needs CUDA tensors; gloo takes CPU ones
 
     def rows(self, n: int) -> range:
         """This rank's contiguous slice of ``n`` rows (the first ranks take one more when n does not

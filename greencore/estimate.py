@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from greencore.data import Encoded
@@ -191,8 +192,6 @@ def run_costs(
             shapes.importance.extend(plan.shapes[: plan.importance])
         costing = RunCosting(model, epochs, importance, hp)
         cost = costed.cost(costing)
-    import torch
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     return RunCosts(
         method=method,
@@ -271,7 +270,6 @@ def _mtime(model_dir: str | Path) -> int:
 def _meta_model(model_dir: str, _mtime_ns: int, task: str, num_labels: int | None) -> nn.Module:
     """The base model on the meta device, as the run builds it for ``task`` (a classifier of
     ``num_labels``)."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     with TRACE_LOCK:

@@ -88,6 +88,20 @@ class ImportancePass:
     )  # name -> g0 (candidates with a gradient)
 
 
+def training_optimizer(params: list[nn.Parameter], hp: Any, device_type: str) -> torch.optim.Optimizer:
+    """The AdamW a run trains ``params`` with (``hp``: its Hyperparameters): fused on CUDA (one kernel per
+    step and no temporaries; the multi-tensor one holds a float32 copy of every trained tensor at its peak), a
+    loop over tensors on CPU (torch's default there, named because fake tensors do not tell their device)."""
+    cuda = device_type == "cuda"
+    return torch.optim.AdamW(
+        params,
+        lr=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        foreach=None if cuda else False,
+        fused=True if cuda else None,
+    )
+
+
 def tentative_optimizer_factory(optimizer: torch.optim.Optimizer) -> OptimizerFactory:
     """The optimizer factory whose step is ``optimizer``'s next step, without touching ``optimizer``.
 

@@ -33,7 +33,7 @@ import copy
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,20 +201,17 @@ def _fake_model(
     return fake
 
 
-def _optimizer(trained: list[nn.Parameter], hp: Hyperparameters, device: str) -> torch.optim.Optimizer | None:
-    """The training run's AdamW over ``trained``, already holding its moments (the state after step one);
-    None when nothing trains. Fused on CUDA, as greencore.train builds it there; on CPU torch's default for
-    CPU tensors (a loop over tensors), named here because torch cannot tell the device of fake tensors."""
+def warm_optimizer(
+    trained: list[nn.Parameter], hp: Hyperparameters, device: str = "cpu"
+) -> torch.optim.Optimizer | None:
+    """The training run's AdamW over ``trained`` (real or fake tensors; ``greencore.importance.
+    training_optimizer`` for ``device``), already holding its moments: the steady state after step one. None
+    when nothing trains."""
+    from greencore.importance import training_optimizer
+
     if not trained:
         return None
-    cuda = torch.device(device).type == "cuda"
-    optimizer = torch.optim.AdamW(
-        trained,
-        lr=hp.learning_rate,
-        weight_decay=hp.weight_decay,
-        foreach=False if not cuda else None,
-        fused=True if cuda else None,
-    )
+    optimizer = training_optimizer(trained, hp, torch.device(device).type)
     for p in trained:
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -275,7 +272,7 @@ def train_step_bytes(
     params = [p for p in fake.parameters() if p.requires_grad]
     tracker = LiveStorages()
     with mode, _attention(fake, hp), TRACE_LOCK:
-        optimizer = _optimizer(params, hp, device)
+        optimizer = warm_optimizer(params, hp, device)
         batch = fake_batch(task, shape, _placed(device))
         tracker.add([*_held(fake, optimizer), *batch.values()])
         if optimizer is None:  # nothing trains: the run takes no step
@@ -318,7 +315,7 @@ def importance_bytes(
     state_of = [p for n, p in fake.named_parameters() if n in set(held_state)]
     tracker = LiveStorages(fake_scalars=True)
     with mode, _attention(fake, hp), TRACE_LOCK:
-        training = _optimizer(state_of, hp, device) or torch.optim.AdamW(
+        training = warm_optimizer(state_of, hp, device) or torch.optim.AdamW(
             [nn.Parameter(torch.empty(0, device=_placed(device)))],
             lr=hp.learning_rate,
             weight_decay=hp.weight_decay,
@@ -383,7 +380,7 @@ class RunShapes:
             self._cache[key] = max(
                 (
                     train_step_bytes(plan.model, plan.trained, s, self.task, hp, device)
-                    for s in _peaks(self.steps)
+                    for s in peak_shapes(self.steps)
                 ),
                 default=0,
             )
@@ -394,14 +391,10 @@ class RunShapes:
             if ikey not in self._cache:
                 self._cache[ikey] = max(
                     importance_bytes(plan.model, plan.candidates, plan.trained, s, self.task, hp, device)
-                    for s in _peaks(self.importance or self.steps)
+                    for s in peak_shapes(self.importance or self.steps)
                 )
             imp = self._cache[ikey]
         return PeakMemory(step, imp)
-
-
-def _peaks(shapes: Sequence[Shape]) -> list[Shape]:
-    return peak_shapes(shapes)
 
 
 def device_memory_bytes(device: str | None, declared_bytes: int | None) -> tuple[int, str]:

@@ -40,7 +40,7 @@ from greencore.distributed import Ranks, wrap
 from greencore.energy import EnergyMeter, grams_co2e
 from greencore.estimate import run_costs
 from greencore.flops import StepFlops
-from greencore.importance import tentative_optimizer_factory
+from greencore.importance import tentative_optimizer_factory, training_optimizer
 from greencore.methods import Choice, EpochContext, FirstStep, Method, make_method
 from greencore.models import ModelFolderError, load_config
 from greencore.plan import EpochPlan, ShapeProfiles, plan_epoch
@@ -183,10 +183,9 @@ def train(
             hooks.on_epoch(report)
     final = None
     if not stopped and run.last_dir is not None:
-        final_dir = checkpoint.epoch_dir(spec.output_dir, 0).with_name("final")
         if leader:
-            final_dir = checkpoint.link_final(spec.output_dir, run.last_dir)
-        final = str(final_dir)
+            checkpoint.link_final(spec.output_dir, run.last_dir)
+        final = str(Path(spec.output_dir) / checkpoint.FINAL_DIR)
     if run.ranks is not None:  # the wrapper goes before the process group can; every rank leaves together
         run.ddp = None
         run.ranks.barrier()
@@ -243,14 +242,7 @@ def _setup(spec: TrainSpec) -> _Run:
 
     total_steps = math.ceil(len(train_data) / hp.batch_size) * hp.n_epochs
     profiles = ShapeProfiles(model, baseline=lambda: method.full_baseline(model))
-    # Fused AdamW on CUDA: one kernel per step and no temporaries (the multi-tensor one holds a float32 copy
-    # of every trained tensor at its peak); on CPU torch's default (a loop over tensors).
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=hp.learning_rate,
-        weight_decay=hp.weight_decay,
-        fused=True if device.type == "cuda" else None,
-    )
+    optimizer = training_optimizer(params, hp, device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(hp.warmup_steps, total_steps))
     default_dtype = getattr(config, "dtype", None) or torch.float32
     default_dtype = getattr(torch, default_dtype) if isinstance(default_dtype, str) else default_dtype
@@ -415,7 +407,6 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     wall_s = time.perf_counter() - started
     energy = _energy(run, total)
     communicated = run.ranks.take_bytes() if run.ranks is not None else 0
-    n_trained = sum(p.numel() for n, p in run.model.named_parameters() if n in set(names))
     return EpochReport(
         epoch=epoch,
         selected_tensors=list(names),
@@ -448,11 +439,11 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         device_name=run.spec.energy.device_name,
         world_size=run.ranks.world if run.ranks is not None else 1,
         communication_bytes=communicated,
-        communication_bytes_full=_full_communication(run, steps.steps, n_trained),
+        communication_bytes_full=_full_communication(run, steps.steps),
     )
 
 
-def _full_communication(run: _Run, steps: int, n_trained: int) -> int:
+def _full_communication(run: _Run, steps: int) -> int:
     """What full fine-tuning would all-reduce over the epoch's ``steps`` on these ranks: a float32 gradient of
     every parameter of the base per step (0 on one rank)."""
     if run.ranks is None or not steps:
@@ -566,16 +557,9 @@ def _forward_backward(run: _Run, batch: Batch) -> torch.Tensor:
     rows of it, through DDP, which averages the ranks' gradients after the last micro-batch); returns this
     process's part of the loss (detached, float32: the parts of all ranks add up to the batch's loss)."""
     if run.ranks is None:
-        parts = run.micro_batches(batch)
-        if len(parts) == 1:
-            with run.autocast:
-                loss = run.model(**batch).loss
-            loss.backward()
-            return loss.detach().float()
-        model, scale = run.model, 1
-    else:
-        parts = _rank_parts(run, batch)
-        model, scale = run.ddp or run.model, run.ranks.world  # DDP divides the sum of gradients by world
+        parts, model, scale = run.micro_batches(batch), run.model, 1
+    else:  # DDP divides the sum of the ranks' gradients by their number
+        parts, model, scale = _rank_parts(run, batch), run.ddp or run.model, run.ranks.world
     total = torch.zeros((), device=run.device)
     for i, (part, weight) in enumerate(parts):
         last = i == len(parts) - 1
@@ -583,8 +567,9 @@ def _forward_backward(run: _Run, batch: Batch) -> torch.Tensor:
         with sync:
             with run.autocast:
                 loss = model(**part).loss
-            (loss * (weight * scale)).backward()
-        total += loss.detach().float() * weight
+            factor = weight * scale
+            (loss if factor == 1.0 else loss * factor).backward()
+        total += loss.detach().float() if weight == 1.0 else loss.detach().float() * weight
     return total
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,10 @@ import torch.multiprocessing as mp
 from greencore.spec import Hyperparameters, TrainSpec
 from greencore.train import train
 from tests.model_folders import dataset, model_folder, write_jsonl
+from tests.processes import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spec(root: Path, out: str, **hp) -> TrainSpec:
@@ -76,7 +70,7 @@ def _rank(rank: int, port: int, root: str, out: str, hp: dict, sticky: bool) -> 
 
 
 def _ranks(root: Path, out: str, sticky: bool = False, **hp) -> dict:
-    mp.spawn(_rank, args=(_free_port(), str(root), out, hp, sticky), nprocs=WORLD, join=True)
+    mp.spawn(_rank, args=(free_port(), str(root), out, hp, sticky), nprocs=WORLD, join=True)
     return json.loads((root / f"{out}.json").read_text())
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from greencore.importance import importance_pass, tentative_optimizer_factory
-from greencore.memory import LiveStorages, importance_bytes, peak_shapes, train_step_bytes
+from greencore.memory import LiveStorages, importance_bytes, peak_shapes, train_step_bytes, warm_optimizer
 from greencore.profile import attention_implementation
 from greencore.spec import Hyperparameters
 from tests.tiny_models import batch_for, tiny_model
@@ -30,12 +30,7 @@ def _optimizer(model: torch.nn.Module, trained: set[str]) -> tuple[list, torch.o
     for n, p in model.named_parameters():
         p.requires_grad_(n in trained)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=HP.learning_rate, weight_decay=HP.weight_decay)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return params, opt
+    return params, warm_optimizer(params, HP)
 
 
 def _tracker(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> LiveStorages:
