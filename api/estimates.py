@@ -33,11 +33,12 @@ from api.schemas.estimates import (
     EstimatePublic,
     FlopsFullAndMethod,
     FullAndMethod,
+    LearningRatePublic,
     MemoryPublic,
     MinimumBudget,
     PeakMemoryPublic,
 )
-from api.schemas.jobs import Hyperparameters, to_core
+from api.schemas.jobs import Hyperparameters, resolve_learning_rate, to_core
 from api.tables import File
 from greencore.spec import BUDGET_FIELDS
 
@@ -199,6 +200,11 @@ def estimate(
             min_max_flops=min_flops,
             min_max_energy_kwh=min_flops / flops_per_kwh(settings.energy),
         ) from exc
+    auto = est.learning_rate
+    try:
+        learning_rate = resolve_learning_rate(hp, auto.learning_rate)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="learning_rate_multiplier") from exc
     energy = settings.energy
     memory = est.memory
     assert memory is not None  # run_costs always gives the memory model
@@ -237,6 +243,14 @@ def estimate(
         time_s=FullAndMethod(full=est.time_s.full, method=est.time_s.method),
         time_basis=basis(est.time_basis),
         energy_basis=basis(est.energy_basis),
+        learning_rate=LearningRatePublic(
+            learning_rate=learning_rate,
+            auto=auto.learning_rate,
+            multiplier=learning_rate / auto.learning_rate,
+            full=auto.full,
+            scale=auto.scale,
+            non_embedding_params=costs.lr_basis.non_embedding_params,
+        ),
         energy_j=FullAndMethod(full=est.energy_j.full, method=est.energy_j.method),
         gco2e=FullAndMethod(full=est.gco2e.full, method=est.gco2e.method),
         peak_memory_bytes=FlopsFullAndMethod(full=memory.full.peak_bytes, method=memory.method.peak_bytes),

@@ -61,6 +61,9 @@ def create_job(
             peak_memory_bytes=peak,
             device_memory_bytes=device_bytes,
         )
+    # The job records the rate it trains at, and the multiplier of the automatic rate that gives it.
+    hp.learning_rate = cost.learning_rate.learning_rate
+    hp.learning_rate_multiplier = cost.learning_rate.multiplier
     job = Job(
         id=new_id("ftjob"),
         tenant_id=tenant.id,

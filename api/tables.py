@@ -166,6 +166,8 @@ class Epoch(Base):
     world_size: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     communication_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     communication_bytes_full: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The peak learning rate it trained at; null for epochs recorded before migration 0005.
+    learning_rate: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (

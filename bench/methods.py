@@ -72,7 +72,12 @@ METHODS = [
     # paper's "on-par FLOPs" comparison; set when LoRA's first epoch has run (LoRA runs earlier in this list).
     ("green@lora", "green", {"rho": MATCH_LORA}),
     ("topk-0.5", "topk", {"rho": 0.5}),
+    # Candidates for the default budget (issue 15): trained at the automatic learning rate only.
+    ("green-0.8", "green", {"rho": 0.8}),
+    ("green-0.9", "green", {"rho": 0.9}),
 ]
+AUTO = "auto"  # the learning rate greencore.lr chooses (Hyperparameters.learning_rate's default)
+AUTO_ONLY = ("green-0.8", "green-0.9")  # labels with no grid: their one run is at the automatic rate
 
 
 # Learning rates each method chooses from, by dev accuracy. LoRA's adapters start at zero and usually want a
@@ -547,10 +552,12 @@ def estimated_train_s(run: Run, others: list[Run]) -> tuple[float, str]:
     return seconds, basis.basis if basis.match is None else f"{basis.match}, {basis.epochs} epochs"
 
 
-def summarize(runs: list[Run], calibrated_on: list[Run] | None = None) -> list[Row]:
-    """The rows of ``runs``; estimated train times calibrated on ``calibrated_on`` (default: ``runs``), each
-    run's own epochs left out."""
-    full = next((r for r in runs if r.method == "full" and not r.refused), None)  # absent: ratios are nan
+def summarize(runs: list[Run], calibrated_on: list[Run] | None = None, full: Run | None = None) -> list[Row]:
+    """The rows of ``runs``; FLOPs and time ratios against ``full`` (default: the first full run of ``runs``);
+    estimated train times calibrated on ``calibrated_on`` (default: ``runs``), each run's own epochs left
+    out."""
+    if full is None or full.refused:
+        full = next((r for r in runs if r.method == "full" and not r.refused), None)  # absent: ratios nan
     full_flops = sum(e.flops["total"] for e in full.epochs) if full else float("nan")
     full_s = sum(e.wall_s - e.valid_wall_s for e in full.epochs) if full else float("nan")
     rows = []
@@ -598,7 +605,7 @@ def summarize(runs: list[Run], calibrated_on: list[Run] | None = None) -> list[R
                 sum(e.energy_j for e in run.epochs),
                 len(last.selected_tensors),
                 worst,
-                lr=run.hp.learning_rate,
+                lr=last.learning_rate,
                 dev_accuracy=_accuracy(last) if on_valid else None,
                 energy_method="+".join(sorted({e.energy_method for e in run.epochs})),
                 est_train_s=est_s,
@@ -727,7 +734,7 @@ SEEDED = ("full", "green-0.5", "lora", "green@lora")
 
 
 def repeat_seeds(
-    chosen: dict[str, Run],
+    seeded: dict[str, Run],
     model_dir: str,
     fit: str,
     dev: str,
@@ -736,21 +743,24 @@ def repeat_seeds(
     base_hp: dict,
     args: argparse.Namespace,
 ) -> dict[str, list[Row]]:
-    """Each SEEDED method's row at seed ``args.seed`` (its chosen grid run) and at ``args.seeds - 1`` more
-    seeds; FLOPs ratios against full's run at the same seed."""
-    labels = [m for m in METHODS if m[0] in SEEDED and m[0] in chosen and not chosen[m[0]].refused]
-    rows: dict[str, list[Row]] = {label: [] for label, _, _ in labels}
-    first = {
-        base_label(r.label): r
-        for r in summarize([dataclass_replace(chosen[label], label=label) for label, _, _ in labels])
-    }
-    for label in rows:
-        rows[label].append(first[label])
+    """Each run of ``seeded`` (row label -> its run at seed ``args.seed``) as its row at that seed and at
+    ``args.seeds - 1`` more seeds, at the same learning rate ("auto" chosen again); FLOPs ratios against the
+    full run at the same seed (``seeded`` holds "full" first)."""
+    labels = {label: run for label, run in seeded.items() if not run.refused}
+    extras = {label: extra for label, _, extra in METHODS}
+    rows: dict[str, list[Row]] = {label: [] for label in labels}
+    first = summarize([dataclass_replace(run, label=label) for label, run in labels.items()])
+    for row in first:
+        rows[base_label(row.label)].append(row)
     for seed in range(args.seed + 1, args.seed + args.seeds):
         print(f"  seed {seed}", flush=True)
         methods = [
-            (label, method, {**extra, "learning_rate": chosen[label].hp.learning_rate})
-            for label, method, extra in labels
+            (
+                label,
+                run.method,
+                {**extras[label.removesuffix(f" {AUTO}")], "learning_rate": run.hp.learning_rate},
+            )
+            for label, run in labels.items()
         ]
         runs = run_interleaved(
             model_dir,
@@ -765,13 +775,26 @@ def repeat_seeds(
             methods=methods,
         )
         for run in runs:
-            if not run.refused:
-                run.valid_loss, run.valid_accuracy = evaluate_checkpoint(
-                    run.epochs[-1].checkpoint_dir, valid, run.hp, args.device
-                )
+            _validate(run, valid, args.device)
         for row in summarize(runs):
             rows[base_label(row.label)].append(row)
     return rows
+
+
+def _validate(run: Run, valid: str, device: str) -> None:
+    """The run's last checkpoint on the validation file (its ``valid_*``), once."""
+    if run.refused or run.valid_accuracy is not None:
+        return
+    run.valid_loss, run.valid_accuracy = evaluate_checkpoint(
+        run.epochs[-1].checkpoint_dir, valid, run.hp, device
+    )
+
+
+def lr_label(run: Run) -> str:
+    """A run's learning rate as the tables print it: "auto (the rate it chose)" or the grid's rate."""
+    if run.hp.learning_rate != AUTO:
+        return f"{run.hp.learning_rate:g}"
+    return f"auto ({run.epochs[-1].learning_rate:.3g})" if run.epochs else "auto"
 
 
 def base_label(label: str) -> str:
@@ -819,7 +842,8 @@ class Comparison:
     bare_s: float
     seeds: dict[str, list[Row]] = field(
         default_factory=dict
-    )  # SEEDED label -> its row at each seed (first: the grid's)
+    )  # SEEDED label (and "LABEL auto") -> its row at each seed (first: the grid's)
+    auto_rows: list[Row] = field(default_factory=list)  # each method at the automatic learning rate (--auto)
 
     def section(self, title: str, setup: str, args: argparse.Namespace) -> str:
         width = max(len(runs) for runs in self.runs.values())
@@ -831,13 +855,13 @@ class Comparison:
             cells = []
             for run in runs:
                 if run.refused:
-                    cells.append(f"{run.hp.learning_rate:g}: {run.refused.split(':')[0]}")
+                    cells.append(f"{lr_label(run)}: {run.refused.split(':')[0]}")
                     continue
                 by_epoch = "/".join(f"{100 * _accuracy(e):.1f}" for e in run.epochs)
                 mark = "**" if run is self.chosen.get(label) else ""
-                cells.append(f"{mark}{run.hp.learning_rate:g}: {by_epoch}{mark}")
+                cells.append(f"{mark}{lr_label(run)}: {by_epoch}{mark}")
             chosen = self.chosen.get(label)
-            picked = f"{chosen.hp.learning_rate:g}" if chosen is not None and not chosen.refused else "-"
+            picked = lr_label(chosen) if chosen is not None and not chosen.refused else "-"
             grid_lines.append(f"| {label} | " + " | ".join(cells) + f" | {picked} |")
         parts = [f"## {title}", "", setup, "", table(self.rows, self.metric), ""]
         if self.extra:
@@ -851,10 +875,13 @@ class Comparison:
             ]
         if len(next(iter(self.seeds.values()), [])) > 1:
             parts += [seeds_table(self.seeds, self.metric), ""]
+        if self.auto_rows:
+            parts += [*self.auto_section(), ""]
         parts += [
             "Targets:",
             "",
             *targets(self.rows, self.loop_s, self.bare_s, self.seeds),
+            *self.auto_targets(),
             "",
             f"Learning-rate grid: dev {self.metric} (%) after each epoch, trained on the fit split; the "
             "chosen run in bold (best last-epoch dev accuracy; ties: lower dev loss).",
@@ -863,6 +890,73 @@ class Comparison:
             "",
         ]
         return "\n".join(parts)
+
+    def _mean(self, label: str) -> tuple[float, int]:
+        """A row's accuracy (the mean over its seeds where it has several, else its run's) and its seeds."""
+        seeded = [r for r in self.seeds.get(label, []) if not r.refused]
+        if len(seeded) > 1:
+            return statistics.fmean(r.accuracy for r in seeded), len(seeded)
+        row = next(r for r in [*self.rows, *self.auto_rows] if base_label(r.label) == label)
+        return row.accuracy, 1
+
+    def _auto_gaps(self) -> list[tuple[str, float, float, int, int]]:
+        """(label, automatic rate's accuracy, grid choice's, their seed counts) of each method with both."""
+        gaps = []
+        for row in self.auto_rows:
+            label = base_label(row.label).removesuffix(f" {AUTO}")
+            if label in AUTO_ONLY or row.refused or label not in self.chosen or self.chosen[label].refused:
+                continue
+            (auto, n_auto), (grid, n_grid) = self._mean(f"{label} {AUTO}"), self._mean(label)
+            gaps.append((label, auto, grid, n_auto, n_grid))
+        return gaps
+
+    def auto_section(self) -> list[str]:
+        lines = [
+            f'Automatic learning rate (`learning_rate: "auto"`, greencore.lr): each method once more at '
+            f"the rate the service chooses, on the same batches; {self.metric} on the validation file "
+            "(means over seeds where the seeds column says more than 1; the grid's choice likewise).",
+            "",
+            table(self.auto_rows, self.metric),
+            "",
+            f"| method | auto lr | {self.metric}: auto | seeds | grid's lr | {self.metric}: grid's choice | "
+            "seeds | auto - grid (points) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for label, auto, grid, n_auto, n_grid in self._auto_gaps():
+            row = next(r for r in self.auto_rows if base_label(r.label) == f"{label} {AUTO}")
+            lines.append(
+                f"| {label} | {row.lr:.3g} | {100 * auto:.2f}% | {n_auto} | {lr_label(self.chosen[label])} | "
+                f"{100 * grid:.2f}% | {n_grid} | {100 * (auto - grid):+.2f} |"
+            )
+        return lines
+
+    def auto_targets(self) -> list[str]:
+        if not self.auto_rows:
+            return []
+        gaps = self._auto_gaps()
+        missed = [f"{lab} {100 * (auto - grid):+.2f}" for lab, auto, grid, _, _ in gaps if auto < grid - 0.01]
+        lines = [
+            f"- automatic learning rate within 1 point of the grid's choice ({len(gaps)} methods): "
+            + ("met" if not missed else f"**missed** ({', '.join(missed)})")
+        ]
+        if "full" in self.chosen and not self.chosen["full"].refused:
+            full, _ = self._mean("full")
+            greens = []
+            for row in self.auto_rows:
+                label = base_label(row.label).removesuffix(f" {AUTO}")
+                if label.startswith("green-") and not row.refused:
+                    greens.append((row.flops_ratio, label, self._mean(f"{label} {AUTO}")[0]))
+            keeps = [(ratio, label, acc) for ratio, label, acc in sorted(greens) if acc >= full - 0.01]
+            lines.append(
+                "- cheapest green at the automatic rate within 1 point of full's grid choice "
+                f"({100 * full:.2f}%): "
+                + (
+                    f"{keeps[0][1]} ({100 * keeps[0][2]:.2f}%, FLOPs / full {keeps[0][0]:.3f})"
+                    if keeps
+                    else "none"
+                )
+            )
+        return lines
 
 
 def compare(
@@ -885,11 +979,14 @@ def compare(
     fixed = dict(item.split("=") for item in args.lr.split(",")) if args.lr else {}
     wanted = [m for m in METHODS if m[0] in args.methods.split(",")]
 
-    def lrs_of(label: str, method: str) -> tuple[float, ...]:
-        return (float(fixed[label]),) if label in fixed else grid_of(grid, method)
+    def lrs_of(label: str, method: str) -> tuple[float | str, ...]:
+        auto = (AUTO,) if args.auto else ()
+        if label in AUTO_ONLY:
+            return auto
+        return ((float(fixed[label]),) if label in fixed else grid_of(grid, method)) + auto
 
     points = [
-        (f"{label}@{lr:g}", method, {**extra, "learning_rate": lr})
+        (f"{label}@{lr if lr == AUTO else format(lr, 'g')}", method, {**extra, "learning_rate": lr})
         for label, method, extra in wanted
         for lr in lrs_of(label, method)
     ]
@@ -911,18 +1008,24 @@ def compare(
     ):
         runs.setdefault(label, []).append(run)
     chosen: dict[str, Run] = {}
+    autos: dict[str, Run] = {}  # label -> its run at the automatic learning rate (--auto)
     for label, candidates in runs.items():
-        ok = [r for r in candidates if not r.refused]
+        for run in candidates:
+            if run.hp.learning_rate == AUTO and not run.refused:
+                autos[label] = run
+                _validate(run, valid, args.device)
+        # The grid's choice; a label with no grid (AUTO_ONLY) keeps its automatic run.
+        ok = [r for r in candidates if not r.refused and r.hp.learning_rate != AUTO] or [
+            r for r in candidates if not r.refused
+        ]
         if not ok:
             chosen[label] = candidates[0]
             continue
         best = max(ok, key=lambda r: (_accuracy(r.epochs[-1]), -r.epochs[-1].valid_loss))
-        best.valid_loss, best.valid_accuracy = evaluate_checkpoint(
-            best.epochs[-1].checkpoint_dir, valid, best.hp, args.device
-        )
+        _validate(best, valid, args.device)
         chosen[label] = best
         print(
-            f"  {label}: lr {best.hp.learning_rate:g} (dev {_accuracy(best.epochs[-1]):.4f}), "
+            f"  {label}: lr {lr_label(best)} (dev {_accuracy(best.epochs[-1]):.4f}), "
             f"validation {best.valid_accuracy:.4f}",
             flush=True,
         )
@@ -962,11 +1065,19 @@ def compare(
         if "full" in chosen
         else Hyperparameters(**{**base_hp, "n_epochs": args.epochs, "learning_rate": grid["default"][0]})
     )
-    seeds = repeat_seeds(chosen, model_dir, fit, dev, valid, out, base_hp, args) if args.seeds > 1 else {}
+    seeded = {label: run for label, run in chosen.items() if label in SEEDED}
+    auto_seeded = args.auto_seeds.split(",") if args.auto_seeds else list(autos)
+    seeded |= {f"{label} {AUTO}": run for label, run in autos.items() if label in auto_seeded}
+    seeds = repeat_seeds(seeded, model_dir, fit, dev, valid, out, base_hp, args) if args.seeds > 1 else {}
+    auto_rows = summarize(
+        [dataclass_replace(run, label=f"{label} {AUTO}") for label, run in autos.items()],
+        calibrated_on=all_runs,
+        full=chosen.get("full"),
+    )
     loop_s, bare_s = step_overhead(
         model_dir, fit, full_hp, args.seed, args.bare_steps, args.device, out / "steps"
     )
-    return Comparison(metric, grid, runs, chosen, rows, extra, loop_s, bare_s, seeds)
+    return Comparison(metric, grid, runs, chosen, rows, extra, loop_s, bare_s, seeds, auto_rows)
 
 
 def main() -> None:
@@ -1029,6 +1140,17 @@ def main() -> None:
         help="fixed learning rates by method label instead of the grid, e.g. full=1e-4,green-0.5=1e-3",
     )
     parser.add_argument("--no-double", action="store_true", help="skip the green-0.5 twice-the-epochs row")
+    parser.add_argument(
+        "--no-auto",
+        dest="auto",
+        action="store_false",
+        help="skip the runs at the automatic learning rate (one per method, and green-0.8 / green-0.9)",
+    )
+    parser.add_argument(
+        "--auto-seeds",
+        default="",
+        help="labels whose automatic-rate run repeats at the other seeds (default: every label's)",
+    )
     args = parser.parse_args()
     ensure_bench_extra()
 

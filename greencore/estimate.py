@@ -15,7 +15,7 @@ computed when first asked for a trained set and kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,12 +24,13 @@ from torch import nn
 
 from greencore.data import Encoded
 from greencore.energy import J_PER_KWH, grams_co2e
+from greencore.lr import AutoLearningRate, LearningRateBasis, auto_learning_rate, non_embedding_params
 from greencore.memory import MemoryPlan, PeakMemory, RunShapes
 from greencore.methods import RunCosting, make_method
 from greencore.models import TRACE_LOCK, load_config, meta_model
 from greencore.plan import ShapeProfiles, plan_epoch
 from greencore.select import BudgetTooSmall
-from greencore.spec import EnergySettings, Hyperparameters
+from greencore.spec import AUTO, EnergySettings, Hyperparameters
 from greencore.throughput import Calibration, CalibrationBasis, declared
 
 
@@ -96,6 +97,7 @@ class RunEstimate:
     min_max_energy_kwh: float  # the same as energy on the device profile
     time_basis: CalibrationBasis  # measured epochs or the declared profile
     energy_basis: CalibrationBasis
+    learning_rate: AutoLearningRate  # the automatic learning rate at this budget
     memory: MemoryEstimate | None = None  # None where the costs were made without a memory model
 
     @property
@@ -118,7 +120,15 @@ class RunCosts:
     flops: int | None  # the method's; None: what its budget allows (rho x full)
     rho_min: float
     basis: str
+    lr_basis: LearningRateBasis  # what the automatic learning rate is computed from
     memory: RunMemory | None = field(default=None, compare=False, repr=False)
+
+    def auto_learning_rate(self, hp: Hyperparameters, rho: float | None) -> AutoLearningRate:
+        """The automatic learning rate (``greencore.lr``) of the run with ``hp`` at the budget ``rho`` in
+        force (None: the method's fixed tensor set, whose share is its FLOPs over full fine-tuning's)."""
+        share = rho if rho is not None else (self.flops or self.full) / self.full
+        scale = make_method(self.method, hp).learning_rate_scale(share, self.lr_basis.forward_share)
+        return auto_learning_rate(self.lr_basis, scale)
 
     def resolve_rho(self, hp: Hyperparameters, energy: EnergySettings) -> float | None:
         """The rho ``hp`` puts in force (see :func:`resolve_rho`)."""
@@ -130,6 +140,9 @@ class RunCosts:
         """The run's cost at the budget of ``hp``, timed and priced by ``calibration`` (default: the declared
         profile ``energy``); BudgetTooSmall or SpecError when that budget is refused."""
         rho = self.resolve_rho(hp, energy)
+        auto = self.auto_learning_rate(hp, rho)
+        if hp.learning_rate == AUTO:  # the memory replay's optimizer takes a number (its value costs nothing)
+            hp = replace(hp, learning_rate=auto.learning_rate)
         method_flops = self.flops if self.flops is not None else int((rho or 1.0) * self.full)
         calibration = calibration or declared(energy)
         steps = self.steps_per_epoch * self.n_epochs
@@ -158,6 +171,7 @@ class RunCosts:
             min_max_energy_kwh=min_flops / flops_per_kwh(energy),
             time_basis=calibration.time_basis,
             energy_basis=calibration.energy_basis,
+            learning_rate=auto,
             memory=self.memory.at(hp, rho) if self.memory is not None else None,
         )
 
@@ -205,6 +219,11 @@ def run_costs(
         flops=cost.flops,
         rho_min=cost.rho_min,
         basis=cost.basis,
+        lr_basis=LearningRateBasis(
+            non_embedding_params=non_embedding_params(model),
+            batch_size=hp.batch_size,
+            forward_share=sum(p.full.fwd for p in epochs) / sum(p.full.total for p in epochs),
+        ),
         memory=RunMemory(method, costing, shapes, device),
     )
 

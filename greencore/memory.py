@@ -34,7 +34,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_flatten
 
 from greencore.models import TRACE_LOCK
 from greencore.precision import HeldPrecision, Precision, autocast, resolve_precision, tensor_dtypes
-from greencore.spec import Hyperparameters
+from greencore.spec import AUTO, Hyperparameters
 
 Shape = tuple[int, ...]  # a padded batch: (batch, seq) or, for seq2seq, (batch, seq, target)
 GIB = 1 << 30
@@ -201,6 +201,12 @@ def _fake_model(
     return fake
 
 
+def _with_rate(hp: Hyperparameters) -> Hyperparameters:
+    """``hp`` with a number for a learning rate left "auto": an optimizer needs one, and its value changes no
+    tensor's size."""
+    return replace(hp, learning_rate=1e-3) if hp.learning_rate == AUTO else hp
+
+
 def warm_optimizer(
     trained: list[nn.Parameter], hp: Hyperparameters, device: str = "cpu"
 ) -> torch.optim.Optimizer | None:
@@ -211,7 +217,7 @@ def warm_optimizer(
 
     if not trained:
         return None
-    optimizer = training_optimizer(trained, hp, torch.device(device).type)
+    optimizer = training_optimizer(trained, _with_rate(hp), torch.device(device).type)
     for p in trained:
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -317,7 +323,7 @@ def importance_bytes(
     with mode, _attention(fake, hp), TRACE_LOCK:
         training = warm_optimizer(state_of, hp, device) or torch.optim.AdamW(
             [nn.Parameter(torch.empty(0, device=_placed(device)))],
-            lr=hp.learning_rate,
+            lr=_with_rate(hp).learning_rate,
             weight_decay=hp.weight_decay,
         )
         batch = fake_batch(task, shape, _placed(device))

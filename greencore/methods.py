@@ -23,6 +23,7 @@ from torch import nn
 
 from greencore import checkpoint
 from greencore.importance import importance_flops, importance_pass
+from greencore.lr import LORA_SCALE, budget_scale
 from greencore.memory import MemoryPlan
 from greencore.profile import TensorProfile
 from greencore.registry import MethodError, MethodInfo, budgeted_methods, method_info
@@ -170,6 +171,12 @@ class Method(Protocol):
         """The run's FLOPs and rho_min, before it runs."""
         ...
 
+    def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
+        """Its automatic learning rate over full fine-tuning's (``greencore.lr``), for a run that spends
+        ``flops_share`` of full fine-tuning's FLOPs (its rho in force, or its fixed set's share) of which the
+        forward pass is ``forward_share``."""
+        ...
+
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
         """What the run holds, for its peak memory before it runs (``greencore.memory``): the model it trains,
         the tensors that train (an upper bound where the selection is made during the run) and the
@@ -244,6 +251,9 @@ class FullMethod(_InPlace):
     def cost(self, run: RunCosting) -> MethodCost:
         return MethodCost(run.full, run.rho_min, "profile")
 
+    def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
+        return 1.0
+
 
 class GreenMethod(_InPlace):
     """GreenTrainer: at the start and every ``reselect_every`` epochs, measure each tensor's importance on the
@@ -311,6 +321,9 @@ class GreenMethod(_InPlace):
             for i, (p, imp) in enumerate(zip(run.epochs, run.importance, strict=True))
         )
         return MethodCost(None, rho_min, "budget")
+
+    def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
+        return budget_scale(flops_share, forward_share)
 
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
         # The selection changes every reselection and is unknown before the run: bound it by every tensor a
@@ -418,6 +431,9 @@ class TopKMethod(_InPlace):
             return MethodCost(None, rho_min, "budget")
         chosen = top_layers(run.epochs[0], layers, min(self.hp.topk_layers, len(layers)))
         return MethodCost(sum(p.step_flops(chosen).total for p in run.epochs), rho_min, "profile")
+
+    def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
+        return budget_scale(flops_share, forward_share)
 
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
         # choose's rule on the first epoch's profile (the choice holds for the run).
@@ -530,6 +546,9 @@ class LoraMethod:
         names = [n for n in names if n in run.epochs[0].names]
         flops = sum(p.fwd + p.step_flops(names).bwd_act for p in run.epochs) if names else run.full
         return MethodCost(flops, run.rho_min, "approximate")
+
+    def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
+        return LORA_SCALE
 
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
         # The model as this method wraps it (its adapters), on a copy.

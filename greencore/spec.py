@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from greencore.registry import DEFAULT_METHOD
 
 DEFAULT_RHO = 0.5  # share of full fine-tuning FLOPs a budgeted method gets when the job names no budget
+AUTO = "auto"  # a setting the run chooses (learning_rate: greencore.lr)
 BUDGET_FIELDS = ("rho", "max_flops", "max_energy_kwh")  # one budget at most; the last two resolve to a rho
 
 
@@ -63,7 +64,13 @@ class Hyperparameters:
 
     n_epochs: int = setting(3, "passes over the training file", ge=1, limit=1000)
     batch_size: int = setting(8, "sequences per optimizer step", ge=1, limit=4096)
-    learning_rate: float = setting(5e-5, "AdamW peak learning rate", gt=0, limit=1)
+    learning_rate: float | Literal["auto"] = setting(
+        AUTO,
+        'AdamW peak learning rate; "auto": chosen for the model, batch and method (greencore.lr, '
+        "docs/training.md)",
+        gt=0,
+        limit=1,
+    )
     max_seq_len: int = setting(512, "tokens per example; longer ones are cut", ge=8, limit=131072)
     rho: float | None = setting(
         None,
@@ -117,7 +124,11 @@ class Hyperparameters:
                 raise SpecError(name, f"must be one of {', '.join(kind)}, not {getattr(self, name)!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or isinstance(value, str):
+            if value is None or (value == AUTO and f.name == "learning_rate"):
+                continue
+            if isinstance(value, str):  # the enums, checked above
+                if f.name == "learning_rate":
+                    raise SpecError(f.name, f'must be a number or "auto", not {value!r}')
                 continue
             bounds = f.metadata
             if bounds["ge"] is not None and value < bounds["ge"]:
@@ -199,6 +210,7 @@ class EpochReport:
     world_size: int = 1  # ranks the epoch ran on (greencore.distributed)
     communication_bytes: int = 0  # bytes all-reduced (and broadcast) between the ranks
     communication_bytes_full: int = 0  # what full fine-tuning would all-reduce over the same steps
+    learning_rate: float = 0.0  # the peak learning rate it trained at (the schedule's maximum)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

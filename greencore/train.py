@@ -46,7 +46,7 @@ from greencore.models import ModelFolderError, load_config
 from greencore.plan import EpochPlan, ShapeProfiles, plan_epoch
 from greencore.precision import HeldPrecision, autocast, resolve_precision
 from greencore.profile import ProfileError, set_gradient_checkpointing
-from greencore.spec import Attention, EpochReport, Hyperparameters, SpecError, TrainReport, TrainSpec
+from greencore.spec import AUTO, Attention, EpochReport, Hyperparameters, SpecError, TrainReport, TrainSpec
 
 __all__ = ["LossNotFinite", "auto_class", "evaluate", "linear_schedule", "train"]
 
@@ -210,7 +210,7 @@ def _setup(spec: TrainSpec) -> _Run:
     config = load_config(spec.model_dir)
     tokenizer = _load_tokenizer(spec.model_dir)
     task, labels, train_data, valid_data = _setup_data(spec, config, tokenizer)
-    hp = _resolve_budget(spec, train_data, labels)
+    hp = _resolve(spec, train_data, labels)
     method = make_method(spec.method, hp)
 
     fingerprint = _fingerprint(spec, hp)
@@ -304,14 +304,21 @@ def _setup_data(
     return task, labels, train_data, valid_data
 
 
-def _resolve_budget(spec: TrainSpec, data: Encoded, labels: list[str] | None) -> Hyperparameters:
-    """The hyperparameters with the budget as a rho: ``max_flops`` or ``max_energy_kwh`` are converted by the
-    estimate's rule (``greencore.estimate.resolve_rho``) on the run's own plan."""
+def _resolve(spec: TrainSpec, data: Encoded, labels: list[str] | None) -> Hyperparameters:
+    """The hyperparameters as the run uses them: ``max_flops`` or ``max_energy_kwh`` converted to a rho by the
+    estimate's rule (``greencore.estimate.resolve_rho``) on the run's own plan, and ``learning_rate "auto"``
+    to the rate ``greencore.lr`` gives the method at the budget in force (the estimate's, the same number)."""
     hp = spec.hyperparameters
-    if hp.max_flops is None and hp.max_energy_kwh is None:
+    budget = hp.max_flops is not None or hp.max_energy_kwh is not None
+    if not budget and hp.learning_rate != AUTO:
         return hp
     costs = run_costs(spec.model_dir, data, spec.method, hp, spec.seed, len(labels) if labels else None)
-    return replace(hp, rho=costs.resolve_rho(hp, spec.energy), max_flops=None, max_energy_kwh=None)
+    rho = costs.resolve_rho(hp, spec.energy)
+    if budget:
+        hp = replace(hp, rho=rho, max_flops=None, max_energy_kwh=None)
+    if hp.learning_rate == AUTO:
+        hp = replace(hp, learning_rate=costs.auto_learning_rate(hp, rho).learning_rate)
+    return hp
 
 
 def _resume(run: _Run, state: TrainingState) -> None:
@@ -436,6 +443,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         energy_inputs=energy.inputs,
         selection={**_plain(run.choice.details), "reselected": new_choice is not None},
         dropped_examples=run.train_data.dropped,
+        learning_rate=hp.learning_rate,
         device_name=run.spec.energy.device_name,
         world_size=run.ranks.world if run.ranks is not None else 1,
         communication_bytes=communicated,

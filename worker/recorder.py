@@ -203,6 +203,7 @@ class JobRecorder:
                     world_size=report.world_size,
                     communication_bytes=report.communication_bytes,
                     communication_bytes_full=report.communication_bytes_full,
+                    learning_rate=report.learning_rate or None,
                     created_at=utcnow(),
                 )
             )

@@ -72,6 +72,17 @@ class BasisPublic(BaseModel):
     method: str | None = Field(description="the method matched (null: any method, or declared)")
 
 
+class LearningRatePublic(BaseModel):
+    learning_rate: float = Field(description="the AdamW peak learning rate the job trains at")
+    auto: float = Field(description='the automatic rate (learning_rate "auto"): full x scale (greencore.lr)')
+    multiplier: float = Field(description="learning_rate / auto (OpenAI's learning_rate_multiplier)")
+    full: float = Field(description="full fine-tuning's automatic rate for this model and batch_size")
+    scale: float = Field(
+        description="the method's factor over full fine-tuning's rate at the budget in force"
+    )
+    non_embedding_params: int = Field(description="the model's parameters outside embedding tables")
+
+
 class EstimatePublic(BaseModel):
     object: Literal["estimate"] = "estimate"
     model: str
@@ -106,3 +117,6 @@ class EstimatePublic(BaseModel):
     device: DeviceProfile
     time_basis: BasisPublic = Field(description="what time_s rests on")
     energy_basis: BasisPublic = Field(description="what energy_j (and gco2e) rest on")
+    learning_rate: LearningRatePublic = Field(
+        description="the learning rate the job trains at, and the automatic rate it derives from"
+    )

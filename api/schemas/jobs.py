@@ -18,7 +18,6 @@ from greencore.registry import ALIASES, DEFAULT_METHOD, METHODS, method_info, me
 from greencore.spec import BUDGET_FIELDS
 
 AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate")  # OpenAI's "auto": the service's default
-DEFAULT_LEARNING_RATE: float = core.Hyperparameters().learning_rate  # what learning_rate_multiplier scales
 UNSUPPORTED_METHODS = ("dpo", "reinforcement")  # OpenAI's, which this service does not run
 OPENAI_DEFAULT_TYPE = "supervised"  # a job that names no method
 
@@ -27,7 +26,9 @@ def _hyperparameters_schema() -> type[BaseModel]:
     """The API's Hyperparameters: greencore's fields (``greencore.spec.Hyperparameters``) with their defaults,
     bounds and meanings, OpenAI's ``"auto"`` for n_epochs, batch_size and learning_rate, and OpenAI's
     ``learning_rate_multiplier``; refused when unknown, infinite or NaN (JSON has no Infinity or NaN to store
-    them). After validation every value is resolved: "auto" is the default, a multiplier a learning rate."""
+    them). After validation n_epochs and batch_size are resolved ("auto": the default); ``learning_rate``
+    stays "auto" until the job's estimate gives the automatic rate (``greencore.lr``), which
+    ``learning_rate_multiplier`` multiplies (``resolve_learning_rate``)."""
     fields: dict[str, Any] = {}
     hints = get_type_hints(core.Hyperparameters)
     for f in dataclasses.fields(core.Hyperparameters):
@@ -35,15 +36,20 @@ def _hyperparameters_schema() -> type[BaseModel]:
         if f.metadata["limit"] is not None:  # the service's own limit
             bounds["le"] = f.metadata["limit"]
         doc = f.metadata["doc"]
-        if f.name in AUTO_FIELDS:
-            kind: Any = Annotated[hints[f.name], Field(**bounds)] | Literal["auto"]
+        if f.name == "learning_rate":  # greencore's own "auto": the rate greencore.lr chooses
+            kind: Any = Annotated[float, Field(**bounds)] | Literal["auto"]
+            fields[f.name] = (kind, Field(f.default, description=doc))
+        elif f.name in AUTO_FIELDS:
+            kind = Annotated[hints[f.name], Field(**bounds)] | Literal["auto"]
             fields[f.name] = (kind, Field(f.default, description=f'{doc}; "auto": {f.default}'))
         else:
             fields[f.name] = (hints[f.name], Field(f.default, description=doc, **bounds))
     fields["learning_rate_multiplier"] = (
         Annotated[float, Field(gt=0, le=1e4)] | Literal["auto"] | None,
         Field(
-            None, description=f'instead of learning_rate: a multiple of {DEFAULT_LEARNING_RATE:g}; "auto" 1'
+            None,
+            description='a multiple of the automatic learning rate (learning_rate "auto"; "auto": 1); with '
+            "learning_rate given too, they must agree",
         ),
     )
     return create_model(
@@ -66,23 +72,28 @@ def _one_budget(hp: BaseModel) -> BaseModel:
 
 
 def _resolve_auto(hp: Any) -> Any:
-    multiplier = hp.learning_rate_multiplier
-    if (
-        multiplier not in (None, "auto")
-        and "learning_rate" in hp.model_fields_set
-        and hp.learning_rate != "auto"
-    ):
-        # Both: only when they agree (a job's resolved hyperparameters sent again).
-        if abs(hp.learning_rate - multiplier * DEFAULT_LEARNING_RATE) > 1e-9 * hp.learning_rate:
-            raise ValueError("give learning_rate or learning_rate_multiplier, not both")
     defaults = core.Hyperparameters()
-    for name in AUTO_FIELDS:
+    for name in ("n_epochs", "batch_size"):
         if getattr(hp, name) == "auto":
             setattr(hp, name, getattr(defaults, name))
-    if multiplier is not None:
-        hp.learning_rate = (1.0 if multiplier == "auto" else multiplier) * DEFAULT_LEARNING_RATE
-    hp.learning_rate_multiplier = hp.learning_rate / DEFAULT_LEARNING_RATE
+    if hp.learning_rate_multiplier == "auto":
+        hp.learning_rate_multiplier = 1.0
     return hp
+
+
+def resolve_learning_rate(hp: Any, auto: float) -> float:
+    """The learning rate a job trains at, given the automatic rate ``auto`` of its model, batch and method:
+    ``learning_rate`` where given as a number, else ``learning_rate_multiplier`` (default 1) times ``auto``.
+    Both given must agree (a job's resolved hyperparameters sent again); ValueError otherwise."""
+    multiplier = hp.learning_rate_multiplier
+    if hp.learning_rate == "auto":
+        return (1.0 if multiplier is None else multiplier) * auto
+    if multiplier is not None and abs(hp.learning_rate - multiplier * auto) > 1e-6 * hp.learning_rate:
+        raise ValueError(
+            f"learning_rate {hp.learning_rate:g} and learning_rate_multiplier {multiplier:g} disagree: the "
+            f"multiplier scales the automatic rate, {auto:.4g} for this job; give one of them"
+        )
+    return hp.learning_rate
 
 
 Hyperparameters = _hyperparameters_schema()

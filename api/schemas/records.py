@@ -52,6 +52,9 @@ class EpochPublic(BaseModel):
     communication_bytes_full: int = Field(
         0, description="what full fine-tuning would all-reduce over the same steps"
     )
+    learning_rate: float | None = Field(
+        None, description="the peak learning rate it trained at (null: recorded before it was kept)"
+    )
     created_at: int
 
     @classmethod
@@ -82,6 +85,7 @@ class EpochPublic(BaseModel):
             world_size=row.world_size,
             communication_bytes=row.communication_bytes,
             communication_bytes_full=row.communication_bytes_full,
+            learning_rate=row.learning_rate,
             created_at=unix_s(row.created_at) or 0,
         )
 

@@ -4,6 +4,7 @@ chart, download, cancel, and a phone-sized screen. Screenshots go to test-artifa
 from __future__ import annotations
 
 import io
+import math
 import tarfile
 import zipfile
 from pathlib import Path
@@ -33,6 +34,11 @@ def expect():  # playwright's expect, imported late so a missing playwright fail
     from playwright.sync_api import expect as playwright_expect
 
     return playwright_expect
+
+
+def precision3(x: float) -> str:
+    """``x`` as JavaScript's ``x.toPrecision(3)`` writes a number between 1e-6 and 1."""
+    return f"{x:.{2 - math.floor(math.log10(x))}f}"
 
 
 def test_upload_estimate_train_and_download(dashboard: Dashboard, tmp_path: Path) -> None:
@@ -69,6 +75,7 @@ def test_upload_estimate_train_and_download(dashboard: Dashboard, tmp_path: Path
     page.click("#use-file")
     check(page.locator("#training-file")).to_have_value(file_id)
     check(page.locator("#model")).to_have_value(DEMO)
+    check(page.locator("#learning_rate")).to_have_value("auto")  # the default: the service chooses
     for name, value in TINY_HP.items():
         page.fill(f"#{name}", str(value))
         page.locator(f"#{name}").dispatch_event("change")
@@ -113,6 +120,16 @@ def test_upload_estimate_train_and_download(dashboard: Dashboard, tmp_path: Path
     page.fill("#rho-value", "0.75")
     check(page.locator("#estimate-table")).to_contain_text("rho 0.75")
     check(page.locator("#estimate-refused")).to_have_count(0)
+    # The form says what "auto" would be at this budget, beside the rate typed.
+    with service.client() as client:
+        rate = client.post(
+            "/v1/estimates",
+            json={"model": DEMO, "training_file": file_id, "method": method("green", **TINY_HP, rho=0.75)},
+        ).json()["learning_rate"]
+    hint = page.locator("#learning-rate-auto")
+    check(hint).to_contain_text(f'"auto" = {precision3(rate["auto"])} for this job')
+    check(hint).to_contain_text(f"this job: {precision3(TINY_HP['learning_rate'])}")
+    check(page.locator("#estimate-learning-rate")).to_have_text(precision3(TINY_HP["learning_rate"]))
     dashboard.screenshot("04-new-job")
 
     page.click("#create-job")

@@ -30,7 +30,6 @@ SUFFIX = "contract"
 METADATA = {"suite": "contract", "team": "green"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 STEPS_PER_EPOCH = SMALL_EXAMPLES // SMALL_HP["batch_size"]
-DEFAULT_LEARNING_RATE = 5e-5  # what OpenAI's learning_rate_multiplier multiplies
 
 
 def openai_client(app, key: str) -> openai.OpenAI:
@@ -141,10 +140,9 @@ def test_create_with_a_method_object(created: FineTuningJob, training: FileObjec
     assert job.to_dict()["hyperparameters"] == hp  # resolved, the same at both places
     assert job.hyperparameters.n_epochs == SMALL_HP["n_epochs"]
     assert job.hyperparameters.batch_size == SMALL_HP["batch_size"]
-    assert job.hyperparameters.learning_rate_multiplier == pytest.approx(
-        SMALL_HP["learning_rate"] / DEFAULT_LEARNING_RATE
-    )
     extra = job.to_dict()  # GreenTrainer's additions ride along as extra fields
+    auto = extra["estimate"]["learning_rate"]["auto"]  # what learning_rate_multiplier multiplies
+    assert job.hyperparameters.learning_rate_multiplier == pytest.approx(SMALL_HP["learning_rate"] / auto)
     assert extra["rho"] == SMALL_RHO and 0 < extra["rho_min"] < SMALL_RHO
     assert extra["progress"]["fraction"] == 0.0 and extra["epochs_done"] == 0
 
@@ -179,15 +177,25 @@ def test_deprecated_top_level_hyperparameters_make_a_supervised_job(
 
 
 def test_auto_hyperparameters_come_back_resolved(owner: Tenant, training: FileObject) -> None:
+    jobs = owner.client.fine_tuning.jobs
     method = green(n_epochs="auto", learning_rate="auto")
-    job = owner.client.fine_tuning.jobs.create(model=DEMO, training_file=training.id, method=method)
+    job = jobs.create(model=DEMO, training_file=training.id, method=method)
+    # OpenAI's multiplier scales the automatic rate; "auto" for it is 1.
+    halved = green(learning_rate="auto", learning_rate_multiplier=0.5)
+    half = jobs.create(model=DEMO, training_file=training.id, method=halved)
     try:
         hp = job.to_dict()["hyperparameters"]
         assert isinstance(hp["n_epochs"], int) and hp["n_epochs"] >= 1
-        assert hp["learning_rate"] == pytest.approx(DEFAULT_LEARNING_RATE)
+        rate = job.to_dict()["estimate"]["learning_rate"]
+        assert hp["learning_rate"] == pytest.approx(rate["auto"])
+        assert rate["auto"] == pytest.approx(rate["full"] * rate["scale"])
+        assert rate["scale"] > 1  # green below rho 1 trains part of the network: a larger step than full's
         assert hp["learning_rate_multiplier"] == pytest.approx(1.0)
+        assert half.to_dict()["hyperparameters"]["learning_rate"] == pytest.approx(rate["auto"] / 2)
+        assert half.hyperparameters.learning_rate_multiplier == pytest.approx(0.5)
     finally:
-        assert owner.client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+        for created in (job, half):
+            assert jobs.cancel(created.id).status == "cancelled"
 
 
 def test_list_jobs_pages_newest_first_and_filters_by_metadata(app, sessions: SessionFactory) -> None:

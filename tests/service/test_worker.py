@@ -46,6 +46,7 @@ def test_run_job_records_epochs_events_and_checkpoints(
         assert f["measured_step"] == f["predicted_step"] > 0
         # One process: nothing exchanged (several ranks: docs/distributed.md)
         assert (e["world_size"], e["communication_bytes"], e["communication_bytes_full"]) == (1, 0, 0)
+        assert e["learning_rate"] == job["hyperparameters"]["learning_rate"]  # the rate it trained at
     # The estimate made at creation is what the run spent on full fine-tuning's side, exactly.
     assert sum(e["flops"]["full"] for e in epochs) == job["estimate"]["flops"]["full"]
     assert job["flops"]["total"] == sum(e["flops"]["total"] for e in epochs)

@@ -34,6 +34,12 @@ function withRho(request, rho) {
 const DEFAULT_RHO = 0.7;
 const ESTIMATE_WAIT_MS = 250;
 
+// The learning-rate box's text as the API takes it: "auto" (also when empty) or a number.
+function learningRate(text) {
+  const value = text.trim().toLowerCase();
+  return value === '' || value === 'auto' ? 'auto' : Number(value);
+}
+
 function numberField(id, label, value, attrs, hint) {
   return h('div', { class: 'field' },
     h('label', { for: id }, label),
@@ -63,7 +69,15 @@ export function render(root, params) {
   const hp = { // defaults and bounds: showBounds, from the API's schema
     n_epochs: numberField('n_epochs', 'Epochs', '', { step: '1' }),
     batch_size: numberField('batch_size', 'Batch size (sequences)', '', { step: '1' }),
-    learning_rate: numberField('learning_rate', 'Learning rate', '', { step: 'any' }),
+    // "auto" (the default) or a number: the estimate says what "auto" is for this model, batch and method.
+    learning_rate: h('div', { class: 'field' },
+      h('label', { for: 'learning_rate' }, 'Learning rate'),
+      h('input', {
+        // Anything else is the API's to refuse (400 naming learning_rate), shown as the estimate's error.
+        id: 'learning_rate', name: 'learning_rate', type: 'text', inputmode: 'decimal', value: 'auto', required: true,
+        'aria-describedby': 'learning-rate-auto',
+      }),
+      h('span', { class: 'hint', id: 'learning-rate-auto' }, '"auto": chosen for the model, batch size and method')),
     max_seq_len: numberField('max_seq_len', 'Max sequence length (tokens)', '', { step: '1' }, 'longer examples are cut'),
   };
   const seed = numberField('seed', 'Seed', 0, { min: '0', step: '1' });
@@ -97,7 +111,7 @@ export function render(root, params) {
     const hyperparameters = {
       n_epochs: Number(hp.n_epochs.querySelector('input').value),
       batch_size: Number(hp.batch_size.querySelector('input').value),
-      learning_rate: Number(hp.learning_rate.querySelector('input').value),
+      learning_rate: learningRate(hp.learning_rate.querySelector('input').value),
       max_seq_len: Number(hp.max_seq_len.querySelector('input').value),
     };
     const type = method();
@@ -117,12 +131,20 @@ export function render(root, params) {
     rhoRange.dataset.rhoMin = String(rhoMin);
   }
 
+  function drawLearningRate(e) {
+    const lr = e.learning_rate;
+    const auto = `"auto" = ${lr.auto.toPrecision(3)} for this job: full fine-tuning's ${lr.full.toPrecision(3)} × ${lr.scale.toPrecision(3)} for the method`;
+    hp.learning_rate.querySelector('.hint').textContent = lr.multiplier === 1 ? auto : `${auto}; this job: ${lr.learning_rate.toPrecision(3)}`;
+  }
+
   function drawEstimate(e) {
+    drawLearningRate(e);
     // Beside the slider too, for screens where the estimate card is further down.
     rhoSummary.textContent = `${percent(e.flops_saved)} of the FLOPs saved: ${flops(e.flops.method)} instead of ${flops(e.flops.full)}, ${joules(e.energy_j.method)}`;
     const row = (label, full, job, saved) => h('tr', {},
       h('th', { scope: 'row' }, label), h('td', { class: 'num' }, job), h('td', { class: 'num' }, full),
       h('td', { class: 'num' }, saved));
+    const lr = (value) => value.toPrecision(3);
     const savedOf = (pair) => (pair.full ? percent(1 - pair.method / pair.full) : '—');
     replace(estimateBody,
       h('div', { class: 'stats section' },
@@ -138,6 +160,8 @@ export function render(root, params) {
           row('Time (s)', duration(e.time_s.full), duration(e.time_s.method), savedOf(e.time_s)),
           row('Energy (J)', joules(e.energy_j.full), joules(e.energy_j.method), savedOf(e.energy_j)),
           row('Carbon (gCO2e)', grams(e.gco2e.full), grams(e.gco2e.method), savedOf(e.gco2e)),
+          row('Learning rate', lr(e.learning_rate.full),
+            h('span', { id: 'estimate-learning-rate' }, lr(e.learning_rate.learning_rate)), ''),
           row('Peak memory', bytes(e.peak_memory_bytes.full),
             h('span', { id: 'estimate-memory' }, `${e.memory.basis === 'bound' ? '≤ ' : ''}${bytes(e.peak_memory_bytes.method)}`),
             savedOf(e.peak_memory_bytes))))),

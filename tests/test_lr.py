@@ -1,0 +1,126 @@
+"""The automatic learning rate (greencore.lr): the rule's factors, each method's scale, and a run with
+``learning_rate "auto"`` training at the rate its estimate gives."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from torch import nn
+
+from greencore.data import encode_dataset, task_for, validate_dataset
+from greencore.estimate import run_costs
+from greencore.lr import (
+    BASE_BATCH,
+    BASE_LEARNING_RATE,
+    BASE_PARAMS,
+    LORA_SCALE,
+    MAX_SCALE,
+    LearningRateBasis,
+    budget_scale,
+    full_learning_rate,
+    non_embedding_params,
+)
+from greencore.models import load_config
+from greencore.spec import EnergySettings, Hyperparameters, SpecError, TrainSpec
+from greencore.train import _load_tokenizer, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+THIRD = 1 / 3  # the forward pass's share of a full fine-tuning step: FlopCounterMode counts backward as 2x
+
+
+def test_full_rate_falls_with_size_and_rises_with_the_batch() -> None:
+    base = LearningRateBasis(BASE_PARAMS, BASE_BATCH, THIRD)
+    assert full_learning_rate(base) == pytest.approx(BASE_LEARNING_RATE)
+    assert full_learning_rate(LearningRateBasis(8 * BASE_PARAMS, BASE_BATCH, THIRD)) == pytest.approx(
+        BASE_LEARNING_RATE / 2
+    )
+    assert full_learning_rate(LearningRateBasis(BASE_PARAMS, 4 * BASE_BATCH, THIRD)) == pytest.approx(
+        2 * BASE_LEARNING_RATE
+    )
+    # A 7B model (6.5e9 parameters outside embeddings) at batch 16: about 1e-5.
+    assert 1e-5 < full_learning_rate(LearningRateBasis(6_500_000_000, 16, THIRD)) < 1.5e-5
+
+
+def test_a_budget_buys_a_larger_step_the_less_of_the_backward_it_trains() -> None:
+    assert budget_scale(1.0, THIRD) == pytest.approx(1.0)
+    assert budget_scale(0.5, THIRD) == pytest.approx(4 ** (5 / 3))  # a quarter of the backward pass: x10
+    scales = [budget_scale(rho, THIRD) for rho in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)]
+    assert scales == sorted(scales) and scales[0] > 1
+    assert budget_scale(0.34, THIRD) == MAX_SCALE == budget_scale(0.2, THIRD)  # at or below rho_min: capped
+
+
+def test_non_embedding_params_leave_out_tables_and_what_is_tied_to_them(folders) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folders["llama"])
+    tables = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    total = sum(p.numel() for p in model.parameters())
+    assert 0 < non_embedding_params(model) == total - tables
+
+
+def test_a_learning_rate_is_a_positive_number_or_auto() -> None:
+    Hyperparameters(learning_rate="auto").check()
+    Hyperparameters(learning_rate=1e-3).check()
+    for bad in ("fast", 0.0, -1e-3):
+        with pytest.raises(SpecError) as refused:
+            Hyperparameters(learning_rate=bad).check()
+        assert refused.value.field == "learning_rate"
+
+
+def costs_of(folders, data, kind: str, fmt: str, method: str, hp: Hyperparameters):
+    model_dir = str(folders[kind])
+    summary = validate_dataset(str(data[fmt]))
+    task = task_for(summary.format, load_config(model_dir))
+    labels = {name: i for i, name in enumerate(summary.labels)} if summary.labels else None
+    encoded = encode_dataset(summary, _load_tokenizer(model_dir), task, hp.max_seq_len, labels)
+    return run_costs(model_dir, encoded, method, hp, 0, len(labels) if labels else None)
+
+
+def test_each_method_scales_full_fine_tunings_rate(folders, data) -> None:
+    hp = {"n_epochs": 1, "batch_size": 4, "max_seq_len": 96}
+    rates = {}
+    for method, extra in (
+        ("full", {}),
+        ("green", {"rho": 0.6}),
+        ("green", {"rho": 0.9}),
+        ("lora", {}),
+        ("topk", {"topk_layers": 1}),
+    ):
+        h = Hyperparameters(**hp, **extra)
+        costs = costs_of(folders, data, "llama", "prompt_completion", method, h)
+        forward = costs.lr_basis.forward_share
+        assert 0.25 < forward < 0.4  # about a third
+        rate = costs.estimate(h, EnergySettings()).learning_rate
+        assert rate.learning_rate == pytest.approx(rate.full * rate.scale)
+        rates[method, extra.get("rho")] = rate
+        if method == "topk":  # a fixed set: its share is its FLOPs over full fine-tuning's
+            assert rate.scale == pytest.approx(budget_scale(costs.flops / costs.full, forward))
+    full = rates["full", None]
+    assert full.scale == 1.0
+    assert len({r.full for r in rates.values()}) == 1  # one model, one batch: one full fine-tuning rate
+    assert rates["green", 0.6].scale == pytest.approx(budget_scale(0.6, forward))
+    assert 1 < rates["green", 0.9].scale < rates["green", 0.6].scale
+    assert rates["lora", None].scale == LORA_SCALE
+
+
+@pytest.mark.parametrize("method", ["green", "full"])
+def test_an_auto_run_trains_at_its_estimates_rate_and_records_it(folders, data, tmp_path, method) -> None:
+    hp = Hyperparameters(n_epochs=2, batch_size=4, max_seq_len=96, rho=0.6 if method == "green" else None)
+    costs = costs_of(folders, data, "llama", "prompt_completion", method, hp)
+    expected = costs.estimate(hp, EnergySettings()).learning_rate
+    spec = TrainSpec(
+        model_dir=str(folders["llama"]),
+        train_file=str(data["prompt_completion"]),
+        output_dir=str(tmp_path / "out"),
+        method=method,
+        hyperparameters=hp,
+    )
+    report = train(spec)
+    assert [e.learning_rate for e in report.epochs] == [expected.learning_rate] * 2
+    green_scale = budget_scale(0.6, costs.lr_basis.forward_share)
+    assert expected.scale == (1.0 if method == "full" else pytest.approx(green_scale))
+    # Resuming resolves "auto" to the same rate: the checkpoint's fingerprint matches.
+    again = train(replace(spec, resume_from=report.epochs[0].checkpoint_dir))
+    assert [e.learning_rate for e in again.epochs] == [expected.learning_rate] * 2
