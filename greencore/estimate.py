@@ -15,7 +15,7 @@ computed when first asked for a trained set and kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -97,6 +97,9 @@ class RunEstimate:
     time_basis: CalibrationBasis  # measured epochs or the declared profile
     energy_basis: CalibrationBasis
     memory: MemoryEstimate | None = None  # None where the costs were made without a memory model
+    settings: dict[str, int] = field(
+        default_factory=dict
+    )  # what the method chose for the run (reselect_every)
 
     @property
     def flops_saved(self) -> float:
@@ -118,11 +121,28 @@ class RunCosts:
     flops: int | None  # the method's; None: what its budget allows (rho x full)
     rho_min: float
     basis: str
+    settings: dict[str, int] = field(default_factory=dict)  # hyperparameters the method chose (Method.cost)
+    costing: RunCosting | None = field(default=None, compare=False, repr=False)
     memory: RunMemory | None = field(default=None, compare=False, repr=False)
 
     def resolve_rho(self, hp: Hyperparameters, energy: EnergySettings) -> float | None:
-        """The rho ``hp`` puts in force (see :func:`resolve_rho`)."""
-        return resolve_rho(self.method, hp, self.full, self.rho_min, energy)
+        """The rho ``hp`` puts in force (see :func:`resolve_rho`); a refusal names what would make the run fit
+        (``Method.advice``)."""
+        try:
+            return resolve_rho(self.method, hp, self.full, self.rho_min, energy)
+        except BudgetTooSmall as exc:
+            if self.costing is None:
+                raise
+            with TRACE_LOCK:
+                advice = make_method(self.method, hp).advice(self.costing, min(exc.rho, 1.0))
+            if not advice:
+                raise
+            raise BudgetTooSmall(exc.rho, exc.rho_min, exc.detail, str(exc), advice) from exc
+
+    def settled(self, hp: Hyperparameters) -> Hyperparameters:
+        """``hp`` with what the method chose for the run in place of what was left to it (green's automatic
+        ``reselect_every``)."""
+        return replace(hp, **self.settings)
 
     def estimate(
         self, hp: Hyperparameters, energy: EnergySettings, calibration: Calibration | None = None
@@ -158,7 +178,8 @@ class RunCosts:
             min_max_energy_kwh=min_flops / flops_per_kwh(energy),
             time_basis=calibration.time_basis,
             energy_basis=calibration.energy_basis,
-            memory=self.memory.at(hp, rho) if self.memory is not None else None,
+            memory=self.memory.at(self.settled(hp), rho) if self.memory is not None else None,
+            settings=self.settings,
         )
 
 
@@ -181,16 +202,8 @@ def run_costs(
     profiles = ShapeProfiles(model, attention=attention, checkpointing=hp.gradient_checkpointing)
     # The importance passes run in eval mode, where no layer is checkpointed.
     importance_profiles = ShapeProfiles(model, attention=attention, checkpointing=False)
-    epochs, importance = [], []
-    shapes = RunShapes(data.task, [], [])
+    costing, shapes = plan_costing(model, data, hp, seed, profiles, importance_profiles)
     with TRACE_LOCK:
-        for epoch in range(1, hp.n_epochs + 1):
-            plan = plan_epoch(data, hp, seed, epoch)
-            epochs.append(profiles.steps(plan.shapes))
-            importance.append(importance_profiles.steps(plan.shapes[: plan.importance]))
-            shapes.steps.extend(plan.shapes)
-            shapes.importance.extend(plan.shapes[: plan.importance])
-        costing = RunCosting(model, epochs, importance, hp)
         cost = costed.cost(costing)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     return RunCosts(
@@ -201,11 +214,60 @@ def run_costs(
         tokens=sum(len(ids) for ids in data.input_ids),
         truncated_examples=data.truncated,
         steps_per_epoch=-(-len(data) // hp.batch_size),
-        full=sum(p.full.total for p in epochs),
+        full=sum(p.full.total for p in costing.epochs),
         flops=cost.flops,
         rho_min=cost.rho_min,
         basis=cost.basis,
+        settings=cost.settings,
+        costing=costing,
         memory=RunMemory(method, costing, shapes, device),
+    )
+
+
+REPLAN_EXAMPLES = 4096  # datasets up to this size keep a way to replan their run, for a refusal's advice
+
+
+def plan_costing(
+    model: nn.Module,
+    data: Encoded,
+    hp: Hyperparameters,
+    seed: int,
+    profiles: ShapeProfiles,
+    importance_profiles: ShapeProfiles,
+    repeat: int = 1,
+) -> tuple[RunCosting, RunShapes]:
+    """The run's epochs planned and profiled (``data`` repeated ``repeat`` times), and its batch shapes."""
+    planned = data if repeat == 1 else repeated(data, repeat)
+    epochs, importance, after_first = [], [], []
+    shapes = RunShapes(data.task, [], [])
+    with TRACE_LOCK:
+        for epoch in range(1, hp.n_epochs + 1):
+            plan = plan_epoch(planned, hp, seed, epoch)
+            epochs.append(profiles.steps(plan.shapes))
+            importance.append(importance_profiles.steps(plan.importance_shapes))
+            after_first.append(profiles.steps(plan.shapes[1:]) if plan.first_step_from_importance else None)
+            shapes.steps.extend(plan.shapes)
+            shapes.importance.extend(plan.importance_shapes)
+
+    def replan(other: Hyperparameters, times: int) -> RunCosting:
+        return plan_costing(model, data, other, seed, profiles, importance_profiles, times)[0]
+
+    small = len(data) <= REPLAN_EXAMPLES  # a larger one is not held beyond the estimate's own caches
+    costing = RunCosting(
+        model, epochs, importance, hp, after_first, replan if small else None, examples=len(planned)
+    )
+    return costing, shapes
+
+
+def repeated(data: Encoded, times: int) -> Encoded:
+    """``data`` with every example ``times`` times: a dataset like it, that much larger."""
+    return replace(
+        data,
+        input_ids=data.input_ids * times,
+        labels=data.labels * times,  # type: ignore[operator]
+        truncated=data.truncated * times,
+        dropped=data.dropped * times,
+        dropped_lines=[],
     )
 
 
@@ -255,7 +317,8 @@ def resolve_rho(
             message=f"{method} cannot train on this dataset within any budget: choosing the tensors "
             f"(importance passes) and training one tensor cost {rho_min:.4f} of full fine-tuning "
             "(rho_min > 1); "
-            "give more steps per epoch (more examples or a smaller batch_size) or fewer importance_batches",
+            "give more steps per epoch (more examples or a smaller batch_size), fewer importance_batches or "
+            "importance_rows, or a larger reselect_every",
         )
     if rho < rho_min:
         raise BudgetTooSmall(rho, rho_min, message=f"{asked} is below rho_min={rho_min:.4f}: {smallest}")

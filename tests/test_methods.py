@@ -105,4 +105,6 @@ def test_a_whole_run_flops_budget_becomes_the_estimates_rho(tmp_path) -> None:
     report = train(spec)
     assert report.rho == pytest.approx(0.9)
     assert sum(e.flops["total"] for e in report.epochs) <= budget
-    assert all(e.rho_achieved <= 0.9 for e in report.epochs)
+    # Epochs of 6 steps: one selection serves both (greencore.reselect), and the two keep rho together.
+    assert [e.selection["serves_epochs"] for e in report.epochs] == [[1, 2], [1, 2]]
+    assert report.epochs[0].selection["reselected"] and not report.epochs[1].selection["reselected"]
