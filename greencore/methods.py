@@ -302,7 +302,7 @@ class GreenMethod(_InPlace):
             raise BudgetTooSmall(
                 rho,
                 interval.rho_min(),
-                f"the importance passes ({spent:.3e} FLOPs) and the cheapest tensor's steps do not fit "
+                "the cheapest tensor's steps and the importance pass that measures it do not fit "
                 f"{rho} of full fine-tuning ({interval.full:.3e} FLOPs) over the epochs the selection serves",
             )
         widened = ctx.held_in_float32(candidates) if ctx.held_in_float32 else contextlib.nullcontext()
