@@ -186,9 +186,9 @@ MORE_EXAMPLES = (2, 3, 4, 6, 8, 12, 16, 24, 32)  # multiples of the dataset trie
 
 def fit_advice(run: RunCosting, rho: float) -> list[str]:
     """What would let a green run refused at ``rho`` train, each with the rho_min it would have: a longer
-    selection interval, fewer importance rows, a smaller batch, more examples like these (the dataset
-    repeated). Each is the run planned again with that one change, so its rho_min is exact; none where the
-    forward pass and the cheapest tensor alone exceed ``rho``."""
+    selection interval, more epochs (where the interval is automatic), fewer importance rows, a smaller batch,
+    more examples like these (the dataset repeated). Each is the run planned again with that one change, so
+    its rho_min is exact; none where the forward pass and the cheapest tensor alone exceed ``rho``."""
     hp = run.hp
     if rho < max(p.rho_min for p in run.epochs):  # no setting of the importance passes goes below this
         return []
@@ -206,6 +206,11 @@ def fit_advice(run: RunCosting, rho: float) -> list[str]:
     def rho_min_with(repeat: int = 1, **changes: Any) -> float:
         return settled_rho_min(replan(replace(hp, **changes), repeat))
 
+    if hp.reselect_every is None:  # automatic: more epochs let one selection serve more steps
+        for more in range(len(epochs) + 1, min(4 * len(epochs), 1000) + 1):
+            if (found := rho_min_with(n_epochs=more)) <= rho:
+                tips.append(f"n_epochs={more} (rho_min {found:.4f})")
+                break
     rows = min(hp.importance_rows or hp.batch_size, hp.batch_size)
     for fewer in _halvings(rows):
         if (found := rho_min_with(importance_rows=fewer)) <= rho:

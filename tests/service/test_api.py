@@ -414,6 +414,7 @@ def test_a_small_dataset_selects_every_few_epochs_and_a_refusal_names_what_fits(
         error = refused.json()["error"]
         assert error["code"] == "budget_too_small" and error["rho_min"] > 0.5
         advice = error["advice"]
+        assert advice[0].startswith("n_epochs=2 (")  # one selection serving both epochs' 6 steps
         assert any(a.startswith("importance_rows=") for a in advice), advice
         assert any(a.startswith("batch_size=") for a in advice), advice
         for a in advice:
