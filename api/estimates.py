@@ -197,6 +197,7 @@ def estimate(
         raise BudgetTooSmallError(
             str(exc),
             rho_min=exc.rho_min,
+            advice=exc.advice,
             min_max_flops=min_flops,
             min_max_energy_kwh=min_flops / flops_per_kwh(settings.energy),
         ) from exc
@@ -237,6 +238,7 @@ def estimate(
         steps_per_epoch=est.steps_per_epoch,
         rho=est.rho,
         rho_min=est.rho_min,
+        reselect_every=est.settings.get("reselect_every"),
         flops=FlopsFullAndMethod(full=est.flops_full, method=est.flops_method),
         flops_saved=est.flops_saved,
         basis=est.basis,

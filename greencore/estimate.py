@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,6 +100,9 @@ class RunEstimate:
     energy_basis: CalibrationBasis
     learning_rate: AutoLearningRate  # the automatic learning rate at this budget
     memory: MemoryEstimate | None = None  # None where the costs were made without a memory model
+    settings: dict[str, int] = field(
+        default_factory=dict
+    )  # what the method chose for the run (reselect_every)
 
     @property
     def flops_saved(self) -> float:
@@ -121,6 +125,7 @@ class RunCosts:
     rho_min: float
     basis: str
     lr_basis: LearningRateBasis  # what the automatic learning rate is computed from
+    costing: RunCosting | None = field(default=None, compare=False, repr=False)
     memory: RunMemory | None = field(default=None, compare=False, repr=False)
 
     def auto_learning_rate(self, hp: Hyperparameters, rho: float | None) -> AutoLearningRate:
@@ -131,8 +136,30 @@ class RunCosts:
         return auto_learning_rate(self.lr_basis, scale)
 
     def resolve_rho(self, hp: Hyperparameters, energy: EnergySettings) -> float | None:
-        """The rho ``hp`` puts in force (see :func:`resolve_rho`)."""
-        return resolve_rho(self.method, hp, self.full, self.rho_min, energy)
+        """The rho ``hp`` puts in force (see :func:`resolve_rho`); a refusal names what would make the run fit
+        (``Method.advice``)."""
+        try:
+            return resolve_rho(self.method, hp, self.full, self.rho_min, energy)
+        except BudgetTooSmall as exc:
+            if self.costing is None:
+                raise
+            with TRACE_LOCK:
+                advice = make_method(self.method, hp).advice(self.costing, min(exc.rho, 1.0))
+            if not advice:
+                raise
+            raise BudgetTooSmall(exc.rho, exc.rho_min, exc.detail, str(exc), advice) from exc
+
+    def settings(self, hp: Hyperparameters, rho: float | None) -> dict[str, Any]:
+        """What the method chooses for the run at the budget ``rho`` in force, of what ``hp`` left to it
+        (``Method.settle``: green's automatic ``reselect_every``)."""
+        if self.costing is None:
+            return {}
+        with TRACE_LOCK:
+            return make_method(self.method, hp).settle(self.costing, rho)
+
+    def settled(self, hp: Hyperparameters, rho: float | None) -> Hyperparameters:
+        """``hp`` with what the method chose for the run at ``rho`` in place of what was left to it."""
+        return replace(hp, **self.settings(hp, rho))
 
     def estimate(
         self, hp: Hyperparameters, energy: EnergySettings, calibration: Calibration | None = None
@@ -172,7 +199,8 @@ class RunCosts:
             time_basis=calibration.time_basis,
             energy_basis=calibration.energy_basis,
             learning_rate=auto,
-            memory=self.memory.at(hp, rho) if self.memory is not None else None,
+            memory=self.memory.at(self.settled(hp, rho), rho) if self.memory is not None else None,
+            settings=self.settings(hp, rho),
         )
 
 
@@ -195,16 +223,8 @@ def run_costs(
     profiles = ShapeProfiles(model, attention=attention, checkpointing=hp.gradient_checkpointing)
     # The importance passes run in eval mode, where no layer is checkpointed.
     importance_profiles = ShapeProfiles(model, attention=attention, checkpointing=False)
-    epochs, importance = [], []
-    shapes = RunShapes(data.task, [], [])
+    costing, shapes = plan_costing(model, data, hp, seed, profiles, importance_profiles)
     with TRACE_LOCK:
-        for epoch in range(1, hp.n_epochs + 1):
-            plan = plan_epoch(data, hp, seed, epoch)
-            epochs.append(profiles.steps(plan.shapes))
-            importance.append(importance_profiles.steps(plan.shapes[: plan.importance]))
-            shapes.steps.extend(plan.shapes)
-            shapes.importance.extend(plan.shapes[: plan.importance])
-        costing = RunCosting(model, epochs, importance, hp)
         cost = costed.cost(costing)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     return RunCosts(
@@ -215,16 +235,64 @@ def run_costs(
         tokens=sum(len(ids) for ids in data.input_ids),
         truncated_examples=data.truncated,
         steps_per_epoch=-(-len(data) // hp.batch_size),
-        full=sum(p.full.total for p in epochs),
+        full=sum(p.full.total for p in costing.epochs),
         flops=cost.flops,
         rho_min=cost.rho_min,
         basis=cost.basis,
         lr_basis=LearningRateBasis(
             non_embedding_params=non_embedding_params(model),
             batch_size=hp.batch_size,
-            forward_share=sum(p.full.fwd for p in epochs) / sum(p.full.total for p in epochs),
+            forward_share=sum(p.full.fwd for p in costing.epochs) / sum(p.full.total for p in costing.epochs),
         ),
+        costing=costing,
         memory=RunMemory(method, costing, shapes, device),
+    )
+
+
+REPLAN_EXAMPLES = 4096  # datasets up to this size keep a way to replan their run, for a refusal's advice
+
+
+def plan_costing(
+    model: nn.Module,
+    data: Encoded,
+    hp: Hyperparameters,
+    seed: int,
+    profiles: ShapeProfiles,
+    importance_profiles: ShapeProfiles,
+    repeat: int = 1,
+) -> tuple[RunCosting, RunShapes]:
+    """The run's epochs planned and profiled (``data`` repeated ``repeat`` times), and its batch shapes."""
+    planned = data if repeat == 1 else repeated(data, repeat)
+    epochs, importance, after_first = [], [], []
+    shapes = RunShapes(data.task, [], [])
+    with TRACE_LOCK:
+        for epoch in range(1, hp.n_epochs + 1):
+            plan = plan_epoch(planned, hp, seed, epoch)
+            epochs.append(profiles.steps(plan.shapes))
+            importance.append(importance_profiles.steps(plan.importance_shapes))
+            after_first.append(profiles.steps(plan.shapes[1:]) if plan.first_step_from_importance else None)
+            shapes.steps.extend(plan.shapes)
+            shapes.importance.extend(plan.importance_shapes)
+
+    def replan(other: Hyperparameters, times: int) -> RunCosting:
+        return plan_costing(model, data, other, seed, profiles, importance_profiles, times)[0]
+
+    small = len(data) <= REPLAN_EXAMPLES  # a larger one is not held beyond the estimate's own caches
+    costing = RunCosting(
+        model, epochs, importance, hp, after_first, replan if small else None, examples=len(planned)
+    )
+    return costing, shapes
+
+
+def repeated(data: Encoded, times: int) -> Encoded:
+    """``data`` with every example ``times`` times: a dataset like it, that much larger."""
+    return replace(
+        data,
+        input_ids=data.input_ids * times,
+        labels=data.labels * times,  # type: ignore[operator]
+        truncated=data.truncated * times,
+        dropped=data.dropped * times,
+        dropped_lines=[],
     )
 
 
@@ -274,7 +342,8 @@ def resolve_rho(
             message=f"{method} cannot train on this dataset within any budget: choosing the tensors "
             f"(importance passes) and training one tensor cost {rho_min:.4f} of full fine-tuning "
             "(rho_min > 1); "
-            "give more steps per epoch (more examples or a smaller batch_size) or fewer importance_batches",
+            "give more steps per epoch (more examples or a smaller batch_size), fewer importance_batches or "
+            "importance_rows, or a larger reselect_every",
         )
     if rho < rho_min:
         raise BudgetTooSmall(rho, rho_min, message=f"{asked} is below rho_min={rho_min:.4f}: {smallest}")

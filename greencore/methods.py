@@ -22,12 +22,23 @@ import torch
 from torch import nn
 
 from greencore import checkpoint
-from greencore.importance import importance_flops, importance_pass
+from greencore.importance import importance_pass
 from greencore.lr import LORA_SCALE, budget_scale
 from greencore.memory import MemoryPlan
 from greencore.profile import TensorProfile
 from greencore.registry import MethodError, MethodInfo, budgeted_methods, method_info
-from greencore.select import BudgetTooSmall, reachable_tensors, select_tensors
+from greencore.reselect import (
+    EpochCosts,
+    IntervalCosts,
+    auto_every,
+    auto_rho_min,
+    fit_advice,
+    interval_costs,
+    run_epochs,
+    run_rho_min,
+    selects,
+)
+from greencore.select import BudgetTooSmall, select_tensors
 from greencore.spec import BUDGET_FIELDS, DEFAULT_RHO, Hyperparameters, SpecError
 
 __all__ = ["MethodError"]  # re-exported: callers catch it from here
@@ -90,6 +101,12 @@ class RunCosting:
     epochs: list[TensorProfile]  # per epoch: its steps combined
     importance: list[TensorProfile]  # per epoch: its importance batches combined
     hp: Hyperparameters
+    # Per epoch: its steps less the first, where green's importance pass computes the first (else None).
+    after_first: list[TensorProfile | None] = field(default_factory=list)
+    # The same run planned with other hyperparameters, its dataset repeated ``repeat`` times: what a refusal
+    # names as the way to fit (Method.advice). None where the costing cannot be replanned.
+    replan: Callable[[Hyperparameters, int], RunCosting] | None = field(default=None, compare=False)
+    examples: int = 0  # trained per epoch
 
     @property
     def full(self) -> int:
@@ -171,6 +188,16 @@ class Method(Protocol):
         """The run's FLOPs and rho_min, before it runs."""
         ...
 
+    def settle(self, run: RunCosting, rho: float | None) -> dict[str, Any]:
+        """What it chooses for the run at the budget ``rho`` in force, among the hyperparameters the job left
+        to it (green's automatic ``reselect_every``): hyperparameter name -> value."""
+        ...
+
+    def advice(self, run: RunCosting, rho: float) -> list[str]:
+        """What would make a run refused at ``rho`` fit, each change with the rho_min it would give (none
+        where only a larger rho would)."""
+        ...
+
     def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
         """Its automatic learning rate over full fine-tuning's (``greencore.lr``), for a run that spends
         ``flops_share`` of full fine-tuning's FLOPs (its rho in force, or its fixed set's share) of which the
@@ -238,6 +265,12 @@ class _InPlace:
     def export(self, model: nn.Module) -> ModelExport:
         return ModelExport(model, model.state_dict())
 
+    def advice(self, run: RunCosting, rho: float) -> list[str]:
+        return []
+
+    def settle(self, run: RunCosting, rho: float | None) -> dict[str, Any]:
+        return {}
+
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
         return MemoryPlan(run.model, tuple(n for n, _ in run.model.named_parameters()))
 
@@ -257,96 +290,101 @@ class FullMethod(_InPlace):
 
 class GreenMethod(_InPlace):
     """GreenTrainer: at the start and every ``reselect_every`` epochs, measure each tensor's importance on the
-    epoch's first batch(es) (of median size: ``greencore.data.epoch_batches``) and train the tensors that
-    maximise it within ``rho`` of full fine-tuning FLOPs, the importance passes included.
+    epoch's first batch(es) (of median size: ``greencore.data.epoch_batches``; ``importance_rows`` of each)
+    and train the tensors that maximise it within ``rho`` of full fine-tuning FLOPs over the epochs the
+    selection serves, the importance passes included (``greencore.reselect``).
 
-    Measured on one batch, the importance pass's first gradients are the epoch's first training step for the
-    tensors chosen (the gradient of a tensor does not depend on which others train): that step is kept
+    Measured on one whole batch, the importance pass's first gradients are the epoch's first training step for
+    the tensors chosen (the gradient of a tensor does not depend on which others train): that step is kept
     (``Choice.first_step``) rather than computed again, so the budget pays the importance passes and the
     epoch's other steps. It differs from a loop step only in running without dropout, in float32.
     """
 
     def choose(self, ctx: EpochContext) -> Choice | None:
-        if (ctx.epoch - 1) % self.hp.reselect_every:
+        every = self.hp.reselect_every or 1  # greencore.train settles an automatic one first (settings)
+        if not selects(ctx.epoch, every):
             return None
         keep_first = ctx.first_step_reusable
-        loop = ctx.loop_profile(keep_first)  # the steps the trainer's loop will run
-        # Budgets on ``loop`` are shares of its own full FLOPs; the job's rho is a share of the whole epoch's.
-        scale = ctx.full_flops / loop.full.total
-        target = min(1.0, self.rho * scale)
-        try:
-            # Only tensors that could train within the budget on their own are worth measuring, and measuring
-            # fewer (shallower) tensors costs less backward.
-            candidates = reachable_tensors(loop, target)
-            widened = ctx.held_in_float32(candidates) if ctx.held_in_float32 else contextlib.nullcontext()
-            with widened:
-                measured = importance_pass(
-                    ctx.model,
-                    ctx.importance_batches,
-                    ctx.optimizer_factory,
-                    names=candidates,
-                    weights=ctx.importance_weights,
-                    autocast=ctx.autocast,
-                )
-            importance = measured.scores
-            spent = importance_flops(ctx.importance_profile, candidates, 1).total
-            # The choice must fit every epoch it covers. Epochs differ a little in their shapes, so a choice
-            # that fits the first may overrun a later one by a hair: tighten the target until all fit.
-            epochs = [(loop, ctx.full_flops, spent)] + [(p, f, 0) for p, f in ctx.later()]
-            for _ in range(20):
-                sel = select_tensors(loop, importance, target, reserved_flops=spent)
-                chosen = sel.names
-                worst = max((p.step_flops(chosen).total + s) / f for p, f, s in epochs)
-                if worst <= self.rho:
-                    break
-                target *= (self.rho / worst) * (1 - 1e-6)
-            else:
-                raise MethodError(
-                    f"no selection fits rho={self.rho} in every epoch of the reselection interval"
-                )
-        except BudgetTooSmall as exc:  # its rho_min is a share of the loop's FLOPs: restate it as the epoch's
-            raise BudgetTooSmall(self.rho, exc.rho_min / scale, exc.detail) from exc
-        first = None
+        first = EpochCosts(
+            ctx.profile,
+            ctx.loop_profile(True) if keep_first else None,
+            ctx.full_flops,
+            ctx.importance_profile,
+        )
+        interval = IntervalCosts.of(first, ctx.later())
+        loop, rho = interval.loop, self.rho
+        # Only tensors that could train within the budget are worth measuring, and measuring fewer (shallower)
+        # tensors costs less backward.
+        candidates, spent = interval.candidates(rho)
+        if not candidates:
+            raise BudgetTooSmall(
+                rho,
+                interval.rho_min(),
+                "the cheapest tensor's steps and the importance pass that measures it do not fit "
+                f"{rho} of full fine-tuning ({interval.full:.3e} FLOPs) over the epochs the selection serves",
+            )
+        widened = ctx.held_in_float32(candidates) if ctx.held_in_float32 else contextlib.nullcontext()
+        with widened:
+            measured = importance_pass(
+                ctx.model,
+                ctx.importance_batches,
+                ctx.optimizer_factory,
+                names=candidates,
+                weights=ctx.importance_weights,
+                autocast=ctx.autocast,
+            )
+        importance = measured.scores
+        target, reserved = interval.selection_budget(rho, spent)
+        # The choice must fit the whole interval, importance included; guard the float rounding of the target.
+        for _ in range(20):
+            sel = select_tensors(loop, importance, target, reserved_flops=reserved)
+            chosen = sel.names
+            spends = (loop.step_flops(chosen).total + spent) / interval.full
+            if spends <= rho:
+                break
+            target *= (rho / spends) * (1 - 1e-6)
+        else:
+            raise MethodError(f"no selection fits rho={rho} over the epochs it serves")
+        first_step = None
         if keep_first and chosen:
-            first = FirstStep({n: measured.gradients[n] for n in chosen}, measured.loss)
+            first_step = FirstStep({n: measured.gradients[n] for n in chosen}, measured.loss)
         ranked = sorted(importance.items(), key=lambda kv: -kv[1])
-        details = {"objective": sel.objective, "target_rho": target / scale, "importance_top": ranked[:5]}
-        return Choice(chosen, spent, details, first)
+        details = {
+            "objective": sel.objective,
+            "target_rho": target * loop.full.total / interval.full,
+            "importance_top": ranked[:5],
+            # The epochs this selection serves: their FLOPs together, importance included, keep rho.
+            "serves_epochs": [ctx.epoch, ctx.epoch + len(ctx.later())],
+            "candidates": len(candidates),
+        }
+        return Choice(chosen, spent, details, first_step)
 
     def cost(self, run: RunCosting) -> MethodCost:
-        # Epochs that select also pay the importance passes, inside the same budget.
-        rho_min = max(
-            (_cheapest(p) + (importance_flops(imp, None, 1).total if i % self.hp.reselect_every == 0 else 0))
-            / p.full.total
-            for i, (p, imp) in enumerate(zip(run.epochs, run.importance, strict=True))
-        )
-        return MethodCost(None, rho_min, "budget")
+        epochs = run_epochs(run)
+        every = self.hp.reselect_every
+        return MethodCost(None, run_rho_min(epochs, every) if every else auto_rho_min(epochs), "budget")
+
+    def settle(self, run: RunCosting, rho: float | None) -> dict[str, Any]:
+        every = self.hp.reselect_every or auto_every(run_epochs(run), rho or self.rho or 1.0)
+        return {"reselect_every": every}
+
+    def advice(self, run: RunCosting, rho: float) -> list[str]:
+        return fit_advice(run, rho)
 
     def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
         return budget_scale(flops_share, forward_share)
 
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
         # The selection changes every reselection and is unknown before the run: bound it by every tensor a
-        # selection could reach (the importance candidates, choose's reachable_tensors), each trained and
+        # selection could measure (choose's candidates: a selection trains some of them), each trained and
         # holding AdamW state at once (the optimizer keeps the state of every tensor trained so far).
-        # choose measures reachability on the loop's steps, the epoch's less its first (importance) step:
-        # a tensor reachable there costs at most rho x full + that step's full FLOPs over the whole epoch.
+        epochs = run_epochs(run)
+        every = self.hp.reselect_every or auto_every(epochs, rho or self.rho or 1.0)
         reach: set[str] = set()
-        for i, (p, imp) in enumerate(zip(run.epochs, run.importance, strict=True)):
-            if i % self.hp.reselect_every:
-                continue
-            target = min(1.0, (rho or self.rho or 1.0) + imp.full.total / p.full.total)
-            try:
-                reach |= set(reachable_tensors(p, target))
-            except BudgetTooSmall:
-                continue
+        for interval in interval_costs(epochs, every):
+            reach |= set(interval.candidates(min(1.0, rho or self.rho or 1.0))[0])
         names = tuple(n for n in run.epochs[0].names if n in reach)
         return MemoryPlan(run.model, names, names, "bound")
-
-
-def _cheapest(profile: TensorProfile) -> int:
-    """FLOPs of the cheapest step that trains one tensor."""
-    return min(profile.step_flops_bits(1 << i).total for i in range(len(profile.names)))
 
 
 def transformer_layers(model: nn.Module) -> list[list[str]]:
@@ -523,6 +561,12 @@ class LoraMethod:
 
     def full_baseline(self, model: nn.Module) -> AbstractContextManager[None] | None:
         return model.disable_adapter()  # the same model with its adapters switched off
+
+    def advice(self, run: RunCosting, rho: float) -> list[str]:
+        return []
+
+    def settle(self, run: RunCosting, rho: float | None) -> dict[str, Any]:
+        return {}
 
     def choose(self, ctx: EpochContext) -> Choice | None:
         if ctx.epoch != 1:

@@ -41,13 +41,25 @@ class EpochPlan:
     batches: list[list[int]]  # example indices of each step
     shapes: list[Shape]  # each step's padded shape
     importance: int  # the leading batches importance is measured on (green)
+    importance_rows: list[list[int]]  # the examples of each of those batches it is measured on
+    importance_shapes: list[Shape]  # their padded shapes
+
+    @property
+    def first_step_from_importance(self) -> bool:
+        """Whether green's importance pass computes the epoch's first training step: measured on the whole
+        of one batch (its first gradients are then that step's), with more batches after it."""
+        return self.importance == 1 and len(self.batches) > 1 and self.importance_rows[0] == self.batches[0]
 
 
 def plan_epoch(data: Encoded, hp: Hyperparameters, seed: int, epoch: int) -> EpochPlan:
     """The steps of epoch ``epoch``: the same for the run, for a resumed run and for the estimate."""
     batches = epoch_batches(data, hp.batch_size, seed, epoch, hp.max_seq_len, hp.importance_batches)
     shapes = [batch_shape(data, idx, hp.max_seq_len) for idx in batches]
-    return EpochPlan(epoch, batches, shapes, min(hp.importance_batches, len(batches)))
+    n = min(hp.importance_batches, len(batches))
+    # Importance on part of a batch: its first rows, padded to their own longest (as a batch of them is).
+    rows = [idx[: hp.importance_rows] for idx in batches[:n]]
+    measured = [batch_shape(data, idx, hp.max_seq_len) for idx in rows]
+    return EpochPlan(epoch, batches, shapes, n, rows, measured)
 
 
 # Profiles by model structure, attention implementation, checkpointing and row shape, kept across runs in this

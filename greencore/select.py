@@ -25,7 +25,7 @@ which). Every answer is checked against ``profile.step_flops`` before it is retu
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -42,13 +42,23 @@ class BudgetTooSmall(ValueError):
     """``rho`` cannot pay for one step that trains any tensor: ``rho < rho_min`` (the message names both).
     ``message`` replaces the default message (a budget given as FLOPs or energy says so)."""
 
-    def __init__(self, rho: float, rho_min: float, detail: str = "", message: str | None = None) -> None:
+    def __init__(
+        self,
+        rho: float,
+        rho_min: float,
+        detail: str = "",
+        message: str | None = None,
+        advice: Sequence[str] = (),
+    ) -> None:
         self.rho = rho
         self.rho_min = rho_min
         self.detail = detail
+        self.advice = list(advice)  # changes that would make it fit, each with its rho_min
         if message is None:
             message = f"rho {rho:.3f} is below rho_min {rho_min:.3f} for this model and batch shape"
             message = f"{message}: {detail}" if detail else message
+        if self.advice:
+            message = f"{message}; it would fit at rho={rho:g} with {'; or '.join(self.advice)}"
         super().__init__(message)
 
 
@@ -84,8 +94,9 @@ class _Problem:
     term_costs: list[int]  # FLOPs of each shared term
 
 
-def _budget_flops(profile: TensorProfile, rho: float) -> int:
-    # floor of rho * full, exact (Fraction) and never above the float product a caller may compare with.
+def budget_flops(profile: TensorProfile, rho: float) -> int:
+    """The FLOPs a step may spend at ``rho``: the floor of ``rho * full``, exact (Fraction) and never above
+    the float product a caller may compare with."""
     full = profile.full.total
     return min(math.floor(Fraction(rho) * full), math.floor(rho * full))
 
@@ -107,11 +118,11 @@ def _check(profile: TensorProfile, rho: float, reserved_flops: int) -> int:
         cheapest = min(
             (profile.step_flops_bits(1 << i).total for i in range(len(profile.names))), default=full
         )
-        if cheapest + reserved_flops > _budget_flops(profile, rho):
+        if cheapest + reserved_flops > budget_flops(profile, rho):
             rho_min = (cheapest + reserved_flops) / full
             detail += f"; {reserved_flops:.3e} FLOPs per step are reserved (importance evaluation)"
             raise BudgetTooSmall(rho, rho_min, detail)
-    return _budget_flops(profile, rho) - reserved_flops
+    return budget_flops(profile, rho) - reserved_flops
 
 
 def _clean(importance: Mapping[str, float], names: tuple[str, ...]) -> dict[int, float]:

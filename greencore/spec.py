@@ -82,13 +82,26 @@ class Hyperparameters:
     max_energy_kwh: float | None = setting(
         None, "instead of rho: energy allowed for the whole run, kWh on the device profile", gt=0
     )
-    reselect_every: int = setting(1, "epochs between tensor selections (green)", ge=1, limit=1000)
+    reselect_every: int | None = setting(
+        None,
+        "epochs between tensor selections (green); null: every epoch, or every few epochs where epochs are "
+        "so short that importance passes would cost over a quarter of full fine-tuning of the steps served",
+        ge=1,
+        limit=1000,
+    )
     warmup_steps: int = setting(0, "linear warmup steps, then linear decay to 0", ge=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0, limit=1)
     lora_r: int = setting(8, "LoRA rank (lora)", ge=1, limit=1024)
     lora_alpha: int = setting(16, "LoRA scaling numerator (lora)", ge=1, limit=65536)
     topk_layers: int | None = setting(None, "layers trained from the top (topk); 0: the head only", ge=0)
     importance_batches: int = setting(1, "batches importance is measured on (green)", ge=1, limit=64)
+    importance_rows: int | None = setting(
+        None,
+        "rows of each importance batch that importance is measured on (green): fewer cost proportionally "
+        "less; null: the whole batch",
+        ge=1,
+        limit=4096,
+    )
     max_grad_norm: float | None = setting(1.0, "gradient clipping to this L2 norm; null: none", gt=0)
     bf16: bool = setting(False, "legacy: precision bf16-mixed on CUDA, nothing on CPU; use precision")
     precision: Precision = setting(

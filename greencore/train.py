@@ -305,15 +305,19 @@ def _setup_data(
 
 
 def _resolve(spec: TrainSpec, data: Encoded, labels: list[str] | None) -> Hyperparameters:
-    """The hyperparameters as the run uses them: ``max_flops`` or ``max_energy_kwh`` converted to a rho by the
-    estimate's rule (``greencore.estimate.resolve_rho``) on the run's own plan, and ``learning_rate "auto"``
-    to the rate ``greencore.lr`` gives the method at the budget in force (the estimate's, the same number)."""
+    """The hyperparameters as the run uses them, on the run's own plan (``greencore.estimate.run_costs``, the
+    estimate's rule): ``max_flops`` or ``max_energy_kwh`` converted to a rho; what a budgeted method chooses
+    for itself settled (green's automatic ``reselect_every``); ``learning_rate "auto"`` the rate
+    ``greencore.lr`` gives the method at the budget in force (the estimate's, the same number). A budget that
+    cannot train is refused here, naming what would make it fit, before anything trains."""
     hp = spec.hyperparameters
     budget = hp.max_flops is not None or hp.max_energy_kwh is not None
-    if not budget and hp.learning_rate != AUTO:
-        return hp
+    fixed_set = make_method(spec.method, hp).default_rho is None and not budget
+    if fixed_set and hp.learning_rate != AUTO:
+        return hp  # nothing to resolve
     costs = run_costs(spec.model_dir, data, spec.method, hp, spec.seed, len(labels) if labels else None)
     rho = costs.resolve_rho(hp, spec.energy)
+    hp = costs.settled(hp, rho)
     if budget:
         hp = replace(hp, rho=rho, max_flops=None, max_energy_kwh=None)
     if hp.learning_rate == AUTO:
@@ -356,7 +360,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     # The last epoch's wrapper goes first: its hooks would all-reduce the importance passes' gradients.
     run.ddp = None
     plan = plan_epoch(run.train_data, hp, run.spec.seed, epoch)
-    importance_batches = [run.batch(idx) for idx in plan.batches[: plan.importance]]
+    importance_batches = [run.batch(idx) for idx in plan.importance_rows]
     # The importance passes run on the same micro-batches as a training step, each weighted by its share of
     # its batch's loss and the batches averaged: their first gradients are a training step's.
     parts = [(m, w / len(importance_batches)) for b in importance_batches for m, w in run.micro_batches(b)]
@@ -367,14 +371,14 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         model=run.model,
         profile=profile,
         full_flops=full_flops,
-        first_step_reusable=plan.importance == 1 and len(plan.batches) > 1,
+        first_step_reusable=plan.first_step_from_importance,
         loop_profile=lambda after_first: run.profiles.steps(plan.shapes[1:]) if after_first else profile,
         later=lambda: _later_epochs(run, epoch),
         importance_batches=[m for m, _ in parts],
         importance_weights=[w for _, w in parts],
         autocast=run.autocast,
         held_in_float32=run.held.widened,
-        importance_profile=run.importance_profiles.steps(plan.shapes[: plan.importance]),
+        importance_profile=run.importance_profiles.steps(plan.importance_shapes),
         # The tentative step of the importance pass is the training optimizer's next step (a copy of it: its
         # moments and the scheduled learning rate), as in the paper's code.
         optimizer_factory=tentative_optimizer_factory(run.optimizer),
@@ -506,7 +510,7 @@ def _shared_choice(run: _Run, choice: Choice | None) -> Choice | None:
 
 def _later_epochs(run: _Run, epoch: int) -> list[tuple[Any, int]]:
     """(combined profile, full FLOPs) of the epochs after ``epoch`` that its selection covers."""
-    last = min(epoch + run.hp.reselect_every, run.hp.n_epochs + 1)
+    last = min(epoch + (run.hp.reselect_every or 1), run.hp.n_epochs + 1)
     plans = [plan_epoch(run.train_data, run.hp, run.spec.seed, e) for e in range(epoch + 1, last)]
     return [(run.profiles.steps(p.shapes), run.profiles.full(p.shapes)) for p in plans]
 
@@ -850,6 +854,8 @@ def _fingerprint(spec: TrainSpec, hp: Hyperparameters) -> str:
     """What a checkpoint must have been trained with to be resumed by ``spec`` (``hp``: its hyperparameters
     with the budget resolved to a rho)."""
     settings = {k: v for k, v in hp.as_dict().items() if k not in ("max_flops", "max_energy_kwh")}
+    if settings["importance_rows"] is None:  # added later: at its default, earlier checkpoints still resume
+        del settings["importance_rows"]
     what = {
         "model": str(Path(spec.model_dir).resolve()),
         "train": _digest(spec.train_file),

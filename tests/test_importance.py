@@ -323,3 +323,33 @@ def test_offloaded_pass_gives_the_same_scores_and_gradients_and_keeps_its_copies
     assert all(torch.equal(kept.gradients[n], offloaded.gradients[n]) for n in names)
     candidate_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if n in names)
     assert peaks[1] <= peaks[0] - candidate_bytes
+
+
+def test_importance_on_part_of_a_batch_costs_what_the_plan_predicts() -> None:
+    # importance_rows: the pass runs on the first rows of the epoch's importance batch, padded to their own
+    # longest; the run budgets it as the profile of that shape, which must be what FlopCounterMode counts.
+    from greencore.data import Encoded, collate
+    from greencore.plan import ShapeProfiles, plan_epoch
+    from greencore.spec import Hyperparameters
+
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    ids = [
+        torch.randint(3, 90, (int(n),), generator=gen).tolist()
+        for n in torch.randint(5, 40, (24,), generator=gen)
+    ]
+    data = Encoded("causal_lm", ids, [list(row) for row in ids], 0, 0)
+    hp = Hyperparameters(batch_size=8, max_seq_len=64, importance_rows=3)
+    plan = plan_epoch(data, hp, 0, 1)
+    (rows,) = plan.importance_rows
+    assert rows == plan.batches[0][:3] and plan.importance_shapes[0][0] == 3
+    assert not plan.first_step_from_importance  # a part of a batch is not its training step
+    batch = collate(data, rows, 0, hp.max_seq_len)
+    assert tuple(batch["input_ids"].shape) == plan.importance_shapes[0]
+    names = ["model.layers.1.self_attn.v_proj.weight", "model.norm.weight", "lm_head.weight"]
+    with FlopCounterMode(display=False) as counter:
+        importance_pass(model, [batch], adamw(), names=names)
+    predicted = importance_flops(ShapeProfiles(model).steps(plan.importance_shapes), names, 1)
+    assert predicted.total == counter.get_total_flops() > 0
+    whole = importance_flops(ShapeProfiles(model).steps(plan.shapes[:1]), names, 1)
+    assert predicted.total < whole.total / 2

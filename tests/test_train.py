@@ -351,3 +351,58 @@ def test_checkpoint_keeps_the_base_dtype(folders, data, tmp_path):
     with safe_open(str(final / "master_weights.safetensors"), "pt") as f:
         assert set(f.keys()) == trained
     assert all(torch.equal(after[n], before[n]) for n in set(before) - trained)
+
+
+def small_run(folders, tmp_path, **hp):
+    """Green on 24 examples at batch 8 (3 steps an epoch) at rho 0.5, 3 epochs."""
+    from tests.model_folders import dataset, write_jsonl
+
+    train_file = write_jsonl(tmp_path / "small.jsonl", dataset("messages", 24, seed=0))
+    spec = TrainSpec(
+        model_dir=str(folders["llama"]),
+        train_file=str(train_file),
+        output_dir=str(tmp_path / "out"),
+        method="green",
+        hyperparameters=Hyperparameters(
+            **{"n_epochs": 3, "batch_size": 8, "learning_rate": 1e-3, "max_seq_len": 96, "rho": 0.5, **hp}
+        ),
+    )
+    return spec, train(spec)
+
+
+def test_green_trains_a_small_dataset_selecting_once_within_the_whole_runs_budget(folders, tmp_path):
+    # Per epoch, an importance pass and the cheapest tensor cost more than rho 0.5 of its 3 steps; the
+    # automatic reselect_every spreads one pass over the run's 9 steps, and the run keeps rho as a whole.
+    _, report = small_run(folders, tmp_path)
+    epochs = report.epochs
+    assert [e.selection["reselected"] for e in epochs] == [True, False, False]
+    assert all(e.selection["serves_epochs"] == [1, 3] for e in epochs)
+    assert all(e.steps == 3 and e.selected_tensors == epochs[0].selected_tensors for e in epochs)
+    total, full = sum(e.flops["total"] for e in epochs), sum(e.flops["full"] for e in epochs)
+    assert total <= 0.5 * full and epochs[0].flops["selection"] > 0
+    assert [e.flops["selection"] for e in epochs[1:]] == [0, 0]
+    assert epochs[0].rho_achieved > 0.5  # the selecting epoch pays the pass; the others make up for it
+    for e in epochs:
+        assert e.flops["measured_step"] == e.flops["predicted_step"] > 0 and e.train_loss > 0
+
+
+def test_green_on_part_of_each_batch_selects_every_epoch_within_its_budget(folders, tmp_path):
+    _, report = small_run(folders, tmp_path, reselect_every=1, importance_rows=2)
+    for e in report.epochs:
+        assert e.selection["reselected"] and e.selection["serves_epochs"] == [e.epoch, e.epoch]
+        assert e.flops["total"] <= 0.5 * e.flops["full"] and e.selected_tensors
+        assert e.steps == 3  # the loop trains every batch: a part of one is not its step
+        assert e.flops["selection"] < e.flops["full"] / 3 / 2  # two passes on 2 of 8 rows
+
+
+def test_green_refuses_a_small_dataset_naming_what_fits_before_training(folders, tmp_path):
+    with pytest.raises(BudgetTooSmall) as err:
+        small_run(folders, tmp_path, reselect_every=1)
+    assert err.value.rho_min > 0.5
+    assert [a.split("=")[0] for a in err.value.advice[:3]] == [
+        "reselect_every",
+        "importance_rows",
+        "batch_size",
+    ]
+    assert "it would fit at rho=0.5 with reselect_every=3 (rho_min 0.4" in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before anything trained

@@ -32,6 +32,11 @@ class ErrorBody(BaseModel):
         None, description="budget errors: the smallest whole-run FLOPs budget"
     )
     min_max_energy_kwh: float | None = Field(None, description="budget errors: the same budget in kWh")
+    advice: list[str] | None = Field(
+        None,
+        description="budget errors: changes that would make the job fit its budget, each with the rho_min it "
+        "would have (green on a small dataset: reselect_every, importance_rows, batch_size, more examples)",
+    )
     param: str | None = Field(None, description="request errors: the parameter at fault")
     max_upload_bytes: int | None = Field(None, description="413: the upload limit, bytes")
     max_active_jobs: int | None = Field(None, description="429: jobs a tenant may have active at once")

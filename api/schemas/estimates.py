@@ -95,6 +95,11 @@ class EstimatePublic(BaseModel):
     steps_per_epoch: int
     rho: float | None = Field(description="the budget in force, from rho, max_flops or max_energy_kwh")
     rho_min: float
+    reselect_every: int | None = Field(
+        None,
+        description="green: epochs between tensor selections in force (the job's, or the automatic choice "
+        "where it left it null); null for other methods",
+    )
     flops: FlopsFullAndMethod = Field(description="FLOPs of the whole run")
     flops_saved: float = Field(description="1 - flops.method / flops.full")
     basis: Literal["budget", "profile", "approximate"] = Field(

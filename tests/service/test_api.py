@@ -393,3 +393,31 @@ def test_job_creations_never_hold_up_reads(app, key: str) -> None:
                 for borrower in borrowers:
                     client.portal.call(CREATE_LIMITER.release_on_behalf_of, borrower)
             assert creating.result(timeout=60).status_code == 200
+
+
+def test_a_small_dataset_selects_every_few_epochs_and_a_refusal_names_what_fits(
+    client: TestClient,
+) -> None:
+    # 24 examples at batch 8: 3 steps an epoch, too few to pay an importance pass every epoch at rho 0.5.
+    file_id = upload(client, dataset_lines(24))["id"]
+    small = {"batch_size": 8, "rho": 0.5}
+    est = client.post("/v1/estimates", json=job_body(file_id, n_epochs=3, **small))
+    assert est.status_code == 200, est.text
+    assert est.json()["reselect_every"] == 3 and est.json()["rho_min"] < 0.5  # one selection serves the run
+    normal = client.post("/v1/estimates", json=job_body(file_id, rho=0.75)).json()
+    assert normal["reselect_every"] == 1  # 12 steps an epoch: every epoch, as the paper
+
+    # One epoch cannot spread the passes: refused, naming changes that fit, each with its own rho_min.
+    for path in ("/v1/estimates", JOBS):
+        refused = client.post(path, json=job_body(file_id, n_epochs=1, **small))
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "budget_too_small" and error["rho_min"] > 0.5
+        advice = error["advice"]
+        assert advice[0].startswith("n_epochs=2 (")  # one selection serving both epochs' 6 steps
+        assert any(a.startswith("importance_rows=") for a in advice), advice
+        assert any(a.startswith("batch_size=") for a in advice), advice
+        for a in advice:
+            assert a in error["message"]
+            assert 0 < float(a.rsplit("rho_min ", 1)[1].rstrip(")")) <= 0.5
+    assert client.get(JOBS).json()["data"] == []  # nothing stored

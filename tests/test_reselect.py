@@ -1,0 +1,103 @@
+"""greencore.reselect: the budget of a selection interval, its exact rho_min, the automatic reselect_every,
+and what a refusal names; on the tiny demo Llama, planned as the estimate and the run plan it."""
+
+from __future__ import annotations
+
+import pytest
+
+from greencore.data import encode_dataset, validate_dataset
+from greencore.demo import build_tokenizer
+from greencore.estimate import run_costs
+from greencore.reselect import IntervalCosts, auto_every, fit_advice, interval_costs, run_epochs, run_rho_min
+from greencore.select import reachable_tensors
+from greencore.spec import EnergySettings, Hyperparameters
+from tests.model_folders import dataset, model_folder, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return model_folder("llama", tmp_path_factory.mktemp("models") / "llama")
+
+
+def costing(llama, tmp_path, examples: int, **hp):
+    data_file = write_jsonl(tmp_path / f"d{examples}.jsonl", dataset("messages", examples, seed=0))
+    hp = Hyperparameters(**{"n_epochs": 3, "batch_size": 8, "max_seq_len": 96, "rho": 0.5, **hp})
+    data = encode_dataset(validate_dataset(data_file), build_tokenizer(), "causal_lm", hp.max_seq_len, None)
+    return run_costs(llama, data, "green", hp, 0)
+
+
+def test_selection_every_epoch_on_epochs_of_enough_steps_is_the_papers(llama, tmp_path) -> None:
+    # 64 examples at batch 4: 16 steps an epoch. Every epoch selects, measuring what it always measured.
+    costs = costing(llama, tmp_path, 64, batch_size=4)
+    epochs = run_epochs(costs.costing)
+    assert auto_every(epochs, 0.5) == 1 and costs.settings(costs.costing.hp, 0.5) == {"reselect_every": 1}
+    for interval in interval_costs(epochs, 1):
+        for rho in (0.45, 0.5, 0.6, 0.8):
+            target, reserved = interval.selection_budget(rho, 0)
+            assert interval.candidates(rho)[0] == reachable_tensors(interval.loop, target) and reserved == 0
+
+
+def test_rho_min_is_exact_and_every_larger_budget_trains(llama, tmp_path) -> None:
+    costs = costing(llama, tmp_path, 24)
+    for every in (1, 2, 3):
+        for interval in interval_costs(run_epochs(costs.costing), every):
+            rho_min = interval.rho_min()
+            assert not interval.candidates(rho_min * (1 - 1e-6))[0]
+            for step in range(40):  # feasibility is monotone in rho: a larger budget never refuses
+                rho = rho_min + (1 - rho_min) * step / 39
+                names, spent = interval.candidates(rho)
+                assert names, rho
+                # The cheapest candidate can still train after the importance passes are paid.
+                assert (
+                    min(interval.loop.tensor_flops(n).total for n in names) <= interval.allowed(rho) - spent
+                )
+
+
+def test_a_small_dataset_selects_once_for_the_run_and_fits(llama, tmp_path) -> None:
+    # 24 examples at batch 8: 3 steps an epoch. Per epoch the passes do not fit rho 0.5; over the run they do.
+    costs = costing(llama, tmp_path, 24)
+    epochs = run_epochs(costs.costing)
+    assert costs.steps_per_epoch == 3 and auto_every(epochs, 0.5) == 3
+    assert run_rho_min(epochs, 1) > 0.5 > costs.rho_min == run_rho_min(epochs, 3)
+    assert costs.resolve_rho(costs.costing.hp, EnergySettings()) == 0.5
+    # Where a selection every epoch fits the budget, every epoch selects and keeps rho on its own.
+    per_epoch = run_rho_min(epochs, 1)
+    assert auto_every(epochs, per_epoch) == 1 == auto_every(epochs, 0.9)
+    assert costs.settings(costs.costing.hp, 0.9) == {"reselect_every": 1}
+
+
+def test_importance_on_fewer_rows_costs_proportionally_less(llama, tmp_path) -> None:
+    whole = costing(llama, tmp_path, 24, reselect_every=1)
+    part = costing(llama, tmp_path, 24, reselect_every=1, importance_rows=2)
+    for w, p in zip(whole.costing.importance, part.costing.importance, strict=True):
+        assert (w.batch_size, p.batch_size) == (1, 1)  # combined from one-row profiles
+        assert p.full.total < w.full.total / 3  # 2 rows of 8 (padded to their own longest)
+    assert part.costing.after_first == [None] * 3  # the first step is no longer the importance pass's
+    assert part.rho_min < 0.5 < whole.rho_min
+
+
+def test_a_refusal_names_changes_that_fit_with_their_rho_min(llama, tmp_path) -> None:
+    costs = costing(llama, tmp_path, 24, reselect_every=1)
+    advice = fit_advice(costs.costing, 0.5)
+    kinds = [a.split("=")[0].split(" ")[0] for a in advice]
+    assert kinds == ["reselect_every", "importance_rows", "batch_size", "48"], advice
+    # Each is exact: the run planned again with that change has that rho_min.
+    assert advice[0] == f"reselect_every=3 (rho_min {run_rho_min(run_epochs(costs.costing), 3):.4f})"
+    rows = int(advice[1].split("=")[1].split(" ")[0])
+    again = costing(llama, tmp_path, 24, reselect_every=1, importance_rows=rows)
+    assert f"(rho_min {again.rho_min:.4f})" in advice[1] and again.rho_min <= 0.5
+    # Below what the forward pass and the cheapest tensor cost, nothing but a larger rho helps.
+    assert fit_advice(costs.costing, 0.3) == []
+
+
+def test_interval_budget_spreads_one_pass_over_its_epochs(llama, tmp_path) -> None:
+    costs = costing(llama, tmp_path, 24)
+    epochs = run_epochs(costs.costing)
+    (one,) = interval_costs(epochs, 3)
+    assert one.full == sum(e.full for e in epochs)
+    first = epochs[0]
+    assert first.after_first is not None  # the first step is the importance pass's
+    alone = IntervalCosts.of(first)
+    assert alone.loop.full.total == first.after_first.full.total and alone.full == first.full
