@@ -120,7 +120,7 @@ def train_on_ranks(
             _terminate(proc)
         output.join(10)
     try:
-        return _outcome(run_dir, returncode, list(output.tail))
+        return outcome_of(run_dir, returncode, list(output.tail))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -148,7 +148,7 @@ class EpochFeed:
         return found
 
 
-def _outcome(run_dir: Path, returncode: int, tail: list[str]) -> TrainReport:
+def outcome_of(run_dir: Path, returncode: int, tail: list[str]) -> TrainReport:
     """The run's TrainReport once torchrun exited with ``returncode`` (0), or why it failed.
 
     A rank ended by a signal other than the SIGTERM with which torchrun stops the survivors (SIGKILL: killed,
