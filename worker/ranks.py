@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,9 @@ class RankError(RuntimeError):
 def train_on_ranks(
     spec: TrainSpec,
     nproc: int,
-    on_epoch: Any,
-    should_stop: Any,
-    on_step: Any,
+    on_epoch: Callable[[EpochReport], None],
+    should_stop: Callable[[], bool],
+    on_step: Callable[[int, int, int], None],
 ) -> TrainReport:
     """``greencore.train.train(spec, on_epoch, should_stop, on_step)`` as ``nproc`` torchrun ranks; the
     callbacks run in this process. Raises RankError (a rank's training error), RankLost (a rank died), or
@@ -99,7 +100,8 @@ def train_on_ranks(
         text=True,
         preexec_fn=_die_with_parent(signal.SIGTERM),  # torchrun then stops its ranks
     )
-    output = _forward(proc)
+    tail: collections.deque[str] = collections.deque(maxlen=200)  # torchrun's summary of failures is in it
+    output = _forward(proc, tail)
     try:
         while True:
             returncode = proc.poll()
@@ -120,7 +122,7 @@ def train_on_ranks(
             _terminate(proc)
         output.join(10)
     try:
-        return outcome_of(run_dir, returncode, list(output.tail))
+        return outcome_of(run_dir, returncode, list(tail))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -180,18 +182,16 @@ def _exit_codes(tail: list[str]) -> dict[int, int]:
     return {int(rank): int(code) for rank, code in found}
 
 
-def _forward(proc: subprocess.Popen[str]) -> Any:
-    """A thread copying the ranks' output into this process's log, keeping its last lines (``.tail``)."""
-    tail: collections.deque[str] = collections.deque(maxlen=200)
+def _forward(proc: subprocess.Popen[str], tail: collections.deque[str]) -> threading.Thread:
+    """A started thread copying the ranks' output into this process's log, its last lines into ``tail``."""
 
     def copy() -> None:
-        assert proc.stdout is not None
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             tail.append(line.rstrip("\n"))
             log.info("ranks: %s", tail[-1])
 
     thread = threading.Thread(target=copy, name="ranks-output", daemon=True)
-    thread.tail = tail  # type: ignore[attr-defined]
     thread.start()
     return thread
 

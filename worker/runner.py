@@ -37,7 +37,7 @@ from api.states import InvalidTransition, add_event, claim
 from api.tables import Checkpoint, Epoch, File, Job, utcnow
 from greencore.spec import TrainSpec
 from worker.failures import error_of
-from worker.ranks import RankLost, train_on_ranks
+from worker.ranks import RUN_DIR, RankLost, train_on_ranks
 from worker.recorder import STALE, JobRecorder, StaleAttempt
 
 log = logging.getLogger(__name__)
@@ -222,13 +222,14 @@ def run_job(
 
 
 def _tidy(job_dir: Path) -> None:
-    """Remove what killed writes left in every attempt's folder of a job (``.*.tmp-*``, ``.*.old-*``): once
-    its last attempt has ended, nothing of the job is being written any more (a lost attempt that still runs
-    somewhere has every write refused)."""
+    """Remove what killed writes left in every attempt's folder of a job (``.*.tmp-*``, ``.*.old-*``, the
+    files of ranks whose worker was killed): once its last attempt has ended, nothing of the job is being
+    written any more (a lost attempt that still runs somewhere has every write refused)."""
     from greencore.checkpoint import remove_leftovers
 
     for folder in job_dir.glob("attempt-*"):
         remove_leftovers(folder)
+        shutil.rmtree(folder / RUN_DIR, ignore_errors=True)
 
 
 def _stalled(
