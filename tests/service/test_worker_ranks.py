@@ -22,6 +22,7 @@ from api.config import Settings
 from api.tables import Checkpoint
 from tests.processes import rank_processes
 from tests.service.service_calls import JOBS, checkpoints, create_job
+from worker.failures import error_of
 from worker.ranks import REPORT_FILE, EpochFeed, RankError, RankLost, outcome_of
 from worker.runner import run_job
 
@@ -143,6 +144,12 @@ def test_the_end_of_the_ranks_is_read_from_their_files(tmp_path: Path) -> None:
         path.unlink()
     with pytest.raises(RankLost, match="no error and no report"):  # ended with neither
         outcome_of(tmp_path, 1, [])
+    # The job's error is the rank's, its code kept and the server's paths hidden as for one process.
+    lost = RankError("out_of_memory", "CUDA out of memory writing /srv/artifacts/jobs/j/attempt-1/epoch-1")
+    assert error_of(lost, artifacts_dir=Path("/srv/artifacts")) == (
+        "out_of_memory",
+        "CUDA out of memory writing jobs/j/attempt-1/epoch-1",
+    )
     report = {"epochs": [], "final_checkpoint_dir": "f", "stopped": False, "task": "causal_lm"}
     (tmp_path / REPORT_FILE).write_text(json.dumps({**report, "method": "green", "rho": 0.5, "labels": None}))
     assert outcome_of(tmp_path, 0, []).final_checkpoint_dir == "f"
