@@ -140,38 +140,46 @@ def _multi_rank(args: argparse.Namespace) -> bool:
 
 
 def _launch_ranks(args: argparse.Namespace) -> int:
-    """Run this command as ``--nproc`` ranks per machine through torchrun (``torch.distributed.run``): on one
-    machine with ``--standalone``; on several with a static rendezvous at ``--rdzv-endpoint`` (this machine
-    ``--node-rank`` of ``--nnodes``). Returns torchrun's exit status."""
+    """Run this command as ``--nproc`` ranks per machine through torchrun: on one machine with
+    ``--standalone``; on several with a static rendezvous at ``--rdzv-endpoint`` (this machine ``--node-rank``
+    of ``--nnodes``). Returns torchrun's exit status."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
-    env = dict(os.environ)
-    if args.nnodes == 1:
-        cmd.append("--standalone")
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: the ranks talk over loopback
-    else:
-        if args.rdzv_endpoint is None:
-            print("error: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (rank 0's machine)", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        cmd += [
-            "--nnodes",
-            str(args.nnodes),
-            "--node-rank",
-            str(args.node_rank),
-            "--rdzv-backend",
-            "static",
-            "--rdzv-endpoint",
-            args.rdzv_endpoint,
-        ]
-    cmd += ["-m", "api.cli", "train", "--config", str(Path(args.config).resolve())]
+    if args.nnodes > 1 and args.rdzv_endpoint is None:
+        print("error: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (rank 0's machine)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    rank_args = ["-m", "api.cli", "train", "--config", str(Path(args.config).resolve())]
     if args.output_dir is not None:
-        cmd += ["--output-dir", str(Path(args.output_dir).resolve())]
+        rank_args += ["--output-dir", str(Path(args.output_dir).resolve())]
     if args.resume:
-        cmd.append("--resume")
+        rank_args.append("--resume")
     if args.device is not None:
-        cmd += ["--device", args.device]
+        rank_args += ["--device", args.device]
+    cmd, env = torchrun_command(args.nproc, rank_args, args.nnodes, args.node_rank, args.rdzv_endpoint)
     return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def torchrun_command(
+    nproc: int,
+    rank_args: list[str],
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run ``python rank_args...`` as ``nproc`` ranks on this machine through
+    torchrun (``torch.distributed.run``), the one launch of ``greentrainer train --nproc`` and of a worker
+    with GT_WORKER_NPROC > 1: ``--standalone`` on one machine (gloo's ranks then talk over loopback:
+    GLOO_SOCKET_IFNAME=lo unless set), a static rendezvous at ``rdzv_endpoint`` on several. torchrun gives
+    each rank one thread (OMP_NUM_THREADS=1) unless the environment sets another number."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    env = dict(os.environ)
+    if nnodes == 1:
+        cmd.append("--standalone")
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    else:
+        cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank)]
+        cmd += ["--rdzv-backend", "static", "--rdzv-endpoint", str(rdzv_endpoint)]
+    return [*cmd, *rank_args], env
 
 
 def _wait_for_every_rank() -> None:

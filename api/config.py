@@ -142,6 +142,13 @@ class Settings(BaseSettings):
         7 * 24 * 3600, gt=0, description="Redis redelivers an unacknowledged job after this long"
     )
     worker_pool: str = Field("prefork", description="Celery pool of `greentrainer worker` (prefork or solo)")
+    worker_nproc: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="ranks each job of this worker runs as (torchrun on this machine: one per GPU with NCCL, "
+        "or gloo processes on a CPU); the worker process keeps the heartbeat, cancel and database writes",
+    )
 
     # The device profile behind estimates (and energy when no counter is readable).
     device_name: str = Field("cpu", description="name of the device profile")

@@ -63,14 +63,24 @@ def page(
 
 
 def refresh_totals(session: Session, job_id: str) -> None:
-    """Recompute a job's sums over its recorded epochs (FLOPs, energy, carbon, tokens, count); the caller
-    commits."""
+    """Recompute a job's sums over its recorded epochs (FLOPs, energy, carbon, tokens, bytes exchanged,
+    count); the caller commits."""
     epochs_done, flops_total, flops_full, energy_j, gco2e, tokens = 0, 0, 0, 0.0, 0.0, 0
-    for flops, energy, grams, epoch_tokens in session.execute(
-        select(Epoch.flops, Epoch.energy_j, Epoch.gco2e, Epoch.tokens).where(Epoch.job_id == job_id)
+    communication, communication_full = 0, 0
+    for flops, energy, grams, epoch_tokens, sent, sent_full in session.execute(
+        select(
+            Epoch.flops,
+            Epoch.energy_j,
+            Epoch.gco2e,
+            Epoch.tokens,
+            Epoch.communication_bytes,
+            Epoch.communication_bytes_full,
+        ).where(Epoch.job_id == job_id)
     ):
         epochs_done += 1
         tokens += epoch_tokens or 0
+        communication += sent or 0
+        communication_full += sent_full or 0
         flops_total += int(flops.get("total", 0) or 0)
         flops_full += int(flops.get("full", 0) or 0)
         energy_j += energy or 0.0
@@ -85,6 +95,8 @@ def refresh_totals(session: Session, job_id: str) -> None:
             energy_j=energy_j,
             gco2e=gco2e,
             trained_tokens=tokens,
+            communication_bytes=communication,
+            communication_bytes_full=communication_full,
         )
         .execution_options(synchronize_session=False)
     )

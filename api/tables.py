@@ -127,6 +127,9 @@ class Job(Base):
     energy_j: Mapped[float] = mapped_column(Float, default=0.0)
     gco2e: Mapped[float] = mapped_column(Float, default=0.0)
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    communication_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    communication_bytes_full: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    world_size: Mapped[int | None] = mapped_column(Integer)  # ranks of its latest attempt (GT_WORKER_NPROC)
     # OpenAI's metadata: up to 16 string pairs the user attaches (the attribute "metadata" is SQLAlchemy's).
     user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
 

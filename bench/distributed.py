@@ -2,6 +2,7 @@
 epoch: the bytes communicated between the ranks, the step time, and the distance to one process's weights.
 
 Run: .venv/bin/python bench/distributed.py   (writes bench/results/distributed.md)
+On N GPUs (NCCL, one rank per GPU): ``--device cuda --nproc N``, as bench/gpu_distributed.sh runs it.
 
 A Llama-shaped causal LM built from a config (random weights; ``--hidden``, ``--layers``), trained on
 generated prompt/completion examples (tests/model_folders.dataset) for ``--epochs`` epochs at batch
@@ -18,7 +19,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,11 +32,14 @@ from greencore.train import train  # noqa: E402
 from tests.model_folders import dataset, write_jsonl  # noqa: E402
 from tests.processes import free_port  # noqa: E402
 
-WORLD = 2
-
 
 def spec(root: Path, out: str, method: str, args: argparse.Namespace) -> TrainSpec:
-    hp = {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": 1e-3, "max_seq_len": 128}
+    hp = {
+        "n_epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": 1e-3,
+        "max_seq_len": args.seq_len,
+    }
     if method == "green":
         hp["rho"] = 0.5
     return TrainSpec(
@@ -47,24 +50,27 @@ def spec(root: Path, out: str, method: str, args: argparse.Namespace) -> TrainSp
         method=method,
         hyperparameters=Hyperparameters(**hp),
         seed=1,
+        device=args.device,
     )
 
 
-def rank_main(rank: int, port: int, root: str, out: str, method: str, args: argparse.Namespace) -> None:
+def rank_main(rank: int, port: int, root: str, methods: list[str], args: argparse.Namespace) -> None:
+    """One rank: every method's run in turn, in one process group (one launch, its imports paid once)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
+        WORLD_SIZE=str(args.nproc),
         GLOO_SOCKET_IFNAME="lo",
     )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    report = train(spec(Path(root), out, method, args))
-    if rank == 0:
-        (Path(root) / f"{out}.json").write_text(json.dumps(report.as_dict()))
+    for method in methods:
+        report = train(spec(Path(root), f"{method}-ranks", method, args))
+        if rank == 0:
+            (Path(root) / f"{method}-ranks.json").write_text(json.dumps(report.as_dict()))
     dist.destroy_process_group()
 
 
@@ -81,8 +87,8 @@ def build_model(folder: Path, hidden: int, layers: int) -> None:
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=max(4, hidden // 64),  # heads of 64 (SDPA's fused kernels)
+        num_key_value_heads=max(2, hidden // 128),
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -107,6 +113,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128, help="max_seq_len")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks (one per GPU with --device cuda)")
+    parser.add_argument("--device", default=None, help="cpu (gloo) or cuda (NCCL); unset: CUDA when present")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distributed.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -115,14 +124,11 @@ def main() -> None:
     write_jsonl(root / "train.jsonl", dataset("prompt_completion", args.examples, seed=0, long_every=8))
     write_jsonl(root / "valid.jsonl", dataset("prompt_completion", 16, seed=1))
     rows = []
-    for method in ("full", "green"):
-        started = time.perf_counter()
-        one = train(spec(root, f"{method}-one", method, args)).as_dict()
-        one_s = time.perf_counter() - started
-        started = time.perf_counter()
-        mp.spawn(rank_main, args=(free_port(), str(root), f"{method}-two", method, args), nprocs=WORLD)
-        two_s = time.perf_counter() - started
-        two = json.loads((root / f"{method}-two.json").read_text())
+    methods = ["full", "green"]
+    ones = {method: train(spec(root, f"{method}-one", method, args)).as_dict() for method in methods}
+    mp.spawn(rank_main, args=(free_port(), str(root), methods, args), nprocs=args.nproc)
+    for method, one in ones.items():
+        two = json.loads((root / f"{method}-ranks.json").read_text())
         wa, wb = weights(one["final_checkpoint_dir"]), weights(two["final_checkpoint_dir"])
         diff = max(float((wa[n] - wb[n]).abs().max()) for n in wa)
         same = all(
@@ -143,18 +149,24 @@ def main() -> None:
                     "rho": e2["rho_achieved"],
                     "same": same,
                     "diff": diff,
-                    "run_s": (one_s, two_s),
                 }
             )
     full_bytes = {r["epoch"]: r["bytes"] for r in rows if r["method"] == "full"}
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    where = (
+        f"{args.nproc} x {torch.cuda.get_device_name()}, NCCL"
+        if cuda
+        else f"{os.cpu_count()} cores, gloo, one thread per process"
+    )
     lines = [
-        "# Distributed green: 2 ranks (gloo, CPU) against one process",
+        f"# Distributed green: {args.nproc} ranks ({'NCCL, CUDA' if cuda else 'gloo, CPU'}) against one "
+        "process",
         "",
         f"Command: `.venv/bin/python bench/distributed.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one thread per "
-        f"process. Model: Llama-shaped, width {args.hidden}, {args.layers} layers (random weights); "
-        f"{args.examples} examples, batch {args.batch_size} ({args.batch_size // WORLD} rows per rank), "
+        f"Machine: {platform.machine()}, {where}, torch {torch.__version__}. Model: Llama-shaped, width "
+        f"{args.hidden}, {args.layers} layers (random weights); {args.examples} examples, batch "
+        f"{args.batch_size} ({args.batch_size // args.nproc} rows per rank), max_seq_len {args.seq_len}, "
         f"{args.epochs} epochs.",
         "",
         "Bytes: what the ranks communicated in the epoch (DDP's all-reduces, counted by a communication "
@@ -163,8 +175,9 @@ def main() -> None:
         "per step. Same as 1 process: the same selected tensors and FLOPs records every epoch; max abs "
         "weight diff: the largest difference of a final weight from one process's.",
         "",
-        "| method | epoch | tensors | bytes | / full's bytes | / full FT bytes | step ms, 2 ranks "
-        "| step ms, 1 process | rho achieved | same as 1 process | max abs weight diff |",
+        "| method | epoch | tensors | bytes | / full's bytes | / full FT bytes "
+        f"| step ms, {args.nproc} ranks | step ms, 1 process | rho achieved | same as 1 process "
+        "| max abs weight diff |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +72,17 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: 
             pass
         time.sleep(0.3)
     raise AssertionError(f"no answer from {url}/health:\n{log.read_text()[-3000:]}")
+
+
+def rank_processes(parent: int | None = None) -> list[psutil.Process]:
+    """The ranks of a worker's jobs (``python -m worker.ranks``, torchrun's children) below process ``parent``
+    (default: this one)."""
+    found = []
+    for proc in psutil.Process(parent).children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:  # ended meanwhile
+            continue
+        if "worker.ranks" in cmdline and "torch.distributed.run" not in cmdline:
+            found.append(proc)
+    return found

@@ -27,3 +27,25 @@ def test_gpu_step_dry_run_writes_the_table(tmp_path):
     green = [r for r in rows if r[1] == "green-0.5"]
     assert all(float(r[9]) > 0 for r in green)  # green/full time per precision
     assert int(green[0][2]) < int(rows[0][2])  # green trains fewer tensors than full
+
+
+def test_gpu_distributed_dry_run_writes_the_table(tmp_path):
+    """bench/gpu_distributed.sh as a GPU machine runs it, on 2 gloo CPU processes and a tiny model: the table
+    of full and green-0.5 bytes and step times, each equal to one process."""
+    env = {**os.environ, "DEVICE": "cpu", "NPROC": "2", "OUT": str(tmp_path), "GT_DIST_TIMEOUT_S": "60"}
+    done = subprocess.run(
+        ["bash", "bench/gpu_distributed.sh", "--small"], cwd=ROOT, env=env, capture_output=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    text = (tmp_path / "gpu-distributed.md").read_text()
+    assert text.startswith("# Distributed green: 2 ranks (gloo, CPU) against one process")
+    rows = [
+        line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith(("| full", "| green"))
+    ]
+    assert [r[0] for r in rows] == ["full", "green-0.5"]
+    full, green = rows
+    assert float(full[4]) == 1.0 and float(green[4]) <= 0.5  # green all-reduces at most half of full's bytes
+    for row in rows:
+        assert int(row[3].replace(",", "")) > 0 and float(row[6]) > 0  # bytes and step ms on 2 ranks
+        assert row[9] == "yes" and float(row[10]) < 1e-5  # the ranks chose and ended as one process
+    assert (tmp_path / "gpu-distributed.log").is_file()

@@ -108,7 +108,10 @@ def _error_of(exc: BaseException) -> tuple[str, str]:
     from greencore.select import BudgetTooSmall
     from greencore.spec import SpecError
     from greencore.train import LossNotFinite
+    from worker.ranks import RankError
 
+    if isinstance(exc, RankError):  # named by the rank it ended (worker/ranks.py)
+        return exc.code, exc.message
     codes: list[tuple[type[BaseException], str]] = [
         (DatasetError, "invalid_dataset"),
         (ModelFolderError, "invalid_model"),

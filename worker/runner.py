@@ -37,6 +37,7 @@ from api.states import InvalidTransition, add_event, claim
 from api.tables import Checkpoint, Epoch, File, Job, utcnow
 from greencore.spec import TrainSpec
 from worker.failures import error_of
+from worker.ranks import RUN_DIR, RankLost, train_on_ranks
 from worker.recorder import STALE, JobRecorder, StaleAttempt
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def run_job(
             log.info("job %s is %s: not run", job_id, job.status)
             return job.status
         attempt = job.attempts
+        job.world_size = settings.worker_nproc
         if attempt > settings.max_attempts:  # taken over from a lost worker once too often
             session.commit()
             give_up_or_requeue(session, job, settings, f"worker {previous} was lost")
@@ -184,12 +186,22 @@ def run_job(
             from greencore.memory import check_fits
 
             check_fits(peak, spec.device, settings.device_memory_bytes)
-        report = train(
-            spec, on_epoch=recorder.on_epoch, should_stop=recorder.should_stop, on_step=recorder.on_step
-        )
+        hooks = {
+            "on_epoch": recorder.on_epoch,
+            "should_stop": recorder.should_stop,
+            "on_step": recorder.on_step,
+        }
+        if settings.worker_nproc > 1:
+            report = train_on_ranks(spec, settings.worker_nproc, **hooks)
+        else:
+            report = train(spec, **hooks)
     except StaleAttempt:
         log.warning("job %s was taken from this worker: this run stops, its records refused", job_id)
         return STALE
+    except RankLost as exc:  # as for a lost worker: handed back to resume from its last epoch, or failed
+        log.error("job %s: %s", job_id, exc)
+        reason = f"{exc} on {worker}"
+        status = _hand_back(session_factory, settings, job_id, worker, attempt, reason, "worker_lost")
     except Exception as exc:  # every training error ends the job failed, with its code
         log.exception("job %s failed", job_id)
         try:
@@ -210,35 +222,60 @@ def run_job(
 
 
 def _tidy(job_dir: Path) -> None:
-    """Remove what killed writes left in every attempt's folder of a job (``.*.tmp-*``, ``.*.old-*``): once
-    its last attempt has ended, nothing of the job is being written any more (a lost attempt that still runs
-    somewhere has every write refused)."""
+    """Remove what killed writes left in every attempt's folder of a job (``.*.tmp-*``, ``.*.old-*``, the
+    files of ranks whose worker was killed): once its last attempt has ended, nothing of the job is being
+    written any more (a lost attempt that still runs somewhere has every write refused)."""
     from greencore.checkpoint import remove_leftovers
 
     for folder in job_dir.glob("attempt-*"):
         remove_leftovers(folder)
+        shutil.rmtree(folder / RUN_DIR, ignore_errors=True)
 
 
 def _stalled(
     sessions: SessionFactory, settings: Settings, job_id: str, worker: str, attempt: int, idle_s: float
 ) -> None:
-    """The watchdog's action (called from the heartbeat thread): hand the job back to the queue, or fail it
-    ``stalled`` once it has been started GT_MAX_ATTEMPTS times, if this attempt still owns it; then kill this
-    process, the only sure way to end a step hung in native code; Celery's pool starts a fresh child in its
-    place. The job is enqueued here rather than left to the broker's redelivery of the task (which a solo
-    worker's broker may hold back for GT_VISIBILITY_TIMEOUT_S); a second message is harmless: the job can be
-    claimed once."""
+    """The watchdog's action (called from the heartbeat thread): hand the job back (:func:`_hand_back`), then
+    kill this process, the only sure way to end a step hung in native code; Celery's pool starts a fresh child
+    in its place (a job's ranks die with it: worker/ranks.py)."""
     reason = (
         f"no training step completed for {idle_s:.0f} s on {worker} "
         f"(limit GT_STALL_TIMEOUT_S={settings.stall_timeout_s:g} s): the run was stalled and is killed"
     )
-    requeue = False
+    try:
+        _hand_back(sessions, settings, job_id, worker, attempt, reason, "stalled")
+    finally:
+        log.error("job %s: %s", job_id, reason)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hand_back(
+    sessions: SessionFactory,
+    settings: Settings,
+    job_id: str,
+    worker: str,
+    attempt: int,
+    reason: str,
+    code: str,
+) -> str:
+    """Hand the job back to the queue, or fail it ``code`` once it has been started GT_MAX_ATTEMPTS times, if
+    this attempt still owns it; returns its status after (``"stale"`` when it was no longer this attempt's).
+    The job is enqueued here rather than left to the broker's redelivery of the task (which a solo worker's
+    broker may hold back for GT_VISIBILITY_TIMEOUT_S); a second message is harmless: the job can be claimed
+    once."""
+    requeue, status = False, STALE
     try:
         with sessions() as session:
             job = session.get(Job, job_id)
             if job is not None:
                 mine = and_(Job.worker == worker, Job.attempts == attempt)
-                requeue = give_up_or_requeue(session, job, settings, reason, mine, code="stalled")
+                try:
+                    requeue = give_up_or_requeue(session, job, settings, reason, mine, code=code)
+                    status = job.status
+                except InvalidTransition:
+                    log.warning("job %s moved on meanwhile (cancelled, taken over): not handed back", job_id)
+                    status = job.status if (job.worker, job.attempts) == (worker, attempt) else STALE
                 session.commit()
         if requeue:
             queue = JobQueue(settings)
@@ -246,11 +283,6 @@ def _stalled(
                 queue.enqueue_job(job_id)
             finally:
                 queue.close()
-    except InvalidTransition:
-        log.warning("job %s moved on meanwhile (cancelled, taken over): only the process is killed", job_id)
     except Exception:  # the database or the broker is down: recovery requeues the job once the beat stops
-        log.exception("job %s: could not hand back the stalled run", job_id)
-    finally:
-        log.error("job %s: %s", job_id, reason)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
+        log.exception("job %s: could not hand back the run", job_id)
+    return status

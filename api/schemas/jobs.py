@@ -285,6 +285,13 @@ class JobPublic(BaseModel):
     epochs_done: int
     estimate: dict[str, Any] | None = Field(description="the estimate made at creation (POST /v1/estimates)")
     attempts: int = Field(description="times a worker started or resumed it")
+    world_size: int | None = Field(
+        description="ranks (processes, one per GPU) its latest attempt runs on; null before a worker takes it"
+    )
+    communication_bytes: int = Field(description="bytes its ranks exchanged in the epochs done")
+    communication_bytes_full: int = Field(
+        description="what full fine-tuning would have exchanged on the same ranks and steps"
+    )
 
     @classmethod
     def of(cls, job: Job) -> JobPublic:
@@ -327,6 +334,9 @@ class JobPublic(BaseModel):
             epochs_done=job.epochs_done or 0,
             estimate=job.estimate,
             attempts=job.attempts,
+            world_size=job.world_size,
+            communication_bytes=job.communication_bytes or 0,
+            communication_bytes_full=job.communication_bytes_full or 0,
         )
 
 

@@ -67,6 +67,25 @@ def test_compose_wiring() -> None:
     }
 
 
+def test_a_multi_gpu_worker_runs_each_job_on_every_gpu_it_reserves() -> None:
+    services = COMPOSE["services"]
+    multi, single = services["worker-multi-gpu"], services["worker"]
+    assert multi["profiles"] == ["multi-gpu"]  # started on request only: `--profile multi-gpu`
+    for key in ("image", "command", "volumes", "depends_on", "restart"):
+        assert multi[key] == single[key], key
+    env = multi["environment"]
+    assert set(env) <= {f"GT_{name.upper()}" for name in Settings.model_fields}
+    assert {k: v for k, v in env.items() if k != "GT_WORKER_NPROC"} == single["environment"]
+    (gpus,) = multi["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus["driver"] == "nvidia" and "gpu" in gpus["capabilities"] and gpus["count"] > 1
+    # One rank per GPU it reserves, read as the worker reads its settings.
+    nproc = Settings.model_validate({"worker_nproc": str(env["GT_WORKER_NPROC"])}).worker_nproc
+    assert nproc == gpus["count"]
+    assert (
+        Settings.model_fields["worker_nproc"].default == 1 and "GT_WORKER_NPROC" not in single["environment"]
+    )
+
+
 def test_dockerfile_installs_torch_first_and_serves_the_api() -> None:
     lines = DOCKERFILE.splitlines()
     torch_line = next(i for i, line in enumerate(lines) if "torch==2.13.0" in line and line.startswith("RUN"))
@@ -91,7 +110,7 @@ def test_make_run_runs_greentrainer_serve() -> None:
 
 def test_long_running_services_restart_and_the_migration_runs_once() -> None:
     services = COMPOSE["services"]
-    for name in ("postgres", "redis", "api", "worker", "proxy"):
+    for name in ("postgres", "redis", "api", "worker", "worker-multi-gpu", "proxy"):
         assert services[name].get("restart") == "unless-stopped", name
     assert services["migrate"].get("restart", "no") == "no"  # one-shot: run again, it would migrate again
 

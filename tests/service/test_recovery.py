@@ -17,7 +17,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file
 from sqlalchemy import select, update
 
 from api.app import create_app
@@ -35,7 +37,7 @@ from tests.backends import (
     forget_broker,
     new_redis_prefix,
 )
-from tests.processes import clean_env, process
+from tests.processes import clean_env, process, rank_processes
 from tests.service.service_calls import (
     BACKENDS,
     JOBS,
@@ -48,6 +50,7 @@ from tests.service.service_calls import (
     upload,
 )
 from worker.recorder import JobRecorder
+from worker.runner import run_job
 
 JOB_TIMEOUT_S = 240
 
@@ -167,6 +170,46 @@ def test_a_killed_worker_loses_nothing(service: Service, tmp_path: Path) -> None
     messages = service.events(job_id)
     assert any("is gone" in m and "queued again" in m for m in messages), messages
     assert any("attempt 2: resuming from checkpoint epoch-" in m for m in messages), messages
+
+
+@pytest.mark.parametrize(
+    "service", ["production"], indirect=True
+)  # ranks cost seconds to launch: one backend
+def test_a_rank_killed_in_a_two_rank_worker_loses_nothing(service: Service, tmp_path: Path) -> None:
+    """A real worker that runs each job as 2 ranks (GT_WORKER_NPROC=2, gloo): rank 1 SIGKILLed once epoch 1 is
+    recorded; the worker hands the job back as for a lost worker and takes it again in a fresh pool child,
+    which resumes it from epoch-1 to the weights of an unbroken one-process run, epochs 1 to 4 once each."""
+    job_id = service.create_job(n_epochs=4)  # epochs 2 to 4 leave time to kill a rank
+    log = tmp_path / "worker.log"
+    with worker(service, log, GT_WORKER_NPROC="2", GT_DIST_TIMEOUT_S="60") as proc:
+        wait_until(lambda: service.job(job_id).epochs_done >= 1, log)
+        ranks = rank_processes(proc.pid)
+        assert len(ranks) == 2, log.read_text()[-3000:]
+        next(p for p in ranks if p.environ().get("RANK") == "1").kill()
+        job = service.wait_for(job_id, "succeeded", log)
+    assert job.attempts == 2 and job.world_size == 2 and job.epochs_done == 4
+    epochs = service.client.get(f"{JOBS}/{job_id}/epochs").json()["data"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]  # none twice, none lost
+    assert all(e["world_size"] == 2 for e in epochs)
+    messages = service.events(job_id)
+    assert any("rank 1 was killed by SIGKILL" in m and "queued again" in m for m in messages), messages
+    assert any("attempt 2: resuming from checkpoint epoch-" in m for m in messages), messages
+
+    unbroken = service.create_job(n_epochs=4)
+    assert run_job(unbroken, service.sessions, service.settings) == "succeeded"
+    same = service.client.get(f"{JOBS}/{unbroken}/epochs").json()["data"]
+    assert [e["selected_tensors"] for e in epochs] == [e["selected_tensors"] for e in same]
+    a, b = (final_weights(service, j) for j in (unbroken, job_id))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
+
+
+def final_weights(service: Service, job_id: str) -> dict[str, torch.Tensor]:
+    with service.sessions() as session:
+        folder = session.scalar(
+            select(Checkpoint.path).where(Checkpoint.job_id == job_id, Checkpoint.name == "final")
+        )
+    return load_file(str(service.settings.artifacts_dir / folder / "model.safetensors"))
 
 
 def test_jobs_the_broker_lost_are_enqueued_again_at_start(service: Service, tmp_path: Path) -> None:
