@@ -171,7 +171,8 @@ def importance_pass(
     batch's weight in the mean loss (default equal: 1 / len(batches)), e.g. the micro-batches of one batch
     weighted by their share of its loss terms. ``autocast``: the context each forward runs under (the training
     step's; default none). ``offload``: keep the saved weights and the first gradients in host memory, off the
-    device (default: when the candidates are on CUDA); the gradients returned are then host tensors.
+    device (default: when the candidates are on CUDA and not sharded); the gradients returned are then host
+    tensors.
     ``sum_over_ranks``: on ranks that each hold a shard of every tensor (FSDP2, ``greencore.sharded``) and
     their rows of the batches (weighted by their share of the loss, so that the gradients summed over ranks
     are the batches'), the sum over ranks of a list of numbers: each rank scores its shards, and a tensor's
@@ -205,8 +206,10 @@ def importance_pass(
     saved_flags = {n: p.requires_grad for n, p in params.items()}
     saved_grads = {n: p.grad for n, p in params.items()}
     chosen = [params[n] for n in candidates]
-    if offload is None:
-        offload = any(p.is_cuda for p in chosen)
+    if offload is None:  # sharded, each rank keeps one shard of each: on the device
+        offload = any(p.is_cuda for p in chosen) and sum_over_ranks is None
+    if offload and sum_over_ranks is not None:
+        raise ValueError("offload keeps whole tensors in host memory: not for sharded ones (sum_over_ranks)")
     old: list[torch.Tensor] = []
     first: list[torch.Tensor | None] = []  # g0
     scores: dict[str, float] = {}

@@ -185,6 +185,11 @@ def test_output_dir_override_and_resume_without_a_checkpoint(inputs, tmp_path, c
         ({"hyperparameters": {"batch_size": "eight"}}, "hyperparameters.batch_size: must be an integer"),
         ({"hyperparameters": {"rho": 0.5, "max_flops": 1e12}}, "give one budget, not rho and max_flops"),
         ({"hyperparameters": {"precision": "fp8"}}, "precision: must be one of fp32, bf16-mixed, bf16"),
+        ({"hyperparameters": {"distributed": "zero3"}}, "distributed: must be one of ddp, fsdp"),
+        (
+            {"hyperparameters": {"distributed": "fsdp", "precision": "bf16"}},
+            "distributed: fsdp does not run precision bf16",
+        ),
         ({"method": "greenest"}, "method: "),
         ({"train_file": "missing.jsonl"}, "train_file: no such file"),
         ({"model_dir": "models"}, "has no config.json"),
