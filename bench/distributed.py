@@ -1,13 +1,15 @@
-"""Benchmark: green-0.5 against full fine-tuning on 2 ranks (torch.distributed, gloo, two CPU processes), per
-epoch: the bytes communicated between the ranks, the step time, and the distance to one process's weights.
+"""Benchmark: green-0.5 against full fine-tuning on 2 ranks (torch.distributed, gloo, two CPU processes),
+with DDP and with FSDP2 (``distributed: fsdp``), per epoch: the bytes communicated between the ranks, the step
+time, and the distance to one process's weights.
 
 Run: .venv/bin/python bench/distributed.py   (writes bench/results/distributed.md)
 
 A Llama-shaped causal LM built from a config (random weights; ``--hidden``, ``--layers``), trained on
 generated prompt/completion examples (tests/model_folders.dataset) for ``--epochs`` epochs at batch
 ``--batch-size``, as ``greentrainer train --nproc 2`` runs it (greencore.train on torchrun's environment), and
-once as one process on the same spec. Targets (issue 17): green's bytes <= 0.5 of full's; equality with one
-process.
+once as one process on the same spec. Targets (issue 17): green's bytes <= 0.5 of full's (DDP; FSDP2 gathers
+every tensor at every step whatever trains, so green saves only the frozen tensors' reduce-scatter); equality
+with one process.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from tests.processes import free_port  # noqa: E402
 WORLD = 2
 
 
-def spec(root: Path, out: str, method: str, args: argparse.Namespace) -> TrainSpec:
+def spec(root: Path, out: str, method: str, args: argparse.Namespace, engine: str = "ddp") -> TrainSpec:
     hp = {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": 1e-3, "max_seq_len": 128}
+    hp["distributed"] = engine
     if method == "green":
         hp["rho"] = 0.5
     return TrainSpec(
@@ -50,7 +53,9 @@ def spec(root: Path, out: str, method: str, args: argparse.Namespace) -> TrainSp
     )
 
 
-def rank_main(rank: int, port: int, root: str, out: str, method: str, args: argparse.Namespace) -> None:
+def rank_main(
+    rank: int, port: int, root: str, out: str, method: str, engine: str, args: argparse.Namespace
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -62,7 +67,7 @@ def rank_main(rank: int, port: int, root: str, out: str, method: str, args: argp
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    report = train(spec(Path(root), out, method, args))
+    report = train(spec(Path(root), out, method, args, engine))
     if rank == 0:
         (Path(root) / f"{out}.json").write_text(json.dumps(report.as_dict()))
     dist.destroy_process_group()
@@ -100,6 +105,36 @@ def weights(folder: str) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
+def epoch_rows(
+    method: str, engine: str, one: dict, two: dict, run_s: tuple[float, float]
+) -> list[dict[str, object]]:
+    """One row per epoch of the 2-rank run ``two`` against the one-process run ``one``."""
+    wa, wb = weights(one["final_checkpoint_dir"]), weights(two["final_checkpoint_dir"])
+    diff = max(float((wa[n] - wb[n]).abs().max()) for n in wa)
+    same = all(
+        a["selected_tensors"] == b["selected_tensors"] and a["flops"] == b["flops"]
+        for a, b in zip(one["epochs"], two["epochs"], strict=True)
+    )
+    return [
+        {
+            "method": "green-0.5" if method == "green" else "full",
+            "engine": engine,
+            "epoch": e2["epoch"],
+            "tensors": len(e2["selected_tensors"]),
+            "bytes": e2["communication_bytes"],
+            "full_bytes": e2["communication_bytes_full"],
+            "steps": e2["steps"],
+            "step_ms_two": 1000 * (e2["wall_s"] - e2["valid_wall_s"]) / max(e2["steps"], 1),
+            "step_ms_one": 1000 * (e1["wall_s"] - e1["valid_wall_s"]) / max(e1["steps"], 1),
+            "rho": e2["rho_achieved"],
+            "same": same,
+            "diff": diff,
+            "run_s": run_s,
+        }
+        for e1, e2 in zip(one["epochs"], two["epochs"], strict=True)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
@@ -107,6 +142,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--engines", nargs="+", choices=("ddp", "fsdp"), default=["ddp", "fsdp"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distributed.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -119,36 +155,16 @@ def main() -> None:
         started = time.perf_counter()
         one = train(spec(root, f"{method}-one", method, args)).as_dict()
         one_s = time.perf_counter() - started
-        started = time.perf_counter()
-        mp.spawn(rank_main, args=(free_port(), str(root), f"{method}-two", method, args), nprocs=WORLD)
-        two_s = time.perf_counter() - started
-        two = json.loads((root / f"{method}-two.json").read_text())
-        wa, wb = weights(one["final_checkpoint_dir"]), weights(two["final_checkpoint_dir"])
-        diff = max(float((wa[n] - wb[n]).abs().max()) for n in wa)
-        same = all(
-            a["selected_tensors"] == b["selected_tensors"] and a["flops"] == b["flops"]
-            for a, b in zip(one["epochs"], two["epochs"], strict=True)
-        )
-        for e1, e2 in zip(one["epochs"], two["epochs"], strict=True):
-            rows.append(
-                {
-                    "method": "green-0.5" if method == "green" else "full",
-                    "epoch": e2["epoch"],
-                    "tensors": len(e2["selected_tensors"]),
-                    "bytes": e2["communication_bytes"],
-                    "full_bytes": e2["communication_bytes_full"],
-                    "steps": e2["steps"],
-                    "step_ms_two": 1000 * (e2["wall_s"] - e2["valid_wall_s"]) / max(e2["steps"], 1),
-                    "step_ms_one": 1000 * (e1["wall_s"] - e1["valid_wall_s"]) / max(e1["steps"], 1),
-                    "rho": e2["rho_achieved"],
-                    "same": same,
-                    "diff": diff,
-                    "run_s": (one_s, two_s),
-                }
-            )
-    full_bytes = {r["epoch"]: r["bytes"] for r in rows if r["method"] == "full"}
+        for engine in args.engines:
+            out = f"{method}-{engine}"
+            started = time.perf_counter()
+            mp.spawn(rank_main, args=(free_port(), str(root), out, method, engine, args), nprocs=WORLD)
+            two_s = time.perf_counter() - started
+            two = json.loads((root / f"{out}.json").read_text())
+            rows += epoch_rows(method, engine, one, two, (one_s, two_s))
+    full_bytes = {(r["engine"], r["epoch"]): r["bytes"] for r in rows if r["method"] == "full"}
     lines = [
-        "# Distributed green: 2 ranks (gloo, CPU) against one process",
+        "# Distributed green: 2 ranks (gloo, CPU), DDP and FSDP2, against one process",
         "",
         f"Command: `.venv/bin/python bench/distributed.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
@@ -157,20 +173,24 @@ def main() -> None:
         f"{args.examples} examples, batch {args.batch_size} ({args.batch_size // WORLD} rows per rank), "
         f"{args.epochs} epochs.",
         "",
-        "Bytes: what the ranks communicated in the epoch (DDP's all-reduces, counted by a communication "
-        "hook, and the broadcast of a choice's first-step gradients); full FT bytes: a float32 gradient "
-        "of every parameter per step. Step ms: training wall time (selection included, validation not) "
+        "Bytes: what the ranks communicated in the epoch, counted where it is sent: DDP's all-reduces (a "
+        "communication hook) and the broadcast of a choice's first-step gradients; FSDP2's all-gathers "
+        "and reduce-scatters (its custom collectives), importance passes and validation included. Full FT "
+        "bytes: what full fine-tuning would exchange on the same steps (DDP: a float32 gradient of every "
+        "parameter per step; FSDP2: each pass's all-gathers, every gradient reduce-scattered, the same "
+        "validation). / full's bytes: against the full run's measured bytes, same engine. "
+        "Step ms: training wall time (selection included, validation not) "
         "per step. Same as 1 process: the same selected tensors and FLOPs records every epoch; max abs "
         "weight diff: the largest difference of a final weight from one process's.",
         "",
-        "| method | epoch | tensors | bytes | / full's bytes | / full FT bytes | step ms, 2 ranks "
+        "| engine | method | epoch | tensors | bytes | / full's bytes | / full FT bytes | step ms, 2 ranks "
         "| step ms, 1 process | rho achieved | same as 1 process | max abs weight diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['epoch']} | {r['tensors']} | {r['bytes']:,} | "
-            f"{r['bytes'] / full_bytes[r['epoch']]:.3f} | {r['bytes'] / r['full_bytes']:.3f} | "
+            f"| {r['engine']} | {r['method']} | {r['epoch']} | {r['tensors']} | {r['bytes']:,} | "
+            f"{r['bytes'] / full_bytes[r['engine'], r['epoch']]:.3f} | {r['bytes'] / r['full_bytes']:.3f} | "
             f"{r['step_ms_two']:.1f} | {r['step_ms_one']:.1f} | {r['rho']:.3f} | "
             f"{'yes' if r['same'] else 'no'} | {r['diff']:.2e} |"
         )
