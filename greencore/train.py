@@ -27,7 +27,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -55,6 +55,9 @@ from greencore.spec import (
     TrainReport,
     TrainSpec,
 )
+
+if TYPE_CHECKING:  # imported when a run is sharded: FSDP2 stays out of `import greencore`
+    from greencore.sharded import Sharded
 
 __all__ = ["LossNotFinite", "auto_class", "evaluate", "linear_schedule", "train"]
 
@@ -145,7 +148,7 @@ class _Run:
     start_epoch: int
     ranks: Ranks | None = None  # several ranks (torchrun): this process's place; None: one process
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper of the tensors training now
-    sharded: Any = None  # distributed fsdp: the model's FSDP2 modules (greencore.sharded.Sharded)
+    sharded: Sharded | None = None  # distributed fsdp: the model's FSDP2 modules
     twin: nn.Module | None = None  # distributed fsdp: the model on the meta device (profiles, checkpoints)
     choice: Choice | None = None  # the tensors the last epoch trained
     trained: set[str] = field(default_factory=set)
@@ -297,7 +300,7 @@ def _setup(spec: TrainSpec) -> _Run:
 
 def _shard(
     model: nn.Module, params: list[nn.Parameter], ranks: Ranks
-) -> tuple[nn.Module, list[nn.Parameter], nn.Module, Any]:
+) -> tuple[nn.Module, list[nn.Parameter], nn.Module, Sharded]:
     """``model`` (on its device) sharded with FSDP2 over ``ranks``, the optimizer's ``params`` as the sharded
     parameters that replaced them, the model's meta twin, and its FSDP modules."""
     from greencore.sharded import meta_twin, shard
