@@ -13,6 +13,9 @@ tensor, so a model whose weights, gradients and AdamW state do not fit one devic
 - Checkpoints hold full tensors: every tensor is gathered, one at a time, and rank 0 assembles a host copy
   of the model (:func:`host_model`) that the method exports as it exports one process's model. The AdamW
   state is gathered the same way, so a checkpoint does not depend on the engine or the number of ranks.
+- Backward gathers only the layers it enters (:meth:`Sharded.set_trained`): FSDP2 would prefetch each
+  layer's tensors before the backward of the layer above it, also below the deepest trained tensor, where
+  backward never goes.
 - Every collective FSDP2 runs goes through :class:`CountingAllGather` and :class:`CountingReduceScatter`,
   which count the bytes of the full buffer each one moves (what DDP's hook counts for an all-reduce).
 """
@@ -63,8 +66,28 @@ class CountingReduceScatter(DefaultReduceScatter):
 class Sharded:
     """A model wrapped by :func:`shard`: its FSDP modules (the layers, then the root) and their counters."""
 
-    modules: list[FSDPModule]
+    modules: list[FSDPModule]  # the layers in forward order, then the root
     gathers: list[CountingAllGather] = field(default_factory=list)  # aligned with modules
+    layer_names: list[set[str]] = field(default_factory=list)  # each layer's tensors, as the model names them
+    below: set[str] = field(default_factory=set)  # the root's tensors before the first layer (embeddings)
+
+    def set_trained(self, names: Iterable[str] | None) -> None:
+        """Prefetch in backward only the layers a backward with ``names`` trainable enters (None: every
+        layer, as FSDP2 does by default): those from the deepest layer holding one of them up (every layer
+        when a root tensor before the first layer trains). Layers are taken in the model's order; a layer
+        entered without its prefetch is gathered by its own backward hook, so this changes what is
+        exchanged, never what is computed."""
+        layers, root = self.modules[:-1], self.modules[-1]
+        if not layers:
+            return
+        trained = None if names is None else set(names)
+        deepest = 0
+        if trained is not None and not trained & self.below:
+            deepest = next((i for i, ns in enumerate(self.layer_names) if ns & trained), len(layers))
+        # FSDP2 takes an empty list for its default order: a module prefetching itself prefetches nothing.
+        for i in range(1, len(layers)):
+            layers[i].set_modules_to_backward_prefetch([layers[i - 1] if i - 1 >= deepest else layers[i]])
+        root.set_modules_to_backward_prefetch([layers[-1] if deepest < len(layers) else root])
 
     def set_gradient_sync(self, sync: bool) -> None:
         """Reduce-scatter the gradients at the end of the next backward (True), or keep accumulating them
@@ -84,8 +107,14 @@ def shard(model: nn.Module, ranks: Ranks) -> Sharded:
     """Wrap each transformer layer of ``model`` (on its device) and then ``model`` itself with FSDP2,
     gradients summed over ranks, every collective counted into ``ranks.communicated``. The model's
     parameters become DTensors (new Parameter objects under the same names)."""
+    layers = checkpointable_layers(model)
+    names = [n for n, _ in model.named_parameters()]
+    prefixes = {id(m): n + "." for n, m in model.named_modules()}
+    layer_names = [{n for n in names if n.startswith(prefixes[id(layer)])} for layer in layers]
+    inside = set().union(*layer_names)
+    first = next((i for i, n in enumerate(names) if n in inside), len(names))
     modules: list[FSDPModule] = []
-    for layer in checkpointable_layers(model):
+    for layer in layers:
         fully_shard(layer)
         modules.append(layer)  # type: ignore[arg-type]  # fully_shard made it an FSDPModule
     fully_shard(model)
@@ -98,7 +127,7 @@ def shard(model: nn.Module, ranks: Ranks) -> Sharded:
         module.set_custom_all_gather(gather)
         module.set_custom_reduce_scatter(CountingReduceScatter(ranks))
         gathers.append(gather)
-    return Sharded(modules, gathers)
+    return Sharded(modules, gathers, layer_names, set(names[:first]))
 
 
 def meta_twin(model: nn.Module) -> nn.Module:

@@ -418,6 +418,7 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     if run.ranks is None:
         new_choice = run.method.choose(ctx)
     elif run.sharded is not None:  # every rank measures its shards; the summed scores choose alike
+        run.sharded.set_trained(None)  # the importance passes' candidates may reach any layer
         new_choice = _same_choice(run.ranks, run.method.choose(ctx))
     else:  # rank 0 measures and chooses; every rank takes its choice
         new_choice = _shared_choice(run, run.method.choose(ctx) if run.ranks.leader else None)
@@ -428,6 +429,8 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     for name, param in run.model.named_parameters():
         param.requires_grad_(name in names)
     run.trained |= set(names)
+    if run.sharded is not None:  # backward gathers the layers it enters, no deeper
+        run.sharded.set_trained(names)
     if run.ranks is not None and run.sharded is None and names:
         # DDP registers the tensors that train when it is built: a new wrapper for the epoch's choice.
         run.ddp = wrap(run.model, run.ranks)
