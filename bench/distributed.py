@@ -8,8 +8,8 @@ A Llama-shaped causal LM built from a config (random weights; ``--hidden``, ``--
 generated prompt/completion examples (tests/model_folders.dataset) for ``--epochs`` epochs at batch
 ``--batch-size``, as ``greentrainer train --nproc 2`` runs it (greencore.train on torchrun's environment), and
 once as one process on the same spec. Targets (issue 17): green's bytes <= 0.5 of full's (DDP; FSDP2 gathers
-every tensor at every step whatever trains, so green saves only the frozen tensors' reduce-scatter); equality
-with one process.
+every tensor in every forward whatever trains, so green saves only the frozen tensors' reduce-scatter and the
+backward gathers below the deepest trained layer); equality with one process.
 """
 
 from __future__ import annotations
