@@ -47,6 +47,7 @@ class Ranks:
     local_rank: int
     device: torch.device
     communicated: int = field(default=0)  # bytes all-reduced and broadcast since the last take_bytes()
+    sharded: bool = False  # FSDP2 (greencore.sharded): every forward is a collective that all ranks run
 
     @classmethod
     def from_env(cls, device: str | None) -> Ranks | None:
@@ -118,6 +119,13 @@ class Ranks:
         """The bytes counted since the last call."""
         taken, self.communicated = self.communicated, 0
         return taken
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``t`` when it is a DTensor (FSDP2's parameters and gradients), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:

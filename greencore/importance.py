@@ -43,6 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from greencore.distributed import local
 from greencore.flops import StepFlops
 from greencore.profile import TensorProfile
 
@@ -155,6 +156,7 @@ def importance_pass(
     weights: Sequence[float] | None = None,
     autocast: AbstractContextManager[Any] | None = None,
     offload: bool | None = None,
+    sum_over_ranks: Callable[[list[float]], list[float]] | None = None,
 ) -> ImportancePass:
     """Importance (loss reduction, in loss units) of each candidate tensor, from one tentative step, with the
     first pass's loss and gradients (see :class:`ImportancePass`).
@@ -169,7 +171,12 @@ def importance_pass(
     batch's weight in the mean loss (default equal: 1 / len(batches)), e.g. the micro-batches of one batch
     weighted by their share of its loss terms. ``autocast``: the context each forward runs under (the training
     step's; default none). ``offload``: keep the saved weights and the first gradients in host memory, off the
-    device (default: when the candidates are on CUDA); the gradients returned are then host tensors.
+    device (default: when the candidates are on CUDA and not sharded); the gradients returned are then host
+    tensors.
+    ``sum_over_ranks``: on ranks that each hold a shard of every tensor (FSDP2, ``greencore.sharded``) and
+    their rows of the batches (weighted by their share of the loss, so that the gradients summed over ranks
+    are the batches'), the sum over ranks of a list of numbers: each rank scores its shards, and a tensor's
+    score and the loss are the sums over ranks (the same on every rank).
 
     The two passes run in eval mode (no dropout): the measurement is of the loss itself, and the random
     number stream training draws its dropout masks from is left alone. Scores: name -> ``I_k``; a value that
@@ -199,8 +206,10 @@ def importance_pass(
     saved_flags = {n: p.requires_grad for n, p in params.items()}
     saved_grads = {n: p.grad for n, p in params.items()}
     chosen = [params[n] for n in candidates]
-    if offload is None:
-        offload = any(p.is_cuda for p in chosen)
+    if offload is None:  # sharded, each rank keeps one shard of each: on the device
+        offload = any(p.is_cuda for p in chosen) and sum_over_ranks is None
+    if offload and sum_over_ranks is not None:
+        raise ValueError("offload keeps whole tensors in host memory: not for sharded ones (sum_over_ranks)")
     old: list[torch.Tensor] = []
     first: list[torch.Tensor | None] = []  # g0
     scores: dict[str, float] = {}
@@ -231,11 +240,12 @@ def importance_pass(
                 if p.grad is None:  # the loss does not depend on it: its update cannot matter
                     scores[n] = 0.0
                 else:
-                    delta = p.detach().float() - w_old.float()
-                    grad = p.grad.float()
+                    # The score is a sum over elements: each shard's, summed over ranks below.
+                    delta = local(p.detach()).float() - local(w_old).float()
+                    grad = local(p.grad).float()
                     g0 = first[i]
                     if rule == "trapezoid" and g0 is not None:
-                        grad = (grad + _back(g0, p, offload).float()) / 2
+                        grad = (grad + local(_back(g0, p, offload)).float()) / 2
                     scores[n] = -float(torch.sum(grad * delta, dtype=torch.float64))
                     p.grad = None  # g1 is done with: freed tensor by tensor
                     del delta, grad
@@ -251,6 +261,9 @@ def importance_pass(
             p.grad = saved_grads[n]
         model.train(was_training)
 
+    if sum_over_ranks is not None:
+        *summed, loss = sum_over_ranks([scores[n] for n in candidates] + [loss])
+        scores = dict(zip(candidates, summed, strict=True))
     bad = [n for n, v in scores.items() if not math.isfinite(v)]
     if bad:
         warnings.warn(

@@ -90,6 +90,9 @@ class EpochContext:
     importance_weights: list[float] | None = None
     autocast: AbstractContextManager[Any] | None = None
     held_in_float32: Callable[[Iterable[str]], AbstractContextManager[None]] | None = None
+    # Ranks holding shards (FSDP2): the sum over ranks of a list of numbers, for scores measured shard by
+    # shard on every rank's rows (``importance_pass``'s ``sum_over_ranks``); None: one process holds it all.
+    sum_over_ranks: Callable[[list[float]], list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,7 @@ class GreenMethod(_InPlace):
                 names=candidates,
                 weights=ctx.importance_weights,
                 autocast=ctx.autocast,
+                sum_over_ranks=ctx.sum_over_ranks,
             )
         importance = measured.scores
         target, reserved = interval.selection_budget(rho, spent)

@@ -33,6 +33,13 @@ class Precision(StrEnum):
     BF16 = "bf16"  # bf16 frozen tensors, float32 trained ones (master weights, AdamW state), bf16 autocast
 
 
+class Distributed(StrEnum):
+    """How a run on several ranks splits the model (``distributed``; see docs/distributed.md)."""
+
+    DDP = "ddp"  # every rank holds the whole model; the trained tensors' gradients are all-reduced
+    FSDP = "fsdp"  # every rank holds a shard of each tensor (FSDP2): models that do not fit one device
+
+
 class SpecError(ValueError):
     """A TrainSpec that cannot run: ``field`` names the offending setting."""
 
@@ -126,13 +133,19 @@ class Hyperparameters:
         "attention implementation: auto (sdpa where the model supports it, else eager), eager or sdpa; "
         "the FLOPs budget counts the one the run uses",
     )
+    distributed: Distributed = setting(
+        Distributed.DDP,
+        "on several ranks: ddp (each holds the whole model, gradients all-reduced) or fsdp (each holds a "
+        "shard of every tensor, FSDP2: for models that do not fit one device; not with precision bf16); "
+        "one process runs either alike",
+    )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def check(self) -> None:
         """Raise :class:`SpecError` on a value out of its bounds, or on more than one budget."""
-        for name, kind in (("attention", Attention), ("precision", Precision)):
+        for name, kind in (("attention", Attention), ("precision", Precision), ("distributed", Distributed)):
             if getattr(self, name) not in set(kind):
                 raise SpecError(name, f"must be one of {', '.join(kind)}, not {getattr(self, name)!r}")
         for f in fields(self):
@@ -152,6 +165,10 @@ class Hyperparameters:
                 )
             if bounds["le"] is not None and value > bounds["le"]:
                 raise SpecError(f.name, f"must be at most {bounds['le']}")
+        if self.distributed == Distributed.FSDP and self.precision == Precision.BF16:
+            # bf16 holds frozen and trained tensors of one layer in different dtypes and switches a tensor's
+            # dtype when it is chosen; FSDP2 gathers a layer as one buffer of one dtype, fixed at wrapping.
+            raise SpecError("distributed", "fsdp does not run precision bf16; use bf16-mixed")
         given = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
         if len(given) > 1:
             raise SpecError("hyperparameters", f"give one budget, not {' and '.join(given)}")

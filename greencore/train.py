@@ -27,7 +27,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -46,7 +46,19 @@ from greencore.models import ModelFolderError, load_config
 from greencore.plan import EpochPlan, ShapeProfiles, plan_epoch
 from greencore.precision import HeldPrecision, autocast, resolve_precision
 from greencore.profile import ProfileError, set_gradient_checkpointing
-from greencore.spec import AUTO, Attention, EpochReport, Hyperparameters, SpecError, TrainReport, TrainSpec
+from greencore.spec import (
+    AUTO,
+    Attention,
+    Distributed,
+    EpochReport,
+    Hyperparameters,
+    SpecError,
+    TrainReport,
+    TrainSpec,
+)
+
+if TYPE_CHECKING:  # imported when a run is sharded: FSDP2 stays out of `import greencore`
+    from greencore.sharded import Sharded
 
 __all__ = ["LossNotFinite", "auto_class", "evaluate", "linear_schedule", "train"]
 
@@ -137,6 +149,8 @@ class _Run:
     start_epoch: int
     ranks: Ranks | None = None  # several ranks (torchrun): this process's place; None: one process
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper of the tensors training now
+    sharded: Sharded | None = None  # distributed fsdp: the model's FSDP2 modules
+    twin: nn.Module | None = None  # distributed fsdp: the model on the meta device (profiles, checkpoints)
     choice: Choice | None = None  # the tensors the last epoch trained
     trained: set[str] = field(default_factory=set)
     reports: list[EpochReport] = field(default_factory=list)
@@ -240,8 +254,12 @@ def _setup(spec: TrainSpec) -> _Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    twin = sharded = None
+    if ranks is not None and hp.distributed == Distributed.FSDP:
+        model, params, twin, sharded = _shard(model, params, ranks)
+    shape = twin or model  # what the profiles trace: the whole model
     total_steps = math.ceil(len(train_data) / hp.batch_size) * hp.n_epochs
-    profiles = ShapeProfiles(model, baseline=lambda: method.full_baseline(model))
+    profiles = ShapeProfiles(shape, baseline=lambda: method.full_baseline(shape))
     optimizer = training_optimizer(params, hp, device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(hp.warmup_steps, total_steps))
     default_dtype = getattr(config, "dtype", None) or torch.float32
@@ -262,7 +280,7 @@ def _setup(spec: TrainSpec) -> _Run:
         scheduler=scheduler,
         profiles=profiles,
         importance_profiles=(
-            ShapeProfiles(model, checkpointing=False) if hp.gradient_checkpointing else profiles
+            ShapeProfiles(shape, checkpointing=False) if hp.gradient_checkpointing else profiles
         ),
         meter=EnergyMeter(str(device), spec.energy),
         autocast=autocast(precision, device.type),
@@ -273,10 +291,27 @@ def _setup(spec: TrainSpec) -> _Run:
         start_epoch=1,
         last_dir=Path(spec.resume_from) if spec.resume_from else None,
         ranks=ranks,
+        sharded=sharded,
+        twin=twin,
     )
     if state is not None:
         _resume(run, state)
     return run
+
+
+def _shard(
+    model: nn.Module, params: list[nn.Parameter], ranks: Ranks
+) -> tuple[nn.Module, list[nn.Parameter], nn.Module, Sharded]:
+    """``model`` (on its device) sharded with FSDP2 over ``ranks``, the optimizer's ``params`` as the sharded
+    parameters that replaced them, the model's meta twin, and its FSDP modules."""
+    from greencore.sharded import meta_twin, shard
+
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    twin = meta_twin(model)
+    sharded = shard(model, ranks)
+    ranks.sharded = True
+    now = dict(model.named_parameters())
+    return model, [now[name_of[id(p)]] for p in params], twin, sharded
 
 
 def _setup_data(
@@ -326,7 +361,13 @@ def _resolve(spec: TrainSpec, data: Encoded, labels: list[str] | None) -> Hyperp
 
 
 def _resume(run: _Run, state: TrainingState) -> None:
-    run.optimizer.load_state_dict(state.optimizer)
+    optimizer_state = state.optimizer
+    if run.sharded is not None:  # a checkpoint holds full tensors: each rank takes its shards
+        from greencore.sharded import shard_optimizer_state
+
+        held = [p for group in run.optimizer.param_groups for p in group["params"]]
+        optimizer_state = shard_optimizer_state(optimizer_state, held)
+    run.optimizer.load_state_dict(optimizer_state)
     run.scheduler.load_state_dict(state.scheduler)
     rng = state.rng
     per_rank = rng.get("ranks") or []
@@ -363,7 +404,9 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     importance_batches = [run.batch(idx) for idx in plan.importance_rows]
     # The importance passes run on the same micro-batches as a training step, each weighted by its share of
     # its batch's loss and the batches averaged: their first gradients are a training step's.
-    parts = [(m, w / len(importance_batches)) for b in importance_batches for m, w in run.micro_batches(b)]
+    # Sharded, every rank measures its rows of them (weighted by their share: the ranks' gradients add up).
+    split = (lambda b: _rank_parts(run, b)) if run.sharded is not None else run.micro_batches
+    parts = [(m, w / len(importance_batches)) for b in importance_batches for m, w in split(b)]
     full_flops = run.profiles.full(plan.shapes)
     profile = run.profiles.steps(plan.shapes)
     ctx = EpochContext(
@@ -382,9 +425,13 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         # The tentative step of the importance pass is the training optimizer's next step (a copy of it: its
         # moments and the scheduled learning rate), as in the paper's code.
         optimizer_factory=tentative_optimizer_factory(run.optimizer),
+        sum_over_ranks=run.ranks.sum if run.sharded is not None else None,
     )
     if run.ranks is None:
         new_choice = run.method.choose(ctx)
+    elif run.sharded is not None:  # every rank measures its shards; the summed scores choose alike
+        run.sharded.set_trained(None)  # the importance passes' candidates may reach any layer
+        new_choice = _same_choice(run.ranks, run.method.choose(ctx))
     else:  # rank 0 measures and chooses; every rank takes its choice
         new_choice = _shared_choice(run, run.method.choose(ctx) if run.ranks.leader else None)
     run.choice = new_choice or run.choice
@@ -394,7 +441,9 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     for name, param in run.model.named_parameters():
         param.requires_grad_(name in names)
     run.trained |= set(names)
-    if run.ranks is not None and names:
+    if run.sharded is not None:  # backward gathers the layers it enters, no deeper
+        run.sharded.set_trained(names)
+    if run.ranks is not None and run.sharded is None and names:
         # DDP registers the tensors that train when it is built: a new wrapper for the epoch's choice.
         run.ddp = wrap(run.model, run.ranks)
 
@@ -412,12 +461,14 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
     selection_flops = new_choice.selection_flops if new_choice is not None else 0
     total = train_flops.total + selection_flops
     valid_started = time.perf_counter()
+    communicated = run.ranks.take_bytes() if run.ranks is not None else 0
     valid_loss, valid_acc = evaluate(
         run.model, run.valid_data, run.tokenizer.pad_token_id, hp, run.device, run.autocast, run.ranks
     )
+    # Sharded, validation gathers the layers too; full fine-tuning's validation would gather the same.
+    validation_bytes = run.ranks.take_bytes() if run.ranks is not None else 0
     wall_s = time.perf_counter() - started
     energy = _energy(run, total)
-    communicated = run.ranks.take_bytes() if run.ranks is not None else 0
     return EpochReport(
         epoch=epoch,
         selected_tensors=list(names),
@@ -450,16 +501,19 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         learning_rate=hp.learning_rate,
         device_name=run.spec.energy.device_name,
         world_size=run.ranks.world if run.ranks is not None else 1,
-        communication_bytes=communicated,
-        communication_bytes_full=_full_communication(run, steps.steps),
+        communication_bytes=communicated + validation_bytes,
+        communication_bytes_full=_full_communication(run, plan, steps.steps) + validation_bytes,
     )
 
 
-def _full_communication(run: _Run, steps: int) -> int:
-    """What full fine-tuning would all-reduce over the epoch's ``steps`` on these ranks: a float32 gradient of
-    every parameter of the base per step (0 on one rank)."""
+def _full_communication(run: _Run, plan: EpochPlan, steps: int) -> int:
+    """What full fine-tuning would exchange over the epoch's ``steps`` on these ranks (0 on one rank): with
+    DDP, a float32 gradient of every parameter of the base per step all-reduced; sharded, every step's
+    all-gathers and reduce-scatters (``Sharded.full_step_bytes``) for the micro-batches each rank runs."""
     if run.ranks is None or not steps:
         return 0
+    if run.sharded is not None:
+        return sum(run.sharded.full_step_bytes(_rank_passes(run, shape[0])) for shape in plan.shapes)
     with run.method.full_baseline(run.model) or contextlib.nullcontext():
         n = sum(p.numel() for p in run.model.parameters())
     return 4 * n * steps
@@ -479,6 +533,16 @@ def _energy(run: _Run, flops: int) -> Any:
     }.get(reading.method, ranks.leader)
     total = ranks.sum([reading.energy_j if counts else 0.0])[0]
     return replace(reading, energy_j=total)
+
+
+def _same_choice(ranks: Ranks, choice: Choice | None) -> Choice | None:
+    """``choice``, made on every rank from the same summed scores, checked to be rank 0's (every rank raises
+    together if it is not); rank 0's details are recorded."""
+    mine = (tuple(choice.names), choice.selection_flops) if choice is not None else None
+    head = ranks.broadcast_object((mine, choice.details if choice is not None else None))
+    if ranks.any(head[0] != mine):
+        raise RuntimeError("the ranks chose different tensors from the same importance scores")
+    return replace(choice, details=head[1]) if choice is not None else None
 
 
 def _shared_choice(run: _Run, choice: Choice | None) -> Choice | None:
@@ -570,12 +634,16 @@ def _forward_backward(run: _Run, batch: Batch) -> torch.Tensor:
     process's part of the loss (detached, float32: the parts of all ranks add up to the batch's loss)."""
     if run.ranks is None:
         parts, model, scale = run.micro_batches(batch), run.model, 1
+    elif run.sharded is not None:  # FSDP2 here sums the ranks' gradients (greencore.sharded)
+        parts, model, scale = _rank_parts(run, batch), run.model, 1
     else:  # DDP divides the sum of the ranks' gradients by their number
         parts, model, scale = _rank_parts(run, batch), run.ddp or run.model, run.ranks.world
     total = torch.zeros((), device=run.device)
     for i, (part, weight) in enumerate(parts):
         last = i == len(parts) - 1
         sync = run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext()
+        if run.sharded is not None:  # the gradients are reduce-scattered after the last micro-batch
+            run.sharded.set_gradient_sync(last)
         with sync:
             with run.autocast:
                 loss = model(**part).loss
@@ -588,15 +656,30 @@ def _forward_backward(run: _Run, batch: Batch) -> torch.Tensor:
 def _rank_parts(run: _Run, batch: Batch) -> list[tuple[Batch, float]]:
     """This rank's rows of ``batch`` as micro-batches, each weighted by its share of the whole batch's loss
     terms. A rank left without a row (a batch smaller than the world) runs the batch's first row with weight
-    0: DDP needs every rank's backward, and its FLOPs are counted in the step it measures."""
+    0: DDP needs every rank's backward, and its FLOPs are counted in the step it measures. Sharded, every
+    rank runs as many micro-batches as the rank with the most rows (each forward gathers the layers, a
+    collective), the missing ones as that first row with weight 0."""
     assert run.ranks is not None
     n = batch["input_ids"].shape[0]
     rows = run.ranks.rows(n)
+    dummy = ({k: v[:1] for k, v in batch.items()}, 0.0)
     if not rows:
-        return [({k: v[:1] for k, v in batch.items()}, 0.0)]
-    shard = {k: v[rows.start : rows.stop] for k, v in batch.items()}
-    share = _loss_terms(shard, run.task) / _loss_terms(batch, run.task)
-    return [(part, weight * share) for part, weight in run.micro_batches(shard)]
+        parts = [dummy]
+    else:
+        shard = {k: v[rows.start : rows.stop] for k, v in batch.items()}
+        share = _loss_terms(shard, run.task) / _loss_terms(batch, run.task)
+        parts = [(part, weight * share) for part, weight in run.micro_batches(shard)]
+    if run.sharded is not None:
+        parts += [dummy] * (_rank_passes(run, n) - len(parts))
+    return parts
+
+
+def _rank_passes(run: _Run, rows: int) -> int:
+    """The micro-batches the rank with the most of ``rows`` runs (the first rank's slice is the largest)."""
+    assert run.ranks is not None
+    most = math.ceil(rows / run.ranks.world)
+    size = run.hp.micro_batch_size
+    return 1 if size is None or most == 0 else math.ceil(most / size)
 
 
 def micro_batches(batch: Batch, task: str, size: int | None) -> list[tuple[Batch, float]]:
@@ -656,6 +739,14 @@ def _save(run: _Run, report: EpochReport) -> None:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
+    model, optimizer_state = run.model, None
+    if run.sharded is not None:  # every rank gathers its shards; rank 0 holds the whole model in host memory
+        from greencore.sharded import gather_optimizer_state, gather_state, host_model
+
+        assert run.ranks is not None and run.twin is not None
+        tensors = gather_state(run.model, run.ranks.leader)
+        optimizer_state = gather_optimizer_state(run.optimizer, run.ranks.leader)
+        model = host_model(run.twin, tensors) if run.ranks.leader else model
     if run.ranks is not None:  # every rank's streams, for each rank to resume its own
         every = run.ranks.gather_objects(rng)
         if not run.ranks.leader:  # rank 0 writes; the others wait for the checkpoint to be whole
@@ -666,7 +757,7 @@ def _save(run: _Run, report: EpochReport) -> None:
         fingerprint=run.fingerprint,
         epoch=report.epoch,
         global_step=report.epoch * math.ceil(len(run.train_data) / run.hp.batch_size),
-        optimizer=run.optimizer.state_dict(),
+        optimizer=optimizer_state or run.optimizer.state_dict(),
         scheduler=run.scheduler.state_dict(),
         rng=rng,
         selection=list(run.choice.names),
@@ -674,7 +765,7 @@ def _save(run: _Run, report: EpochReport) -> None:
         trained=sorted(run.trained),
         reports=[_plain(asdict(r)) for r in run.reports],
     )
-    export = run.method.export(run.model)
+    export = run.method.export(model)
     # Tensors that never trained, as the base holds them (precision bf16 keeps the originals bf16 cannot
     # hold).
     export = replace(export, tensors=run.held.originals(export.tensors))
@@ -810,6 +901,9 @@ def evaluate(
         if ranks is not None:
             rows = ranks.rows(len(idx))
             if not rows:
+                if ranks.sharded:  # a forward gathers the layers, a collective: join it with one row
+                    with autocast:
+                        model(**{k: v[:1] for k, v in batch.items()})
                 continue
             batch = {k: v[rows.start : rows.stop] for k, v in batch.items()}
             idx = idx[rows.start : rows.stop]
@@ -853,7 +947,9 @@ def _digest(path: str | None) -> str | None:
 def _fingerprint(spec: TrainSpec, hp: Hyperparameters) -> str:
     """What a checkpoint must have been trained with to be resumed by ``spec`` (``hp``: its hyperparameters
     with the budget resolved to a rho)."""
-    settings = {k: v for k, v in hp.as_dict().items() if k not in ("max_flops", "max_energy_kwh")}
+    # The engine is not: a checkpoint holds full tensors, whatever split the ranks that wrote it.
+    skip = ("max_flops", "max_energy_kwh", "distributed")
+    settings = {k: v for k, v in hp.as_dict().items() if k not in skip}
     if settings["importance_rows"] is None:  # added later: at its default, earlier checkpoints still resume
         del settings["importance_rows"]
     what = {

@@ -1,6 +1,8 @@
 """Two ranks (torch.distributed, gloo, two CPU processes) against one process on the same spec: the same
 selections every epoch, the same FLOPs records, losses and final weights within float rounding, tensors never
-selected bit-identical to the base, and exactly the selected tensors' bytes communicated per step."""
+selected bit-identical to the base, and exactly the selected tensors' bytes communicated per step (DDP). The
+same with FSDP2 (``distributed: fsdp``): the selection changes without wrapping anew, and the checkpoint is
+one process's (a Hugging Face folder of full tensors, the optimizer's state whole)."""
 
 from __future__ import annotations
 
@@ -83,14 +85,19 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one(root: Path) -> dict:
+    """The run on one process."""
+    return train(_spec(root, "one")).as_dict()
+
+
 def _weights(folder: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-def test_two_ranks_equal_one_process(root: Path) -> None:
-    one = train(_spec(root, "one")).as_dict()
+def test_two_ranks_equal_one_process(root: Path, one: dict) -> None:
     two = _ranks(root, "two")
     selections = [e["selected_tensors"] for e in one["epochs"]]
     assert [e["selected_tensors"] for e in two["epochs"]] == selections
@@ -115,10 +122,9 @@ def test_two_ranks_equal_one_process(root: Path) -> None:
         assert e2["communication_bytes_full"] == 4 * sum(sizes.values()) * e2["steps"]
 
 
-def test_one_wrapper_for_a_changing_selection_fails(root: Path) -> None:
+def test_one_wrapper_for_a_changing_selection_fails(root: Path, one: dict) -> None:
     # Without a new DDP wrapper per selection a frozen tensor's missing gradient breaks the next step, or an
     # unfrozen one trains unsynchronised: the run fails, or ends away from one process's result.
-    one = train(_spec(root, "one-again")).as_dict()
     try:
         two = _ranks(root, "sticky", sticky=True)
     except mp.ProcessRaisedException as exc:  # a tensor frozen after wrapping: DDP's reducer waits for it
@@ -126,3 +132,46 @@ def test_one_wrapper_for_a_changing_selection_fails(root: Path) -> None:
         return
     a, b = _weights(one["final_checkpoint_dir"]), _weights(two["final_checkpoint_dir"])
     assert any(not torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-5) for n in a)
+
+
+def test_fsdp_ranks_equal_one_process(root: Path, one: dict) -> None:
+    """FSDP2 on two ranks, each layer sharded once: the selection changes between epochs through
+    requires_grad alone, and the run ends where one process ends; its checkpoint is one process's."""
+    from transformers import AutoModelForCausalLM
+
+    from greencore.checkpoint import load_state
+
+    two = _ranks(root, "fsdp", distributed="fsdp")
+    selections = [e["selected_tensors"] for e in one["epochs"]]
+    assert [e["selected_tensors"] for e in two["epochs"]] == selections
+    assert len({tuple(s) for s in selections}) > 1
+    base = _weights(str(root / "llama"))
+    a, b = _weights(one["final_checkpoint_dir"]), _weights(two["final_checkpoint_dir"])
+    assert b.keys() == a.keys()
+    trained = {n for s in selections for n in s}
+    for name in base:
+        assert b[name].dtype == a[name].dtype
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
+        if name not in trained:
+            assert torch.equal(b[name], base[name]), name
+    every = 4 * sum(t.numel() for t in base.values())  # bytes of every tensor (float32)
+    for e1, e2 in zip(one["epochs"], two["epochs"], strict=True):
+        assert e2["flops"] == e1["flops"] and e2["rho_achieved"] == e1["rho_achieved"]
+        assert e2["train_loss"] == pytest.approx(e1["train_loss"], rel=1e-5)
+        assert e2["valid_loss"] == pytest.approx(e1["valid_loss"], rel=1e-5)
+        assert e2["world_size"] == WORLD
+        # Every step gathers every tensor in its forward; only the selected ones are reduce-scattered.
+        assert every * e2["steps"] < e2["communication_bytes"] < e2["communication_bytes_full"]
+    # The folder loads as any Hugging Face model, and the training state is one process's, AdamW's moments
+    # gathered whole.
+    loaded = AutoModelForCausalLM.from_pretrained(two["final_checkpoint_dir"]).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(one["final_checkpoint_dir"]).state_dict()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=1e-5, atol=1e-5)
+    sa, sb = load_state(one["final_checkpoint_dir"]), load_state(two["final_checkpoint_dir"])
+    assert sb["optimizer"]["param_groups"] == sa["optimizer"]["param_groups"]
+    assert sb["optimizer"]["state"].keys() == sa["optimizer"]["state"].keys()
+    for i, state in sa["optimizer"]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(sb["optimizer"]["state"][i][key], value, rtol=1e-4, atol=1e-7)
+    assert sb["trained"] == sa["trained"] and sb["selection"] == sa["selection"]

@@ -34,14 +34,16 @@ def test_gpu_distributed_dry_run_writes_the_table(tmp_path):
     of full and green-0.5 bytes and step times, each equal to one process."""
     env = {**os.environ, "DEVICE": "cpu", "NPROC": "2", "OUT": str(tmp_path), "GT_DIST_TIMEOUT_S": "60"}
     done = subprocess.run(
-        ["bash", "bench/gpu_distributed.sh", "--small"], cwd=ROOT, env=env, capture_output=True, timeout=240
+        ["bash", "bench/gpu_distributed.sh", "--small", "--engines", "ddp"],  # fsdp: test_distributed.py
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stdout[-3000:]
     text = (tmp_path / "gpu-distributed.md").read_text()
-    assert text.startswith("# Distributed green: 2 ranks (gloo, CPU) against one process")
-    rows = [
-        line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith(("| full", "| green"))
-    ]
+    assert text.startswith("# Distributed green: 2 ranks (gloo, CPU), DDP, against one process")
+    rows = [line.strip("| ").split(" | ")[1:] for line in text.splitlines() if line.startswith("| ddp |")]
     assert [r[0] for r in rows] == ["full", "green-0.5"]
     full, green = rows
     assert float(full[4]) == 1.0 and float(green[4]) <= 0.5  # green all-reduces at most half of full's bytes

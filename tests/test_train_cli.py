@@ -185,6 +185,11 @@ def test_output_dir_override_and_resume_without_a_checkpoint(inputs, tmp_path, c
         ({"hyperparameters": {"batch_size": "eight"}}, "hyperparameters.batch_size: must be an integer"),
         ({"hyperparameters": {"rho": 0.5, "max_flops": 1e12}}, "give one budget, not rho and max_flops"),
         ({"hyperparameters": {"precision": "fp8"}}, "precision: must be one of fp32, bf16-mixed, bf16"),
+        ({"hyperparameters": {"distributed": "zero3"}}, "distributed: must be one of ddp, fsdp"),
+        (
+            {"hyperparameters": {"distributed": "fsdp", "precision": "bf16"}},
+            "distributed: fsdp does not run precision bf16",
+        ),
         ({"method": "greenest"}, "method: "),
         ({"train_file": "missing.jsonl"}, "train_file: no such file"),
         ({"model_dir": "models"}, "has no config.json"),
@@ -245,6 +250,46 @@ def test_two_ranks_through_torchrun_equal_one_process(inputs, tmp_path):
     assert [r["flops"] for r in b] == [r["flops"] for r in a]
     assert [r["world_size"] for r in b] == [2, 2] and all(r["communication_bytes"] > 0 for r in b)
     wa, wb = weights(one / "final"), weights(two / "final")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=1e-5, atol=1e-5), name
+
+
+def test_fsdp_ranks_through_torchrun_resume_one_process_and_end_where_it_ends(inputs, tmp_path):
+    """`greentrainer train --nproc 2 --resume` with `distributed: fsdp` (FSDP2 on gloo) goes on from a
+    checkpoint one process wrote (checkpoints hold full tensors, whatever wrote them;
+    tests/test_distributed.py checks that a sharded run writes one process's) and ends where one process
+    ends; full fine-tuning's measured bytes are exactly what the record says full fine-tuning exchanges. One
+    torchrun run: the ranks' start-up is most of this test's time."""
+    import shutil
+
+    hp = {k: v for k, v in HP.items() if k != "rho"} | {"distributed": "fsdp"}
+    path = config(inputs, "fsdp.json", method="full", hyperparameters=hp)
+    one, cut = tmp_path / "one", tmp_path / "cut"
+    assert main(["train", "--config", str(path), "--output-dir", str(one)]) == 0  # one process: no shards
+    # Cut after epoch 1, as a killed run leaves it, and resumed on two sharded ranks.
+    shutil.copytree(one, cut)
+    shutil.rmtree(cut / "epoch-2")
+    shutil.rmtree(cut / "final")
+    (cut / "epochs.jsonl").write_text((one / "epochs.jsonl").read_text().splitlines(keepends=True)[0])
+    command = [sys.executable, "-m", "api.cli", "train", "--config", str(path), "--nproc", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GT_DIST_TIMEOUT_S": "120"}
+    done = subprocess.run(
+        [*command, "--output-dir", str(cut), "--resume"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("final checkpoint:") == 1  # rank 0 reports
+    a, b = records(one), records(cut)
+    assert [r["epoch"] for r in b] == [1, 2] and b[0] == a[0]
+    assert b[1]["flops"] == a[1]["flops"] and b[1]["world_size"] == 2
+    assert 0 < b[1]["communication_bytes"] == b[1]["communication_bytes_full"]
+    assert b[1]["train_loss"] == pytest.approx(a[1]["train_loss"], rel=1e-5)
+    wa, wb = weights(one / "final"), weights(cut / "final")
+    assert wb.keys() == wa.keys()
     for name in wa:
         assert torch.allclose(wa[name], wb[name], rtol=1e-5, atol=1e-5), name
 
