@@ -15,7 +15,7 @@ from api.states import TERMINAL, JobState
 from api.tables import Job, utcnow
 from greencore import spec as core
 from greencore.registry import ALIASES, DEFAULT_METHOD, METHODS, method_info, method_names
-from greencore.spec import BUDGET_FIELDS
+from greencore.spec import BUDGET_FIELDS, DEFAULT_RHO
 
 AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate")  # OpenAI's "auto": the service's default
 UNSUPPORTED_METHODS = ("dpo", "reinforcement")  # OpenAI's, which this service does not run
@@ -117,6 +117,7 @@ def _types_schema(schema: dict[str, Any]) -> None:
     # Read when the schema is generated (not at import): a method registered later is listed too.
     schema["enum"] = method_names()
     schema["x-default-method"] = DEFAULT_METHOD
+    schema["x-default-rho"] = DEFAULT_RHO  # the budget of a job that names none
     schema["x-aliases"] = dict(ALIASES)
     schema["x-methods"] = [
         {"name": m.name, "title": m.title, "summary": m.summary, "budgeted": m.budgeted}

@@ -357,6 +357,7 @@ def test_schemas_follow_greencore(app) -> None:
     from api.schemas.jobs import Hyperparameters
     from greencore import checkpoint
     from greencore.registry import ALIASES, METHODS
+    from greencore.spec import DEFAULT_RHO
     from greencore.spec import Hyperparameters as Core
 
     core = {f.name: f.default for f in dataclasses.fields(Core)}
@@ -364,6 +365,7 @@ def test_schemas_follow_greencore(app) -> None:
     assert ours == {**core, "learning_rate_multiplier": None}  # every training setting, greencore's default
     schema = app.openapi()["components"]["schemas"]
     assert schema["JobMethod"]["properties"]["type"]["enum"] == [*ALIASES, *METHODS]
+    assert schema["JobMethod"]["properties"]["type"]["x-default-rho"] == DEFAULT_RHO  # the dashboard's start
     n_epochs = schema["Hyperparameters"]["properties"]["n_epochs"]["anyOf"]  # a number or OpenAI's "auto"
     assert n_epochs[0]["maximum"] == 1000 and n_epochs[1]["const"] == "auto"  # greencore's bound
     assert set(RESUME_ONLY) == {checkpoint.STATE_FILE, checkpoint.MASTER_FILE}

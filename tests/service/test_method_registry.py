@@ -14,7 +14,7 @@ from api.config import Settings
 from api.schemas.jobs import JobCreate
 from greencore.methods import FullMethod, make_method
 from greencore.registry import METHODS, MethodError, MethodInfo, register_method
-from greencore.spec import Hyperparameters, SpecError, TrainSpec
+from greencore.spec import DEFAULT_RHO, Hyperparameters, SpecError, TrainSpec
 
 NEW = MethodInfo(
     "fullcopy", "Full again", "a test method: trains every tensor", False, f"{__name__}:FullCopy"
@@ -77,6 +77,6 @@ def test_a_method_refuses_a_budget_it_cannot_take() -> None:
             make_method(name, Hyperparameters(rho=0.5)).check()
     with pytest.raises(SpecError, match="topk takes topk_layers or a budget"):
         make_method("topk", Hyperparameters(topk_layers=1, max_flops=1e12)).check()
-    assert make_method("green", Hyperparameters()).rho == 0.5
+    assert make_method("green", Hyperparameters()).rho == DEFAULT_RHO
     assert make_method("supervised", Hyperparameters()).info.name == "green"  # OpenAI's name for the default
     assert make_method("topk", Hyperparameters(topk_layers=2)).rho is None

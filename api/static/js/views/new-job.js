@@ -20,7 +20,10 @@ async function jobSchema() {
   }
   const components = (await schema).components.schemas;
   const type = components.JobMethod.properties.type; // the method object's type: x-methods, x-default-method
-  return { methods: type['x-methods'], defaultMethod: type['x-default-method'], hyperparameters: components.Hyperparameters.properties };
+  return {
+    methods: type['x-methods'], defaultMethod: type['x-default-method'], defaultRho: type['x-default-rho'],
+    hyperparameters: components.Hyperparameters.properties,
+  };
 }
 
 // A request's hyperparameters (the object itself, not a copy), and the request with another rho.
@@ -31,7 +34,7 @@ function withRho(request, rho) {
   return { ...request, method: { type, [type]: { hyperparameters: { ...hyperparametersOf(request), rho } } } };
 }
 
-const DEFAULT_RHO = 0.7;
+const DEFAULT_RHO = 0.7; // until the schema's x-default-rho (the service's default budget) is read
 const ESTIMATE_WAIT_MS = 250;
 
 // The learning-rate box's text as the API takes it: "auto" (also when empty) or a number.
@@ -284,6 +287,10 @@ export function render(root, params) {
     try {
       const [models, files, choices] = await Promise.all([api('/v1/models'), api('/v1/files?limit=100'), jobSchema()]);
       showMethods(choices.methods, choices.defaultMethod);
+      if (choices.defaultRho !== undefined) {
+        rhoNumber.value = String(choices.defaultRho);
+        rhoRange.value = String(choices.defaultRho);
+      }
       showBounds(choices.hyperparameters);
       // Base models (owned_by "system"), then the models this tenant's jobs made (fine_tuned_model).
       const modelOption = (m) => h('option', { value: m.id },
