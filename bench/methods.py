@@ -891,30 +891,37 @@ class Comparison:
         ]
         return "\n".join(parts)
 
+    def _accuracies(self, label: str) -> list[float]:
+        """A row's accuracy at each seed it ran (its own run's first)."""
+        seeded = [r.accuracy for r in self.seeds.get(label, []) if not r.refused]
+        if seeded:
+            return seeded
+        return [next(r for r in [*self.rows, *self.auto_rows] if base_label(r.label) == label).accuracy]
+
     def _mean(self, label: str) -> tuple[float, int]:
         """A row's accuracy (the mean over its seeds where it has several, else its run's) and its seeds."""
-        seeded = [r for r in self.seeds.get(label, []) if not r.refused]
-        if len(seeded) > 1:
-            return statistics.fmean(r.accuracy for r in seeded), len(seeded)
-        row = next(r for r in [*self.rows, *self.auto_rows] if base_label(r.label) == label)
-        return row.accuracy, 1
+        accuracies = self._accuracies(label)
+        return statistics.fmean(accuracies), len(accuracies)
 
     def _auto_gaps(self) -> list[tuple[str, float, float, int, int]]:
-        """(label, automatic rate's accuracy, grid choice's, their seed counts) of each method with both."""
+        """(label, automatic rate's accuracy, grid choice's, the seeds compared, the same) of each method with
+        both, on the seeds both ran (the means over them; seed 0 alone where one ran only it)."""
         gaps = []
         for row in self.auto_rows:
             label = base_label(row.label).removesuffix(f" {AUTO}")
             if label in AUTO_ONLY or row.refused or label not in self.chosen or self.chosen[label].refused:
                 continue
-            (auto, n_auto), (grid, n_grid) = self._mean(f"{label} {AUTO}"), self._mean(label)
-            gaps.append((label, auto, grid, n_auto, n_grid))
+            auto, grid = self._accuracies(f"{label} {AUTO}"), self._accuracies(label)
+            n = min(len(auto), len(grid))
+            gaps.append((label, statistics.fmean(auto[:n]), statistics.fmean(grid[:n]), n, n))
         return gaps
 
     def auto_section(self) -> list[str]:
         lines = [
             f'Automatic learning rate (`learning_rate: "auto"`, greencore.lr): each method once more at '
             f"the rate the service chooses, on the same batches; {self.metric} on the validation file "
-            "(means over seeds where the seeds column says more than 1; the grid's choice likewise).",
+            "(in the comparison, both on the seeds both ran: means where both ran 3, seed 0 where one ran "
+            "only it).",
             "",
             table(self.auto_rows, self.metric),
             "",
