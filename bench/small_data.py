@@ -56,7 +56,7 @@ def main() -> None:
         tokenizer = build_tokenizer()
         out += ["", "## rho_min by setting (the estimate's, exact)", ""]
         out += [
-            "| examples | batch | epochs | setting | reselect_every | rho_min |",
+            "| examples | batch | epochs | setting | reselect_every at rho_min | rho_min |",
             "|---|---|---|---|---|---|",
         ]
         for examples, batch, epochs in CASES:
@@ -65,7 +65,7 @@ def main() -> None:
             for label, extra in SETTINGS:
                 hp = Hyperparameters(n_epochs=epochs, batch_size=batch, max_seq_len=96, **extra)
                 costs = run_costs(folder, data, "green", hp, 0)
-                every = costs.settings["reselect_every"]
+                every = costs.settings(hp, costs.rho_min)["reselect_every"]  # what it runs at rho_min
                 out.append(f"| {examples} | {batch} | {epochs} | {label} | {every} | {costs.rho_min:.4f} |")
 
         path = root / "d24.jsonl"
