@@ -178,6 +178,7 @@ class RunCosts:
             calibration.energy_j(self.full, steps), calibration.energy_j(method_flops, steps)
         )
         min_flops = self.rho_min * self.full
+        settings = self.settings(hp, rho)  # green's automatic reselect_every: a few rho_min plans, once
         return RunEstimate(
             method=self.method,
             task=self.task,
@@ -199,8 +200,8 @@ class RunCosts:
             time_basis=calibration.time_basis,
             energy_basis=calibration.energy_basis,
             learning_rate=auto,
-            memory=self.memory.at(self.settled(hp, rho), rho) if self.memory is not None else None,
-            settings=self.settings(hp, rho),
+            memory=self.memory.at(replace(hp, **settings), rho) if self.memory is not None else None,
+            settings=settings,
         )
 
 
