@@ -130,9 +130,14 @@ class RunCosts:
 
     def auto_learning_rate(self, hp: Hyperparameters, rho: float | None) -> AutoLearningRate:
         """The automatic learning rate (``greencore.lr``) of the run with ``hp`` at the budget ``rho`` in
-        force (None: the method's fixed tensor set, whose share is its FLOPs over full fine-tuning's)."""
-        share = rho if rho is not None else (self.flops or self.full) / self.full
-        scale = make_method(self.method, hp).learning_rate_scale(share, self.lr_basis.forward_share)
+        force (None: a method's fixed tensor set)."""
+        if self.costing is None:
+            raise ValueError(
+                "the automatic learning rate needs the run's costing (greencore.estimate.run_costs)"
+            )
+        scale = make_method(self.method, hp).learning_rate_scale(
+            self.costing, rho, self.lr_basis.forward_share
+        )
         return auto_learning_rate(self.lr_basis, scale)
 
     def resolve_rho(self, hp: Hyperparameters, energy: EnergySettings) -> float | None:

@@ -12,7 +12,8 @@ rule is therefore two factors:
   non-embedding parameters at ``BASE_BATCH`` sequences a step, times ``(params / BASE_PARAMS) ** -1/3`` and
   ``(batch / BASE_BATCH) ** 1/2`` (Adam's square-root rule for the batch).
 - The method's scale (``Method.learning_rate_scale``): 1 for full fine-tuning; for the methods that train part
-  of the backward pass within a FLOPs share (green at its rho, top-k at its FLOPs), ``backward_share ** -5/3``
+  of the backward pass within a FLOPs share (green at its rho, top-k at its planned layers' FLOPs share, which
+  may be well below its budget), ``backward_share ** -5/3``
   where ``backward_share = (share - forward_share) / (1 - forward_share)`` is the share of the backward pass
   bought, capped at ``MAX_SCALE``; LoRA's ``LORA_SCALE``.
 

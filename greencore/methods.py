@@ -33,13 +33,14 @@ from greencore.reselect import (
     auto_every,
     auto_rho_min,
     fit_advice,
+    interval_budgets,
     interval_costs,
     run_epochs,
     run_rho_min,
     selects,
 )
 from greencore.select import BudgetTooSmall, select_tensors
-from greencore.spec import BUDGET_FIELDS, DEFAULT_RHO, Hyperparameters, SpecError
+from greencore.spec import BUDGET_FIELDS, DEFAULT_RHO, BudgetSchedule, Hyperparameters, SpecError
 
 __all__ = ["MethodError"]  # re-exported: callers catch it from here
 
@@ -93,6 +94,11 @@ class EpochContext:
     # Ranks holding shards (FSDP2): the sum over ranks of a list of numbers, for scores measured shard by
     # shard on every rank's rows (``importance_pass``'s ``sum_over_ranks``); None: one process holds it all.
     sum_over_ranks: Callable[[list[float]], list[float]] | None = None
+    previous: tuple[str, ...] = ()  # the tensors the last epoch trained (none in the first)
+    trained: frozenset[str] = frozenset()  # every tensor trained in an earlier epoch of the run
+    # Every epoch of the run, planned (``greencore.reselect.EpochCosts``): what a budget shared unevenly among
+    # the epochs is computed from. None: only this epoch and ``later`` are known (every interval gets rho).
+    run_epochs: Callable[[], list[EpochCosts]] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,10 +207,10 @@ class Method(Protocol):
         where only a larger rho would)."""
         ...
 
-    def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
-        """Its automatic learning rate over full fine-tuning's (``greencore.lr``), for a run that spends
-        ``flops_share`` of full fine-tuning's FLOPs (its rho in force, or its fixed set's share) of which the
-        forward pass is ``forward_share``."""
+    def learning_rate_scale(self, run: RunCosting, rho: float | None, forward_share: float) -> float:
+        """Its automatic learning rate over full fine-tuning's (``greencore.lr``) for ``run`` at the budget
+        ``rho`` in force, where the forward pass is ``forward_share`` of a full fine-tuning step's FLOPs: a
+        function of the FLOPs share the run plans to spend (green: its rho; top-k: its layers' share)."""
         ...
 
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
@@ -230,6 +236,15 @@ def _refuse_budget(info: MethodInfo, hp: Hyperparameters, why: str | None = None
         raise SpecError("hyperparameters", why or generic)
 
 
+def _refuse_schedule(info: MethodInfo, hp: Hyperparameters) -> None:
+    """SpecError when ``hp`` asks for an uneven budget schedule of a method that selects once (or never)."""
+    if hp.budget_schedule != BudgetSchedule.EVEN:
+        raise SpecError(
+            "budget_schedule",
+            f"{hp.budget_schedule} applies to green, which selects every epoch; not {info.name}",
+        )
+
+
 class _InPlace:
     """What the methods that train the base's own tensors share (full, green, topk): the model as loaded,
     every parameter held by the optimizer (only the chosen ones get gradients), checkpoints of the model
@@ -241,9 +256,13 @@ class _InPlace:
         self.info = info
         self.hp = hp
 
+    schedules_budget = False  # shares its rho unevenly among the epochs when asked (budget_schedule)
+
     def check(self) -> None:
         if not self.info.budgeted:
             _refuse_budget(self.info, self.hp)
+        if not self.schedules_budget:
+            _refuse_schedule(self.info, self.hp)
 
     @property
     def default_rho(self) -> float | None:
@@ -287,7 +306,7 @@ class FullMethod(_InPlace):
     def cost(self, run: RunCosting) -> MethodCost:
         return MethodCost(run.full, run.rho_min, "profile")
 
-    def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
+    def learning_rate_scale(self, run: RunCosting, rho: float | None, forward_share: float) -> float:
         return 1.0
 
 
@@ -303,6 +322,8 @@ class GreenMethod(_InPlace):
     epoch's other steps. It differs from a loop step only in running without dropout, in float32.
     """
 
+    schedules_budget = True
+
     def choose(self, ctx: EpochContext) -> Choice | None:
         every = self.hp.reselect_every or 1  # greencore.train settles an automatic one first (settings)
         if not selects(ctx.epoch, every):
@@ -316,6 +337,10 @@ class GreenMethod(_InPlace):
         )
         interval = IntervalCosts.of(first, ctx.later())
         loop, rho = interval.loop, self.rho
+        if self.hp.budget_schedule != BudgetSchedule.EVEN and ctx.run_epochs is not None and rho is not None:
+            rho = interval_budgets(ctx.run_epochs(), every, rho, self.hp.budget_schedule)[
+                (ctx.epoch - 1) // every
+            ]
         # Only tensors that could train within the budget are worth measuring, and measuring fewer (shallower)
         # tensors costs less backward.
         candidates, spent = interval.candidates(rho)
@@ -360,6 +385,7 @@ class GreenMethod(_InPlace):
             # The epochs this selection serves: their FLOPs together, importance included, keep rho.
             "serves_epochs": [ctx.epoch, ctx.epoch + len(ctx.later())],
             "candidates": len(candidates),
+            "interval_rho": rho,  # the budget of this selection's epochs (budget_schedule)
         }
         return Choice(chosen, spent, details, first_step)
 
@@ -375,18 +401,22 @@ class GreenMethod(_InPlace):
     def advice(self, run: RunCosting, rho: float) -> list[str]:
         return fit_advice(run, rho)
 
-    def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
-        return budget_scale(flops_share, forward_share)
+    def learning_rate_scale(self, run: RunCosting, rho: float | None, forward_share: float) -> float:
+        return budget_scale(
+            rho or self.rho or 1.0, forward_share
+        )  # it spends its budget, importance included
 
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
         # The selection changes every reselection and is unknown before the run: bound it by every tensor a
         # selection could measure (choose's candidates: a selection trains some of them), each trained and
         # holding AdamW state at once (the optimizer keeps the state of every tensor trained so far).
         epochs = run_epochs(run)
-        every = self.hp.reselect_every or auto_every(epochs, rho or self.rho or 1.0)
+        budget = min(1.0, rho or self.rho or 1.0)
+        every = self.hp.reselect_every or auto_every(epochs, budget)
+        budgets = interval_budgets(epochs, every, budget, self.hp.budget_schedule)
         reach: set[str] = set()
-        for interval in interval_costs(epochs, every):
-            reach |= set(interval.candidates(min(1.0, rho or self.rho or 1.0))[0])
+        for interval, spends in zip(interval_costs(epochs, every), budgets, strict=True):
+            reach |= set(interval.candidates(spends)[0])
         names = tuple(n for n in run.epochs[0].names if n in reach)
         return MemoryPlan(run.model, names, names, "bound")
 
@@ -434,6 +464,7 @@ class TopKMethod(_InPlace):
     the largest k whose FLOPs fit rho."""
 
     def check(self) -> None:
+        _refuse_schedule(self.info, self.hp)
         if self.hp.topk_layers is not None:
             _refuse_budget(
                 self.info,
@@ -471,23 +502,31 @@ class TopKMethod(_InPlace):
         rho_min = max(p.step_flops(head).total / p.full.total for p in run.epochs) if head else 1.0
         if self.hp.topk_layers is None:
             return MethodCost(None, rho_min, "budget")
-        chosen = top_layers(run.epochs[0], layers, min(self.hp.topk_layers, len(layers)))
+        chosen = self._planned(run, None)
         return MethodCost(sum(p.step_flops(chosen).total for p in run.epochs), rho_min, "profile")
 
-    def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
-        return budget_scale(flops_share, forward_share)
+    def learning_rate_scale(self, run: RunCosting, rho: float | None, forward_share: float) -> float:
+        # The share its layers spend, not its budget's: the largest k within rho may spend well below rho
+        # (all-MiniLM-L6-v2 at 0.5: 0.431, a scale of x24 rather than x10).
+        chosen = self._planned(run, rho)
+        share = sum(p.step_flops(chosen).total for p in run.epochs) / run.full if chosen else 1.0
+        return budget_scale(share, forward_share)
 
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
-        # choose's rule on the first epoch's profile (the choice holds for the run).
+        return MemoryPlan(run.model, self._planned(run, rho))
+
+    def _planned(self, run: RunCosting, rho: float | None) -> tuple[str, ...]:
+        """The tensors the run will train: choose's rule on the first epoch's profile (the choice holds for
+        the run); none where no k fits ``rho``."""
         layers = transformer_layers(run.model)
         profile = run.epochs[0]
         if self.hp.topk_layers is not None:
-            return MemoryPlan(run.model, top_layers(profile, layers, min(self.hp.topk_layers, len(layers))))
+            return top_layers(profile, layers, min(self.hp.topk_layers, len(layers)))
         for k in range(len(layers), -1, -1):
             chosen = top_layers(profile, layers, k)
             if chosen and profile.step_flops(chosen).total <= (rho or 1.0) * profile.full.total:
-                return MemoryPlan(run.model, chosen)
-        return MemoryPlan(run.model, ())
+                return chosen
+        return ()
 
 
 def _layers_of(model: nn.Module) -> list[list[str]]:
@@ -529,6 +568,7 @@ class LoraMethod:
 
     def check(self) -> None:
         _refuse_budget(self.info, self.hp)
+        _refuse_schedule(self.info, self.hp)
 
     @property
     def default_rho(self) -> float | None:
@@ -595,7 +635,7 @@ class LoraMethod:
         flops = sum(p.fwd + p.step_flops(names).bwd_act for p in run.epochs) if names else run.full
         return MethodCost(flops, run.rho_min, "approximate")
 
-    def learning_rate_scale(self, flops_share: float, forward_share: float) -> float:
+    def learning_rate_scale(self, run: RunCosting, rho: float | None, forward_share: float) -> float:
         return LORA_SCALE
 
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:

@@ -8,6 +8,11 @@ enough, that is the paper's budget of an epoch. Where an epoch is a few batches,
 of the tensors measured) would eat its budget or more; selecting every few epochs spreads one pass over their
 steps (:func:`auto_every`), and ``importance_rows`` measures on part of a batch for fewer FLOPs.
 
+How the run's budget is shared among its intervals (``budget_schedule``, :func:`interval_budgets`):
+``even``, the default, gives each interval ``rho``; ``front`` gives early epochs more and late ones less, the
+run as a whole within ``rho``: more of the network trains while the loss falls fastest, and the deep tensors
+reached early keep their updates (bench/gap.py measures it; docs/training.md).
+
 Which tensors are measured (:meth:`IntervalCosts.candidates`): those that could train within the budget on
 their own (``reachable_tensors``), as the paper's selection has it; where measuring all of them leaves no
 budget to train any, the largest set of the cheapest to train of which each still fits after paying for
@@ -33,6 +38,8 @@ if TYPE_CHECKING:
 
 # Automatic reselect_every tries every interval length up to this, and one selection for the whole run.
 AUTO_EVERY_MAX = 8
+# budget_schedule "front": the first epoch's weight in the run's budget is 1 + this, the last's 1 - this.
+FRONT_SLOPE = Fraction(1, 5)
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,46 @@ def interval_costs(epochs: Sequence[EpochCosts], every: int) -> list[IntervalCos
         IntervalCosts.of(epochs[r.start - 1], [(e.steps, e.full) for e in epochs[r.start : r.stop - 1]])
         for r in intervals(len(epochs), every)
     ]
+
+
+def epoch_weights(n_epochs: int, slope: Fraction) -> list[Fraction]:
+    """Each epoch's weight in a front-loaded budget: ``1 + slope`` for the first falling linearly to ``1 -
+    slope`` for the last (their mean is 1); 1 for a single epoch."""
+    if n_epochs == 1:
+        return [Fraction(1)]
+    return [1 + slope - 2 * slope * Fraction(i, n_epochs - 1) for i in range(n_epochs)]
+
+
+def interval_budgets(epochs: Sequence[EpochCosts], every: int, rho: float, schedule: str) -> list[float]:
+    """The rho each selection interval spends within, under ``budget_schedule`` ``schedule``.
+
+    ``even``: every interval ``rho``. ``front``: epoch e's share of the run's budget is weighted by
+    :func:`epoch_weights` (slope ``FRONT_SLOPE``), an interval's rho is its epochs' weighted full FLOPs over
+    their full FLOPs, scaled so that the intervals together spend exactly ``rho`` of the run's full FLOPs
+    (rounded down). Where an interval would then fall below its own rho_min or rise above 1, the slope is
+    flattened (in eighths of ``FRONT_SLOPE``) until every interval trains; at slope 0 every interval gets
+    ``rho``, so the run's rho_min is the even schedule's."""
+    spans = intervals(len(epochs), every)
+    if schedule == "even" or len(spans) == 1:
+        return [rho] * len(spans)
+    costs = interval_costs(epochs, every)
+    floors = [c.rho_min() for c in costs]
+    total = sum(e.full for e in epochs)
+    for step in range(8, 0, -1):
+        weights = epoch_weights(len(epochs), FRONT_SLOPE * Fraction(step, 8))
+        weighted = sum(w * e.full for w, e in zip(weights, epochs, strict=True))
+        scale = Fraction(rho) * total / weighted
+        budgets = []
+        for span in spans:
+            exact = scale * sum(weights[e - 1] * epochs[e - 1].full for e in span)
+            exact /= sum(epochs[e - 1].full for e in span)
+            below = float(exact)
+            if Fraction(below) > exact:  # never above the exact share: the run keeps rho
+                below = math.nextafter(below, 0.0)
+            budgets.append(below)
+        if all(floor <= b <= 1.0 for floor, b in zip(floors, budgets, strict=True)):
+            return budgets
+    return [rho] * len(spans)
 
 
 def run_rho_min(epochs: Sequence[EpochCosts], every: int) -> float:

@@ -40,6 +40,13 @@ class Distributed(StrEnum):
     FSDP = "fsdp"  # every rank holds a shard of each tensor (FSDP2): models that do not fit one device
 
 
+class BudgetSchedule(StrEnum):
+    """How green spends its rho over the run (``budget_schedule``; see greencore.reselect)."""
+
+    EVEN = "even"  # every selection interval within rho (the paper's budget of an epoch)
+    FRONT = "front"  # early intervals spend more, later ones less; the whole run within rho
+
+
 class SpecError(ValueError):
     """A TrainSpec that cannot run: ``field`` names the offending setting."""
 
@@ -96,6 +103,11 @@ class Hyperparameters:
         ge=1,
         limit=1000,
     )
+    budget_schedule: BudgetSchedule = setting(
+        BudgetSchedule.EVEN,
+        "how green spends rho over the run: even (every epoch within rho) or front (the first epoch up to "
+        "1.2 x rho, falling linearly to 0.8 x rho in the last; the whole run within rho)",
+    )
     warmup_steps: int = setting(0, "linear warmup steps, then linear decay to 0", ge=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0, limit=1)
     lora_r: int = setting(8, "LoRA rank (lora)", ge=1, limit=1024)
@@ -145,7 +157,12 @@ class Hyperparameters:
 
     def check(self) -> None:
         """Raise :class:`SpecError` on a value out of its bounds, or on more than one budget."""
-        for name, kind in (("attention", Attention), ("precision", Precision), ("distributed", Distributed)):
+        for name, kind in (
+            ("attention", Attention),
+            ("precision", Precision),
+            ("distributed", Distributed),
+            ("budget_schedule", BudgetSchedule),
+        ):
             if getattr(self, name) not in set(kind):
                 raise SpecError(name, f"must be one of {', '.join(kind)}, not {getattr(self, name)!r}")
         for f in fields(self):

@@ -46,6 +46,7 @@ from greencore.models import ModelFolderError, load_config
 from greencore.plan import EpochPlan, ShapeProfiles, plan_epoch
 from greencore.precision import HeldPrecision, autocast, resolve_precision
 from greencore.profile import ProfileError, set_gradient_checkpointing
+from greencore.reselect import EpochCosts
 from greencore.spec import (
     AUTO,
     Attention,
@@ -426,6 +427,9 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         # moments and the scheduled learning rate), as in the paper's code.
         optimizer_factory=tentative_optimizer_factory(run.optimizer),
         sum_over_ranks=run.ranks.sum if run.sharded is not None else None,
+        previous=run.choice.names if run.choice is not None else (),
+        trained=frozenset(run.trained),
+        run_epochs=lambda: _planned_epochs(run),
     )
     if run.ranks is None:
         new_choice = run.method.choose(ctx)
@@ -570,6 +574,19 @@ def _shared_choice(run: _Run, choice: Choice | None) -> Choice | None:
     ranks.broadcast_tensors(tensors)
     gradients = dict(zip((n for n, *_ in grads), tensors, strict=True))
     return Choice(names, flops, details, FirstStep(gradients, loss))
+
+
+def _planned_epochs(run: _Run) -> list[EpochCosts]:
+    """Every epoch of the run as planned: its steps, its steps after the first where the importance pass
+    computes that one, full fine-tuning's FLOPs and its importance batches (the estimate's plan)."""
+    out = []
+    for e in range(1, run.hp.n_epochs + 1):
+        plan = plan_epoch(run.train_data, run.hp, run.spec.seed, e)
+        steps = run.profiles.steps(plan.shapes)
+        after = run.profiles.steps(plan.shapes[1:]) if plan.first_step_from_importance else None
+        importance = run.importance_profiles.steps(plan.importance_shapes)
+        out.append(EpochCosts(steps, after, steps.full.total, importance))
+    return out
 
 
 def _later_epochs(run: _Run, epoch: int) -> list[tuple[Any, int]]:

@@ -97,6 +97,20 @@ def test_each_method_scales_full_fine_tunings_rate(folders, data) -> None:
         rates[method, extra.get("rho")] = rate
         if method == "topk":  # a fixed set: its share is its FLOPs over full fine-tuning's
             assert rate.scale == pytest.approx(budget_scale(costs.flops / costs.full, forward))
+    # Top-k within a budget: the share its planned layers spend (the largest k within rho), not rho.
+    h = Hyperparameters(**hp, rho=0.7)
+    costs = costs_of(folders, data, "llama", "prompt_completion", "topk", h)
+    fixed = {}
+    for k in range(1, 4):
+        fixed[k] = costs_of(
+            folders, data, "llama", "prompt_completion", "topk", Hyperparameters(**hp, topk_layers=k)
+        )
+    fits = [k for k, c in fixed.items() if c.flops <= 0.7 * c.full]
+    share = fixed[max(fits)].flops / fixed[max(fits)].full
+    assert share < 0.7 - 0.02  # the test is only worth something where the layers spend below the budget
+    rate = costs.estimate(h, EnergySettings()).learning_rate
+    assert rate.scale == pytest.approx(budget_scale(share, costs.lr_basis.forward_share))
+    assert rate.scale > budget_scale(0.7, costs.lr_basis.forward_share)
     full = rates["full", None]
     assert full.scale == 1.0
     assert len({r.full for r in rates.values()}) == 1  # one model, one batch: one full fine-tuning rate

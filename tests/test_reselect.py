@@ -8,9 +8,19 @@ import pytest
 from greencore.data import encode_dataset, validate_dataset
 from greencore.demo import build_tokenizer
 from greencore.estimate import run_costs
-from greencore.reselect import IntervalCosts, auto_every, fit_advice, interval_costs, run_epochs, run_rho_min
+from greencore.methods import make_method
+from greencore.reselect import (
+    IntervalCosts,
+    auto_every,
+    fit_advice,
+    interval_budgets,
+    interval_costs,
+    run_epochs,
+    run_rho_min,
+)
 from greencore.select import reachable_tensors
-from greencore.spec import EnergySettings, Hyperparameters
+from greencore.spec import EnergySettings, Hyperparameters, SpecError, TrainSpec
+from greencore.train import train
 from tests.model_folders import dataset, model_folder, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,3 +111,70 @@ def test_interval_budget_spreads_one_pass_over_its_epochs(llama, tmp_path) -> No
     assert first.after_first is not None  # the first step is the importance pass's
     alone = IntervalCosts.of(first)
     assert alone.loop.full.total == first.after_first.full.total and alone.full == first.full
+
+
+def test_a_front_budget_spends_more_early_and_rho_over_the_run(llama, tmp_path) -> None:
+    costs = costing(llama, tmp_path, 64, batch_size=4, n_epochs=4)
+    epochs = run_epochs(costs.costing)
+    total = sum(e.full for e in epochs)
+    assert interval_budgets(epochs, 1, 0.6, "even") == [0.6] * 4
+    budgets = interval_budgets(epochs, 1, 0.6, "front")  # 1.2 x rho falling to 0.8 x rho
+    assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) == 4
+    assert budgets[0] == pytest.approx(0.72, rel=0.01) and budgets[-1] == pytest.approx(0.48, rel=0.01)
+    spent = sum(b * e.full for b, e in zip(budgets, epochs, strict=True))
+    assert 0.6 * total * (1 - 1e-9) <= spent <= 0.6 * total  # the whole run's rho, never above it
+    # Intervals of two epochs: each interval's budget is its epochs' weights, the run still within rho.
+    two = interval_budgets(epochs, 2, 0.6, "front")
+    assert len(two) == 2 and two[0] > 0.6 > two[1]
+    assert (
+        two[0] * (epochs[0].full + epochs[1].full) + two[1] * (epochs[2].full + epochs[3].full) <= 0.6 * total
+    )
+    # One interval for the run: nothing to share.
+    assert interval_budgets(epochs, 4, 0.6, "front") == [0.6]
+
+
+def test_a_front_budget_flattens_where_an_epoch_would_not_train(llama, tmp_path) -> None:
+    costs = costing(llama, tmp_path, 64, batch_size=4)
+    epochs = run_epochs(costs.costing)
+    floor = run_rho_min(epochs, 1)
+    # Just above the run's rho_min the last epoch cannot give anything up: every epoch gets rho, as even.
+    rho = floor * 1.001
+    assert interval_budgets(epochs, 1, rho, "front") == [rho] * 3
+    # Near 1 the first epoch cannot take more than all of full fine-tuning.
+    assert interval_budgets(epochs, 1, 1.0, "front") == [1.0] * 3
+    # Between, the slope is as steep as every epoch allows: each trains, none above 1.
+    rho = floor + 0.03
+    budgets = interval_budgets(epochs, 1, rho, "front")
+    floors = [c.rho_min() for c in interval_costs(epochs, 1)]
+    assert all(f <= b <= 1 for f, b in zip(floors, budgets, strict=True))
+    assert budgets[0] > rho > budgets[-1]
+
+
+@pytest.mark.parametrize("method", ["full", "topk", "lora"])
+def test_only_green_takes_a_front_budget(method) -> None:
+    with pytest.raises(SpecError, match="budget_schedule"):
+        make_method(method, Hyperparameters(budget_schedule="front")).check()
+    make_method("green", Hyperparameters(budget_schedule="front")).check()
+    with pytest.raises(SpecError, match="budget_schedule"):
+        Hyperparameters(budget_schedule="back").check()
+
+
+def test_a_front_budget_run_spends_as_its_estimate_plans(llama, tmp_path) -> None:
+    hp = {"n_epochs": 3, "batch_size": 4, "max_seq_len": 96, "rho": 0.6, "budget_schedule": "front"}
+    costs = costing(llama, tmp_path, 64, **hp)
+    planned = interval_budgets(run_epochs(costs.costing), 1, 0.6, "front")
+    spec = TrainSpec(
+        model_dir=str(llama),
+        train_file=str(tmp_path / "d64.jsonl"),
+        output_dir=str(tmp_path / "out"),
+        hyperparameters=Hyperparameters(**hp),
+    )
+    report = train(spec)
+    assert [e.selection["interval_rho"] for e in report.epochs] == planned
+    for e, budget in zip(report.epochs, planned, strict=True):
+        assert e.flops["total"] <= budget * e.flops["full"]
+    assert report.epochs[0].rho_achieved > 0.6 > report.epochs[-1].rho_achieved
+    assert sum(e.flops["total"] for e in report.epochs) <= 0.6 * sum(e.flops["full"] for e in report.epochs)
+    # The estimate's memory bound covers what the first epoch's larger budget can reach.
+    bound = set(make_method("green", Hyperparameters(**hp)).memory_plan(costs.costing, 0.6).trained)
+    assert {n for e in report.epochs for n in e.selected_tensors} <= bound

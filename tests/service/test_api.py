@@ -194,6 +194,12 @@ def test_estimates_of_every_method(client: TestClient) -> None:
         and lora["flops"]["method"] < full["flops"]["method"]
     )
     assert top_rho["rho"] == 0.9 and top_rho["basis"] == "budget" and top_rho["rho_min"] < 0.9
+    # Green with its budget front-loaded: the run's FLOPs and rho_min as even; the job records the schedule.
+    even, front = estimate("green", rho=0.6), estimate("green", rho=0.6, budget_schedule="front")
+    assert front["flops"] == even["flops"] and front["rho_min"] == even["rho_min"]
+    created = client.post(JOBS, json=job_body(file_id, "green", rho=0.6, budget_schedule="front"))
+    assert created.status_code == 200, created.text
+    assert created.json()["hyperparameters"]["budget_schedule"] == "front"
 
 
 def test_job_below_rho_min_is_refused_naming_rho_min(client: TestClient) -> None:
@@ -220,6 +226,8 @@ def test_job_below_rho_min_is_refused_naming_rho_min(client: TestClient) -> None
         ({"method": method(learning_rat=0.1)}, 400, "learning_rat"),
         ({"method": method("full", rho=0.5)}, 400, "apply to methods green and topk"),
         ({"method": method("topk", topk_layers=1, rho=0.9)}, 400, "not both"),
+        ({"method": method("full", budget_schedule="front")}, 400, "front applies to green"),
+        ({"method": method(budget_schedule="back")}, 400, "budget_schedule"),
     ],
 )
 def test_job_creation_errors_are_clear_4xx(

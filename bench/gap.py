@@ -1,0 +1,224 @@
+"""Green's rho-0.5 gap (issue 15, item 3): ideas beyond the paper's selection, each at equal FLOPs, 3 seeds.
+
+Run: .venv/bin/python bench/gap.py   (writes bench/results/gap.md; `--tasks classification,topic` by default)
+
+At rho 0.5 green stays some 3 points below full fine-tuning on parts of speech while its selection is within
+1% of the knapsack's bound: what costs accuracy is what the objective values, not the search. Each idea below
+is a variant of green run beside plain green-0.5 on the same batches, at the automatic learning rate
+(greencore.lr: every variant at rho 0.5 gets the same rate), at seeds 0, 1 and 2 (data order, head
+initialisation, dropout), on bench/methods.py's tasks and protocol (its training split less the dev split,
+the last checkpoint on its validation file):
+
+- `front budget` (spend the run's budget unevenly across epochs; rho is a whole-run share): green's
+  `budget_schedule: "front"` (greencore.reselect.interval_budgets): epoch e of n selects within rho times a
+  weight falling linearly from 1.2 to 0.8, scaled so that the run spends exactly rho of its full FLOPs. More
+  of the network trains early, when the loss falls fastest. (A first run of this bench measured the same
+  idea as a subclass here, each epoch within 0.6 / 0.5 / 0.4 unscaled; the tables are the core option's.)
+- `recency` (importance that values tensors not trained recently): the scores of the tensors the last epoch
+  trained are halved before the knapsack, so that over the epochs more of the network trains, in the spirit of
+  block-coordinate methods such as BAdam.
+- `rows 4` (cheaper importance: fewer rows per importance pass, `importance_rows=4` of each batch of 16): the
+  FLOPs the passes no longer spend go to training.
+- `topk-0.5` at the automatic rate: not an idea against the gap, but issue 15 item 1's top-k row, whose rate
+  now follows the FLOPs share its layers spend (0.431 of full here) rather than its budget's 0.5.
+
+Full fine-tuning's accuracy at these seeds is bench/methods.py's (bench/results/methods-auto-*.md: full at its
+automatic rate, 1e-4, is its grid's choice, on the same files and seeds); it is not rerun here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.methods import (  # noqa: E402
+    AUTO,
+    LMShape,
+    _validate,
+    carve_dev,
+    classification_task,
+    generation_task,
+    run_interleaved,
+)
+from bench.needs import ensure_bench_extra  # noqa: E402
+from greencore.methods import Choice, EpochContext, GreenMethod  # noqa: E402
+from greencore.registry import METHODS as REGISTERED  # noqa: E402
+from greencore.registry import MethodInfo, register_method  # noqa: E402
+
+RECENCY = 0.5  # the factor on the scores of the tensors the last epoch trained
+
+
+class RecencyGreen(GreenMethod):
+    """Green whose knapsack sees the scores of the tensors the last epoch trained times ``RECENCY``."""
+
+    def choose(self, ctx: EpochContext) -> Choice | None:
+        import greencore.methods as methods
+
+        measured = methods.importance_pass
+
+        def discounted(*args, **kwargs):
+            result = measured(*args, **kwargs)
+            for name in ctx.previous:
+                if name in result.scores and result.scores[name] > 0:
+                    result.scores[name] *= RECENCY
+            return result
+
+        methods.importance_pass = discounted
+        try:
+            return super().choose(ctx)
+        finally:
+            methods.importance_pass = measured
+
+
+VARIANTS = {  # label -> (method, hyperparameter overrides)
+    "full": ("full", {}),  # not run by default on the MiniLM tasks (bench/results/methods-auto-*.md has it)
+    "green-0.5": ("green", {"rho": 0.5}),
+    "front budget": ("green", {"rho": 0.5, "budget_schedule": "front"}),
+    "recency": ("green-recency", {"rho": 0.5}),
+    "rows 4": ("green", {"rho": 0.5, "importance_rows": 4}),
+    "topk-0.5": ("topk", {"rho": 0.5}),
+}
+
+
+def register() -> None:
+    for name, cls, summary in (
+        ("green-recency", "RecencyGreen", "green valuing tensors not trained last epoch (bench/gap.py)"),
+    ):
+        if name not in REGISTERED:
+            register_method(MethodInfo(name, name, summary, True, f"{__name__}:{cls}"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/greentrainer-gap"))
+    parser.add_argument("--tasks", default="classification,topic")
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "full"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--name", default="gap")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    ensure_bench_extra()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    register()
+    started, load_before = time.perf_counter(), os.getloadavg()
+    labels = args.variants.split(",")
+    methods = [(label, *VARIANTS[label]) for label in labels]
+    hp = {"batch_size": 16, "max_seq_len": 64, "warmup_steps": 10}
+    sections = []
+    for task in args.tasks.split(","):
+        work = args.work / task
+        if task == "generation":  # bench/methods.py's causal LM and files (960 train, 480 valid)
+            model_dir, train_file, valid_file = generation_task(work, LMShape(), 960, 480, 0, args.device)
+        else:
+            kind = {"classification": "pos", "topic": "topic"}[task]
+            model_dir, train_file, valid_file = classification_task(work, 960, 960, 0, kind)
+        fit, dev = carve_dev(train_file, 240, 0)
+        results: dict[str, list] = {label: [] for label in labels}
+        for seed in range(args.seeds):
+            print(f"{task}: seed {seed}", flush=True)
+            runs = run_interleaved(
+                model_dir,
+                fit,
+                dev,
+                work / f"seed-{seed}",
+                hp,
+                {"default": AUTO},
+                args.epochs,
+                seed,
+                args.device,
+                methods=methods,
+            )
+            for run in runs:
+                _validate(run, valid_file, args.device)
+                results[run.label].append(run)
+        sections.append(section(task, results, labels))
+    elapsed = (time.perf_counter() - started) / 60
+    text = "\n".join(
+        [
+            "# Green's rho-0.5 gap: ideas at equal FLOPs (issue 15, item 3)",
+            "",
+            f"Command: `.venv/bin/python bench/gap.py {' '.join(sys.argv[1:])}`".rstrip()
+            + f" ({elapsed:.1f} min)",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, device `{args.device}`, torch "
+            f"{torch.__version__}, 1 thread; load average {load_before[0]:.2f} at start, "
+            f"{os.getloadavg()[0]:.2f} at the end. What each variant does: the docstring of bench/gap.py.",
+            "",
+            *sections,
+        ]
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.md").write_text(text + "\n")
+    print(text)
+
+
+def section(task: str, results: dict[str, list], labels: list[str]) -> str:
+    split = "720 training definitions (bench/methods.py's split less its 240 dev), 960 validation definitions"
+    title, data = {
+        "classification": (
+            "all-MiniLM-L6-v2 on WordNet parts of speech",
+            split,
+        ),
+        "topic": (
+            "all-MiniLM-L6-v2 on WordNet noun topics",
+            split,
+        ),
+        "generation": (
+            "bench/methods.py's 3.4M Llama-style causal LM defining WordNet verbs and adjectives",
+            "720 training definitions (less 240 dev), 480 validation definitions; accuracy is next-token "
+            "accuracy on the definitions",
+        ),
+    }[task]
+    lines = [
+        f"## {title}",
+        "",
+        f"{data}; batch 16, 3 epochs, AdamW at the automatic rate, 10 warmup steps then linear decay. "
+        "Accuracy: the last checkpoint on the validation file. FLOPs / full: the run's FLOPs (importance "
+        "included) over full fine-tuning's on the same batches, mean over seeds.",
+        "",
+        "| variant | lr | FLOPs / full | tensors trained per epoch | ever trained | accuracy: mean | sd "
+        "| each seed | vs green-0.5 (points) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = None
+    for label in labels:
+        runs = [r for r in results[label] if not r.refused]
+        if not runs:
+            lines.append(f"| {label} | | | | | refused: {results[label][0].refused} | | | |")
+            continue
+        acc = [100 * r.valid_accuracy for r in runs]
+        mean = statistics.mean(acc)
+        if label == "green-0.5":
+            base = mean
+        share = statistics.mean(
+            sum(e.flops["total"] for e in r.epochs) / sum(e.flops["full"] for e in r.epochs) for r in runs
+        )
+        per_epoch = "/".join(str(len(e.selected_tensors)) for e in runs[0].epochs)
+        ever = len({n for e in runs[0].epochs for n in e.selected_tensors})
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        delta = "" if base is None or label == "green-0.5" else f"{mean - base:+.2f}"
+        lines.append(
+            f"| {label} | {runs[0].epochs[-1].learning_rate:.3g} | {share:.3f} | {per_epoch} (seed 0) "
+            f"| {ever} | {mean:.2f}% | {sd:.2f} | {' / '.join(f'{a:.2f}' for a in acc)} | {delta} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
