@@ -241,7 +241,8 @@ def _refuse_schedule(info: MethodInfo, hp: Hyperparameters) -> None:
     if hp.budget_schedule != BudgetSchedule.EVEN:
         raise SpecError(
             "budget_schedule",
-            f"{hp.budget_schedule} applies to green, which selects every epoch; not {info.name}",
+            f"{hp.budget_schedule} applies to green only (its selections share the run's rho), "
+            f"not {info.name}",
         )
 
 
@@ -402,9 +403,8 @@ class GreenMethod(_InPlace):
         return fit_advice(run, rho)
 
     def learning_rate_scale(self, run: RunCosting, rho: float | None, forward_share: float) -> float:
-        return budget_scale(
-            rho or self.rho or 1.0, forward_share
-        )  # it spends its budget, importance included
+        # It spends its budget, importance included, whatever its schedule among the epochs.
+        return budget_scale(rho or self.rho or 1.0, forward_share)
 
     def memory_plan(self, run: RunCosting, rho: float | None) -> MemoryPlan:
         # The selection changes every reselection and is unknown before the run: bound it by every tensor a
