@@ -95,7 +95,6 @@ class EpochContext:
     # shard on every rank's rows (``importance_pass``'s ``sum_over_ranks``); None: one process holds it all.
     sum_over_ranks: Callable[[list[float]], list[float]] | None = None
     previous: tuple[str, ...] = ()  # the tensors the last epoch trained (none in the first)
-    trained: frozenset[str] = frozenset()  # every tensor trained in an earlier epoch of the run
     # Every epoch of the run, planned (``greencore.reselect.EpochCosts``): what a budget shared unevenly among
     # the epochs is computed from. None: only this epoch and ``later`` are known (every interval gets rho).
     run_epochs: Callable[[], list[EpochCosts]] | None = None
@@ -324,6 +323,7 @@ class GreenMethod(_InPlace):
     """
 
     schedules_budget = True
+    _budgets: list[float] | None = None  # each interval's rho under budget_schedule, planned at the first
 
     def choose(self, ctx: EpochContext) -> Choice | None:
         every = self.hp.reselect_every or 1  # greencore.train settles an automatic one first (settings)
@@ -338,10 +338,10 @@ class GreenMethod(_InPlace):
         )
         interval = IntervalCosts.of(first, ctx.later())
         loop, rho = interval.loop, self.rho
-        if self.hp.budget_schedule != BudgetSchedule.EVEN and ctx.run_epochs is not None and rho is not None:
-            rho = interval_budgets(ctx.run_epochs(), every, rho, self.hp.budget_schedule)[
-                (ctx.epoch - 1) // every
-            ]
+        if self.hp.budget_schedule != BudgetSchedule.EVEN and ctx.run_epochs is not None:
+            if self._budgets is None:  # the run's plan, once: it is the same at every selection
+                self._budgets = interval_budgets(ctx.run_epochs(), every, rho, self.hp.budget_schedule)
+            rho = self._budgets[(ctx.epoch - 1) // every]
         # Only tensors that could train within the budget are worth measuring, and measuring fewer (shallower)
         # tensors costs less backward.
         candidates, spent = interval.candidates(rho)
@@ -464,7 +464,7 @@ class TopKMethod(_InPlace):
     the largest k whose FLOPs fit rho."""
 
     def check(self) -> None:
-        _refuse_schedule(self.info, self.hp)
+        super().check()
         if self.hp.topk_layers is not None:
             _refuse_budget(
                 self.info,

@@ -38,7 +38,7 @@ from greencore import checkpoint
 from greencore.data import IGNORE, DatasetError, Encoded, collate, encode_dataset, task_for, validate_dataset
 from greencore.distributed import Ranks, wrap
 from greencore.energy import EnergyMeter, grams_co2e
-from greencore.estimate import run_costs
+from greencore.estimate import plan_costing, run_costs
 from greencore.flops import StepFlops
 from greencore.importance import tentative_optimizer_factory, training_optimizer
 from greencore.methods import Choice, EpochContext, FirstStep, Method, make_method
@@ -46,7 +46,7 @@ from greencore.models import ModelFolderError, load_config
 from greencore.plan import EpochPlan, ShapeProfiles, plan_epoch
 from greencore.precision import HeldPrecision, autocast, resolve_precision
 from greencore.profile import ProfileError, set_gradient_checkpointing
-from greencore.reselect import EpochCosts
+from greencore.reselect import EpochCosts, run_epochs
 from greencore.spec import (
     AUTO,
     Attention,
@@ -428,7 +428,6 @@ def _train_epoch(run: _Run, epoch: int, hooks: _Hooks) -> EpochReport | None:
         optimizer_factory=tentative_optimizer_factory(run.optimizer),
         sum_over_ranks=run.ranks.sum if run.sharded is not None else None,
         previous=run.choice.names if run.choice is not None else (),
-        trained=frozenset(run.trained),
         run_epochs=lambda: _planned_epochs(run),
     )
     if run.ranks is None:
@@ -577,16 +576,11 @@ def _shared_choice(run: _Run, choice: Choice | None) -> Choice | None:
 
 
 def _planned_epochs(run: _Run) -> list[EpochCosts]:
-    """Every epoch of the run as planned: its steps, its steps after the first where the importance pass
-    computes that one, full fine-tuning's FLOPs and its importance batches (the estimate's plan)."""
-    out = []
-    for e in range(1, run.hp.n_epochs + 1):
-        plan = plan_epoch(run.train_data, run.hp, run.spec.seed, e)
-        steps = run.profiles.steps(plan.shapes)
-        after = run.profiles.steps(plan.shapes[1:]) if plan.first_step_from_importance else None
-        importance = run.importance_profiles.steps(plan.importance_shapes)
-        out.append(EpochCosts(steps, after, steps.full.total, importance))
-    return out
+    """Every epoch of the run as planned: the estimate's plan (``plan_costing``) on the run's profiles."""
+    costing, _ = plan_costing(
+        run.model, run.train_data, run.hp, run.spec.seed, run.profiles, run.importance_profiles
+    )
+    return run_epochs(costing)
 
 
 def _later_epochs(run: _Run, epoch: int) -> list[tuple[Any, int]]:
