@@ -147,12 +147,13 @@ def _run_costs(
     limits: DatasetLimits,
     cache_ids: int,
     device: str | None,
+    world_size: int,
 ) -> Any:
     from greencore.estimate import run_costs
 
     hp = to_core(Hyperparameters.model_validate_json(hp_json))
     encoded, num_labels = _encoded(model_path, mtime, file_path, sha256, hp.max_seq_len, limits, cache_ids)
-    return run_costs(model_path, encoded, method, hp, seed, num_labels, device)
+    return run_costs(model_path, encoded, method, hp, seed, num_labels, device, world_size)
 
 
 def estimate(
@@ -187,6 +188,7 @@ def estimate(
         dataset_limits(settings),
         settings.estimate_cache_tokens,
         settings.train_device,  # the memory is replayed for the workers' device type
+        settings.worker_nproc,  # and for one of the ranks each job runs on
     )
     try:
         est = costs.estimate(to_core(hp), settings.energy, calibration)
@@ -261,6 +263,7 @@ def estimate(
             method=peaks(memory.method),
             basis=memory.basis,
             device_type=memory.device,
+            world_size=memory.world_size,
         ),
         minimum_budget=MinimumBudget(
             rho=est.rho_min, max_flops=est.min_max_flops, max_energy_kwh=est.min_max_energy_kwh

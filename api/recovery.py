@@ -57,7 +57,9 @@ class Recovery:
 
 
 def process_gone(worker: str | None) -> bool:
-    """Whether ``worker`` (``host:pid``) was a process on this host that no longer exists."""
+    """Whether ``worker`` (``host:pid``) was a process on this host that no longer exists: gone, or dead and
+    not yet reaped (a zombie: a killed worker's pool child whose parent died with it waits for init to reap
+    it, which may take a minute or never happen where nothing reaps orphans)."""
     host, _, pid = (worker or "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
@@ -67,7 +69,12 @@ def process_gone(worker: str | None) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    try:  # Linux: the state letter follows the command name in parentheses
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False  # no procfs: the process exists
+    return state in ("Z", "X")
 
 
 def _job_id_of(payload: str | bytes) -> str | None:

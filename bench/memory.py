@@ -18,6 +18,12 @@ for all of them), measured the same way, and green with gradient checkpointing. 
 only): Llama-3-8B, Qwen2.5-7B and Mistral-7B shapes at batch 1, 2, 4 x 2048, replayed for CUDA (the model's
 SDPA attention, fused AdamW, importance's copies in host memory) in each precision: full, and
 green-0.5's bound (training step and importance evaluation), against 80 GB.
+
+``--ranks`` (writes bench/results/memory-ranks.md instead): one GPU's peak of a run on 1, 2, 4 and 8 ranks
+of the same 8B-class shapes, under DDP and FSDP2 (``distributed``), at bf16-mixed, batch 8 x 2048 (each rank
+its rows): full and green-0.5's bound, training step and importance evaluation, each replayed on fake tensors
+with the run's engine over a fake process group (greencore.memory.fake_world), against 80 GB. The replay of a
+rank matches a real gloo rank's measured peak in tests/test_memory_ranks.py.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -250,12 +257,82 @@ def big_rows() -> list[str]:
     return rows
 
 
+RANK_BATCH = 8
+WORLDS = (1, 2, 4, 8)
+
+
+def rank_rows() -> list[str]:
+    """One device's peak on each number of ranks (module docstring, ``--ranks``)."""
+    rows = []
+    fits = lambda x: "yes" if x <= DEVICE_GB * GB else "no"  # noqa: E731
+    for name, (cls, numbers) in BIG.items():
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(cls(**numbers, max_position_embeddings=4096))
+        every = [n for n, _ in meta.named_parameters()]
+        reach = list(reachable_tensors(profile_model(meta, 1, 2048), RHO))
+        shape = (RANK_BATCH, 2048)
+        for engine, micro in (("ddp", False), ("ddp", True), ("fsdp", False)):
+            for world in WORLDS:
+                if world == 1 and (engine == "fsdp" or micro):
+                    continue  # one process: nothing to shard, and its micro-batch is the batch
+                # micro: micro-batches of the rows each rank takes, which rank 0's importance passes (the
+                # whole batch, under DDP) then run in too
+                hp = hyperparameters("bf16-mixed", RANK_BATCH // world if micro else None)
+                hp = replace(hp, distributed=engine)
+                started = time.perf_counter()
+                full = train_step_bytes(meta, every, shape, "causal_lm", hp, "cuda", world)
+                green = train_step_bytes(meta, reach, shape, "causal_lm", hp, "cuda", world)
+                imp = importance_bytes(meta, reach, reach, shape, "causal_lm", hp, "cuda", world)
+                label = "one process" if world == 1 else engine + (", micro-batch = rows" if micro else "")
+                rows.append(
+                    f"| {name} | {label} | {world} | {RANK_BATCH // world} x 2048 | {full / GB:.1f} "
+                    f"({fits(full)}) | {green / GB:.1f} ({fits(green)}) | {imp / GB:.1f} ({fits(imp)}) | "
+                    f"{time.perf_counter() - started:.0f} |"
+                )
+                print(rows[-1], flush=True)
+    return rows
+
+
+def write(name: str, lines: list[str]) -> None:
+    out = ROOT / "bench" / "results" / name
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+def write_ranks() -> None:
+    rows = rank_rows()
+    lines = [
+        "# Peak memory of one GPU on several ranks: 8B-class shapes, estimate on fake tensors",
+        "",
+        f"Command: `.venv/bin/python bench/memory.py --ranks` (torch {torch.__version__}). Replayed for CUDA "
+        "(the model's SDPA attention, fused AdamW), precision bf16-mixed, a global batch of "
+        f"{RANK_BATCH} x 2048 tokens cut into each rank's rows (`rows per rank`), each rank's engine over a "
+        "fake process group (greencore.memory.fake_world): DDP holds the whole model and the trained "
+        "tensors' gradient buckets, FSDP2 a shard of every tensor, its gradient and AdamW state, one layer "
+        "gathered at a time. Under DDP rank 0 runs the importance evaluation of the whole batch alone "
+        "(`micro-batch = rows`: with `micro_batch_size` set to the rows each rank takes, in micro-batches of "
+        "that size); sharded, every rank runs it on its rows. green-0.5: the bound the service reports "
+        "(every tensor rho 0.5 can reach, trained at once). GB = 1e9 bytes; fits: within "
+        f"{DEVICE_GB} GB. `s`: seconds to compute the row's three estimates.",
+        "",
+        "| model | engine | ranks | rows per rank | full step GB (fits) | green-0.5 step GB (fits) "
+        "| green-0.5 importance GB (fits) | s |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    write("memory-ranks.md", lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--ranks", action="store_true", help="one GPU's peak on several ranks only")
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args()
+    if args.ranks:
+        write_ranks()
+        return
     shape = MODEL_SMALL if args.small else MODEL_350M
     if args.measure is not None:
         print(json.dumps(measure(shape, int(args.measure))))
@@ -312,9 +389,7 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|",
             *big,
         ]
-    out = ROOT / "bench" / "results" / "memory.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write("memory.md", lines)
 
 
 if __name__ == "__main__":

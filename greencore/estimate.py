@@ -49,16 +49,20 @@ class MemoryEstimate:
     method: PeakMemory
     basis: str  # "exact": the method's own tensors; "bound": every tensor its selection could reach
     device: str  # the device type replayed: "cpu" or "cuda"
+    world_size: int = 1  # the peaks are one rank's (rank 0's, the largest) of a run on this many ranks
 
 
 class RunMemory:
     """The peak memory of a planned run at a budget (computed on fake tensors when first asked, then kept)."""
 
-    def __init__(self, method: str, costing: RunCosting, shapes: RunShapes, device: str) -> None:
+    def __init__(
+        self, method: str, costing: RunCosting, shapes: RunShapes, device: str, world_size: int = 1
+    ) -> None:
         self.method = method
         self.costing = costing
         self.shapes = shapes
         self.device = device
+        self.world_size = world_size
 
     def at(self, hp: Hyperparameters, rho: float | None) -> MemoryEstimate:
         """The peaks of the run with ``hp`` at the budget ``rho`` in force, and of full fine-tuning."""
@@ -67,10 +71,11 @@ class RunMemory:
             plan = make_method(self.method, hp).memory_plan(self.costing, rho)
             full = MemoryPlan(model, tuple(n for n, _ in model.named_parameters()))
             return MemoryEstimate(
-                full=self.shapes.peak(full, hp, self.device),
-                method=self.shapes.peak(plan, hp, self.device),
+                full=self.shapes.peak(full, hp, self.device, self.world_size),
+                method=self.shapes.peak(plan, hp, self.device, self.world_size),
                 basis=plan.basis,
                 device=self.device,
+                world_size=self.world_size,
             )
 
 
@@ -218,11 +223,14 @@ def run_costs(
     seed: int,
     num_labels: int | None = None,
     device: str | None = None,
+    world_size: int = 1,
 ) -> RunCosts:
     """The FLOPs of training ``data`` (encoded for ``model_dir``'s tokenizer) with ``method`` and ``hp``:
     the run's own batches (seeded), each row shape profiled once (cached by model structure). ``num_labels``:
     the classifier's classes (classification data). The budget fields of ``hp`` do not enter. ``device``:
-    the device type the run's memory is replayed for ("cpu" or "cuda"; default CUDA when present)."""
+    the device type the run's memory is replayed for ("cpu" or "cuda"; default CUDA when present);
+    ``world_size``: the ranks the run will train on (the memory is then one rank's, under ``hp.distributed``;
+    the FLOPs are the run's, summed over ranks)."""
     costed = make_method(method, hp)
     model = _meta_model(str(model_dir), _mtime(model_dir), data.task, num_labels)
     attention = None if hp.attention == "auto" else hp.attention
@@ -251,7 +259,7 @@ def run_costs(
             forward_share=sum(p.full.fwd for p in costing.epochs) / sum(p.full.total for p in costing.epochs),
         ),
         costing=costing,
-        memory=RunMemory(method, costing, shapes, device),
+        memory=RunMemory(method, costing, shapes, device, world_size),
     )
 
 

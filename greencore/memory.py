@@ -24,6 +24,11 @@ whole batch, which the run holds on its device. With ``gradient_checkpointing`` 
 the layers as the run does (each layer keeps its inputs; its forward runs again in backward). Host memory the
 run keeps beside the device (precision bf16's float32 originals of a float32 base) is not device memory and is
 not counted.
+
+On several ranks the replay is rank 0's (the rank with the most rows): the run's own engine runs over a fake
+process group of that size (:func:`fake_world`): DDP's wrapper with its gradient buckets, or FSDP2's sharding
+(``greencore.sharded.shard``: each rank's shards, the layers gathered and freed, gradients reduce-scattered),
+on the rank's rows of each batch.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -43,9 +48,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from greencore.distributed import Ranks, local, wrap
 from greencore.models import TRACE_LOCK
 from greencore.precision import HeldPrecision, Precision, autocast, resolve_precision, tensor_dtypes
-from greencore.spec import AUTO, Hyperparameters
+from greencore.spec import AUTO, Distributed, Hyperparameters
+
+if TYPE_CHECKING:  # FSDP2 stays out of `import greencore`
+    from greencore.sharded import Sharded
 
 Shape = tuple[int, ...]  # a padded batch: (batch, seq) or, for seq2seq, (batch, seq, target)
 GIB = 1 << 30
@@ -93,9 +102,11 @@ def host_memory() -> Iterator[None]:
 
 class LiveStorages(TorchDispatchMode):
     """Bytes of the storages alive, and their peak: every storage an op returns counts from then until Python
-    frees it (views of one storage count once). Storages that existed before (weights, optimizer state) are
-    added with :meth:`add`. ``fake_scalars``: answer a read of a tensor's value (``.item()``, ``float(t)``)
-    with 1 (True), so code that reads a loss or a step count runs on fake tensors."""
+    frees it (views of one storage count once), at its current size: a storage resized in place (FSDP2 frees
+    a gathered parameter by resizing its storage to 0 bytes and gathers it again into the same storage) counts
+    what it holds after each resize. Storages that existed before (weights, optimizer state) are added with
+    :meth:`add`. ``fake_scalars``: answer a read of a tensor's value (``.item()``, ``float(t)``) with 1
+    (True), so code that reads a loss or a step count runs on fake tensors."""
 
     def __init__(self, fake_scalars: bool = False) -> None:
         super().__init__()
@@ -103,24 +114,42 @@ class LiveStorages(TorchDispatchMode):
         self.live_bytes = 0
         self.peak_bytes = 0
         self._live: dict[int, Any] = {}
+        self._bytes: dict[int, int] = {}
 
     def add(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
-            storage = t.untyped_storage()
-            key = storage._cdata
-            if key in self._live:
-                continue
-            nbytes = storage.nbytes()
-            self._live[key] = weakref.finalize(storage, self._freed, key, nbytes)
-            self.live_bytes += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            # A DTensor (FSDP2's parameters, gradients and AdamW state) holds its rank's shard: that is
+            # what is allocated (the wrapper's own storage has the whole tensor's size and holds nothing).
+            self._count(local(t).untyped_storage())
 
-    def _freed(self, key: int, nbytes: int) -> None:
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        """Count ``storage`` at its size now (first seen: from now on, until it is freed)."""
+        key = storage._cdata
+        nbytes = storage.nbytes()
+        if key not in self._live:
+            self._live[key] = weakref.finalize(storage, self._freed, key)
+            self._bytes[key] = 0
+        self.live_bytes += nbytes - self._bytes[key]
+        self._bytes[key] = nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _freed(self, key: int) -> None:
         if self._live.pop(key, None) is not None:
-            self.live_bytes -= nbytes
+            self.live_bytes -= self._bytes.pop(key)
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.live_bytes
+
+    def __enter__(self):
+        _RESIZE_WATCHERS.append(self)
+        torch.UntypedStorage.resize_ = _watched_resize  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _RESIZE_WATCHERS.remove(self)
+        if not _RESIZE_WATCHERS:
+            torch.UntypedStorage.resize_ = _STORAGE_RESIZE  # type: ignore[method-assign]
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.fake_scalars and func is torch.ops.aten._local_scalar_dense.default:
@@ -129,6 +158,19 @@ class LiveStorages(TorchDispatchMode):
         if not getattr(_HOST, "on", False):
             self.add(o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
         return out
+
+
+_STORAGE_RESIZE = torch.UntypedStorage.resize_
+_RESIZE_WATCHERS: list[LiveStorages] = []  # the trackers in force: they see a storage resized in place
+
+
+def _watched_resize(storage: torch.UntypedStorage, size: int) -> Any:
+    """``UntypedStorage.resize_`` while a :class:`LiveStorages` tracks: a direct call, not a dispatched op."""
+    out = _STORAGE_RESIZE(storage, size)
+    if not getattr(_HOST, "on", False):
+        for tracker in _RESIZE_WATCHERS:
+            tracker._count(storage)
+    return out
 
 
 def peak_shapes(shapes: Iterable[Shape]) -> list[Shape]:
@@ -263,38 +305,45 @@ def train_step_bytes(
     task: str,
     hp: Hyperparameters,
     device: str = "cpu",
+    world: int = 1,
 ) -> int:
     """Peak bytes of one training step of ``model`` (real or meta; left unchanged) on a batch of ``shape``
     with exactly the parameters named in ``trained`` trainable, on ``device`` ("cpu" or "cuda"), in the
-    run's precision and micro-batches (``hp``)."""
+    run's precision and micro-batches (``hp``). On ``world`` ranks, the peak of one rank's device (rank 0's,
+    the largest): the engine ``hp.distributed`` names runs over a fake process group (:func:`fake_world`)."""
     trained = set(trained)
     precision = _precision(hp, device)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = _fake_model(model, mode, device, trained, _dtypes(model, trained, precision))
-    if hp.gradient_checkpointing:
-        from greencore.profile import set_gradient_checkpointing
-
-        set_gradient_checkpointing(fake, True)
-    params = [p for p in fake.parameters() if p.requires_grad]
     tracker = LiveStorages()
-    with mode, _attention(fake, hp), TRACE_LOCK:
-        optimizer = warm_optimizer(params, hp, device)
-        batch = fake_batch(task, shape, _placed(device))
-        tracker.add([*_held(fake, optimizer), *batch.values()])
-        if optimizer is None:  # nothing trains: the run takes no step
-            return tracker.peak_bytes
-        fake.train()
-        parts = _micro_batches(batch, hp)
-        with tracker, torch.enable_grad():
-            for part in parts:
-                with autocast(precision, torch.device(_placed(device)).type):
-                    loss = fake(**part).loss
-                if loss.requires_grad:
-                    (loss if len(parts) == 1 else loss * 0.5).backward()
-            if hp.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], hp.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    with fake_world(world) as ranks:
+        fake, sharded = _replica(model, mode, device, trained, precision, hp, ranks)
+        params = [p for p in fake.parameters() if p.requires_grad]
+        with mode, _attention(fake, hp), TRACE_LOCK:
+            optimizer = warm_optimizer(params, hp, device)
+            batch = fake_batch(task, shape, _placed(device))
+            tracker.add([*_held(fake, optimizer), *batch.values()])
+            if optimizer is None:  # nothing trains: the run takes no step
+                return tracker.peak_bytes
+            fake.train()
+            parts = _micro_batches(_rank_rows(batch, ranks), hp)
+            with tracker, torch.enable_grad():
+                # DDP is built when the epoch's choice is known, its gradient buckets then held by the steps.
+                forward = wrap(fake, ranks) if ranks is not None and sharded is None else fake
+                for i, part in enumerate(parts):
+                    last = i == len(parts) - 1
+                    if sharded is not None:
+                        sharded.set_gradient_sync(last)
+                    ddp_waits = forward is not fake and not last  # DDP all-reduces after the last part only
+                    with forward.no_sync() if ddp_waits else contextlib.nullcontext():
+                        with autocast(precision, torch.device(_placed(device)).type):
+                            loss = forward(**part).loss
+                        if loss.requires_grad:
+                            (loss if len(parts) == 1 else loss * 0.5).backward()
+                if hp.max_grad_norm is not None:
+                    grads = [p for p in params if p.grad is not None]
+                    torch.nn.utils.clip_grad_norm_(grads, hp.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
     return tracker.peak_bytes
 
 
@@ -306,42 +355,121 @@ def importance_bytes(
     task: str,
     hp: Hyperparameters,
     device: str = "cpu",
+    world: int = 1,
 ) -> int:
     """Peak bytes of one importance evaluation (``importance_pass``) of ``candidates`` on a batch of
-    ``shape``, while the training optimizer holds AdamW state for the parameters named in ``held_state``."""
+    ``shape``, while the training optimizer holds AdamW state for the parameters named in ``held_state``. On
+    ``world`` ranks: under DDP rank 0 evaluates the whole batch alone (one process's peak); sharded (FSDP2)
+    every rank evaluates its rows on its shards."""
     from greencore.importance import importance_pass, tentative_optimizer_factory
 
     candidates = list(candidates)
     held = set(held_state) | set(candidates)
     precision = _precision(hp, device)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    # Tensors trained before are float32 (precision bf16); the candidates not among them are widened for the
-    # evaluation only, as GreenMethod.choose does.
-    fake = _fake_model(model, mode, device, held, _dtypes(model, held_state, precision))
-    state_of = [p for n, p in fake.named_parameters() if n in set(held_state)]
     tracker = LiveStorages(fake_scalars=True)
-    with mode, _attention(fake, hp), TRACE_LOCK:
-        training = warm_optimizer(state_of, hp, device) or torch.optim.AdamW(
-            [nn.Parameter(torch.empty(0, device=_placed(device)))],
-            lr=_with_rate(hp).learning_rate,
-            weight_decay=hp.weight_decay,
-        )
-        batch = fake_batch(task, shape, _placed(device))
-        tracker.add([*_held(fake, training), *batch.values()])
-        fake.train()
-        parts = _micro_batches(batch, hp)
-        weights = [1.0 / len(parts)] * len(parts)
-        with tracker, HeldPrecision(fake, precision).widened(candidates):
-            importance_pass(
-                fake,
-                parts,
-                tentative_optimizer_factory(training),
-                names=candidates,
-                weights=weights,
-                autocast=autocast(precision, torch.device(_placed(device)).type),
-                offload=torch.device(device).type == "cuda",  # as on real CUDA tensors
+    with fake_world(world if hp.distributed == Distributed.FSDP else 1) as ranks:
+        # Tensors trained before are float32 (precision bf16); the candidates not among them are widened for
+        # the evaluation only, as GreenMethod.choose does.
+        fake, sharded = _replica(model, mode, device, held, precision, hp, ranks, dtyped=set(held_state))
+        state_of = [p for n, p in fake.named_parameters() if n in set(held_state)]
+        with mode, _attention(fake, hp), TRACE_LOCK:
+            training = warm_optimizer(state_of, hp, device) or torch.optim.AdamW(
+                [nn.Parameter(torch.empty(0, device=_placed(device)))],
+                lr=_with_rate(hp).learning_rate,
+                weight_decay=hp.weight_decay,
             )
+            batch = fake_batch(task, shape, _placed(device))
+            tracker.add([*_held(fake, training), *batch.values()])
+            fake.train()
+            parts = _micro_batches(_rank_rows(batch, ranks), hp)
+            weights = [1.0 / len(parts)] * len(parts)
+            if sharded is not None:
+                sharded.set_trained(None)  # as the run: the candidates may reach any layer
+            with tracker, HeldPrecision(fake, precision).widened(candidates):
+                importance_pass(
+                    fake,
+                    parts,
+                    tentative_optimizer_factory(training),
+                    names=candidates,
+                    weights=weights,
+                    autocast=autocast(precision, torch.device(_placed(device)).type),
+                    offload=torch.device(device).type == "cuda" and sharded is None,  # as on CUDA tensors
+                    sum_over_ranks=ranks.sum if sharded is not None else None,
+                )
     return tracker.peak_bytes
+
+
+@contextlib.contextmanager
+def fake_world(world: int) -> Iterator[Ranks | None]:
+    """Rank 0 of ``world`` ranks over a fake process group (torch's ``fake`` backend: every collective
+    returns at once, moving nothing), for a replay on fake tensors of what a rank holds; None for one
+    process. The group is this process's default one while the block runs (under :data:`TRACE_LOCK`), so
+    this runs only where no process group is initialised (an estimate is made outside a run's ranks)."""
+    if world <= 1:
+        yield None
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    with TRACE_LOCK:
+        if dist.is_initialized():
+            raise RuntimeError("a replay on several ranks runs outside an initialised process group")
+        dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+        try:
+            yield Ranks(0, world, 0, torch.device("cpu"))
+        finally:
+            dist.destroy_process_group()
+
+
+def _replica(
+    model: nn.Module,
+    mode: FakeTensorMode,
+    device: str,
+    trainable: set[str],
+    precision: Precision,
+    hp: Hyperparameters,
+    ranks: Ranks | None,
+    dtyped: set[str] | None = None,
+) -> tuple[nn.Module, Sharded | None]:
+    """The fake model a rank replays: :func:`_fake_model` (each tensor in its dtype for ``precision``, the
+    parameters named in ``dtyped`` taken as trained there; default ``trainable``), gradient checkpointing as
+    ``hp`` has it, and, sharded (``hp.distributed`` fsdp on ``ranks``), wrapped by ``greencore.sharded.shard``
+    as the run wraps it, each rank's shards made fake tensors; its :class:`Sharded` then, else None."""
+    from greencore.profile import set_gradient_checkpointing
+
+    dtypes = _dtypes(model, trainable if dtyped is None else dtyped, precision)
+    if ranks is None or hp.distributed != Distributed.FSDP:
+        fake = _fake_model(model, mode, device, trainable, dtypes)
+        if hp.gradient_checkpointing:
+            set_gradient_checkpointing(fake, True)
+        return fake, None
+    from greencore.sharded import shard
+
+    # FSDP2 shards a model on the meta device; its shards then become fake tensors (precision bf16 is refused
+    # under fsdp, so every tensor keeps its dtype).
+    with TRACE_LOCK:
+        meta = copy.deepcopy(model).to("meta")
+    for name, p in meta.named_parameters():
+        p.requires_grad_(name in trainable)
+    if hp.gradient_checkpointing:
+        set_gradient_checkpointing(meta, True)
+    sharded = shard(meta, ranks)
+    with mode:
+        meta.to_empty(device=_placed(device))
+    config = getattr(meta, "config", None)
+    if config is not None and getattr(config, "pad_token_id", 0) is None:
+        config.pad_token_id = 0
+    sharded.set_trained(trainable)
+    return meta, sharded
+
+
+def _rank_rows(batch: dict[str, torch.Tensor], ranks: Ranks | None) -> dict[str, torch.Tensor]:
+    """Rank 0's rows of ``batch`` (views; the most rows of any rank), as ``greencore.train`` cuts a batch."""
+    if ranks is None:
+        return batch
+    rows = ranks.rows(batch["input_ids"].shape[0])
+    return {k: v[rows.start : rows.stop] for k, v in batch.items()}
 
 
 @dataclass(frozen=True)
@@ -367,8 +495,9 @@ class RunShapes:
     importance: list[Shape]
     _cache: dict[Any, int] = field(default_factory=dict, repr=False)
 
-    def peak(self, plan: MemoryPlan, hp: Hyperparameters, device: str = "cpu") -> PeakMemory:
-        """The peaks of ``plan``'s run over these shapes (each computation cached)."""
+    def peak(self, plan: MemoryPlan, hp: Hyperparameters, device: str = "cpu", world: int = 1) -> PeakMemory:
+        """The peaks of ``plan``'s run over these shapes (each computation cached), on one of ``world``
+        ranks."""
         shapes = tuple(
             (n, tuple(p.shape)) for n, p in plan.model.named_parameters() if n in set(plan.trained)
         )
@@ -381,11 +510,13 @@ class RunShapes:
             str(_precision(hp, device)),
             hp.micro_batch_size,
             device,
+            world,
+            str(hp.distributed) if world > 1 else None,
         )
         if key not in self._cache:
             self._cache[key] = max(
                 (
-                    train_step_bytes(plan.model, plan.trained, s, self.task, hp, device)
+                    train_step_bytes(plan.model, plan.trained, s, self.task, hp, device, world)
                     for s in peak_shapes(self.steps)
                 ),
                 default=0,
@@ -396,7 +527,9 @@ class RunShapes:
             ikey = (*key, "importance", plan.candidates)
             if ikey not in self._cache:
                 self._cache[ikey] = max(
-                    importance_bytes(plan.model, plan.candidates, plan.trained, s, self.task, hp, device)
+                    importance_bytes(
+                        plan.model, plan.candidates, plan.trained, s, self.task, hp, device, world
+                    )
                     for s in peak_shapes(self.importance or self.steps)
                 )
             imp = self._cache[ikey]

@@ -300,6 +300,22 @@ def _setup(spec: TrainSpec) -> _Run:
     return run
 
 
+def peak_memory_bytes(spec: TrainSpec, world_size: int = 1) -> int:
+    """The peak memory of ``spec``'s run on one device of ``world_size`` ranks, as its estimate gives it
+    (``greencore.estimate.run_costs`` on the run's own data and plan): for a worker whose ranks are not the
+    ones the job's estimate was made for. Raises BudgetTooSmall or SpecError as the estimate does."""
+    tokenizer = _load_tokenizer(spec.model_dir)
+    _task, labels, data, _valid = _setup_data(spec, load_config(spec.model_dir), tokenizer)
+    hp = spec.hyperparameters
+    device = torch.device(spec.device or _default_device()).type
+    costs = run_costs(
+        spec.model_dir, data, spec.method, hp, spec.seed, len(labels) if labels else None, device, world_size
+    )
+    memory = costs.estimate(hp, spec.energy).memory
+    assert memory is not None  # run_costs always gives the memory model
+    return memory.method.peak_bytes
+
+
 def _shard(
     model: nn.Module, params: list[nn.Parameter], ranks: Ranks
 ) -> tuple[nn.Module, list[nn.Parameter], nn.Module, Sharded]:

@@ -181,10 +181,17 @@ def run_job(
             job = session.get(Job, job_id)
             assert job is not None
             spec = build_spec(session, job, settings, resume_dir, attempt)
-            peak = ((job.estimate or {}).get("peak_memory_bytes") or {}).get("method")
-        if peak is not None:  # a job that cannot fit this worker's device fails now, not after an OOM
+            estimate = job.estimate or {}
+        peak = (estimate.get("peak_memory_bytes") or {}).get("method")
+        if peak is not None:  # a job that cannot fit this worker's devices fails now, not after an OOM
             from greencore.memory import check_fits
 
+            if (estimate.get("memory") or {}).get("world_size", 1) != settings.worker_nproc:
+                # Estimated for another number of ranks (an API with another GT_WORKER_NPROC): this
+                # worker's own.
+                from greencore.train import peak_memory_bytes
+
+                peak = peak_memory_bytes(spec, settings.worker_nproc)
             check_fits(peak, spec.device, settings.device_memory_bytes)
         hooks = {
             "on_epoch": recorder.on_epoch,

@@ -55,6 +55,12 @@ class MemoryPublic(BaseModel):
     device_type: Literal["cpu", "cuda"] = Field(
         description="the device the step was replayed for (cpu: eager attention; cuda: the model's own)"
     )
+    world_size: int = Field(
+        1,
+        description="the ranks each job runs on (the workers' GT_WORKER_NPROC): the peaks are one rank's "
+        "device (rank 0's, the largest), under the job's distributed engine (ddp: its rows of each batch "
+        "and the trained tensors' gradient buckets; fsdp: a shard of every tensor)",
+    )
 
 
 class BasisPublic(BaseModel):

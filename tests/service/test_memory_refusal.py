@@ -77,3 +77,35 @@ def test_worker_fails_a_job_its_device_cannot_hold(client: TestClient, sessions,
     assert str(peak) in job["error"]["message"] and str(peak // 2) in job["error"]["message"]
     with sessions() as session:  # it failed before training anything
         assert session.query(Epoch).filter(Epoch.job_id == job_id).count() == 0
+
+
+def _ranked(settings: Settings, key: str, nproc: int) -> TestClient:
+    """The API of a service whose workers run each job on ``nproc`` ranks (GT_WORKER_NPROC)."""
+    ranked = settings.model_copy(update={"worker_nproc": nproc})
+    return TestClient(create_app(ranked), headers={"Authorization": f"Bearer {key}"})
+
+
+def test_estimate_is_one_rank_of_the_workers(client: TestClient, settings: Settings, key: str) -> None:
+    for engine in ("ddp", "fsdp"):
+        one = _estimate(client, "full", distributed=engine)
+        two = _estimate(_ranked(settings, key, 2), "full", distributed=engine)
+        assert one["memory"]["world_size"] == 1 and two["memory"]["world_size"] == 2
+        assert two["flops"] == one["flops"]  # the FLOPs are the run's, summed over ranks
+        assert two["peak_memory_bytes"]["full"] != one["peak_memory_bytes"]["full"], engine
+
+
+def test_worker_checks_the_peak_of_its_own_ranks(
+    client: TestClient, sessions, settings: Settings, key: str
+) -> None:
+    job_id = create_job(client, distributed="fsdp")  # estimated for one rank (this API's GT_WORKER_NPROC)
+    stored = client.get(f"{JOBS}/{job_id}").json()["estimate"]["peak_memory_bytes"]["method"]
+    two = _estimate(_ranked(settings, key, 2), rho=SMALL_RHO, distributed="fsdp")["peak_memory_bytes"][
+        "method"
+    ]
+    assert two != stored
+    worker = settings.model_copy(
+        update={"worker_nproc": 2, "device_memory_bytes": two - 1, "train_device": "cpu"}
+    )
+    assert run_job(job_id, sessions, worker) == "failed"  # before any rank starts
+    error = client.get(f"{JOBS}/{job_id}").json()["error"]
+    assert error["code"] == "insufficient_memory" and str(two) in error["message"], error

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +29,7 @@ from api.config import Settings
 from api.db import SessionFactory, make_session_factory
 from api.migrate import upgrade
 from api.queue import JobQueue
-from api.recovery import broker_job_ids, recover
+from api.recovery import broker_job_ids, process_gone, recover
 from api.tables import Checkpoint, Job, utcnow
 from tests.backends import (
     REDIS_URL,
@@ -142,6 +144,25 @@ def worker(service: Service, log: Path, **env: str):  # a context manager of a w
     """A real Celery worker (``python -m worker``, prefork pool) in its own process group; ``env``: more
     settings."""
     return process([sys.executable, "-m", "worker"], {**service.env, **env}, log)
+
+
+def test_a_dead_process_not_yet_reaped_is_gone() -> None:
+    """A killed worker's pool child lingers as a zombie until something reaps it: it is gone all the same."""
+    host = socket.gethostname()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not process_gone(f"{host}:{alive.pid}")
+        alive.kill()
+        deadline = time.monotonic() + 10
+        while not process_gone(f"{host}:{alive.pid}"):  # dead, not reaped: this process has not waited
+            assert time.monotonic() < deadline, "a killed process still reads as alive"
+            time.sleep(0.01)
+        assert os.path.exists(f"/proc/{alive.pid}")  # still in the process table
+    finally:
+        alive.kill()
+        alive.wait()
+    assert process_gone(f"{host}:{alive.pid}")
+    assert not process_gone(f"{host}:{os.getpid()}") and not process_gone(f"elsewhere:{alive.pid}")
 
 
 def test_a_killed_worker_loses_nothing(service: Service, tmp_path: Path) -> None:

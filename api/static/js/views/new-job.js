@@ -173,7 +173,7 @@ export function render(root, params) {
         e.truncated_examples ? `; ${integer(e.truncated_examples)} examples cut at max_seq_len` : '',
         `. Time and energy on the device profile "${e.device.name}" (${flops(e.device.peak_flops)}/s peak, `,
         `${percent(e.device.utilization, 0)} used, ${e.device.watts} W). `,
-        `Peak memory on ${e.memory.device_type} (training step or importance evaluation, whichever is larger)`,
+        `Peak memory on ${e.memory.device_type}${e.memory.world_size > 1 ? `, per rank of ${e.memory.world_size}` : ''} (training step or importance evaluation, whichever is larger)`,
         e.device.memory_bytes === null ? '. ' : ` against the device's ${bytes(e.device.memory_bytes)}. `,
         e.basis === 'budget' ? 'The method spends at most rho of full fine-tuning.'
           : e.basis === 'profile' ? 'Exact FLOPs of the tensors this method trains.'
