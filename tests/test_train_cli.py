@@ -20,7 +20,7 @@ from api.cli_train import EpochRecords, run_train
 from greencore.checkpoint import load_state
 from greencore.spec import EpochReport
 from tests.model_folders import dataset, model_folder, write_jsonl
-from tests.processes import ROOT
+from tests.processes import ROOT, free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,19 +232,32 @@ def test_bad_rank_flags_exit_2(inputs, capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
-def test_two_ranks_through_torchrun_equal_one_process(inputs, tmp_path):
-    """`greentrainer train --nproc 2` (torchrun, gloo on CPU) ends where one process ends: the same
-    selections and records, weights within float rounding; one epochs.jsonl, written by rank 0."""
+def test_two_machines_through_torchrun_equal_one_process(inputs, tmp_path):
+    """Two machines of one rank each (`--nnodes 2 --node-rank i --rdzv-endpoint`: torchrun's static
+    rendezvous, here both on this host, gloo over loopback) end where one process ends: the same selections
+    and records, weights within float rounding; one epochs.jsonl, written by rank 0 into the shared output
+    folder. (`--nproc 2` on one machine, torchrun's --standalone: the fsdp test below, a worker's ranks.)"""
     one, two = tmp_path / "one", tmp_path / "two"
     path = config(inputs, "two-ranks.json")
     assert main(["train", "--config", str(path), "--output-dir", str(one)]) == 0
     command = [sys.executable, "-m", "api.cli", "train", "--config", str(path), "--output-dir", str(two)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GT_DIST_TIMEOUT_S": "120"}
-    done = subprocess.run(
-        [*command, "--nproc", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("final checkpoint:") == 1  # rank 0 reports
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GT_DIST_TIMEOUT_S": "120", "GLOO_SOCKET_IFNAME": "lo"}
+    endpoint = f"127.0.0.1:{free_port()}"
+    machines = [
+        subprocess.Popen(
+            [*command, "--nproc", "1", "--nnodes", "2", "--node-rank", str(i), "--rdzv-endpoint", endpoint],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    outputs = [m.communicate(timeout=300) for m in machines]
+    for m, (_out, err) in zip(machines, outputs, strict=True):
+        assert m.returncode == 0, err[-3000:]
+    assert outputs[0][0].count("final checkpoint:") == 1 and "final checkpoint:" not in outputs[1][0]
     a, b = records(one), records(two)
     assert [r["selected_tensors"] for r in b] == [r["selected_tensors"] for r in a]
     assert [r["flops"] for r in b] == [r["flops"] for r in a]
