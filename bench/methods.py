@@ -548,7 +548,7 @@ def estimated_train_s(run: Run, others: list[Run]) -> tuple[float, str]:
     ]
     cal = calibrate(records, "model", run.method, EnergySettings(device_name=BENCH_DEVICE))
     seconds = sum(cal.time_s(e.flops["total"], e.steps) for e in run.epochs)
-    basis = cal.time_basis
+    basis = cal.basis_for(sum(e.flops["total"] for e in run.epochs), sum(e.steps for e in run.epochs))
     return seconds, basis.basis if basis.match is None else f"{basis.match}, {basis.epochs} epochs"
 
 

@@ -207,7 +207,7 @@ class RunCosts:
             gco2e=FullAndMethod(grams_co2e(joules.full, energy), grams_co2e(joules.method, energy)),
             min_max_flops=min_flops,
             min_max_energy_kwh=min_flops / flops_per_kwh(energy),
-            time_basis=calibration.time_basis,
+            time_basis=calibration.basis_for(method_flops, steps),
             energy_basis=calibration.energy_basis,
             learning_rate=auto,
             memory=self.memory.at(replace(hp, **settings), rho) if self.memory is not None else None,

@@ -14,11 +14,20 @@ else the declared device profile (``EnergySettings``). The time model fitted on 
 
 by least squares with both coefficients >= 0: the FLOPs term is the compute, the step term what FLOPs do not
 count (kernel launches, the optimizer step, moving batches, Python), which dominates small models. When the
-records cannot tell the two apart (every record has the same FLOPs per step, e.g. the epochs of one job) or a
-coefficient would be negative, the one-term fit (FLOPs alone, or steps alone) with the smaller squared error
-is used. Energy: where records measured it (``rapl``, ``nvml``), the records' mean power (their joules over
-their wall seconds) times the calibrated time; otherwise the declared profile's formula, ``flops / (peak x
-utilization) x watts``, which is what a run records when no counter is readable.
+records cannot tell the two apart (their FLOPs per step within ``ALIKE_SPREAD`` of each other, e.g. the
+epochs of one job) or a coefficient would be negative, the one-term fit (FLOPs alone, or steps alone) with the
+smaller squared error is used.
+
+Records that cannot tell the two terms apart speak only for runs like them: such a level times a run only if
+the run's FLOPs per step is within theirs (``SPAN_SLACK``); otherwise the next broader level that can is used
+(the same method at another budget: green at rho 0.7 does not time green at rho 0.5, whose steps are cheaper,
+but the model's other methods together can), and where none can, the most specific. So each figure of an
+estimate (full fine-tuning's, the method's) may rest on its own level: :meth:`Calibration.basis_for` says
+which.
+
+Energy: where records measured it (``rapl``, ``nvml``), the records' mean power (their joules over their wall
+seconds) times the calibrated time; otherwise the declared profile's formula, ``flops / (peak x utilization)
+x watts``, which is what a run records when no counter is readable.
 """
 
 from __future__ import annotations
@@ -88,20 +97,60 @@ class CalibrationBasis:
         return asdict(self)
 
 
+# Records whose FLOPs per step spread by less than this cannot tell seconds per FLOP from seconds per step:
+# an epoch's FLOPs per step moves by a few percent with its batches' padding, and its time by as much with
+# the machine's load, so a spread that small fits noise.
+ALIKE_SPREAD = 0.25
+SPAN_SLACK = 0.05  # such records time a run within 5% of their FLOPs per step
+
+
 @dataclass(frozen=True)
-class Calibration:
-    """Seconds and joules of a run from its FLOPs and optimizer steps."""
+class TimeFit:
+    """``train_s = s_per_flop x flops + s_per_step x steps``, fitted on the records ``basis`` describes;
+    ``span``: the FLOPs per step those records cover when they cannot tell the two terms apart (None: they
+    can, having different FLOPs per step)."""
 
     s_per_flop: float
     s_per_step: float
+    basis: CalibrationBasis
+    span: tuple[float, float] | None = None
+
+    def speaks_for(self, flops: float, steps: int) -> bool:
+        """Whether these records can time a run of ``flops`` in ``steps`` steps."""
+        if self.span is None or steps <= 0:
+            return True
+        low, high = self.span
+        return low * (1 - SPAN_SLACK) <= flops / steps <= high * (1 + SPAN_SLACK)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds and joules of a run from its FLOPs and optimizer steps: ``fits`` per matching level, the most
+    specific first (at least one: the declared profile's when no record matches)."""
+
+    fits: tuple[TimeFit, ...]
     watts: float | None  # measured mean power; None: energy on the declared profile
     declared: EnergySettings
-    time_basis: CalibrationBasis
     energy_basis: CalibrationBasis
+
+    def fit_for(self, flops: float, steps: int) -> TimeFit:
+        """The most specific fit whose records can time this run (module docstring), else the most
+        specific."""
+        return next((f for f in self.fits if f.speaks_for(flops, steps)), self.fits[0])
+
+    def basis_for(self, flops: float, steps: int) -> CalibrationBasis:
+        """What the time of a run of ``flops`` in ``steps`` steps rests on."""
+        return self.fit_for(flops, steps).basis
+
+    @property
+    def time_basis(self) -> CalibrationBasis:
+        """The most specific level's basis (a run within its records' FLOPs per step rests on it)."""
+        return self.fits[0].basis
 
     def time_s(self, flops: float, steps: int) -> float:
         """Training seconds (importance passes included, validation not) of ``flops`` in ``steps`` steps."""
-        return self.s_per_flop * flops + self.s_per_step * steps
+        fit = self.fit_for(flops, steps)
+        return fit.s_per_flop * flops + fit.s_per_step * steps
 
     def energy_j(self, flops: float, steps: int) -> float:
         """Joules of the same."""
@@ -117,25 +166,29 @@ def declared_basis(device: str) -> CalibrationBasis:
 def declared(settings: EnergySettings) -> Calibration:
     """The declared device profile alone: ``flops / (peak x utilization)`` seconds, no per-step term."""
     basis = declared_basis(settings.device_name)
-    return Calibration(1 / (settings.peak_flops * settings.utilization), 0.0, None, settings, basis, basis)
+    fit = TimeFit(1 / (settings.peak_flops * settings.utilization), 0.0, basis)
+    return Calibration((fit,), None, settings, basis)
 
 
 def calibrate(records: Iterable[Throughput], model: str, method: str, profile: EnergySettings) -> Calibration:
     """The calibration of a run of ``method`` on ``model`` on the device profile ``profile``, from the
-    most specific match among ``records`` (records of other devices, or with no FLOPs or no time, are left
-    out); the declared profile where none matches."""
+    matching levels of ``records`` (records of other devices, or with no FLOPs or no time, are left out);
+    the declared profile where none matches."""
     device = profile.device_name
     usable = [r for r in records if r.flops > 0 and r.steps > 0 and r.train_s > 0]
     fallback = declared(profile)
-    s_per_flop, s_per_step = fallback.s_per_flop, fallback.s_per_step
-    time_basis = energy_basis = fallback.time_basis
-    watts = None
+    fits = []
     for match in MATCHES:
         chosen = [r for r in usable if r.matches(match, device, model, method)]
         if chosen:
             s_per_flop, s_per_step = fit_time(chosen)
-            time_basis = _basis(match, len(chosen), device, model, method)
-            break
+            per_step = [r.flops / r.steps for r in chosen]
+            span = (min(per_step), max(per_step)) if _alike(chosen) else None
+            fits.append(
+                TimeFit(s_per_flop, s_per_step, _basis(match, len(chosen), device, model, method), span)
+            )
+    energy_basis = fallback.energy_basis
+    watts = None
     for match in MATCHES:
         chosen = [
             r
@@ -146,7 +199,7 @@ def calibrate(records: Iterable[Throughput], model: str, method: str, profile: E
             watts = sum(r.energy_j for r in chosen) / sum(r.wall_s for r in chosen)
             energy_basis = _basis(match, len(chosen), device, model, method)
             break
-    return Calibration(s_per_flop, s_per_step, watts, profile, time_basis, energy_basis)
+    return Calibration(tuple(fits) or fallback.fits, watts, profile, energy_basis)
 
 
 def _basis(match: str, epochs: int, device: str, model: str, method: str) -> CalibrationBasis:
@@ -170,9 +223,8 @@ def fit_time(records: Sequence[Throughput]) -> tuple[float, float]:
     fs = sum(f * s for f, s in x)
     fy = sum(f * t for (f, _), t in zip(x, y, strict=True))
     sy = sum(s * t for (_, s), t in zip(x, y, strict=True))
-    det = ff * ss - fs * fs
-    # Collinear within rounding (the records' FLOPs per step all alike): the two terms cannot be told apart.
-    if det > 1e-9 * ff * ss:
+    if not _alike(records):
+        det = ff * ss - fs * fs
         a, b = (fy * ss - sy * fs) / det, (sy * ff - fy * fs) / det
         if a >= 0 and b >= 0:
             return a, b
@@ -182,3 +234,10 @@ def fit_time(records: Sequence[Throughput]) -> tuple[float, float]:
 
     by_flops, by_steps = (fy / ff, 0.0), (0.0, sy / ss)
     return by_flops if sse(*by_flops) <= sse(*by_steps) else by_steps
+
+
+def _alike(records: Sequence[Throughput]) -> bool:
+    """Whether the records' FLOPs per step are too alike to tell seconds per FLOP from seconds per step:
+    within ALIKE_SPREAD of each other (the epochs of one job, or of jobs of one method at one budget)."""
+    per_step = [r.flops / r.steps for r in records]
+    return max(per_step) <= min(per_step) * (1 + ALIKE_SPREAD)

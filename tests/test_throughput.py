@@ -129,3 +129,24 @@ def test_record_of_an_epoch_leaves_out_validation() -> None:
     )
     r = Throughput.of_epoch(report, "box", "m", "green")
     assert (r.flops, r.steps, r.train_s, r.wall_s, r.tokens) == (5, 2, 2.0, 3.0, 7)
+
+
+def test_records_alike_time_only_runs_like_them() -> None:
+    """Epochs of green at one budget (alike FLOPs per step) cannot time green at another budget, whose steps
+    are cheaper: the model's other methods together, which tell seconds per FLOP from seconds per step, do;
+    a run like the green records rests on them."""
+    a, b = 1 / 2e9, 0.01
+    green = [record(flops=7 * 10**9, steps=10, train_s=a * 7e9 + b * 10 + 0.1 * i) for i in range(3)]
+    others = [
+        record(method=m, flops=f, steps=10, train_s=a * f + b * 10)
+        for m, f in (("full", 10**10), ("lora", 6 * 10**9))
+    ]
+    cal = calibrate(green + others, "m", "green", PROFILE)
+    half = (5 * 10**9, 10)  # green at rho 0.5: its steps' FLOPs are outside the green records'
+    assert cal.basis_for(*half).match == "device+model" and cal.basis_for(*half).epochs == 5
+    assert cal.time_s(*half) == pytest.approx(a * 5e9 + b * 10, rel=0.05)  # the green records add noise
+    alike = (int(7.2 * 10**9), 10)  # within 5% of theirs
+    assert cal.basis_for(*alike).match == "device+model+method" == cal.time_basis.match
+    # no broader level that can tell the terms apart: the most specific stands
+    only_green = calibrate(green, "m", "green", PROFILE)
+    assert only_green.basis_for(*half).match == "device+model+method"
