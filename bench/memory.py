@@ -1,6 +1,6 @@
 """Benchmark of the peak-memory estimate (greencore.memory) against real CPU steps, and 8B-class shapes.
 
-Run: .venv/bin/python bench/memory.py [--small]   (writes bench/results/memory.md)
+Run: .venv/bin/python bench/memory.py [--small]   (writes bench/results/memory.md; --big-only: part 2 alone)
 
 Part 1 (CPU, real weights): a Llama-shaped model built from a config with random weights (about 350M
 parameters; ``--small``: about 60M, for a quick run), batch 4 x 256 (with padding in two rows, as a run's
@@ -231,6 +231,14 @@ def estimate(shape: dict, config: int) -> int:
     return train_step_bytes(meta, trained, (BATCH, SEQ), "causal_lm", hp, "cpu")
 
 
+BIG_HEADER = f"## 8B-class shapes at 2048 tokens, replayed for CUDA (SDPA, fused AdamW), vs {DEVICE_GB} GB"
+BIG_COLUMNS = [
+    "| model | parameters | precision | batch | full step GB (fits) | green-0.5 reachable "
+    "| green-0.5 step GB (fits) | green-0.5 importance GB (fits) |",
+    "|---|---|---|---|---|---|---|---|",
+]
+
+
 def big_rows() -> list[str]:
     rows = []
     for name, (cls, numbers) in BIG.items():
@@ -326,12 +334,23 @@ def write_ranks() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranks", action="store_true", help="one GPU's peak on several ranks only")
+    parser.add_argument(
+        "--big-only",
+        action="store_true",
+        help="recompute only part 2 (8B-class shapes, meta device) into the existing memory.md",
+    )
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--skip-big", action="store_true")
     args = parser.parse_args()
     if args.ranks:
         write_ranks()
+        return
+    if args.big_only:
+        path = ROOT / "bench" / "results" / "memory.md"
+        head, sep, _table = path.read_text().partition(BIG_HEADER)
+        again = "Command: `.venv/bin/python bench/memory.py --big-only` (this part alone; part 1 is older)."
+        write("memory.md", [head + sep, "", again, "", *BIG_COLUMNS, *big_rows()])
         return
     shape = MODEL_SMALL if args.small else MODEL_350M
     if args.measure is not None:
@@ -381,12 +400,9 @@ def main() -> None:
     if big:
         lines += [
             "",
-            f"## 8B-class shapes at 2048 tokens, replayed for CUDA (SDPA, fused AdamW), vs {DEVICE_GB} GB",
+            BIG_HEADER,
             "",
-            "| model | parameters | precision | batch | full step GB (fits) | green-0.5 reachable "
-            "| green-0.5 step GB (fits) "
-            "| green-0.5 importance GB (fits) |",
-            "|---|---|---|---|---|---|---|---|",
+            *BIG_COLUMNS,
             *big,
         ]
     write("memory.md", lines)

@@ -24,9 +24,12 @@ Memory: besides the model and the activations of one pass, the evaluation holds 
 weights (to put them back) and its first gradient ``g0`` (kept as backward left it, not copied), both in host
 memory when the model is on CUDA (``offload``), and its second gradient ``g1``, freed tensor by tensor as the
 scores are taken; the tentative optimizer's state (Adam's two moments) exists for one tensor at a time, as the
-candidates are stepped one by one (each tensor's Adam step depends on its own gradient and state only). On
-CUDA the evaluation then holds on the device what a training step of the candidates holds (one gradient each,
-beside the training optimizer's state), and its peak stays within that step's.
+candidates are stepped one by one (each tensor's Adam step depends on its own gradient and state only). The
+candidates are stepped and scored smallest first, so that the temporaries of a large tensor (its moments, or
+its dw and a copy back from host memory) come when the small ones' gradients are gone, and a tensor's weights
+are put back before its score is taken. On CUDA the evaluation then holds on the device what a training step
+of the candidates holds (one gradient each, beside the training optimizer's state), and its peak stays within
+that step's: equal to it for 8B-class shapes (bench/results/memory.md).
 """
 
 from __future__ import annotations
@@ -228,29 +231,42 @@ def importance_pass(
             # training optimizer's) lives for one tensor's step, never for every candidate at once. Each
             # tensor's Adam step depends on its own gradient and state only, so the step is the joint one.
             # g0 is kept as backward left it (the step reads it and does not change it), or in host memory.
-            for p in chosen:
+            # Smallest first: offloaded, each g0 leaves the device once its tensor is stepped, so the large
+            # tensors' steps (two moments cloned) come when the small ones' gradients are gone.
+            first = [None] * len(chosen)
+            by_size = sorted(range(len(chosen)), key=lambda i: chosen[i].numel())
+            for i in by_size:
+                p = chosen[i]
                 if p.grad is not None:
                     optimizer_factory([p]).step()
-                first.append(None if p.grad is None else _kept(p.grad.detach(), offload))
+                    first[i] = _kept(p.grad.detach(), offload)
                 p.grad = None
             _accumulate_gradients(model, batches, weights, autocast)
         with torch.no_grad():
-            for i, (n, p) in enumerate(zip(candidates, chosen, strict=True)):
+            for i in by_size:  # the small ones' g1 freed first, as above
+                n, p = candidates[i], chosen[i]
                 w_old = _back(old[i], p, offload)
-                if p.grad is None:  # the loss does not depend on it: its update cannot matter
-                    scores[n] = 0.0
-                else:
-                    # The score is a sum over elements: each shard's, summed over ranks below.
-                    delta = local(p.detach()).float() - local(w_old).float()
-                    grad = local(p.grad).float()
-                    g0 = first[i]
-                    if rule == "trapezoid" and g0 is not None:
-                        grad = (grad + local(_back(g0, p, offload)).float()) / 2
-                    scores[n] = -float(torch.sum(grad * delta, dtype=torch.float64))
-                    p.grad = None  # g1 is done with: freed tensor by tensor
-                    del delta, grad
-                p.copy_(w_old)  # put back at once: its saved copy is done with too
+                # dw, then the weights put back at once: the saved copy (and its copy on the device) go
+                # before the gradients are read, so a tensor's score holds at most two temporaries its size.
+                delta = None if p.grad is None else local(p.detach()).float() - local(w_old).float()
+                p.copy_(w_old)
                 old[i] = p
+                del w_old
+                if delta is None:  # the loss does not depend on it: its update cannot matter
+                    scores[n] = 0.0
+                    continue
+                # The score is a sum over elements: each shard's, summed over ranks below. g1 is done with
+                # after this: the sum and the product are taken in its own storage, and it is freed tensor by
+                # tensor.
+                grad = local(p.grad).float()
+                p.grad = None
+                g0 = first[i]
+                halve = rule == "trapezoid" and g0 is not None
+                if halve:  # g0 is the first step's gradient too: never changed
+                    grad.add_(local(_back(g0, p, offload)).float())
+                total = float(torch.sum(grad.mul_(delta), dtype=torch.float64))
+                scores[n] = -(total / 2 if halve else total)
+                del delta, grad
     finally:
         with torch.no_grad():
             for p, w_old in zip(chosen, old, strict=False):
@@ -261,6 +277,7 @@ def importance_pass(
             p.grad = saved_grads[n]
         model.train(was_training)
 
+    scores = {n: scores[n] for n in candidates}  # in the candidates' order (they were taken by size)
     if sum_over_ranks is not None:
         *summed, loss = sum_over_ranks([scores[n] for n in candidates] + [loss])
         scores = dict(zip(candidates, summed, strict=True))
