@@ -115,6 +115,7 @@ class LiveStorages(TorchDispatchMode):
         self.peak_bytes = 0
         self._live: dict[int, Any] = {}
         self._bytes: dict[int, int] = {}
+        self._thread = threading.get_ident()
 
     def add(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
@@ -141,6 +142,7 @@ class LiveStorages(TorchDispatchMode):
         self.peak_bytes = self.live_bytes
 
     def __enter__(self):
+        self._thread = threading.get_ident()  # a resize in another thread is another replay's
         _RESIZE_WATCHERS.append(self)
         torch.UntypedStorage.resize_ = _watched_resize  # type: ignore[method-assign]
         return super().__enter__()
@@ -169,7 +171,8 @@ def _watched_resize(storage: torch.UntypedStorage, size: int) -> Any:
     out = _STORAGE_RESIZE(storage, size)
     if not getattr(_HOST, "on", False):
         for tracker in _RESIZE_WATCHERS:
-            tracker._count(storage)
+            if tracker._thread == threading.get_ident():
+                tracker._count(storage)
     return out
 
 
