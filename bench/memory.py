@@ -239,16 +239,25 @@ BIG_COLUMNS = [
 ]
 
 
+def big_model(name: str) -> tuple[torch.nn.Module, list[str], list[str]]:
+    """The meta model of BIG's ``name``, every tensor's name, and green-0.5's bound (what rho reaches)."""
+    cls, numbers = BIG[name]
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cls(**numbers, max_position_embeddings=4096))
+    every = [n for n, _ in meta.named_parameters()]
+    return meta, every, list(reachable_tensors(profile_model(meta, 1, 2048), RHO))
+
+
+def gb_fits(nbytes: int) -> str:
+    return f"{nbytes / GB:.1f} ({'yes' if nbytes <= DEVICE_GB * GB else 'no'})"
+
+
 def big_rows() -> list[str]:
     rows = []
-    for name, (cls, numbers) in BIG.items():
-        with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(cls(**numbers, max_position_embeddings=4096))
-        params = sum(p.numel() for p in meta.parameters())
-        every = [n for n, _ in meta.named_parameters()]
+    for name in BIG:
         started = time.perf_counter()
-        reach = list(reachable_tensors(profile_model(meta, 1, 2048), RHO))
-        fits = lambda x: "yes" if x <= DEVICE_GB * GB else "no"  # noqa: E731
+        meta, every, reach = big_model(name)
+        params = sum(p.numel() for p in meta.parameters())
         for precision in ("fp32", "bf16-mixed", "bf16"):
             hp = hyperparameters(precision, None)
             for b in (1, 2, 4):
@@ -256,9 +265,8 @@ def big_rows() -> list[str]:
                 green = train_step_bytes(meta, reach, (b, 2048), "causal_lm", hp, "cuda")
                 imp = importance_bytes(meta, reach, reach, (b, 2048), "causal_lm", hp, "cuda")
                 rows.append(
-                    f"| {name} | {params / 1e9:.2f}B | {precision} | {b} x 2048 | {full / GB:.1f} "
-                    f"({fits(full)}) | {len(reach)}/{len(every)} | {green / GB:.1f} ({fits(green)}) | "
-                    f"{imp / GB:.1f} ({fits(imp)}) |"
+                    f"| {name} | {params / 1e9:.2f}B | {precision} | {b} x 2048 | {gb_fits(full)} | "
+                    f"{len(reach)}/{len(every)} | {gb_fits(green)} | {gb_fits(imp)} |"
                 )
                 print(rows[-1], flush=True)
         print(f"{name}: {time.perf_counter() - started:.1f} s", flush=True)
@@ -272,12 +280,8 @@ WORLDS = (1, 2, 4, 8)
 def rank_rows() -> list[str]:
     """One device's peak on each number of ranks (module docstring, ``--ranks``)."""
     rows = []
-    fits = lambda x: "yes" if x <= DEVICE_GB * GB else "no"  # noqa: E731
-    for name, (cls, numbers) in BIG.items():
-        with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(cls(**numbers, max_position_embeddings=4096))
-        every = [n for n, _ in meta.named_parameters()]
-        reach = list(reachable_tensors(profile_model(meta, 1, 2048), RHO))
+    for name in BIG:
+        meta, every, reach = big_model(name)
         shape = (RANK_BATCH, 2048)
         for engine, micro in (("ddp", False), ("ddp", True), ("fsdp", False)):
             for world in WORLDS:
@@ -293,9 +297,8 @@ def rank_rows() -> list[str]:
                 imp = importance_bytes(meta, reach, reach, shape, "causal_lm", hp, "cuda", world)
                 label = "one process" if world == 1 else engine + (", micro-batch = rows" if micro else "")
                 rows.append(
-                    f"| {name} | {label} | {world} | {RANK_BATCH // world} x 2048 | {full / GB:.1f} "
-                    f"({fits(full)}) | {green / GB:.1f} ({fits(green)}) | {imp / GB:.1f} ({fits(imp)}) | "
-                    f"{time.perf_counter() - started:.0f} |"
+                    f"| {name} | {label} | {world} | {RANK_BATCH // world} x 2048 | {gb_fits(full)} | "
+                    f"{gb_fits(green)} | {gb_fits(imp)} | {time.perf_counter() - started:.0f} |"
                 )
                 print(rows[-1], flush=True)
     return rows

@@ -115,6 +115,12 @@ class Ranks:
         start = self.rank * base + min(self.rank, extra)
         return range(start, start + base + (1 if self.rank < extra else 0))
 
+    def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's rows of ``batch`` (views: :meth:`rows` of its first dimension; empty when the batch
+        has fewer rows than the ranks)."""
+        rows = self.rows(batch["input_ids"].shape[0])
+        return {k: v[rows.start : rows.stop] for k, v in batch.items()}
+
     def take_bytes(self) -> int:
         """The bytes counted since the last call."""
         taken, self.communicated = self.communicated, 0

@@ -214,7 +214,7 @@ def importance_pass(
     if offload and sum_over_ranks is not None:
         raise ValueError("offload keeps whole tensors in host memory: not for sharded ones (sum_over_ranks)")
     old: list[torch.Tensor] = []
-    first: list[torch.Tensor | None] = []  # g0
+    first: list[torch.Tensor | None] = [None] * len(chosen)  # g0, by candidate
     scores: dict[str, float] = {}
     loss = math.nan
     try:
@@ -233,7 +233,6 @@ def importance_pass(
             # g0 is kept as backward left it (the step reads it and does not change it), or in host memory.
             # Smallest first: offloaded, each g0 leaves the device once its tensor is stepped, so the large
             # tensors' steps (two moments cloned) come when the small ones' gradients are gone.
-            first = [None] * len(chosen)
             by_size = sorted(range(len(chosen)), key=lambda i: chosen[i].numel())
             for i in by_size:
                 p = chosen[i]

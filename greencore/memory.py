@@ -115,7 +115,7 @@ class LiveStorages(TorchDispatchMode):
         self.peak_bytes = 0
         self._live: dict[int, Any] = {}
         self._bytes: dict[int, int] = {}
-        self._thread = threading.get_ident()
+        self._thread: int | None = None  # the thread the tracker was entered in (its resizes are its own)
 
     def add(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
@@ -142,7 +142,7 @@ class LiveStorages(TorchDispatchMode):
         self.peak_bytes = self.live_bytes
 
     def __enter__(self):
-        self._thread = threading.get_ident()  # a resize in another thread is another replay's
+        self._thread = threading.get_ident()
         _RESIZE_WATCHERS.append(self)
         torch.UntypedStorage.resize_ = _watched_resize  # type: ignore[method-assign]
         return super().__enter__()
@@ -240,10 +240,16 @@ def _fake_model(
                         twin = nn.Parameter(twin, requires_grad=names.get(id(value)) in trainable)
                     twins[id(value)] = twin
                 table[key] = twins[id(value)]
-    config = getattr(fake, "config", None)
-    if config is not None and getattr(config, "pad_token_id", 0) is None:
-        config.pad_token_id = 0  # as train does for a tokenizer's padding (classifiers need one)
+    _with_pad_token(fake)
     return fake
+
+
+def _with_pad_token(model: nn.Module) -> None:
+    """A pad token id where the config has none, as train sets one for a tokenizer's padding (classifiers
+    need one)."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", 0) is None:
+        config.pad_token_id = 0
 
 
 def _with_rate(hp: Hyperparameters) -> Hyperparameters:
@@ -328,7 +334,7 @@ def train_step_bytes(
             if optimizer is None:  # nothing trains: the run takes no step
                 return tracker.peak_bytes
             fake.train()
-            parts = _micro_batches(_rank_rows(batch, ranks), hp)
+            parts = _micro_batches(batch if ranks is None else ranks.shard(batch), hp)
             with tracker, torch.enable_grad():
                 # DDP is built when the epoch's choice is known, its gradient buckets then held by the steps.
                 forward = wrap(fake, ranks) if ranks is not None and sharded is None else fake
@@ -385,7 +391,7 @@ def importance_bytes(
             batch = fake_batch(task, shape, _placed(device))
             tracker.add([*_held(fake, training), *batch.values()])
             fake.train()
-            parts = _micro_batches(_rank_rows(batch, ranks), hp)
+            parts = _micro_batches(batch if ranks is None else ranks.shard(batch), hp)
             weights = [1.0 / len(parts)] * len(parts)
             if sharded is not None:
                 sharded.set_trained(None)  # as the run: the candidates may reach any layer
@@ -460,19 +466,9 @@ def _replica(
     sharded = shard(meta, ranks)
     with mode:
         meta.to_empty(device=_placed(device))
-    config = getattr(meta, "config", None)
-    if config is not None and getattr(config, "pad_token_id", 0) is None:
-        config.pad_token_id = 0
+    _with_pad_token(meta)
     sharded.set_trained(trainable)
     return meta, sharded
-
-
-def _rank_rows(batch: dict[str, torch.Tensor], ranks: Ranks | None) -> dict[str, torch.Tensor]:
-    """Rank 0's rows of ``batch`` (views; the most rows of any rank), as ``greencore.train`` cuts a batch."""
-    if ranks is None:
-        return batch
-    rows = ranks.rows(batch["input_ids"].shape[0])
-    return {k: v[rows.start : rows.stop] for k, v in batch.items()}
 
 
 @dataclass(frozen=True)

@@ -182,11 +182,8 @@ def calibrate(records: Iterable[Throughput], model: str, method: str, profile: E
         chosen = [r for r in usable if r.matches(match, device, model, method)]
         if chosen:
             s_per_flop, s_per_step = fit_time(chosen)
-            per_step = [r.flops / r.steps for r in chosen]
-            span = (min(per_step), max(per_step)) if _alike(chosen) else None
-            fits.append(
-                TimeFit(s_per_flop, s_per_step, _basis(match, len(chosen), device, model, method), span)
-            )
+            basis = _basis(match, len(chosen), device, model, method)
+            fits.append(TimeFit(s_per_flop, s_per_step, basis, _alike_span(chosen)))
     energy_basis = fallback.energy_basis
     watts = None
     for match in MATCHES:
@@ -223,7 +220,7 @@ def fit_time(records: Sequence[Throughput]) -> tuple[float, float]:
     fs = sum(f * s for f, s in x)
     fy = sum(f * t for (f, _), t in zip(x, y, strict=True))
     sy = sum(s * t for (_, s), t in zip(x, y, strict=True))
-    if not _alike(records):
+    if _alike_span(records) is None:
         det = ff * ss - fs * fs
         a, b = (fy * ss - sy * fs) / det, (sy * ff - fy * fs) / det
         if a >= 0 and b >= 0:
@@ -236,8 +233,10 @@ def fit_time(records: Sequence[Throughput]) -> tuple[float, float]:
     return by_flops if sse(*by_flops) <= sse(*by_steps) else by_steps
 
 
-def _alike(records: Sequence[Throughput]) -> bool:
-    """Whether the records' FLOPs per step are too alike to tell seconds per FLOP from seconds per step:
-    within ALIKE_SPREAD of each other (the epochs of one job, or of jobs of one method at one budget)."""
+def _alike_span(records: Sequence[Throughput]) -> tuple[float, float] | None:
+    """The FLOPs per step the records cover when they are too alike to tell seconds per FLOP from seconds per
+    step: within ALIKE_SPREAD of each other (the epochs of one job, or of jobs of one method at one budget);
+    None when they spread wider."""
     per_step = [r.flops / r.steps for r in records]
-    return max(per_step) <= min(per_step) * (1 + ALIKE_SPREAD)
+    low, high = min(per_step), max(per_step)
+    return (low, high) if high <= low * (1 + ALIKE_SPREAD) else None

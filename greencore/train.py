@@ -693,7 +693,7 @@ def _rank_parts(run: _Run, batch: Batch) -> list[tuple[Batch, float]]:
     if not rows:
         parts = [dummy]
     else:
-        shard = {k: v[rows.start : rows.stop] for k, v in batch.items()}
+        shard = run.ranks.shard(batch)
         share = _loss_terms(shard, run.task) / _loss_terms(batch, run.task)
         parts = [(part, weight * share) for part, weight in run.micro_batches(shard)]
     if run.sharded is not None:
@@ -932,7 +932,7 @@ def evaluate(
                     with autocast:
                         model(**{k: v[:1] for k, v in batch.items()})
                 continue
-            batch = {k: v[rows.start : rows.stop] for k, v in batch.items()}
+            batch = ranks.shard(batch)
             idx = idx[rows.start : rows.stop]
         labels = batch.pop("labels")
         if data.task == "seq2seq":
