@@ -13,8 +13,9 @@ the meta model. Configurations: full; green at rho 0.5 with a fixed selection (s
 profile with every tensor of equal importance: the most tensors the budget allows; a real selection depends on
 the data) in each precision, and with micro-batches of 1; green's bound (every tensor the budget can reach,
 trained at once: what the service reports for green); LoRA (r 8, attention projections); and green's
-importance evaluation of the bound's candidates (importance_pass itself, the training optimizer holding state
-for all of them), measured the same way, and green with gradient checkpointing. Part 2 (meta device
+importance evaluation of the bound's candidates (importance_pass itself as a run calls it, its copies in a
+spill file; the training optimizer holding state for all of them), measured the same way, and green with
+gradient checkpointing. Part 2 (meta device
 only): Llama-3-8B, Qwen2.5-7B and Mistral-7B shapes at batch 1, 2, 4 x 2048, replayed for CUDA (the model's
 SDPA attention, fused AdamW, importance's copies in host memory) in each precision: full, and
 green-0.5's bound (training step and importance evaluation), against 80 GB.
@@ -200,7 +201,7 @@ def measure(shape: dict, config: int) -> dict:
     model.train()
     with tracker:
         if phase == "importance":
-            importance_pass(model, [batch], tentative_optimizer_factory(opt), names=trained, offload=False)
+            importance_pass(model, [batch], tentative_optimizer_factory(opt), names=trained)
         else:
             for part, weight in micro_batches(batch, "causal_lm", micro):
                 with autocast(hp.precision, "cpu"):

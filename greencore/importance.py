@@ -21,15 +21,17 @@ training optimizer. Everything is put back exactly: weights bit for bit, ``requi
 every parameter, the model's train/eval mode, and the training optimizer is never touched.
 
 Memory: besides the model and the activations of one pass, the evaluation holds one copy of each candidate's
-weights (to put them back) and its first gradient ``g0`` (kept as backward left it, not copied), both in host
-memory when the model is on CUDA (``offload``), and its second gradient ``g1``, freed tensor by tensor as the
-scores are taken; the tentative optimizer's state (Adam's two moments) exists for one tensor at a time, as the
-candidates are stepped one by one (each tensor's Adam step depends on its own gradient and state only). The
-candidates are stepped and scored smallest first, so that the temporaries of a large tensor (its moments, or
-its dw and a copy back from host memory) come when the small ones' gradients are gone, and a tensor's weights
-are put back before its score is taken. On CUDA the evaluation then holds on the device what a training step
-of the candidates holds (one gradient each, beside the training optimizer's state), and its peak stays within
-that step's: equal to it for 8B-class shapes (bench/results/memory.md).
+weights (to put them back) and its first gradient ``g0``, both off the memory the model trains in
+(``offload``): in host memory when the model is on CUDA, in a temporary file when it is on the CPU (a
+:class:`Spill`: the host's memory is the one the step needs); and its second gradient ``g1``, freed tensor
+by tensor as the scores are taken; the tentative optimizer's state (Adam's two moments) exists for one tensor
+at a time, as the candidates are stepped one by one (each tensor's Adam step depends on its own gradient and
+state only). The candidates are stepped and scored smallest first, so that the temporaries of a large tensor
+(its moments, or its dw and a copy read back) come when the small ones' gradients are gone, and a tensor's
+weights are put back before its score is taken. The evaluation then holds in the model's memory what a
+training step of the candidates holds (one gradient each, beside the training optimizer's state), and its peak
+stays within that step's: equal to it for 8B-class shapes replayed for CUDA and on a 374M model on the CPU
+(bench/results/memory.md).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -87,9 +91,9 @@ class ImportancePass:
 
     scores: dict[str, float]
     loss: float  # the mean loss over the batches, before the tentative step
-    gradients: dict[str, torch.Tensor] = field(
+    gradients: Mapping[str, torch.Tensor] = field(
         default_factory=dict
-    )  # name -> g0 (candidates with a gradient)
+    )  # name -> g0 (candidates with a gradient); a spilled one is read back when it is looked up
 
 
 def training_optimizer(params: list[nn.Parameter], hp: Any, device_type: str) -> torch.optim.Optimizer:
@@ -173,9 +177,10 @@ def importance_pass(
     / 2 . dw``) or the paper's ``"first_order"`` (``-g1 . dw``); see the module's docstring. ``weights``: each
     batch's weight in the mean loss (default equal: 1 / len(batches)), e.g. the micro-batches of one batch
     weighted by their share of its loss terms. ``autocast``: the context each forward runs under (the training
-    step's; default none). ``offload``: keep the saved weights and the first gradients in host memory, off the
-    device (default: when the candidates are on CUDA and not sharded); the gradients returned are then host
-    tensors.
+    step's; default none). ``offload``: keep the saved weights and the first gradients off the memory the
+    candidates live in (default: when they are not sharded): a device's tensors in host memory (the gradients
+    returned are then host tensors), the CPU's in a :class:`Spill` file (the gradients returned are read back
+    from it when looked up).
     ``sum_over_ranks``: on ranks that each hold a shard of every tensor (FSDP2, ``greencore.sharded``) and
     their rows of the batches (weighted by their share of the loss, so that the gradients summed over ranks
     are the batches'), the sum over ranks of a list of numbers: each rank scores its shards, and a tensor's
@@ -209,12 +214,13 @@ def importance_pass(
     saved_flags = {n: p.requires_grad for n, p in params.items()}
     saved_grads = {n: p.grad for n, p in params.items()}
     chosen = [params[n] for n in candidates]
-    if offload is None:  # sharded, each rank keeps one shard of each: on the device
-        offload = any(p.is_cuda for p in chosen) and sum_over_ranks is None
+    if offload is None:  # sharded, each rank keeps one shard of each where it trains
+        offload = sum_over_ranks is None
     if offload and sum_over_ranks is not None:
-        raise ValueError("offload keeps whole tensors in host memory: not for sharded ones (sum_over_ranks)")
-    old: list[torch.Tensor] = []
-    first: list[torch.Tensor | None] = [None] * len(chosen)  # g0, by candidate
+        raise ValueError("offload keeps whole tensors off the device: not for sharded ones (sum_over_ranks)")
+    keep = _Keeper(offload)
+    old: list[Kept] = []
+    first: list[Kept | None] = [None] * len(chosen)  # g0, by candidate
     scores: dict[str, float] = {}
     loss = math.nan
     try:
@@ -224,13 +230,13 @@ def importance_pass(
             if n in candidates:
                 p.grad = None  # backward accumulates in place: never into the caller's gradient
         with torch.no_grad():
-            old = [_saved(p, offload) for p in chosen]
+            old = [keep.put(p.detach(), copy=True) for p in chosen]
         with torch.enable_grad():
             loss = _accumulate_gradients(model, batches, weights, autocast)
             # One tensor at a time: the tentative optimizer's state (Adam's two moments, cloned from the
             # training optimizer's) lives for one tensor's step, never for every candidate at once. Each
             # tensor's Adam step depends on its own gradient and state only, so the step is the joint one.
-            # g0 is kept as backward left it (the step reads it and does not change it), or in host memory.
+            # g0 is kept as backward left it (the step reads it and does not change it), or offloaded.
             # Smallest first: offloaded, each g0 leaves the device once its tensor is stepped, so the large
             # tensors' steps (two moments cloned) come when the small ones' gradients are gone.
             by_size = sorted(range(len(chosen)), key=lambda i: chosen[i].numel())
@@ -238,13 +244,13 @@ def importance_pass(
                 p = chosen[i]
                 if p.grad is not None:
                     optimizer_factory([p]).step()
-                    first[i] = _kept(p.grad.detach(), offload)
+                    first[i] = keep.put(p.grad.detach())
                 p.grad = None
             _accumulate_gradients(model, batches, weights, autocast)
         with torch.no_grad():
             for i in by_size:  # the small ones' g1 freed first, as above
                 n, p = candidates[i], chosen[i]
-                w_old = _back(old[i], p, offload)
+                w_old = keep.back(old[i], p)
                 # dw, then the weights put back at once: the saved copy (and its copy on the device) go
                 # before the gradients are read, so a tensor's score holds at most two temporaries its size.
                 delta = None if p.grad is None else local(p.detach()).float() - local(w_old).float()
@@ -262,7 +268,7 @@ def importance_pass(
                 g0 = first[i]
                 halve = rule == "trapezoid" and g0 is not None
                 if halve:  # g0 is the first step's gradient too: never changed
-                    grad.add_(local(_back(g0, p, offload)).float())
+                    grad.add_(local(keep.back(g0, p)).float())
                 total = float(torch.sum(grad.mul_(delta), dtype=torch.float64))
                 scores[n] = -(total / 2 if halve else total)
                 del delta, grad
@@ -270,7 +276,7 @@ def importance_pass(
         with torch.no_grad():
             for p, w_old in zip(chosen, old, strict=False):
                 if w_old is not p:
-                    p.copy_(w_old)
+                    p.copy_(keep.back(w_old, p))
         for n, p in params.items():
             p.requires_grad_(saved_flags[n])
             p.grad = saved_grads[n]
@@ -288,32 +294,113 @@ def importance_pass(
             stacklevel=2,
         )
         scores.update(dict.fromkeys(bad, 0.0))
-    gradients = {n: g for n, g in zip(candidates, first, strict=True) if g is not None}
+    gradients = keep.mapping({n: g for n, g in zip(candidates, first, strict=True) if g is not None})
     return ImportancePass(scores, loss, gradients)
 
 
-def _saved(p: torch.Tensor, offload: bool) -> torch.Tensor:
-    """A copy of ``p`` to put it back from: on its device, or in host memory (``offload``)."""
-    return _kept(p.detach(), offload, copy=True)
+class Spilled:
+    """Where :class:`Spill` wrote a tensor: its offset in the file, its shape and dtype."""
+
+    __slots__ = ("dtype", "offset", "shape")
+
+    def __init__(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.offset, self.shape, self.dtype = offset, shape, dtype
 
 
-def _kept(t: torch.Tensor, offload: bool, copy: bool = False) -> torch.Tensor:
-    """``t`` (a copy when ``copy``), or a copy of it in host memory when ``offload``. Allocations made for
-    host memory are marked (``greencore.memory.host_memory``) so that a replay of the pass on fake tensors of
-    one device does not count them as device memory."""
-    if not offload:
-        return t.clone() if copy else t
-    from greencore.memory import host_memory
+class Spill:
+    """Tensors written to an unnamed temporary file and read back one at a time: where a CPU run's importance
+    evaluation keeps its copies, so that the host memory the step trains in never holds them (a GPU run keeps
+    them in host memory). The file is in ``GT_SPILL_DIR``, else the system's temporary directory (on a tmpfs
+    that is memory again), and is gone when the Spill is."""
 
-    with host_memory():
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-        host.copy_(t)
-    return host
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(dir=os.environ.get("GT_SPILL_DIR") or None)
+        self._end = 0
+
+    def put(self, t: torch.Tensor) -> Spilled:
+        t = t.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        at, done = self._end, 0
+        while done < len(raw):  # one call writes at most about 2 GB
+            done += os.pwrite(self._file.fileno(), raw[done:], at + done)
+        self._end += len(raw)
+        return Spilled(at, tuple(t.shape), t.dtype)
+
+    def get(self, where: Spilled) -> torch.Tensor:
+        out = torch.empty(where.shape, dtype=where.dtype)
+        raw = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(raw):
+            read = os.preadv(self._file.fileno(), [raw[done:]], where.offset + done)
+            if read <= 0:
+                raise OSError(f"spill file ended at {where.offset + done} bytes")
+            done += read
+        return out
 
 
-def _back(t: torch.Tensor, p: torch.Tensor, offload: bool) -> torch.Tensor:
-    """``t`` on ``p``'s device (a transient copy of a host tensor)."""
-    return t.to(p.device, copy=True) if offload else t
+Kept = torch.Tensor | Spilled
+
+
+class _Keeper:
+    """Keeps the importance evaluation's copies: as they are, or ``offload``ed off the memory the model trains
+    in (a device's tensors to host memory, the CPU's to a :class:`Spill`). Allocations made for host memory,
+    and the fake tensors of a replay (which cannot be written to a file), are marked
+    (``greencore.memory.host_memory``) so that a replay of the pass on fake tensors does not count them."""
+
+    def __init__(self, offload: bool) -> None:
+        self.offload = offload
+        self._spill: Spill | None = None
+
+    def put(self, t: torch.Tensor, copy: bool = False) -> Kept:
+        """``t`` (a copy when ``copy``), or, offloaded, a copy of it off its memory."""
+        if not self.offload:
+            return t.clone() if copy else t
+        if t.device.type == "cpu" and not _fake(t):
+            if self._spill is None:
+                self._spill = Spill()
+            return self._spill.put(t)
+        from greencore.memory import host_memory
+
+        with host_memory():
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            host.copy_(t)
+        return host
+
+    def back(self, kept: Kept, p: torch.Tensor) -> torch.Tensor:
+        """What :meth:`put` kept, on ``p``'s device (a transient copy when it was offloaded)."""
+        if isinstance(kept, Spilled):
+            assert self._spill is not None
+            return self._spill.get(kept)
+        return kept.to(p.device, copy=True) if self.offload else kept
+
+    def mapping(self, kept: dict[str, Kept | None]) -> Mapping[str, torch.Tensor]:
+        """``kept`` as tensors: spilled ones read back when looked up (the spill file lives as long as it)."""
+        if self._spill is None:
+            return kept  # type: ignore[return-value]
+        return _SpilledTensors(self._spill, kept)
+
+
+class _SpilledTensors(Mapping[str, torch.Tensor]):
+    def __init__(self, spill: Spill, kept: dict[str, Kept | None]) -> None:
+        self._spill, self._kept = spill, kept
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        kept = self._kept[name]
+        return self._spill.get(kept) if isinstance(kept, Spilled) else kept  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._kept)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+def _fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
 
 
 def importance_flops(profile: TensorProfile, names: Iterable[str] | None, n_batches: int) -> StepFlops:

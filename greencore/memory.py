@@ -403,7 +403,7 @@ def importance_bytes(
                     names=candidates,
                     weights=weights,
                     autocast=autocast(precision, torch.device(_placed(device)).type),
-                    offload=torch.device(device).type == "cuda" and sharded is None,  # as on CUDA tensors
+                    offload=sharded is None,  # as the run: copies in host memory, or a spill file on a CPU
                     sum_over_ranks=ranks.sum if sharded is not None else None,
                 )
     return tracker.peak_bytes

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from greencore import importance_flops, profile_model, tensor_importance, tentative_optimizer_factory
-from greencore.importance import importance_pass
+from greencore.importance import Spill, importance_pass
 from tests.tiny_models import batch_for, tiny_model
 
 BATCH, SEQ = 2, 16
@@ -84,7 +84,7 @@ def test_eval_mode_is_kept_and_none_gradients_stay_none() -> None:
     assert len(scores) == len(list(model.parameters()))
 
 
-def test_only_candidates_are_trainable_stepped_and_copied() -> None:
+def test_only_candidates_are_trainable_stepped_and_copied(monkeypatch: pytest.MonkeyPatch) -> None:
     model, _, batches = trained_llama()
     names = [
         "model.layers.1.self_attn.k_proj.weight",
@@ -113,13 +113,27 @@ def test_only_candidates_are_trainable_stepped_and_copied() -> None:
                 self.cloned.append((pointers[args[0].data_ptr()], out.device))
             return out
 
-    with CloneSpy() as spy:
-        scores = tensor_importance(model, batches[:1], factory, names=names)
+    with CloneSpy() as spy:  # kept where the model is: copies of the candidates' weights
+        scores = importance_pass(model, batches[:1], factory, names=names, offload=False).scores
     assert set(scores) == set(names)
     assert [id(p) for p in seen["params"]] == [id(params[n]) for n in names]
     assert all(trainable == set(names) for trainable in seen["trainable"])
     assert sorted(n for n, _ in spy.cloned) == sorted(names)
     assert all(device == params[n].device for n, device in spy.cloned)
+
+    # By default on a CPU the copies are spilled to a file, the candidates' weights and first gradients only.
+    spilled: list[str] = []
+    put = Spill.put
+
+    def spy_put(self, t):
+        spilled.append(pointers.get(t.data_ptr(), "gradient"))
+        return put(self, t)
+
+    monkeypatch.setattr(Spill, "put", spy_put)
+    seen["params"].clear()
+    assert importance_pass(model, batches[:1], factory, names=names).scores == scores
+    assert sorted(n for n in spilled if n != "gradient") == sorted(names)
+    assert spilled.count("gradient") == len(names)
 
 
 def test_importance_agrees_with_the_loss_change_of_undoing_each_update() -> None:
@@ -299,8 +313,8 @@ def test_the_pass_returns_the_first_gradients_and_loss_at_the_weights_as_they_we
 
 
 def test_offloaded_pass_gives_the_same_scores_and_gradients_and_keeps_its_copies_off_the_device() -> None:
-    # offload keeps the saved weights and g0 in host memory (on CUDA): the same arithmetic, so the same bits.
-    # The replay's tracker sees no device storage for them: it holds one gradient per candidate less.
+    # offload keeps the saved weights and g0 off the model's memory (on CUDA in host memory, on a CPU in a
+    # spill file): the same arithmetic, so the same bits; the tracker sees them nowhere.
     from greencore.importance import importance_pass
     from greencore.memory import LiveStorages
 
@@ -323,6 +337,23 @@ def test_offloaded_pass_gives_the_same_scores_and_gradients_and_keeps_its_copies
     assert all(torch.equal(kept.gradients[n], offloaded.gradients[n]) for n in names)
     candidate_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if n in names)
     assert peaks[1] <= peaks[0] - candidate_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
+def test_a_spill_gives_back_every_tensor_bit_for_bit(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        (torch.randn(7, 5, generator=gen) * 1e3).to(dtype),
+        (torch.randn(4, 6, generator=gen) * 1e3).to(dtype).t(),  # not contiguous
+        torch.tensor(3.5).to(dtype),  # 0-dim
+        torch.empty(0, 3, dtype=dtype),
+    ]
+    spill = Spill()
+    where = [spill.put(t) for t in tensors]
+    for t, w in zip(tensors, where, strict=True):
+        back = spill.get(w)
+        assert back.dtype == t.dtype and back.shape == t.shape
+        assert torch.equal(back, t)
 
 
 def test_importance_on_part_of_a_batch_costs_what_the_plan_predicts() -> None:
