@@ -22,6 +22,11 @@ the last checkpoint on its validation file):
 - `topk-0.5` at the automatic rate: not an idea against the gap, but issue 15 item 1's top-k row, whose rate
   now follows the FLOPs share its layers spend (0.431 of full here) rather than its budget's 0.5.
 
+The same runs choose the default budget (issue 15 item 2): green at several rho beside full fine-tuning, all
+at the automatic rate, the last column against full (`--baseline full`), e.g.
+`.venv/bin/python bench/gap.py --tasks generation --variants full,green-0.5,green-0.6,green-0.7,green-0.75,
+green-0.8 --baseline full --name default-budget-generation` (bench/results/default-budget-*.md).
+
 Full fine-tuning's accuracy at these seeds is bench/methods.py's (bench/results/methods-auto-*.md: full at its
 automatic rate, 1e-4, is its grid's choice, on the same files and seeds); it is not rerun here.
 """
@@ -87,6 +92,8 @@ VARIANTS = {  # label -> (method, hyperparameter overrides)
     "recency": ("green-recency", {"rho": 0.5}),
     "rows 4": ("green", {"rho": 0.5, "importance_rows": 4}),
     "topk-0.5": ("topk", {"rho": 0.5}),
+    # Candidates for the default budget (issue 15 item 2), against full: `--baseline full`.
+    **{f"green-{rho}": ("green", {"rho": rho}) for rho in (0.6, 0.7, 0.75, 0.8)},
 }
 
 
@@ -107,6 +114,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--name", default="gap")
+    parser.add_argument("--baseline", default="green-0.5", help="the variant the last column compares with")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     ensure_bench_extra()
@@ -147,11 +155,13 @@ def main() -> None:
             for run in runs:
                 _validate(run, valid_file, args.device)
                 results[run.label].append(run)
-        sections.append(section(task, results, labels))
+        sections.append(section(task, results, labels, args.baseline))
     elapsed = (time.perf_counter() - started) / 60
     text = "\n".join(
         [
-            "# Green's rho-0.5 gap: ideas at equal FLOPs (issue 15, item 3)",
+            "# Green's rho-0.5 gap: ideas at equal FLOPs (issue 15, item 3)"
+            if args.baseline != "full"
+            else "# Green's default budget: green at several rho against full fine-tuning (issue 15, item 2)",
             "",
             f"Command: `.venv/bin/python bench/gap.py {' '.join(sys.argv[1:])}`".rstrip()
             + f" ({elapsed:.1f} min)",
@@ -168,7 +178,7 @@ def main() -> None:
     print(text)
 
 
-def section(task: str, results: dict[str, list], labels: list[str]) -> str:
+def section(task: str, results: dict[str, list], labels: list[str], baseline: str) -> str:
     split = "720 training definitions (bench/methods.py's split less its 240 dev), 960 validation definitions"
     title, data = {
         "classification": (
@@ -193,26 +203,29 @@ def section(task: str, results: dict[str, list], labels: list[str]) -> str:
         "included) over full fine-tuning's on the same batches, mean over seeds.",
         "",
         "| variant | lr | FLOPs / full | tensors trained per epoch | ever trained | accuracy: mean | sd "
-        "| each seed | vs green-0.5 (points) |",
+        f"| each seed | vs {baseline} (points) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    base = None
+    means = {
+        label: statistics.mean(100 * r.valid_accuracy for r in results[label] if not r.refused)
+        for label in labels
+        if any(not r.refused for r in results[label])
+    }
+    base = means.get(baseline)
     for label in labels:
         runs = [r for r in results[label] if not r.refused]
         if not runs:
             lines.append(f"| {label} | | | | | refused: {results[label][0].refused} | | | |")
             continue
         acc = [100 * r.valid_accuracy for r in runs]
-        mean = statistics.mean(acc)
-        if label == "green-0.5":
-            base = mean
+        mean = means[label]
         share = statistics.mean(
             sum(e.flops["total"] for e in r.epochs) / sum(e.flops["full"] for e in r.epochs) for r in runs
         )
         per_epoch = "/".join(str(len(e.selected_tensors)) for e in runs[0].epochs)
         ever = len({n for e in runs[0].epochs for n in e.selected_tensors})
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        delta = "" if base is None or label == "green-0.5" else f"{mean - base:+.2f}"
+        delta = "" if base is None or label == baseline else f"{mean - base:+.2f}"
         lines.append(
             f"| {label} | {runs[0].epochs[-1].learning_rate:.3g} | {share:.3f} | {per_epoch} (seed 0) "
             f"| {ever} | {mean:.2f}% | {sd:.2f} | {' / '.join(f'{a:.2f}' for a in acc)} | {delta} |"

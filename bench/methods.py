@@ -29,6 +29,7 @@ greencore.train, to measure what the loop adds per step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -305,28 +306,42 @@ def generation_task(
     pre = write_jsonl(
         work / "lm_pretrain.jsonl", [define_row(w, g, "noun") for w, g in nouns[: shape.pretrain_examples]]
     )
-    print(f"pre-training the causal LM on {shape.pretrain_examples} noun definitions ...", flush=True)
-    started = time.perf_counter()
-    report = train(
-        TrainSpec(
-            str(scratch),
-            pre,
-            str(work / "lm-pretrained"),
-            method="full",
-            device=device,
-            hyperparameters=Hyperparameters(
-                n_epochs=1, batch_size=32, learning_rate=shape.pretrain_lr, max_seq_len=64, warmup_steps=20
-            ),
-            seed=seed,
+    # The pre-training is deterministic for a shape, seed and device: a finished one in ``work`` is reused.
+    made = work / "lm-pretrained.json"
+    key = {"shape": dataclasses.asdict(shape), "seed": seed, "device": device}
+    done = json.loads(made.read_text()) if made.exists() else {}
+    if done.get("key") == key and Path(done["checkpoint"]).is_dir():
+        checkpoint = done["checkpoint"]
+        print(f"reusing the pre-trained causal LM in {checkpoint}", flush=True)
+    else:
+        print(f"pre-training the causal LM on {shape.pretrain_examples} noun definitions ...", flush=True)
+        started = time.perf_counter()
+        report = train(
+            TrainSpec(
+                str(scratch),
+                pre,
+                str(work / "lm-pretrained"),
+                method="full",
+                device=device,
+                hyperparameters=Hyperparameters(
+                    n_epochs=1,
+                    batch_size=32,
+                    learning_rate=shape.pretrain_lr,
+                    max_seq_len=64,
+                    warmup_steps=20,
+                ),
+                seed=seed,
+            )
         )
-    )
-    print(
-        f"  done in {time.perf_counter() - started:.0f} s, train loss {report.epochs[-1].train_loss:.3f}",
-        flush=True,
-    )
+        print(
+            f"  done in {time.perf_counter() - started:.0f} s, train loss {report.epochs[-1].train_loss:.3f}",
+            flush=True,
+        )
+        checkpoint = report.final_checkpoint_dir
+        made.write_text(json.dumps({"key": key, "checkpoint": checkpoint}))
     rows = [define_row(w, g, p) for w, g, p in others[: n_train + n_valid]]
     return (
-        report.final_checkpoint_dir,
+        checkpoint,
         write_jsonl(work / "lm_train.jsonl", rows[:n_train]),
         write_jsonl(work / "lm_valid.jsonl", rows[n_train:]),
     )

@@ -12,7 +12,10 @@ from typing import Any, Literal
 
 from greencore.registry import DEFAULT_METHOD
 
-DEFAULT_RHO = 0.5  # share of full fine-tuning FLOPs a budgeted method gets when the job names no budget
+# Share of full fine-tuning FLOPs a budgeted method gets when the job names no budget: the smallest measured
+# rho within 1 point of full fine-tuning on every bench task at the automatic learning rate (docs/training.md,
+# "The default budget").
+DEFAULT_RHO = 0.75
 AUTO = "auto"  # a setting the run chooses (learning_rate: greencore.lr)
 BUDGET_FIELDS = ("rho", "max_flops", "max_energy_kwh")  # one budget at most; the last two resolve to a rho
 
