@@ -23,7 +23,7 @@ test: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)  # browser tests
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20  # the slowest tests, in every CI log
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -36,6 +36,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,  # acknowledged when the job ends: a worker killed mid-job loses nothing
         "task_reject_on_worker_lost": True,  # a worker process that dies puts its job back
         "worker_prefetch_multiplier": 1,  # take one job at a time
+        # A pool child that died (killed by the watchdog, the OOM killer) has its job put back and its slot
+        # given to the next job after this wait for a result it may have sent first (Celery's default: 10 s).
+        # The database holds every result, so there is none to wait for.
+        "worker_lost_wait": 1.0,
         "worker_concurrency": 1,
         "worker_hijack_root_logger": False,
     }
