@@ -134,7 +134,7 @@ def main() -> None:
         if task == "generation":  # bench/methods.py's causal LM and files (960 train, 480 valid)
             model_dir, train_file, valid_file = generation_task(work, LMShape(), 960, 480, 0, args.device)
         else:
-            kind = {"classification": "pos", "topic": "topic"}[task]
+            kind = {"classification": "pos", "topic": "topic", "verb-topic": "verb-topic"}[task]
             model_dir, train_file, valid_file = classification_task(work, 960, 960, 0, kind)
         fit, dev = carve_dev(train_file, 240, 0)
         results: dict[str, list] = {label: [] for label in labels}
@@ -187,6 +187,10 @@ def section(task: str, results: dict[str, list], labels: list[str], baseline: st
         ),
         "topic": (
             "all-MiniLM-L6-v2 on WordNet noun topics",
+            split,
+        ),
+        "verb-topic": (
+            "all-MiniLM-L6-v2 on WordNet verb topics",
             split,
         ),
         "generation": (
