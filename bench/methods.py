@@ -13,8 +13,10 @@ Two tasks, every method on the same batches, for the same epochs, each at its ow
   on the definitions of held-out words.
 
 `--tasks` also takes `topic` (MiniLM names a noun definition's WordNet topic: person, plant, artifact, ...;
-bench/results/methods-topic.md) and `verb-topic` (a verb definition's: motion, communication, change, ...),
-the task added after greencore.lr's rule was fixed, to test it on a task none of its constants saw.
+bench/results/methods-topic.md), `verb-topic` (a verb definition's: motion, communication, change, ...),
+the task added after greencore.lr's rule was fixed, to test it on a task none of its constants saw, and
+`topic-b` (the next eight noun topics by size: attribute, substance, food, body, ...), the task added after
+full fine-tuning's factor moved to 1.7.
 
 Protocol (the usual one for comparing fine-tuning methods): a dev split is carved from the training file
 (stratified by label for classification); every method (full, each green rho, lora, topk) trains on the rest
@@ -170,18 +172,25 @@ VERB_TOPICS = {
 def labelled_definitions(labels: str) -> dict[str, list[str]]:
     """Definitions by class: ``"pos"``, a definition's part of speech (noun, verb, adjective, adverb);
     ``"topic"``, a noun definition's WordNet topic (its lexicographer file: person, plant, artifact, ...; the
-    N_TOPICS largest); ``"verb-topic"``, a verb definition's (motion, communication, change, ...)."""
+    N_TOPICS largest); ``"verb-topic"``, a verb definition's (motion, communication, change, ...);
+    ``"topic-b"``, a noun definition's among the next N_TOPICS noun files by size (attribute, substance, food,
+    body, ...: none of ``"topic"``'s classes)."""
     if labels == "pos":
         return {name: [g for _, g in definitions(pos)] for pos, name in POS.items()}
-    topics = {"topic": ("noun", NOUN_TOPICS), "verb-topic": ("verb", VERB_TOPICS)}
+    # labels -> (part of speech, file names, the files' ranks by size)
+    topics = {
+        "topic": ("noun", NOUN_TOPICS, slice(0, N_TOPICS)),
+        "verb-topic": ("verb", VERB_TOPICS, slice(0, N_TOPICS)),
+        "topic-b": ("noun", NOUN_TOPICS, slice(N_TOPICS, 2 * N_TOPICS)),
+    }
     if labels not in topics:
-        raise ValueError(f"labels must be 'pos', 'topic' or 'verb-topic', not {labels!r}")
-    pos, names = topics[labels]
+        raise ValueError(f"labels must be 'pos' or one of {', '.join(map(repr, topics))}, not {labels!r}")
+    pos, names, ranks = topics[labels]
     by_file: dict[int, list[str]] = {}
     for lexfile, _, gloss in synsets(pos):
         by_file.setdefault(lexfile, []).append(gloss)
-    largest = sorted(by_file, key=lambda k: -len(by_file[k]))[:N_TOPICS]
-    return {names[k]: by_file[k] for k in sorted(largest)}
+    chosen = sorted(by_file, key=lambda k: -len(by_file[k]))[ranks]
+    return {names[k]: by_file[k] for k in sorted(chosen)}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -1247,6 +1256,13 @@ def main() -> None:
             "MiniLM-L6 (22M): topic of a WordNet verb definition",
             f"{N_TOPICS} balanced classes, the largest verb lexicographer files "
             f"({', '.join(labelled_definitions('verb-topic'))})",
+        ),
+        "topic-b": (
+            "topic-b",
+            "More noun topics: all-MiniLM-L6-v2 on the next eight WordNet noun topics",
+            "MiniLM-L6 (22M): topic of a WordNet noun definition, 9th-16th largest files",
+            f"{N_TOPICS} balanced classes, the noun lexicographer files ranked {N_TOPICS + 1} to "
+            f"{2 * N_TOPICS} by size ({', '.join(labelled_definitions('topic-b'))})",
         ),
     }
     for task, (labels, title, plot_title, classes) in cls_tasks.items():

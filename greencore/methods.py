@@ -23,7 +23,7 @@ from torch import nn
 
 from greencore import checkpoint
 from greencore.importance import importance_pass
-from greencore.lr import LORA_SCALE, budget_scale
+from greencore.lr import FULL_SCALE, LORA_SCALE, budget_scale
 from greencore.memory import MemoryPlan
 from greencore.profile import TensorProfile
 from greencore.registry import MethodError, MethodInfo, budgeted_methods, method_info
@@ -207,7 +207,7 @@ class Method(Protocol):
         ...
 
     def learning_rate_scale(self, run: RunCosting, rho: float | None, forward_share: float) -> float:
-        """Its automatic learning rate over full fine-tuning's (``greencore.lr``) for ``run`` at the budget
+        """Its automatic learning rate over the reference rate (``greencore.lr``) for ``run`` at the budget
         ``rho`` in force, where the forward pass is ``forward_share`` of a full fine-tuning step's FLOPs: a
         function of the FLOPs share the run plans to spend (green: its rho; top-k: its layers' share)."""
         ...
@@ -307,7 +307,7 @@ class FullMethod(_InPlace):
         return MethodCost(run.full, run.rho_min, "profile")
 
     def learning_rate_scale(self, run: RunCosting, rho: float | None, forward_share: float) -> float:
-        return 1.0
+        return FULL_SCALE
 
 
 class GreenMethod(_InPlace):

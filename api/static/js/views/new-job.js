@@ -34,7 +34,7 @@ function withRho(request, rho) {
   return { ...request, method: { type, [type]: { hyperparameters: { ...hyperparametersOf(request), rho } } } };
 }
 
-const DEFAULT_RHO = 0.75; // until the schema's x-default-rho (the service's default budget) is read
+const DEFAULT_RHO = 0.6; // until the schema's x-default-rho (the service's default budget) is read
 const ESTIMATE_WAIT_MS = 250;
 
 // The learning-rate box's text as the API takes it: "auto" (also when empty) or a number.
