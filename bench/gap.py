@@ -47,15 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.methods import (  # noqa: E402
-    AUTO,
-    LMShape,
-    _validate,
-    carve_dev,
-    classification_task,
-    generation_task,
-    run_interleaved,
-)
+from bench.methods import AUTO, CLS_SIZES, LM_SIZES, _validate, run_interleaved, task_files  # noqa: E402
 from bench.needs import ensure_bench_extra  # noqa: E402
 from greencore.methods import Choice, EpochContext, GreenMethod  # noqa: E402
 from greencore.registry import METHODS as REGISTERED  # noqa: E402
@@ -132,12 +124,7 @@ def main() -> None:
     sections = []
     for task in args.tasks.split(","):
         work = args.work / task
-        if task == "generation":  # bench/methods.py's causal LM and files (960 train, 480 valid)
-            model_dir, train_file, valid_file = generation_task(work, LMShape(), 960, 480, 0, args.device)
-        else:
-            kind = {"classification": "pos"}.get(task, task)  # the topic tasks are named by their labels
-            model_dir, train_file, valid_file = classification_task(work, 960, 960, 0, kind)
-        fit, dev = carve_dev(train_file, 240, 0)
+        model_dir, fit, dev, valid_file = task_files(task, work, args.device)
         results: dict[str, list] = {label: [] for label in labels}
         for seed in range(args.seeds):
             print(f"{task}: seed {seed}", flush=True)
@@ -156,7 +143,7 @@ def main() -> None:
             for run in runs:
                 _validate(run, valid_file, args.device)
                 results[run.label].append(run)
-        sections.append(section(task, results, labels, args.baseline))
+        sections.append(section(task, results, labels, args.baseline, args.epochs))
     elapsed = (time.perf_counter() - started) / 60
     text = "\n".join(
         [
@@ -179,8 +166,13 @@ def main() -> None:
     print(text)
 
 
-def section(task: str, results: dict[str, list], labels: list[str], baseline: str) -> str:
-    split = "720 training definitions (bench/methods.py's split less its 240 dev), 960 validation definitions"
+def section(task: str, results: dict[str, list], labels: list[str], baseline: str, epochs: int) -> str:
+    n_train, n_valid, n_dev = CLS_SIZES
+    split = (
+        f"{n_train - n_dev} training definitions (bench/methods.py's split less its {n_dev} dev), {n_valid} "
+        "validation definitions"
+    )
+    lm_train, lm_valid, lm_dev = LM_SIZES
     title, data = {
         "classification": (
             "all-MiniLM-L6-v2 on WordNet parts of speech",
@@ -200,14 +192,14 @@ def section(task: str, results: dict[str, list], labels: list[str], baseline: st
         ),
         "generation": (
             "bench/methods.py's 3.4M Llama-style causal LM defining WordNet verbs and adjectives",
-            "720 training definitions (less 240 dev), 480 validation definitions; accuracy is next-token "
-            "accuracy on the definitions",
+            f"{lm_train - lm_dev} training definitions (less {lm_dev} dev), {lm_valid} validation "
+            "definitions; accuracy is next-token accuracy on the definitions",
         ),
     }[task]
     lines = [
         f"## {title}",
         "",
-        f"{data}; batch 16, 3 epochs, AdamW at the automatic rate, 10 warmup steps then linear decay. "
+        f"{data}; batch 16, {epochs} epochs, AdamW at the automatic rate, 10 warmup steps then linear decay. "
         "Accuracy: the last checkpoint on the validation file. FLOPs / full: the run's FLOPs (importance "
         "included) over full fine-tuning's on the same batches, mean over seeds.",
         "",

@@ -32,19 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.methods import (  # noqa: E402
-    LR_GRID,
-    LMShape,
-    carve_dev,
-    classification_task,
-    generation_task,
-    write_jsonl,
-)
+from bench.methods import CLS_LABELS, CLS_SIZES, LR_GRID, task_files, write_jsonl  # noqa: E402
 from bench.needs import ensure_bench_extra  # noqa: E402
 from greencore.spec import Hyperparameters, TrainSpec  # noqa: E402
 
 METHODS = {"full": ("full", {}), "green-0.5": ("green", {"rho": 0.5}), "lora": ("lora", {})}
-TASKS = {"classification": "pos", "topic": "topic", "verb-topic": "verb-topic", "generation": None}
 
 
 def probe(model_dir: str, fit: str, dev: str, out: Path, method: str, extra: dict, lr: float, steps: int):
@@ -65,7 +57,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/greentrainer-bench"))
-    parser.add_argument("--tasks", default="classification,topic,verb-topic,generation")
+    parser.add_argument(
+        "--tasks",
+        default="classification,topic,verb-topic,generation",
+        help=f"of {', '.join(CLS_LABELS)}, generation",
+    )
     parser.add_argument("--methods", default="full,green-0.5")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--name", default="lr-probe")
@@ -79,13 +75,9 @@ def main() -> None:
     started, load_before = time.perf_counter(), os.getloadavg()
     lines = []
     for task in args.tasks.split(","):
-        if task == "generation":  # bench/methods.py's causal LM (its pre-training is reused when done)
-            model_dir, train_file, _ = generation_task(args.work / "lm", LMShape(), 960, 480, 0, "cpu")
-            grid = LR_GRID["generation"]
-        else:
-            model_dir, train_file, _ = classification_task(args.work / task, 960, 960, 0, TASKS[task])
-            grid = LR_GRID["classification"]
-        fit, dev = carve_dev(train_file, 240, 0)
+        # bench/methods.py's files (the causal LM's pre-training is reused when done)
+        model_dir, fit, dev, _ = task_files(task, args.work / ("lm" if task == "generation" else task))
+        grid = LR_GRID["generation" if task == "generation" else "classification"]
         lines += [f"## {task}", "", "| method | lr | dev loss | dev accuracy |", "|---|---|---|---|"]
         for label in args.methods.split(","):
             method, extra = METHODS[label]
@@ -110,8 +102,8 @@ def main() -> None:
             "",
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread; "
             f"load average {load_before[0]:.2f} at start, {os.getloadavg()[0]:.2f} at the end. {args.steps} "
-            "steps of batch 16 per rate from the base model (seed 0), then the dev split (240 rows) once; "
-            "what and why: the docstring of bench/lr_probe.py.",
+            f"steps of batch 16 per rate from the base model (seed 0), then the dev split ({CLS_SIZES[2]} "
+            "rows) once; what and why: the docstring of bench/lr_probe.py.",
             "",
             *lines,
         ]

@@ -250,6 +250,29 @@ def carve_dev(train_file: str, n_dev: int, seed: int) -> tuple[str, str]:
     return fit, write_jsonl(Path(f"{stem}_dev.jsonl"), [r for i, r in enumerate(rows) if i in dev])
 
 
+# The tasks' sizes (training rows, validation rows, dev rows carved from training), main's defaults; the
+# classification tasks by name (--tasks) -> their labels (labelled_definitions).
+CLS_SIZES = (960, 960, 240)
+LM_SIZES = (960, 480, 240)
+CLS_LABELS = {"classification": "pos", "topic": "topic", "verb-topic": "verb-topic", "topic-b": "topic-b"}
+
+
+def task_files(task: str, work: Path, device: str = "cpu", seed: int = 0) -> tuple[str, str, str, str]:
+    """(model folder, fit file, dev file, validation file) of a task at the default sizes, as main makes
+    them: a classification task of CLS_LABELS or ``"generation"`` (the causal LM, its pre-training reused
+    from ``work`` when done)."""
+    if task == "generation":
+        n_train, n_valid, n_dev = LM_SIZES
+        model_dir, train_file, valid_file = generation_task(work, LMShape(), n_train, n_valid, seed, device)
+    elif task in CLS_LABELS:
+        n_train, n_valid, n_dev = CLS_SIZES
+        labels = CLS_LABELS[task]
+        model_dir, train_file, valid_file = classification_task(work, n_train, n_valid, seed, labels)
+    else:
+        raise ValueError(f"task must be 'generation' or one of {', '.join(CLS_LABELS)}, not {task!r}")
+    return model_dir, *carve_dev(train_file, n_dev, seed), valid_file
+
+
 def attention_kwargs(hp: Hyperparameters) -> dict[str, str]:
     """``from_pretrained`` arguments that load a model with the attention greencore.train gives ``hp``."""
     return {} if hp.attention == Attention.AUTO else {"attn_implementation": str(hp.attention)}
@@ -1164,10 +1187,10 @@ def main() -> None:
         help="seeds the compared methods run at (the accuracy "
         "targets compare their means); 1: the grid's only",
     )
-    parser.add_argument("--cls-train", type=int, default=960)
-    parser.add_argument("--cls-valid", type=int, default=960)
-    parser.add_argument("--lm-train", type=int, default=960)
-    parser.add_argument("--lm-valid", type=int, default=480)
+    parser.add_argument("--cls-train", type=int, default=CLS_SIZES[0])
+    parser.add_argument("--cls-valid", type=int, default=CLS_SIZES[1])
+    parser.add_argument("--lm-train", type=int, default=LM_SIZES[0])
+    parser.add_argument("--lm-valid", type=int, default=LM_SIZES[1])
     parser.add_argument("--lm-hidden", type=int, default=LMShape.hidden)
     parser.add_argument("--lm-layers", type=int, default=LMShape.layers)
     parser.add_argument("--lm-heads", type=int, default=LMShape.heads)
@@ -1179,10 +1202,10 @@ def main() -> None:
     parser.add_argument("--tasks", default="classification,topic,generation")
     parser.add_argument("--name", default="methods", help="results file stem")
     parser.add_argument(
-        "--cls-dev", type=int, default=240, help="classification training examples held out as dev"
+        "--cls-dev", type=int, default=CLS_SIZES[2], help="classification training examples held out as dev"
     )
     parser.add_argument(
-        "--lm-dev", type=int, default=240, help="generation training examples held out as dev"
+        "--lm-dev", type=int, default=LM_SIZES[2], help="generation training examples held out as dev"
     )
     parser.add_argument("--methods", default=",".join(m[0] for m in METHODS), help="labels of METHODS to run")
     parser.add_argument(
@@ -1236,38 +1259,34 @@ def main() -> None:
         "attention": args.attention,
     }
 
-    cls_tasks = {
+    cls_tasks = {  # task -> (title, plot title, which classes)
         "classification": (
-            "pos",
             "Classification: all-MiniLM-L6-v2 (22M BERT, pretrained) on WordNet parts of speech",
             "MiniLM-L6 (22M): part of speech of a WordNet definition",
-            "4 balanced classes",
+            "",
         ),
         "topic": (
-            "topic",
             "Topic classification: all-MiniLM-L6-v2 on WordNet noun topics",
             "MiniLM-L6 (22M): topic of a WordNet noun definition",
-            f"{N_TOPICS} balanced classes, the largest noun lexicographer files "
-            f"({', '.join(labelled_definitions('topic'))})",
+            "the largest noun lexicographer files",
         ),
         "verb-topic": (
-            "verb-topic",
             "Verb topic classification: all-MiniLM-L6-v2 on WordNet verb topics",
             "MiniLM-L6 (22M): topic of a WordNet verb definition",
-            f"{N_TOPICS} balanced classes, the largest verb lexicographer files "
-            f"({', '.join(labelled_definitions('verb-topic'))})",
+            "the largest verb lexicographer files",
         ),
         "topic-b": (
-            "topic-b",
             "More noun topics: all-MiniLM-L6-v2 on the next eight WordNet noun topics",
             "MiniLM-L6 (22M): topic of a WordNet noun definition, 9th-16th largest files",
-            f"{N_TOPICS} balanced classes, the noun lexicographer files ranked {N_TOPICS + 1} to "
-            f"{2 * N_TOPICS} by size ({', '.join(labelled_definitions('topic-b'))})",
+            f"the noun lexicographer files ranked {N_TOPICS + 1} to {2 * N_TOPICS} by size",
         ),
     }
-    for task, (labels, title, plot_title, classes) in cls_tasks.items():
+    for task, (title, plot_title, which) in cls_tasks.items():
         if task not in tasks:
             continue
+        labels = CLS_LABELS[task]
+        groups = labelled_definitions(labels)
+        classes = f"{len(groups)} balanced classes" + (f", {which} ({', '.join(groups)})" if which else "")
         model_dir, tr, va = classification_task(
             work / task, args.cls_train, args.cls_valid, args.seed, labels
         )

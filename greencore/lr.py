@@ -92,6 +92,6 @@ def budget_scale(flops_share: float, forward_share: float) -> float:
 
 def auto_learning_rate(basis: LearningRateBasis, factor: float) -> AutoLearningRate:
     """The automatic rate of a method whose factor is ``factor`` (``Method.learning_rate_scale``)."""
-    rate = reference_learning_rate(basis) * factor
     full = full_learning_rate(basis)
-    return AutoLearningRate(rate, full, rate / full)
+    scale = factor / FULL_SCALE
+    return AutoLearningRate(full * scale, full, scale)
